@@ -1,0 +1,37 @@
+# Two entry points: `make run` (set up, then run the quickstart study) and `make test` (set up with the dev
+# extras, then run the test suite). Both create .venv with the first python3 (3.10+) on PATH if needed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STUDY  ?= studies/quickstart.toml
+PYTEST_ARGS ?=
+
+.PHONY: run test setup setup-dev lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
+
+run: setup
+	$(BIN)/hpo run $(STUDY)
+
+test: setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
+
+lint: setup-dev
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache test-artifacts

@@ -1,0 +1,69 @@
+"""Glue between the search machinery and the CNN training loop.
+
+This is the only objectives module that knows Optuna exists (through ``search``): it samples the
+parameters, builds a validated ``TrainConfig`` and hands ``fit`` the trial session's ``on_epoch`` hook.
+The training loop itself stays free of Optuna and MLflow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from objectives.data import load_data
+from objectives.errors import DatasetNotFoundError
+from objectives.model import build_model
+from objectives.runtime import resolve_runtime
+from objectives.settings import TrainConfig
+from objectives.train import evaluate, fit
+from search.checkpoint import load_checkpoint
+from search.config import Settings
+from search.errors import HpoError
+from search.session import StudyContext
+from search.space import resolve, suggest
+
+
+class DataError(HpoError):
+    exit_code = 2
+
+
+class CNNObjective:
+    """Train the configurable CNN with the sampled hyperparameters; value = the study metric."""
+
+    config_model = TrainConfig
+    metrics = ("train_loss", "val_loss", "val_accuracy", "val_f1", "lr", "epoch_seconds", "images_per_second")
+
+    def __init__(self, settings: Settings, ctx: StudyContext) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.config: TrainConfig = settings.objective
+
+    def prepare(self) -> None:
+        """Load the data once, before any trial, so a missing data set fails fast with a clear message."""
+        try:
+            load_data(self.config, resolve_runtime(self.config.device).device)
+        except DatasetNotFoundError as exc:
+            raise DataError(str(exc)) from exc
+
+    def config_for(self, params: dict[str, Any]) -> TrainConfig:
+        resolved = resolve(params, self.settings.space.lr_scaling, self.config.batch_size)
+        return TrainConfig.model_validate({**self.config.model_dump(), **resolved})
+
+    def __call__(self, trial: Any) -> float:
+        params = suggest(trial, self.settings.space)
+        cfg = self.config_for(params)
+        with self.ctx.trial(trial, params, cfg.model_dump(mode="json")) as session:
+            result = fit(cfg, self.settings.study.max_epochs, session.on_epoch)
+            return session.complete({"model_spec": result.spec, "settings": cfg.model_dump(mode="json")})
+
+    def test_score(self, checkpoint_path: str) -> dict[str, float]:
+        """Accuracy of a saved checkpoint on the held-out test split (used once, for the best trial)."""
+        checkpoint = load_checkpoint(checkpoint_path)
+        cfg = TrainConfig.model_validate(checkpoint["settings"])
+        runtime = resolve_runtime(cfg.device)
+        data = load_data(cfg, runtime.device)
+        model = build_model(checkpoint["model_spec"])
+        model.load_state_dict(checkpoint["state_dict"])
+        model.to(runtime.device)
+        scores = evaluate(model, data.test_x, data.test_y, runtime, batch_size=cfg.eval_batch_size,
+                          num_classes=data.num_classes)
+        return {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]}

@@ -1,0 +1,1 @@
+"""Generic search machinery: settings, search space, pruning, early stopping, tracking, the CLI."""

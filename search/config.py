@@ -1,0 +1,411 @@
+"""Study settings: one TOML file, validated once into frozen, typed objects.
+
+Everything downstream trusts these objects, so every check a user can fail lives here and reports the
+file, the key and what is allowed. The ``[objective]`` section is validated by the objective's own model
+(found through the ``hpo.objectives`` entry point group), which keeps this module free of any particular
+objective.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from search.early_stopping import EarlyStopping
+from search.errors import SettingsError
+from search.plugins import load_objective
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Section(BaseModel):
+    """Base of every settings section: frozen, strict about unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StudySection(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    direction: Literal["minimize", "maximize"] = "maximize"
+    metric: str = "val_accuracy"
+    n_trials: int | None = Field(default=20, ge=1)
+    timeout: float | None = Field(default=None, gt=0)
+    max_epochs: int = Field(default=20, ge=1)
+    max_failures: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> StudySection:
+        if self.n_trials is None and self.timeout is None:
+            raise ValueError("set n_trials, timeout or both; a study without a budget never ends")
+        return self
+
+
+SAMPLER_OPTIONS: dict[str, set[str]] = {
+    "tpe": {"seed", "n_startup_trials", "multivariate"},
+    "random": {"seed"},
+    "cmaes": {"seed", "n_startup_trials"},
+    "gp": {"seed", "n_startup_trials"},
+    "grid": {"seed"},
+}
+
+
+class SamplerSection(Section):
+    name: Literal["tpe", "random", "cmaes", "gp", "grid"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int | None = Field(default=None, ge=0)
+    multivariate: bool | None = None
+
+    @model_validator(mode="after")
+    def _options_fit_sampler(self) -> SamplerSection:
+        _check_options(self, SAMPLER_OPTIONS[self.name], f"sampler {self.name!r}")
+        return self
+
+
+PRUNER_OPTIONS: dict[str, set[str]] = {
+    "median": {"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
+    "percentile": {"percentile", "n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
+    "successive_halving": {"min_resource", "reduction_factor", "min_early_stopping_rate", "bootstrap_count"},
+    "hyperband": {"min_resource", "max_resource", "reduction_factor", "bootstrap_count"},
+    "threshold": {"lower", "upper", "n_warmup_steps", "interval_steps"},
+    "patient": {"wrapped", "patience", "min_delta", "n_startup_trials", "n_warmup_steps", "interval_steps"},
+    "wilcoxon": {"p_threshold", "n_startup_steps"},
+    "none": set(),
+}
+
+
+class PrunerSection(Section):
+    name: Literal[
+        "median", "percentile", "successive_halving", "hyperband", "threshold", "patient", "wilcoxon", "none"
+    ] = "median"
+    n_startup_trials: int | None = Field(default=None, ge=0)
+    n_warmup_steps: int | None = Field(default=None, ge=0)
+    interval_steps: int | None = Field(default=None, ge=1)
+    n_min_trials: int | None = Field(default=None, ge=1)
+    percentile: float | None = Field(default=None, ge=0, le=100)
+    min_resource: int | Literal["auto"] | None = None
+    max_resource: int | Literal["auto"] | None = None
+    reduction_factor: int | None = Field(default=None, ge=2)
+    min_early_stopping_rate: int | None = Field(default=None, ge=0)
+    bootstrap_count: int | None = Field(default=None, ge=0)
+    lower: float | None = None
+    upper: float | None = None
+    wrapped: Literal["median", "percentile", "none"] | None = None
+    patience: int | None = Field(default=None, ge=0)
+    min_delta: float | None = Field(default=None, ge=0)
+    p_threshold: float | None = Field(default=None, gt=0, lt=1)
+    n_startup_steps: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _options_fit_pruner(self) -> PrunerSection:
+        _check_options(self, PRUNER_OPTIONS[self.name], f"pruner {self.name!r}")
+        if self.name == "threshold" and self.lower is None and self.upper is None:
+            raise ValueError("pruner 'threshold' needs lower, upper or both")
+        if self.lower is not None and self.upper is not None and self.lower > self.upper:
+            raise ValueError(f"lower ({self.lower}) must not exceed upper ({self.upper})")
+        if self.name == "patient" and self.patience is None:
+            raise ValueError("pruner 'patient' needs patience (epochs without improvement before pruning)")
+        return self
+
+
+class EarlyStoppingSection(Section):
+    enabled: bool = True
+    monitor: str | dict[str, float] | None = None
+    mode: Literal["min", "max"] | None = None
+    patience: int = Field(default=5, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
+    smoothing: float = Field(default=0.0, ge=0, lt=1)
+    stopping_threshold: float | None = None
+    divergence_threshold: float | None = None
+    check_finite: bool = True
+    restore_best: bool = True
+    adaptive_patience: bool = False
+    min_patience: int | None = Field(default=None, ge=1)
+    max_patience: int | None = Field(default=None, ge=1)
+
+    @field_validator("monitor")
+    @classmethod
+    def _weights_usable(cls, v: str | dict[str, float] | None) -> str | dict[str, float] | None:
+        if isinstance(v, dict):
+            if not v:
+                raise ValueError("a weighted monitor needs at least one metric, e.g. {val_accuracy = 1.0}")
+            bad = [k for k, w in v.items() if not math.isfinite(w)]
+            if bad:
+                raise ValueError(f"weights must be finite numbers; check {bad}")
+        return v
+
+
+class ParamSpec(Section):
+    """One hyperparameter: a float or int range, or a list of choices."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(default=None, gt=0)
+    choices: list[int | float | str | bool] | None = None
+    grid: list[int | float | str | bool] | None = None
+
+    @model_validator(mode="after")
+    def _range_possible(self) -> ParamSpec:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical parameters need a non-empty 'choices' list")
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("categorical parameters take 'choices' only, not low/high/log/step")
+            if len(set(map(repr, self.choices))) != len(self.choices):
+                raise ValueError(f"choices must be distinct, got {self.choices}")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"'choices' is for categorical parameters; a {self.type} takes low and high")
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} parameter needs both low and high")
+        if self.low >= self.high:
+            raise ValueError(f"low must be < high, got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0, got low={self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("step and log cannot be combined (Optuna samples log ranges continuously)")
+        if self.type == "int":
+            for key in ("low", "high", "step"):
+                value = getattr(self, key)
+                if value is not None and float(value) != int(value):
+                    raise ValueError(f"an int parameter needs whole numbers, got {key}={value}")
+        return self
+
+    def grid_values(self) -> list[Any] | None:
+        """Values the grid sampler walks: explicit grid, the choices, or a stepped int range."""
+        if self.grid:
+            return list(self.grid)
+        if self.type == "categorical":
+            return list(self.choices or [])
+        if self.type == "int" and not self.log:
+            step = int(self.step or 1)
+            return list(range(int(self.low or 0), int(self.high or 0) + 1, step))
+        return None
+
+
+class SpaceSection(Section):
+    """The search space: ``[space.<name>]`` tables plus the reserved key ``lr_scaling``."""
+
+    lr_scaling: Literal["none", "linear"] = "none"
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_params(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "params" not in data:
+            data = dict(data)
+            scaling = data.pop("lr_scaling", "none")
+            return {"lr_scaling": scaling, "params": data}
+        return data
+
+    @model_validator(mode="after")
+    def _scaling_has_lr(self) -> SpaceSection:
+        if self.lr_scaling == "linear" and "lr" not in self.params:
+            raise ValueError("lr_scaling = 'linear' scales the sampled 'lr', but the space has no [space.lr]")
+        return self
+
+
+class Settings(Section):
+    """A whole study file after validation."""
+
+    study: StudySection
+    sampler: SamplerSection = Field(default_factory=SamplerSection)
+    pruner: PrunerSection = Field(default_factory=PrunerSection)
+    early_stopping: EarlyStoppingSection = Field(default_factory=EarlyStoppingSection)
+    space: SpaceSection = Field(default_factory=SpaceSection)
+    objective: Any
+    objective_name: str = "cnn"
+    source: str = ""
+
+    @property
+    def monitor(self) -> str | dict[str, float]:
+        return self.early_stopping.monitor or self.study.metric
+
+    @property
+    def monitor_mode(self) -> str:
+        if self.early_stopping.mode:
+            return self.early_stopping.mode
+        if self.early_stopping.monitor in (None, self.study.metric):
+            return "max" if self.study.direction == "maximize" else "min"
+        monitor = self.early_stopping.monitor
+        return "min" if isinstance(monitor, str) and monitor.endswith("loss") else "max"
+
+    def early_stopping_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``EarlyStopping``; when disabled it still tracks the best epoch but never stops."""
+        es = self.early_stopping
+        base = {"monitor": self.monitor, "mode": self.monitor_mode, "restore_best": es.restore_best}
+        if not es.enabled:
+            return {**base, "patience": 10**9, "check_finite": False}
+        return {
+            **base, "patience": es.patience, "min_delta": es.min_delta, "smoothing": es.smoothing,
+            "stopping_threshold": es.stopping_threshold, "divergence_threshold": es.divergence_threshold,
+            "check_finite": es.check_finite, "adaptive_patience": es.adaptive_patience,
+            "min_patience": es.min_patience, "max_patience": es.max_patience,
+        }
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change between runs of one study: direction, metric and the space."""
+        return {
+            "direction": self.study.direction,
+            "metric": self.study.metric,
+            "space": {k: v.model_dump(exclude_none=True) for k, v in self.space.params.items()},
+            "lr_scaling": self.space.lr_scaling,
+        }
+
+
+def _check_options(section: BaseModel, allowed: set[str], owner: str) -> None:
+    given = {k for k in section.model_fields_set if k not in ("name",) and getattr(section, k) is not None}
+    extra = sorted(given - allowed)
+    if extra:
+        allowed_text = ", ".join(sorted(allowed)) or "no options"
+        raise ValueError(f"{', '.join(extra)} not used by {owner}; it takes {allowed_text}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML, else a string."""
+    key, sep, raw = text.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not sep or len(path) < 2:
+        raise SettingsError(
+            f"--set {text!r}: expected section.key=value, for example --set study.n_trials=5 "
+            "or --set space.lr.high=0.1"
+        )
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SettingsError(f"--set {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_settings(path: str | Path, overrides: Sequence[str] = ()) -> Settings:
+    """Read, override and validate a study file; raise SettingsError naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(
+            f"study file {str(path)!r} does not exist. Pass the path of a TOML study file, "
+            "for example studies/quickstart.toml."
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML ({exc}). Fix the syntax at that line and run again.") from exc
+    data = apply_overrides(data, overrides)
+    return settings_from_dict(data, source=str(path))
+
+
+def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>") -> Settings:
+    data = dict(data)
+    objective_raw = data.pop("objective", None)
+    if not isinstance(objective_raw, Mapping):
+        raise SettingsError(f"{source}: missing [objective] section; add one with name = \"cnn\".")
+    objective_raw = dict(objective_raw)
+    plugin_name = objective_raw.pop("name", "cnn")
+    try:
+        plugin = load_objective(plugin_name)
+    except LookupError as exc:
+        raise SettingsError(f"{source}: [objective] name: {exc}") from exc
+    try:
+        objective = plugin.config_model.model_validate(objective_raw)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, source, ("objective",), plugin.config_model)) from exc
+    try:
+        settings = Settings.model_validate(
+            {**data, "objective": objective, "objective_name": plugin_name, "source": source}
+        )
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, source, (), Settings)) from exc
+    fields = set(type(objective).model_fields)
+    unknown = sorted(set(settings.space.params) - fields)
+    if unknown:
+        raise SettingsError(
+            f"{source}: [space] {', '.join(unknown)}: not a setting of objective {plugin_name!r}, so sampling "
+            f"it would change nothing. Tunable names are: {', '.join(sorted(fields))}."
+        )
+    for pname, spec in settings.space.params.items():
+        probes = spec.choices or spec.grid or [spec.low, spec.high]
+        for value in probes:
+            value = int(value) if spec.type == "int" else value
+            try:
+                plugin.config_model.model_validate({**objective_raw, pname: value})
+            except ValidationError as exc:
+                reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                raise SettingsError(
+                    f"{source}: [space.{pname}] can yield {value!r}, which the objective refuses for {pname}: "
+                    f"{reason}. Narrow the range or the choices."
+                ) from exc
+    reported = getattr(plugin, "metrics", ())
+    monitored = settings.monitor if isinstance(settings.monitor, dict) else {settings.monitor: 1.0}
+    for where, name in [("study.metric", settings.study.metric)] + [("early_stopping.monitor", m) for m in monitored]:
+        if reported and name not in reported:
+            raise SettingsError(
+                f"{source}: {where} = {name!r} is not a metric the objective reports; choose one of "
+                f"{', '.join(reported)}."
+            )
+    try:
+        EarlyStopping(**settings.early_stopping_kwargs())
+    except ValueError as exc:
+        raise SettingsError(f"{source}: [early_stopping] {exc}") from exc
+    if settings.sampler.name == "grid":
+        missing = [n for n, p in settings.space.params.items() if p.grid_values() is None]
+        if missing:
+            raise SettingsError(
+                f"{source}: [sampler] name = 'grid' needs a finite set of values for every parameter; "
+                f"add grid = [...] to [space.{missing[0]}] (also: {', '.join(missing[1:]) or 'none'})."
+            )
+    return settings
+
+
+def _describe(exc: ValidationError, source: str, prefix: tuple[str, ...], model: type[BaseModel]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in (*prefix, *err["loc"]) if p != "params"]
+        where = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, [p for p in err["loc"][:-1] if p != "params"])
+            msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] not in ("value_error", "missing") and "input" in err:
+                msg += f" (got {err['input']!r})"
+        lines.append(f"  {where}: {msg}")
+    return f"{source}: invalid study settings; nothing was created.\n" + "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc: list[Any]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            if current is SpaceSection:
+                current = ParamSpec
+                continue
+            return []
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(k for k in current.model_fields if k not in ("params", "source", "objective_name"))
+    return []

@@ -1,0 +1,230 @@
+"""Create or load a study, open its stores, and run trials until the budget is met.
+
+The budget counts finished trials (COMPLETE + PRUNED) in the storage, not trials started by this
+process: running `hpo run` again resumes the study and only tops it up. Failed trials do not count; the
+study goes on after one, and stops after ``max_failures`` failures in a row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.study import MaxTrialsCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from search.config import Settings
+from search.errors import StorageError
+from search.plugins import load_objective
+from search.progress import Progress
+from search.pruning import build_pruner, build_sampler
+from search.session import StudyContext, TrialFailed
+from search.summary import best_trial, counts
+from search.tracking import Tracker
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+FINGERPRINT_ATTR = "hpo.fingerprint"
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one study's results live; every command derives the same paths from the same options."""
+
+    root: Path
+    storage_url: str
+    tracking_uri: str
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+
+def run_paths(run_dir: str | Path, study_name: str, storage: str | None = None,
+              tracking_uri: str | None = None) -> RunPaths:
+    root = (Path(run_dir) / study_name).resolve()
+    return RunPaths(
+        root=root,
+        storage_url=storage or f"sqlite:///{root / 'optuna.db'}",
+        tracking_uri=tracking_uri or f"sqlite:///{root / 'mlflow.db'}",
+    )
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Open an Optuna storage URL: sqlite/postgresql/mysql, or ``journal:PATH`` for a journal file."""
+    try:
+        if url.startswith("journal:"):
+            path = url.removeprefix("journal:").removeprefix("//")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            backend = optuna.storages.journal.JournalFileBackend(path)
+            return optuna.storages.JournalStorage(backend)
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except ModuleNotFoundError as exc:
+        raise StorageError(
+            f"the storage URL {_redact(url)!r} needs the Python driver {exc.name!r}, which is not installed. "
+            "For PostgreSQL run `pip install psycopg2-binary`; for MySQL `pip install pymysql` and use "
+            "mysql+pymysql://..."
+        ) from exc
+    except Exception as exc:  # sqlalchemy errors, bad URLs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(
+            f"could not open the Optuna storage {_redact(url)!r}: {first}. Check that the database server is "
+            "running and reachable, and that the user, password and database name in the URL are right; or "
+            "leave --storage out to use the SQLite file in the run directory."
+        ) from exc
+
+
+def _redact(url: str) -> str:
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """Create the study, or load it after checking it was made by a compatible study file."""
+    name = settings.study.name
+    fingerprint = settings.fingerprint()
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if name in existing:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=build_sampler(settings.sampler,
+                                  settings.space), pruner=build_pruner(settings.pruner, settings.study.max_epochs))
+        old = study.user_attrs.get(FINGERPRINT_ATTR)
+        if study.direction.name.lower() != settings.study.direction or (old and old != fingerprint):
+            diffs = _differences(old or {"direction": study.direction.name.lower()}, fingerprint)
+            raise StorageError(
+                f"a study named {name!r} already exists in this storage with a different {diffs}; its trials "
+                "would not be comparable with new ones. Use another name (--study-name NEW or "
+                "--set study.name=NEW) or another storage, or restore the study file's old values."
+            )
+        return study
+    study = optuna.create_study(
+        study_name=name, storage=storage, direction=settings.study.direction, load_if_exists=True,
+        sampler=build_sampler(settings.sampler, settings.space),
+        pruner=build_pruner(settings.pruner, settings.study.max_epochs),
+    )
+    if FINGERPRINT_ATTR not in study.user_attrs:
+        study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
+        study.set_user_attr("hpo.settings", json.loads(settings.model_dump_json(exclude={"objective"})))
+        study.set_user_attr("hpo.objective", settings.objective.model_dump(mode="json"))
+    return study
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = [k for k in new if k in old and old[k] != new[k]]
+    parts = []
+    for key in keys:
+        if key == "space":
+            changed = sorted(set(old[key]) ^ set(new[key]) | {p for p in new[key] if old[key].get(p) != new[key][p]})
+            parts.append(f"search space (parameters {', '.join(changed)})")
+        else:
+            parts.append(f"{key} ({old[key]!r} there, {new[key]!r} in the file)")
+    return " and ".join(parts) or "configuration"
+
+
+class _FailureGuard:
+    """Stops the study after too many failed trials in a row, so a broken setup does not loop forever."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+        self.last_reason = ""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL:
+            self.in_a_row += 1
+            self.last_reason = str(trial.user_attrs.get("reason", "unknown"))
+            if self.in_a_row >= self.limit:
+                study.stop()
+        else:
+            self.in_a_row = 0
+
+
+@dataclass
+class RunResult:
+    study: optuna.Study
+    paths: RunPaths
+    parent_run_id: str
+    new_trials: int
+    stopped_by_failures: str | None
+    test_metrics: dict[str, float]
+
+
+def run_study(settings: Settings, paths: RunPaths, n_trials: int | None = None, timeout: float | None = None,
+              progress: Progress | None = None) -> RunResult:
+    """Open the stores, top the study up to its budget, score the best trial on the test set."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    n_trials = n_trials if n_trials is not None else settings.study.n_trials
+    timeout = timeout if timeout is not None else settings.study.timeout
+    plugin = load_objective(settings.objective_name)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(paths.storage_url)
+    study = load_or_create_study(settings, storage)
+    tracker = Tracker(paths.tracking_uri, settings.study.name, paths.artifacts)
+    parent = tracker.parent_run(settings.study.name, _study_params(settings, n_trials),
+                                known_id=study.user_attrs.get(PARENT_ATTR))
+    if study.user_attrs.get(PARENT_ATTR) != parent:
+        study.set_user_attr(PARENT_ATTR, parent)
+    ctx = StudyContext(settings, tracker, parent, paths.checkpoints, progress)
+    objective = plugin(settings, ctx)
+    objective.prepare()
+    before = len(study.trials)
+    guard = _FailureGuard(settings.study.max_failures)
+    callbacks: list[Any] = [guard]
+    if n_trials is not None:
+        callbacks.append(MaxTrialsCallback(n_trials, states=FINISHED))
+    if progress is not None:
+        callbacks.append(progress)
+    done = sum(counts(study)[s.name] for s in FINISHED)
+    if n_trials is None or done < n_trials:
+        study.optimize(objective, timeout=timeout, catch=(TrialFailed,), callbacks=callbacks)
+    stopped = guard.last_reason if guard.in_a_row >= guard.limit else None
+    test_metrics = score_best(study, objective, tracker, parent)
+    return RunResult(study, paths, parent, len(study.trials) - before, stopped, test_metrics)
+
+
+def _study_params(settings: Settings, n_trials: int | None) -> dict[str, Any]:
+    es = settings.early_stopping
+    return {
+        "direction": settings.study.direction,
+        "metric": settings.study.metric,
+        "n_trials": n_trials,
+        "timeout": settings.study.timeout,
+        "max_epochs": settings.study.max_epochs,
+        "sampler": settings.sampler.model_dump_json(exclude_none=True),
+        "pruner": settings.pruner.model_dump_json(exclude_none=True),
+        "early_stopping": es.model_dump_json(exclude_none=True),
+        "space": json.dumps({k: v.model_dump(exclude_none=True) for k, v in settings.space.params.items()}),
+        "lr_scaling": settings.space.lr_scaling,
+        "study_file": settings.source,
+    }
+
+
+def score_best(study: optuna.Study, objective: Any, tracker: Tracker, parent: str) -> dict[str, float]:
+    """Score the best trial on the held-out test set, once per best trial, and log it on the parent run."""
+    best = best_trial(study)
+    if best is None or "checkpoint" not in best.user_attrs:
+        return {}
+    if study.user_attrs.get("hpo.test_scored_trial") == best.number:
+        return dict(study.user_attrs.get("hpo.test_metrics", {}))
+    metrics = objective.test_score(best.user_attrs["checkpoint"])
+    study.set_user_attr("hpo.test_scored_trial", best.number)
+    study.set_user_attr("hpo.test_metrics", metrics)
+    tags = {"best_trial": best.number, "best_mlflow_run_id": best.user_attrs.get("mlflow_run_id", "")}
+    tags.update({f"best_param.{k}": v for k, v in best.params.items()})
+    tracker.log_summary(parent, {"best_value": best.value, **{f"best_{k}": v for k, v in metrics.items()}}, tags)
+    return metrics
