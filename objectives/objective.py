@@ -32,10 +32,14 @@ class CNNObjective:
     config_model = TrainConfig
     metrics = ("train_loss", "val_loss", "val_accuracy", "val_f1", "lr", "epoch_seconds", "images_per_second")
 
-    def __init__(self, settings: Settings, ctx: StudyContext) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.ctx = ctx
         self.config: TrainConfig = settings.objective
+        self.ctx: StudyContext | None = None
+
+    def attach(self, ctx: StudyContext) -> None:
+        """Give the objective the study's stores; done after prepare() so bad data creates nothing."""
+        self.ctx = ctx
 
     def prepare(self) -> None:
         """Load the data once, before any trial, so a missing data set fails fast with a clear message."""
@@ -49,6 +53,8 @@ class CNNObjective:
         return TrainConfig.model_validate({**self.config.model_dump(), **resolved})
 
     def __call__(self, trial: Any) -> float:
+        if self.ctx is None:
+            raise RuntimeError("attach(ctx) must be called before the objective runs trials")
         params = suggest(trial, self.settings.space)
         cfg = self.config_for(params)
         with self.ctx.trial(trial, params, cfg.model_dump(mode="json")) as session:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -37,10 +38,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise HpoError(f"checkpoint {str(path)!r} does not exist. Check the path or rerun the trial that wrote it.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            IndexError, KeyError, AssertionError, struct.error) as exc:
+        # Damaged bytes surface as any of these, depending on where the unpickler trips (fuzzed).
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]  # EOFError() has an empty message
         raise HpoError(
             f"checkpoint {str(path)!r} is corrupt or holds more than tensors and plain values "
-            f"({str(exc).splitlines()[0]}). It was refused by torch.load(weights_only=True); delete it "
+            f"({reason}). It was refused by torch.load(weights_only=True); delete it "
             "and rerun the trial, or load it yourself only if you trust where it came from."
         ) from exc
     if not isinstance(obj, dict) or "state_dict" not in obj:

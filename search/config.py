@@ -110,6 +110,12 @@ class PrunerSection(Section):
             raise ValueError("pruner 'threshold' needs lower, upper or both")
         if self.lower is not None and self.upper is not None and self.lower > self.upper:
             raise ValueError(f"lower ({self.lower}) must not exceed upper ({self.upper})")
+        for key in ("min_resource", "max_resource"):
+            value = getattr(self, key)
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"{key} must be a whole number of epochs >= 1 or 'auto', got {value}")
+        if self.name == "hyperband" and self.min_resource == "auto":
+            raise ValueError("pruner 'hyperband' needs min_resource as a whole number of epochs >= 1, not 'auto'")
         if self.name == "patient" and self.patience is None:
             raise ValueError("pruner 'patient' needs patience (epochs without improvement before pruning)")
         return self
@@ -162,6 +168,9 @@ class ParamSpec(Section):
                 raise ValueError("categorical parameters take 'choices' only, not low/high/log/step")
             if len(set(map(repr, self.choices))) != len(self.choices):
                 raise ValueError(f"choices must be distinct, got {self.choices}")
+            outside = [g for g in self.grid or [] if g not in self.choices]
+            if outside:
+                raise ValueError(f"grid values {outside} are not among the choices {self.choices}")
             return self
         if self.choices is not None:
             raise ValueError(f"'choices' is for categorical parameters; a {self.type} takes low and high")
@@ -178,6 +187,11 @@ class ParamSpec(Section):
                 value = getattr(self, key)
                 if value is not None and float(value) != int(value):
                     raise ValueError(f"an int parameter needs whole numbers, got {key}={value}")
+        for value in self.grid or []:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not self.low <= value <= self.high:
+                raise ValueError(f"grid value {value!r} is not a number within [low, high] = [{self.low}, {self.high}]")
+            if self.type == "int" and float(value) != int(value):
+                raise ValueError(f"an int parameter needs whole numbers, got grid value {value}")
         return self
 
     def grid_values(self) -> list[Any] | None:
@@ -345,7 +359,7 @@ def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>") -> S
             f"it would change nothing. Tunable names are: {', '.join(sorted(fields))}."
         )
     for pname, spec in settings.space.params.items():
-        probes = spec.choices or spec.grid or [spec.low, spec.high]
+        probes = [*(spec.choices or [spec.low, spec.high]), *(spec.grid or [])]
         for value in probes:
             value = int(value) if spec.type == "int" else value
             try:

@@ -19,9 +19,13 @@ class ObjectivePlugin(Protocol):
 
     config_model: type[BaseModel]
 
-    def __init__(self, settings: Any, session_factory: Any) -> None: ...
+    def __init__(self, settings: Any) -> None: ...
 
-    def prepare(self) -> None: ...
+    def prepare(self) -> None:
+        """Check and load what trials need (data); raise an HpoError a user can act on."""
+
+    def attach(self, ctx: Any) -> None:
+        """Receive the study context (stores, tracker, progress) before the first trial."""
 
     def __call__(self, trial: Any) -> float: ...
 

@@ -170,18 +170,17 @@ def run_study(settings: Settings, paths: RunPaths, n_trials: int | None = None, 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     n_trials = n_trials if n_trials is not None else settings.study.n_trials
     timeout = timeout if timeout is not None else settings.study.timeout
-    plugin = load_objective(settings.objective_name)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    objective = load_objective(settings.objective_name)(settings)
+    objective.prepare()  # a missing data set fails here, before any store is created
     storage = open_storage(paths.storage_url)
     study = load_or_create_study(settings, storage)
+    paths.root.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(paths.tracking_uri, settings.study.name, paths.artifacts)
     parent = tracker.parent_run(settings.study.name, _study_params(settings, n_trials),
                                 known_id=study.user_attrs.get(PARENT_ATTR))
     if study.user_attrs.get(PARENT_ATTR) != parent:
         study.set_user_attr(PARENT_ATTR, parent)
-    ctx = StudyContext(settings, tracker, parent, paths.checkpoints, progress)
-    objective = plugin(settings, ctx)
-    objective.prepare()
+    objective.attach(StudyContext(settings, tracker, parent, paths.checkpoints, progress))
     before = len(study.trials)
     guard = _FailureGuard(settings.study.max_failures)
     callbacks: list[Any] = [guard]

@@ -7,6 +7,7 @@ with explicit run ids, never the global "active run", so several trials or worke
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -35,6 +36,10 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_root: Path | None = None) -> None:
         self.tracking_uri = tracking_uri
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
             experiment = self.client.get_experiment_by_name(experiment_name)
