@@ -1,0 +1,147 @@
+"""TrialSession driven with ask/tell and hand-made epoch metrics: no training, real Optuna and MLflow stores."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from search.config import settings_from_dict
+from search.session import StudyContext, TrialFailed
+from search.tracking import Tracker
+
+BASE = {
+    "study": {"name": "unit", "direction": "maximize", "metric": "val_accuracy", "n_trials": 3, "max_epochs": 6},
+    "pruner": {"name": "none"},
+    "early_stopping": {"monitor": "val_loss", "mode": "min", "patience": 2},
+    "space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}},
+    "objective": {"name": "cnn"},
+}
+
+
+def metrics(val_loss: float, val_accuracy: float, train_loss: float = 0.5) -> dict[str, float]:
+    return {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy, "lr": 0.01,
+            "epoch_seconds": 0.1, "images_per_second": 1000.0}
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory: pytest.TempPathFactory) -> Tracker:
+    root = tmp_path_factory.mktemp("mlflow")
+    return Tracker(f"sqlite:///{root / 'mlflow.db'}", "unit", root / "artifacts")
+
+
+@pytest.fixture
+def ctx(tracker: Tracker, tmp_path: Path) -> StudyContext:
+    settings = settings_from_dict(BASE)
+    parent = tracker.parent_run("unit", {"n_trials": 3})
+    return StudyContext(settings, tracker, parent, tmp_path / "checkpoints")
+
+
+def run_of(tracker: Tracker, trial: optuna.Trial):  # noqa: ANN201
+    return tracker.client.get_run(trial.user_attrs["mlflow_run_id"])
+
+
+def state_for(model: torch.nn.Module) -> SimpleNamespace:
+    return SimpleNamespace(model=model)
+
+
+def test_early_stop_restores_best_weights_and_records_everything(ctx: StudyContext, tracker: Tracker) -> None:
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    model = torch.nn.Linear(2, 2)
+    # val_loss: 1.0, 0.5 (best, epoch 1), 0.6, 0.7 -> patience 2 stops at epoch 3
+    sequence = [(1.0, 0.5), (0.5, 0.9), (0.6, 0.8), (0.7, 0.95)]
+    with ctx.trial(trial, {"lr": 0.01}, {"lr": 0.01, "dataset": "digits"}) as session:
+        for epoch, (loss, acc) in enumerate(sequence):
+            with torch.no_grad():
+                model.weight.fill_(float(epoch))
+            if session.on_epoch(epoch, metrics(loss, acc), state_for(model)):
+                break
+        value = session.complete({"model_spec": {"kind": "linear"}, "settings": {}})
+    study.tell(trial, value)
+    assert epoch == 3
+    assert value == 0.9  # the study metric at the restored best epoch, not the last epoch's 0.95
+    frozen = study.trials[0]
+    assert frozen.user_attrs["early_stopped"] is True
+    assert frozen.user_attrs["stopped_epoch"] == 3 and frozen.user_attrs["best_epoch"] == 1
+    assert frozen.intermediate_values == {0: 0.5, 1: 0.9, 2: 0.8, 3: 0.95}
+    checkpoint = torch.load(frozen.user_attrs["checkpoint"], weights_only=True)
+    assert torch.all(checkpoint["state_dict"]["weight"] == 1.0)  # the weights of epoch 1
+    run = run_of(tracker, frozen)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["optuna.state"] == "COMPLETE"
+    assert run.data.tags["early_stopped"] == "true" and run.data.tags["stopped_epoch"] == "3"
+    assert run.data.metrics["best_val_accuracy"] == 0.9 and run.data.metrics["best_epoch"] == 1
+    history = MlflowClient(tracker.tracking_uri).get_metric_history(run.info.run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(0, 0.5), (1, 0.9), (2, 0.8), (3, 0.95)]
+
+
+def test_non_finite_loss_prunes_with_reason(ctx: StudyContext, tracker: Tracker) -> None:
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned), ctx.trial(trial, {"lr": 0.1}, {"lr": 0.1}) as session:
+        session.on_epoch(0, metrics(1.0, 0.3), state_for(torch.nn.Linear(1, 1)))
+        session.on_epoch(1, metrics(math.nan, 0.1, train_loss=math.nan), state_for(torch.nn.Linear(1, 1)))
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    frozen = study.trials[0]
+    assert frozen.state == optuna.trial.TrialState.PRUNED
+    assert frozen.user_attrs["reason"] == "nan_loss" and frozen.user_attrs["pruned_epoch"] == 1
+    run = run_of(tracker, frozen)
+    assert run.data.tags["optuna.state"] == "PRUNED" and run.data.tags["hpo.reason"] == "nan_loss"
+    assert run.info.status == "FINISHED"
+
+
+def test_pruner_decision_marks_trial_pruned(tracker: Tracker, tmp_path: Path) -> None:
+    settings = settings_from_dict({**BASE, "pruner": {"name": "threshold", "lower": 0.5}})
+    ctx = StudyContext(settings, tracker, tracker.parent_run("unit", {}), tmp_path)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned), ctx.trial(trial, {"lr": 0.1}, {"lr": 0.1}) as session:
+        session.on_epoch(0, metrics(1.0, 0.7), state_for(torch.nn.Linear(1, 1)))
+        session.on_epoch(1, metrics(0.9, 0.4), state_for(torch.nn.Linear(1, 1)))
+    assert trial.user_attrs["reason"] == "pruned" and trial.user_attrs["pruned_epoch"] == 1
+    assert trial.user_attrs["epochs_run"] == 2
+
+
+def test_out_of_memory_fails_trial_with_batch_size(ctx: StudyContext, tracker: Tracker) -> None:
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    with pytest.raises(TrialFailed, match="out_of_memory"), ctx.trial(trial, {}, {"batch_size": 4096}):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert trial.user_attrs["reason"] == "out_of_memory"
+    assert trial.user_attrs["oom_batch_size"] == 4096
+    run = run_of(tracker, trial)
+    assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
+
+
+def test_interrupt_marks_mlflow_run_killed(ctx: StudyContext, tracker: Tracker) -> None:
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    with pytest.raises(KeyboardInterrupt), ctx.trial(trial, {}, {}):
+        raise KeyboardInterrupt
+    run = run_of(tracker, trial)
+    assert run.info.status == "KILLED" and run.data.tags["hpo.reason"] == "interrupted"
+
+
+def test_study_continues_after_failed_trial(ctx: StudyContext, tracker: Tracker) -> None:
+    """optimize(catch=TrialFailed) records the failure and runs the next trial."""
+    calls = []
+
+    def objective(trial: optuna.Trial) -> float:
+        calls.append(trial.number)
+        with ctx.trial(trial, {}, {}) as session:
+            if trial.number == 0:
+                raise ValueError("boom")
+            session.on_epoch(0, metrics(0.5, 0.7), state_for(torch.nn.Linear(1, 1)))
+            return session.complete({"model_spec": {}, "settings": {}})
+
+    study = optuna.create_study(direction="maximize")
+    study.optimize(objective, n_trials=2, catch=(TrialFailed,))
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert study.trials[0].user_attrs["reason"] == "error: ValueError: boom"
+    assert study.trials[1].value == 0.7
