@@ -41,6 +41,14 @@ class StudySection(Section):
     max_epochs: int = Field(default=20, ge=1)
     max_failures: int = Field(default=5, ge=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_budget(cls, data: Any) -> Any:
+        """20 trials unless the file gives a budget; a timeout alone means "as many trials as fit"."""
+        if isinstance(data, Mapping) and "n_trials" not in data:
+            data = {**data, "n_trials": None if data.get("timeout") is not None else 20}
+        return data
+
     @model_validator(mode="after")
     def _some_budget(self) -> StudySection:
         if self.n_trials is None and self.timeout is None:

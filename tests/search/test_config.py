@@ -272,11 +272,13 @@ def test_lr_scaling_value_is_checked(tmp_path: Path) -> None:
 # --- budget ------------------------------------------------------------------------------------------
 
 
-def test_budget_defaults_to_twenty_trials(tmp_path: Path) -> None:
-    # TOML has no null, so a file cannot unset n_trials: a timeout-only file still has 20 trials.
+def test_budget_defaults_to_twenty_trials_unless_a_timeout_is_given(tmp_path: Path) -> None:
+    settings = load_settings(study_file(tmp_path, with_study("max_epochs = 3")))
+    assert settings.study.n_trials == 20 and settings.study.timeout is None
+    # TOML has no null: a timeout-only file means "as many trials as fit in the timeout".
     settings = load_settings(study_file(tmp_path, with_study("timeout = 600")))
     assert settings.study.timeout == 600
-    assert settings.study.n_trials == 20
+    assert settings.study.n_trials is None
 
 
 def test_a_study_with_neither_n_trials_nor_timeout_is_refused() -> None:
