@@ -1,0 +1,78 @@
+"""The CNN being tuned, built from a plain-dict spec so a checkpoint can rebuild it with weights_only=True."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from objectives.data import DataSplits
+from objectives.settings import TrainConfig
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+SPEC_KEYS = ("in_channels", "num_classes", "widths", "blocks_per_stage", "activation", "dropout", "image_size")
+
+
+def model_spec(cfg: TrainConfig, data: DataSplits) -> dict[str, Any]:
+    """Everything `build_model` needs, as ints, floats, strings and lists only (safe for weights_only loads)."""
+    return {
+        "in_channels": int(data.in_channels),
+        "num_classes": int(data.num_classes),
+        "widths": [int(w) for w in cfg.widths],
+        "blocks_per_stage": int(cfg.blocks_per_stage),
+        "activation": str(cfg.activation),
+        "dropout": float(cfg.dropout),
+        "image_size": int(data.image_size),
+    }
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """A CNN from `model_spec`'s dict; missing or unknown keys are an error, not a silent default."""
+    missing, unknown = set(SPEC_KEYS) - set(spec), set(spec) - set(SPEC_KEYS)
+    if missing or unknown:
+        raise ValueError(f"bad model spec: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    if spec["activation"] not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {spec['activation']!r}; expected one of {sorted(_ACTIVATIONS)}")
+    return CNN(**spec)
+
+
+def conv_block(in_channels: int, out_channels: int, activation: str) -> nn.Sequential:
+    """conv3x3 (no bias: BatchNorm's shift replaces it) -> BatchNorm -> activation."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        _ACTIVATIONS[activation](),
+    )
+
+
+class CNN(nn.Module):
+    """Stages of conv blocks, each followed by a 2x2 max-pool unless that would shrink the map below 2x2;
+    then global average pooling, dropout and a linear classifier."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        widths: list[int],
+        blocks_per_stage: int,
+        activation: str,
+        dropout: float,
+        image_size: int,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, size = in_channels, image_size
+        for width in widths:
+            for _ in range(blocks_per_stage):
+                layers.append(conv_block(channels, width, activation))
+                channels = width
+            if size // 2 >= 2:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.dropout(self.pool(self.features(x)).flatten(1)))

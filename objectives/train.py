@@ -1,0 +1,235 @@
+"""Train one CNN for up to `max_epochs`, reporting each epoch to a hook that may stop it.
+
+This module must never import optuna or mlflow (nor anything that does): the search layer sees
+training only through `on_epoch`, so the loop stays usable and testable on its own.
+Out-of-memory errors and exceptions raised by the hook propagate unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from objectives.augment import augment_batch, default_crop_padding
+from objectives.data import DataSplits, batch_indices, load_data
+from objectives.model import build_model, model_spec
+from objectives.runtime import Runtime, resolve_runtime, seed_everything
+from objectives.schedule import EpochSchedule
+from objectives.settings import TrainConfig
+
+METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_f1", "lr", "epoch_seconds", "images_per_second")
+
+
+@dataclass
+class TrainingState:
+    """What the hook sees after each epoch; `epoch` is the one just finished (counting from 0).
+
+    `model` is the plain module even when `compile = true`, so its state_dict has the usual keys.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: EpochSchedule
+    generator: torch.Generator
+    spec: dict[str, Any]
+    epoch: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        """One dict with everything `fit(..., resume=...)` needs to continue exactly where this left off.
+
+        A snapshot: tensors are copies, so it stays valid while training goes on. It holds only
+        tensors and plain Python values, so `torch.load(path, weights_only=True)` reads it back.
+        """
+        state = {
+            "model_spec": self.spec,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "batches": self.generator.get_state(),
+            },
+        }
+        return copy.deepcopy(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["model_spec"] != self.spec:
+            raise ValueError(f"checkpoint model {state['model_spec']} does not match this config's {self.spec}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.history = [dict(m) for m in state["history"]]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.generator.set_state(state["rng"]["batches"])
+
+
+OnEpoch = Callable[[int, dict[str, float], TrainingState], bool]  # return True to stop now
+
+
+@dataclass
+class FitResult:
+    """`model` is the plain (uncompiled) module; `epochs_run` and `history` include epochs before a resume."""
+
+    model: nn.Module
+    epochs_run: int
+    history: list[dict[str, float]]
+    stopped_by_hook: bool
+    data: DataSplits
+    spec: dict[str, Any]
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW or SGD with two param groups: weight decay on weights, none on biases and norm parameters.
+
+    AdamW's decay is decoupled from the gradient; SGD's is torch's usual L2 term on the decay group.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay, "name": "decay"},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    fused = True if device.type == "cuda" else None
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+
+
+def fit(
+    cfg: TrainConfig, max_epochs: int, on_epoch: OnEpoch | None = None, *, resume: dict[str, Any] | None = None
+) -> FitResult:
+    """Train on `cfg.dataset` for epochs 0..max_epochs-1 (or from `resume["epoch"] + 1`).
+
+    After each epoch the validation metrics (keys in METRIC_KEYS) go to `on_epoch(epoch, metrics,
+    state)`; a True return stops training there. `lr` is the rate used throughout the epoch,
+    `epoch_seconds` covers training and validation, `images_per_second` training alone. A non-finite
+    train_loss is reported, not raised: the caller decides what it means.
+    """
+    runtime = resolve_runtime(cfg.device)
+    seed_everything(cfg.seed)
+    data = load_data(cfg, runtime.device)
+    spec = model_spec(cfg, data)
+    model = build_model(spec).to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
+    optimizer = build_optimizer(cfg, model, runtime.device)
+    generator = torch.Generator(device=runtime.device if runtime.device.type == "cuda" else "cpu")
+    generator.manual_seed(cfg.seed)
+    state = TrainingState(model, optimizer, EpochSchedule(optimizer, cfg, max_epochs), generator, spec)
+    if resume is not None:
+        state.load_state_dict(resume)
+
+    padding = cfg.crop_padding if cfg.crop_padding is not None else default_crop_padding(data.image_size)
+    flip = cfg.flip if cfg.flip is not None else data.flip_ok
+    if not cfg.augment:
+        padding, flip = 0, False
+
+    stopped = False
+    for epoch in range(state.epoch + 1, max_epochs):
+        lr = state.scheduler.start_epoch(epoch)
+        start = time.perf_counter()
+        train_loss = _train_epoch(forward, model, optimizer, data, runtime, cfg, generator, padding, flip)
+        train_seconds = time.perf_counter() - start
+        val = evaluate(forward, data.val_x, data.val_y, runtime, cfg.eval_batch_size, data.num_classes)
+        epoch_seconds = time.perf_counter() - start
+        state.scheduler.end_epoch(epoch, val["loss"])
+        metrics = {
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_f1": val["f1"],
+            "lr": lr,
+            "epoch_seconds": epoch_seconds,
+            "images_per_second": len(data.train_y) / train_seconds,
+        }
+        state.epoch = epoch
+        state.history.append(metrics)
+        if on_epoch is not None and on_epoch(epoch, metrics, state):
+            stopped = True
+            break
+    return FitResult(model, state.epoch + 1, state.history, stopped, data, spec)
+
+
+def _train_epoch(
+    forward: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: DataSplits,
+    runtime: Runtime,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    padding: int,
+    flip: bool,
+) -> float:
+    """One pass over the shuffled training tensor; the loss is summed on the device, read once at the end."""
+    forward.train()
+    n = len(data.train_y)
+    total = torch.zeros((), device=runtime.device)
+    for idx in batch_indices(n, cfg.batch_size, generator, runtime.device):
+        x, y = data.train_x[idx], data.train_y[idx]
+        if padding or flip:
+            x = augment_batch(x, padding, flip, generator)
+        if runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast():
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        total += loss.detach() * len(idx)
+    return (total / n).item()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    runtime: Runtime,
+    batch_size: int = 1024,
+    num_classes: int | None = None,
+) -> dict[str, float]:
+    """Mean cross-entropy (no label smoothing), accuracy and macro F1 of `model` on (x, y).
+
+    Macro F1 averages over the classes present in y or in the predictions, like sklearn's
+    `f1_score(average="macro")`. The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    preds = []
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        if runtime.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast():
+            logits = model(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
+        preds.append(logits.argmax(dim=1))
+    model.train(was_training)
+    pred = torch.cat(preds)
+    k = num_classes if num_classes is not None else int(max(y.max(), pred.max())) + 1
+    confusion = torch.bincount(y * k + pred, minlength=k * k).reshape(k, k).double()
+    true_pos = confusion.diagonal()
+    actual, predicted = confusion.sum(dim=1), confusion.sum(dim=0)
+    f1 = torch.where(actual + predicted > 0, 2 * true_pos / (actual + predicted).clamp_min(1), 0.0)
+    present = (actual + predicted) > 0
+    out = torch.stack([loss_sum.double() / len(y), true_pos.sum() / len(y), f1[present].mean()]).tolist()
+    return {"loss": out[0], "accuracy": out[1], "f1": out[2]}

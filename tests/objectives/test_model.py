@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from objectives.data import DataSplits
+from objectives.model import build_model, model_spec
+from objectives.settings import TrainConfig
+
+
+def _fake_data(channels: int, size: int, classes: int = 10) -> DataSplits:
+    x, y = torch.zeros(2, channels, size, size), torch.zeros(2, dtype=torch.int64)
+    return DataSplits(x, y, x, y, x, y, classes, channels, size, False, "fake")
+
+
+@pytest.mark.parametrize(("channels", "size", "pools"), [(1, 8, 2), (1, 28, 3), (3, 32, 3)])
+def test_forward_shapes_and_pooling_floor(channels: int, size: int, pools: int) -> None:
+    cfg = TrainConfig(widths=(8, 16, 24), blocks_per_stage=2, activation="gelu", dropout=0.2)
+    spec = model_spec(cfg, _fake_data(channels, size, classes=7))
+    model = build_model(spec)
+    assert model(torch.randn(5, channels, size, size)).shape == (5, 7)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == pools  # 8x8 stops at 2x2
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 6
+    assert sum(isinstance(m, nn.GELU) for m in model.modules()) == 6
+    dropout = next(m for m in model.modules() if isinstance(m, nn.Dropout))
+    assert dropout.p == 0.2
+
+
+def test_spec_is_plain_data() -> None:
+    spec = model_spec(TrainConfig(), _fake_data(1, 8))
+    assert spec == {
+        "in_channels": 1,
+        "num_classes": 10,
+        "widths": [32, 64],
+        "blocks_per_stage": 1,
+        "activation": "relu",
+        "dropout": 0.0,
+        "image_size": 8,
+    }
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path: Path) -> None:
+    spec = model_spec(TrainConfig(widths=(8, 16)), _fake_data(3, 32))
+    model = build_model(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    model.eval()
+    path = tmp_path / "model.pt"
+    torch.save({"model_spec": spec, "state_dict": model.state_dict()}, path)
+
+    checkpoint = torch.load(path, weights_only=True)
+    rebuilt = build_model(checkpoint["model_spec"])
+    rebuilt.load_state_dict(checkpoint["state_dict"])
+    rebuilt.eval()
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(rebuilt(x), model(x))
+
+
+def test_bad_spec_is_rejected() -> None:
+    spec = model_spec(TrainConfig(), _fake_data(1, 8))
+    with pytest.raises(ValueError, match="missing \\['dropout'\\]"):
+        build_model({k: v for k, v in spec.items() if k != "dropout"})
+    with pytest.raises(ValueError, match="unknown \\['depth'\\]"):
+        build_model({**spec, "depth": 3})
+    with pytest.raises(ValueError, match="unknown activation"):
+        build_model({**spec, "activation": "tanh"})

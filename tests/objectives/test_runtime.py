@@ -1,0 +1,63 @@
+import contextlib
+import random
+
+import pytest
+import torch
+
+from objectives.runtime import resolve_runtime, seed_everything
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_cpu_is_plain_fp32() -> None:
+    rt = resolve_runtime("cpu")
+    assert rt.device == torch.device("cpu")
+    assert rt.autocast_dtype is None and rt.channels_last is False
+    ctx = rt.autocast()
+    assert isinstance(ctx, contextlib.nullcontext)
+    with ctx:
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_auto_prefers_cuda_then_mps_then_cpu() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert resolve_runtime("auto").device.type == expected
+
+
+@no_cuda
+def test_missing_cuda_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_runtime("cuda")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
+def test_missing_mps_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no Apple GPU"):
+        resolve_runtime("mps")
+
+
+def test_unknown_device_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_runtime("tpu")
+
+
+@needs_cuda
+def test_cuda_uses_bf16_autocast_and_channels_last() -> None:
+    rt = resolve_runtime("cuda")
+    assert rt.device.type == "cuda" and rt.channels_last
+    assert torch.backends.cudnn.benchmark
+    with rt.autocast():
+        out = torch.ones(4, 4, device="cuda") @ torch.ones(4, 4, device="cuda")
+    assert out.dtype == rt.autocast_dtype == torch.bfloat16
+
+
+def test_seed_everything_repeats_python_and_torch_draws() -> None:
+    seed_everything(123)
+    first = (random.random(), torch.rand(3))
+    seed_everything(123)
+    second = (random.random(), torch.rand(3))
+    assert first[0] == second[0]
+    assert torch.equal(first[1], second[1])
+    seed_everything(124)
+    assert not torch.equal(torch.rand(3), first[1])
