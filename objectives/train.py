@@ -95,17 +95,31 @@ class FitResult:
 def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """AdamW or SGD with two param groups: weight decay on weights, none on biases and norm parameters.
 
-    AdamW's decay is decoupled from the gradient; SGD's is torch's usual L2 term on the decay group.
+    Decay is decoupled from the gradient for both: AdamW does it itself; for SGD the group carries
+    ``sgd_decoupled_wd`` and ``apply_decoupled_decay`` shrinks the weights by ``lr * wd`` after each
+    step (torch's SGD would add an L2 term to the gradient, which momentum then mixes in).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    sgd = cfg.optimizer == "sgd"
     groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay, "name": "decay"},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "name": "no_decay"},
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": 0.0 if sgd else cfg.weight_decay,
+         "sgd_decoupled_wd": cfg.weight_decay if sgd else 0.0, "name": "decay"},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "sgd_decoupled_wd": 0.0,
+         "name": "no_decay"},
     ]
     fused = True if device.type == "cuda" else None
-    if cfg.optimizer == "sgd":
+    if sgd:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+
+
+@torch.no_grad()
+def apply_decoupled_decay(optimizer: torch.optim.Optimizer) -> None:
+    """w <- w * (1 - lr * wd) for groups with ``sgd_decoupled_wd`` (SGD); a no-op for AdamW."""
+    for group in optimizer.param_groups:
+        wd = group.get("sgd_decoupled_wd", 0.0)
+        if wd and group["params"]:
+            torch._foreach_mul_(group["params"], 1.0 - group["lr"] * wd)
 
 
 def fit(
@@ -193,6 +207,8 @@ def _train_epoch(
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        if cfg.optimizer == "sgd":
+            apply_decoupled_decay(optimizer)
         total += loss.detach() * len(idx)
     return (total / n).item()
 

@@ -14,7 +14,7 @@ from objectives.data import load_data
 from objectives.model import build_model, model_spec
 from objectives.runtime import resolve_runtime
 from objectives.settings import TrainConfig
-from objectives.train import METRIC_KEYS, TrainingState, build_optimizer, evaluate, fit
+from objectives.train import METRIC_KEYS, TrainingState, apply_decoupled_decay, build_optimizer, evaluate, fit
 
 CPU = resolve_runtime("cpu")
 SMALL = {"device": "cpu", "train_subset": 256, "widths": (8, 16)}  # ~10 ms an epoch
@@ -158,6 +158,22 @@ def test_nesterov_sgd_is_configured() -> None:
     opt = build_optimizer(cfg, nn.Linear(3, 2), torch.device("cpu"))
     assert isinstance(opt, torch.optim.SGD)
     assert all(g["nesterov"] and g["momentum"] == 0.8 and g["lr"] == 0.1 for g in opt.param_groups)
+
+
+def test_sgd_weight_decay_is_decoupled_from_the_gradient() -> None:
+    cfg = TrainConfig(optimizer="sgd", momentum=0.9, nesterov=True, lr=0.1, weight_decay=0.01)
+    layer = nn.Linear(3, 2)
+    opt = build_optimizer(cfg, layer, torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.0 and decay["sgd_decoupled_wd"] == 0.01
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer.weight.grad = torch.zeros_like(layer.weight)  # no gradient: only the decay moves the weights
+    layer.bias.grad = torch.zeros_like(layer.bias)
+    opt.step()
+    apply_decoupled_decay(opt)
+    assert torch.allclose(layer.weight, weight * (1 - 0.1 * 0.01))
+    assert torch.equal(layer.bias, bias)
+    assert opt.state[layer.weight]["momentum_buffer"].abs().sum() == 0  # decay never enters momentum
 
 
 def test_biases_and_norm_params_are_not_decayed() -> None:
