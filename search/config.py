@@ -79,6 +79,7 @@ class SamplerSection(Section):
 
 PRUNER_OPTIONS: dict[str, set[str]] = {
     "median": {"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
+    "median_carry_forward": {"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
     "percentile": {"percentile", "n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
     "successive_halving": {"min_resource", "reduction_factor", "min_early_stopping_rate", "bootstrap_count"},
     "hyperband": {"min_resource", "max_resource", "reduction_factor", "bootstrap_count"},
@@ -91,7 +92,8 @@ PRUNER_OPTIONS: dict[str, set[str]] = {
 
 class PrunerSection(Section):
     name: Literal[
-        "median", "percentile", "successive_halving", "hyperband", "threshold", "patient", "wilcoxon", "none"
+        "median", "percentile", "successive_halving", "hyperband", "threshold", "patient", "wilcoxon", "none",
+        "median_carry_forward",
     ] = "median"
     n_startup_trials: int | None = Field(default=None, ge=0)
     n_warmup_steps: int | None = Field(default=None, ge=0)

@@ -6,6 +6,7 @@ from typing import Any
 
 import optuna
 
+from search.carry_forward import MedianCarryForwardPruner
 from search.config import PrunerSection, SamplerSection, SpaceSection
 from search.space import grid_space
 
@@ -28,6 +29,9 @@ def build_pruner(cfg: PrunerSection, max_epochs: int) -> optuna.pruners.BasePrun
     name = cfg.name
     if name in ("median", "percentile", "none"):
         return _median_like(cfg, name)
+    if name == "median_carry_forward":
+        return MedianCarryForwardPruner(**_given(cfg, "n_startup_trials", "n_warmup_steps", "interval_steps",
+                                                 "n_min_trials"))
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(
             **_given(cfg, "min_resource", "reduction_factor", "min_early_stopping_rate", "bootstrap_count")
