@@ -58,8 +58,9 @@ class CNNObjective:
         params = suggest(trial, self.settings.space)
         cfg = self.config_for(params)
         with self.ctx.trial(trial, params, cfg.model_dump(mode="json")) as session:
-            result = fit(cfg, self.settings.study.max_epochs, session.on_epoch)
-            return session.complete({"model_spec": result.spec, "settings": cfg.model_dump(mode="json")})
+            result = fit(cfg, self.settings.study.max_epochs, session.on_epoch, resume=session.resume_training)
+            checkpoint = {"model_spec": result.spec, "settings": cfg.model_dump(mode="json")}
+            return session.complete(checkpoint, model=result.model)
 
     def test_score(self, checkpoint_path: str) -> dict[str, float]:
         """Accuracy of a saved checkpoint on the held-out test split (used once, for the best trial)."""
@@ -73,3 +74,12 @@ class CNNObjective:
         scores = evaluate(model, data.test_x, data.test_y, runtime, batch_size=cfg.eval_batch_size,
                           num_classes=data.num_classes)
         return {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]}
+
+    def load_model(self, checkpoint_path: str) -> tuple[Any, Any]:
+        """(CPU model taking raw images, a few raw test images) for MLflow logging and `hpo export`."""
+        from objectives.serving import load_classifier
+
+        try:
+            return load_classifier(checkpoint_path)
+        except DatasetNotFoundError as exc:
+            raise DataError(str(exc)) from exc

@@ -31,7 +31,7 @@ def save_atomic(obj: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, key: str = "state_dict") -> dict[str, Any]:
     """Load a checkpoint safely; corrupt files or non-dict payloads get a clear error."""
     path = Path(path)
     if not path.is_file():
@@ -47,9 +47,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"({reason}). It was refused by torch.load(weights_only=True); delete it "
             "and rerun the trial, or load it yourself only if you trust where it came from."
         ) from exc
-    if not isinstance(obj, dict) or "state_dict" not in obj:
+    if not isinstance(obj, dict) or key not in obj:
         raise HpoError(
-            f"checkpoint {str(path)!r} is not a checkpoint of this tool (expected a dict with 'state_dict' "
-            f"and 'model_spec', got {type(obj).__name__})."
+            f"checkpoint {str(path)!r} is not a checkpoint of this tool (expected a dict with {key!r}, "
+            f"got {type(obj).__name__})."
         )
     return obj

@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,14 @@ def _common(p: argparse.ArgumentParser, file_required: bool = True) -> None:
     p.add_argument("--study-name", metavar="NAME", help="use this study name instead of the file's")
 
 
+def _parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes on this machine (default: one per GPU x --trials-per-gpu, else 1)")
+    p.add_argument("--gpus", metavar="LIST", help="GPU ids to use, e.g. 0,1,2,3 (default: all visible)")
+    p.add_argument("--trials-per-gpu", type=int, default=1, metavar="K",
+                   help="concurrent trials per GPU (small CNNs leave a big GPU mostly idle; default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpo", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trials", type=int, metavar="N", help="total finished trials wanted (overrides n_trials)")
     run.add_argument("--timeout", type=float, metavar="S", help="stop starting new trials after S seconds")
     run.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    _parallel(run)
+
+    worker = sub.add_parser(
+        "worker", help="join a study as one worker (one per machine or GPU; see README 'Several machines')",
+        description="Run trials of a shared study until its budget is met across all workers. Same options as "
+                    "`hpo run`; use the same --storage (PostgreSQL for several machines) and --tracking-uri "
+                    "everywhere.")
+    _common(worker)
+    worker.add_argument("--trials", type=int, metavar="N", help="total finished trials wanted (overrides n_trials)")
+    worker.add_argument("--timeout", type=float, metavar="S", help="stop starting new trials after S seconds")
+    worker.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    worker.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch in this worker")
+    worker.add_argument("--no-finish", action="store_true", help=argparse.SUPPRESS)  # set by `hpo run --workers`
+
+    recover = sub.add_parser(
+        "recover", help="fail and re-enqueue stale RUNNING trials (for journal storages, which have no heartbeat)",
+        description="Fail RUNNING trials that started more than --older-than seconds ago (and whose worker is "
+                    "not alive on this machine), end their MLflow runs KILLED and re-enqueue them with the same "
+                    "params; the next `hpo run` resumes them from their last checkpoint. RDB storages "
+                    "(SQLite, PostgreSQL) do this by themselves through heartbeats.")
+    _common(recover)
+    recover.add_argument("--older-than", type=float, default=3600, metavar="S",
+                         help="age in seconds past which a RUNNING trial counts as stale (default 3600)")
 
     status = sub.add_parser("status", help="table of a study's trials and its best trial")
     _common(status, file_required=False)
@@ -89,6 +122,45 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ui, file_required=False)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no authentication!)")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="server processes (default 1: enough for one person, and it starts faster)")
+
+    report = sub.add_parser("report", help="HTML report (Optuna plots, epochs by outcome, fit diagnosis) and PNGs",
+                            description="Write a self-contained HTML report and PNG plots of a study, label each "
+                                        "completed trial's fit, and log the PNGs on the study's MLflow run.")
+    _common(report, file_required=False)
+    report.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/NAME/report)")
+    report.add_argument("--no-mlflow", action="store_true", help="do not log plots and fit tags in MLflow")
+
+    export = sub.add_parser("export", help="write the best trial's model as an MLflow model directory",
+                            description="Write the best trial's model as an MLflow model (pytorch and pyfunc "
+                                        "flavours, signature, input example); see README 'Export'.")
+    _common(export)
+    export.add_argument("--out", metavar="DIR", required=True, help="new (or empty) folder for the model")
+    compare = sub.add_parser(
+        "compare", help="the study once per pruning / early-stopping strategy and seed: table, CSV, chart",
+        description="Run the study once per strategy and seed (same sampler seed per repeat, same space and "
+                    "trial budget), each as its own study <name>-cmp-<strategy>-s<seed> in one storage, and write "
+                    "a Markdown table, a CSV and a PNG chart of best-so-far val accuracy against epochs spent. "
+                    "Running it again resumes. --replay applies the strategies to the recorded curves of the "
+                    "'none' studies instead of training (seconds; see README 'Comparing strategies').",
+        epilog="examples:\n  hpo compare studies/quickstart.toml --seeds 3\n"
+               "  hpo compare studies/quickstart.toml --strategies none,median+early_stopping --trials 8 --seeds 1\n"
+               "  hpo compare studies/quickstart.toml --seeds 3 --replay",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(compare)
+    compare.add_argument("--strategies", metavar="LIST",
+                         help="comma-separated; each 'none', 'early_stopping', a pruner, or pruner+early_stopping "
+                              "(default: none,early_stopping,median,median+early_stopping,hyperband,"
+                              "median_carry_forward+early_stopping)")
+    compare.add_argument("--seeds", type=int, default=3, metavar="K",
+                         help="repeats; repeat i uses sampler seed (the file's seed + i) for every strategy")
+    compare.add_argument("--trials", type=int, metavar="N", help="finished trials per study (default: n_trials)")
+    compare.add_argument("--out", metavar="DIR", help="where compare.md/.csv/.png go (default: RUN_DIR/NAME-compare)")
+    compare.add_argument("--replay", action="store_true",
+                         help="no training: replay the recorded curves of the 'none' studies (run first if missing)")
+    compare.add_argument("--source", metavar="STUDY",
+                         help="with --replay: replay this study's curves (in the same storage) instead")
     return parser
 
 
@@ -134,6 +206,7 @@ def _open_existing(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from search.launch import plan_workers, run_parallel
     from search.progress import Progress
     from search.study import run_paths, run_study
     from search.summary import best_trial, counts, epochs_spent, study_table
@@ -141,11 +214,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     paths = run_paths(args.run_dir, settings.study.name, args.storage, args.tracking_uri)
     n_trials = args.trials if args.trials is not None else settings.study.n_trials
+    plan = plan_workers(args.workers, args.gpus, args.trials_per_gpu)
     progress = None if args.quiet else Progress(n_trials, settings.study.metric)
     print(f"study {settings.study.name!r}: {settings.sampler.name} sampler, {settings.pruner.name} pruner, "
           f"early stopping {'on' if settings.early_stopping.enabled else 'off'}, budget {n_trials} trials "
-          f"x {settings.study.max_epochs} epochs; results in {paths.root}", file=sys.stderr)
-    result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress)
+          f"x {settings.study.max_epochs} epochs, {plan.describe()}; results in {paths.root}", file=sys.stderr)
+    if len(plan.workers) > 1:
+        result = run_parallel(settings, paths, args, plan, n_trials, progress)
+    else:
+        result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress)
     study = result.study
     c = counts(study)
     print(study_table(study))
@@ -167,6 +244,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from search.progress import Progress
+    from search.study import run_paths, run_study
+    from search.workers import set_threads
+
+    set_threads(args.threads)
+    settings = _settings(args)
+    paths = run_paths(args.run_dir, settings.study.name, args.storage, args.tracking_uri)
+    n_trials = args.trials if args.trials is not None else settings.study.n_trials
+    progress = None if args.quiet else Progress(n_trials, settings.study.metric)
+    result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress,
+                       finish=not args.no_finish)
+    print(f"worker done: ran {result.new_trials} trials of study {settings.study.name!r}", file=sys.stderr)
+    if result.stopped_by_failures:
+        print(f"error: stopped after {settings.study.max_failures} failed trials in a row; last reason: "
+              f"{result.stopped_by_failures}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from search.study import mark_killed
+    from search.tracking import Tracker
+    from search.workers import recover_older_than
+
+    study, paths = _open_existing(args)
+    tracker = Tracker(paths.tracking_uri, study.study_name, paths.artifacts)
+    numbers = recover_older_than(study, args.older_than, on_fail=lambda t: mark_killed(tracker, t))
+    if numbers:
+        print(f"failed and re-enqueued trials {numbers}; run `hpo run` to resume them")
+    else:
+        print(f"no RUNNING trial older than {args.older_than:.0f} s whose worker is gone")
+    return 0
+
+
 def _print_where(args: argparse.Namespace, paths: Any) -> None:
     target = args.file if args.file else f"--study {paths.root.name}"
     extra = "" if args.run_dir == "runs" else f" --run-dir {args.run_dir}"
@@ -181,6 +293,8 @@ results:    {paths.root}
 open them:
   hpo dashboard {target}{extra}    # optuna-dashboard, http://127.0.0.1:8080
   hpo ui {target}{extra}           # MLflow UI, http://127.0.0.1:5000
+  hpo report {target}{extra}       # HTML report and PNG plots in {paths.root / 'report'}
+  hpo export {target}{extra} --out best-model    # the best model as an MLflow model directory
   hpo status {target}{extra}       # this table again""")
 
 
@@ -239,25 +353,75 @@ def _tool(name: str) -> str:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    from search.dashboard import serve
+
     _, paths = _paths(args)
-    argv = [_tool("optuna-dashboard"), paths.storage_url, "--host", args.host, "--port", str(args.port)]
-    if paths.artifacts.exists():
-        argv += ["--artifact-dir", str(paths.artifacts)]
-    return _exec(argv)
+    return serve(paths.storage_url, paths.root, args.host, args.port)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     _, paths = _paths(args)
-    argv = [_tool("mlflow"), "ui", "--backend-store-uri", paths.tracking_uri, "--host", args.host,
-            "--port", str(args.port)]
+    uri = paths.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        raise SettingsError(f"{uri} is an MLflow tracking server, which serves the UI itself: open {uri} in a "
+                            "browser instead of starting another one.")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise SettingsError(f"no MLflow results here yet: {uri.removeprefix('sqlite:///')} does not exist. Run "
+                            "`hpo run FILE` first, or pass the --run-dir/--tracking-uri it used.")
+    argv = [_tool("mlflow"), "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+            "--workers", str(args.workers)]
     return _exec(argv)
 
 
-COMMANDS = {"run": cmd_run, "status": cmd_status, "best": cmd_best, "dashboard": cmd_dashboard, "ui": cmd_ui}
+def cmd_report(args: argparse.Namespace) -> int:
+    from search.report import write_report
+
+    study, paths = _open_existing(args)
+    report = write_report(study, paths.tracking_uri, Path(args.out) if args.out else paths.root / "report",
+                          log_to_mlflow=not args.no_mlflow)
+    labels = ", ".join(f"#{f.trial.number} {f.diagnosis.label}" for f in report.fits if f.diagnosis)
+    print(f"report: {report.html}\nplots:  {', '.join(p.name for p in report.pngs)} (in {report.html.parent})")
+    print(f"fit:    {labels or 'no completed trial'}")
+    if report.logged_to:
+        print(f"logged the plots and report on MLflow run {report.logged_to} (artifacts plots/ and report/)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from search.export import export_best
+
+    study, _ = _open_existing(args)
+    done = export_best(study, _settings(args), Path(args.out))
+    print(f"exported trial #{done.trial} (value {done.value:.4f}) to {done.out}: an MLflow model taking float32 "
+          f"images of shape (N, {', '.join(map(str, done.input_shape))}); load it with "
+          f"mlflow.pyfunc.load_model({str(done.out)!r})")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "worker": cmd_worker, "recover": cmd_recover, "status": cmd_status, "best": cmd_best,
+            "dashboard": cmd_dashboard, "ui": cmd_ui,
+            "report": cmd_report, "export": cmd_export}
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM (a scheduler stopping the job) ends the current trial like Ctrl-C: FAIL, re-enqueued."""
+    raise KeyboardInterrupt
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from search.compare import DEFAULT_STRATEGIES, main
+
+    args.strategies = args.strategies or DEFAULT_STRATEGIES
+    return main(args)
+
+
+COMMANDS["compare"] = cmd_compare
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except HpoError as exc:

@@ -40,6 +40,10 @@ class StudySection(Section):
     timeout: float | None = Field(default=None, gt=0)
     max_epochs: int = Field(default=20, ge=1)
     max_failures: int = Field(default=5, ge=1)
+    trial_timeout: float | None = Field(default=None, gt=0)
+    checkpoint_every: int = Field(default=1, ge=0)
+    heartbeat_interval: int = Field(default=10, ge=1)
+    grace_period: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -53,7 +57,16 @@ class StudySection(Section):
     def _some_budget(self) -> StudySection:
         if self.n_trials is None and self.timeout is None:
             raise ValueError("set n_trials, timeout or both; a study without a budget never ends")
+        if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"grace_period ({self.grace_period}) must exceed heartbeat_interval ({self.heartbeat_interval}), "
+                "or live trials would be failed as stale; leave it out for 6 x heartbeat_interval"
+            )
         return self
+
+    @property
+    def stale_after(self) -> int:
+        return self.grace_period or 6 * self.heartbeat_interval
 
 
 SAMPLER_OPTIONS: dict[str, set[str]] = {

@@ -13,9 +13,10 @@ training loop's hook. The session is generic: it needs only a metrics dict per e
 from __future__ import annotations
 
 import gc
+import logging
 import math
-import os
-import socket
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -23,14 +24,27 @@ from typing import Any
 
 import optuna
 
-from search.checkpoint import save_atomic
+from search.checkpoint import load_checkpoint, save_atomic
 from search.config import Settings
 from search.early_stopping import EarlyStopping
-from search.tracking import Tracker, TrialRun
+from search.errors import HpoError
+from search.publish import on_trial_end
+from search.tracking import Tracker, TrialRun, run_url
+from search.workers import identity, retry
+
+log = logging.getLogger("hpo")
 
 
 class TrialFailed(Exception):
     """A trial failed for a reason recorded on it; the study continues with the next trial."""
+
+
+class TrialTimeout(Exception):
+    """The trial ran past ``study.trial_timeout`` seconds."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise TrialTimeout("the trial ran past study.trial_timeout")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -88,6 +102,9 @@ class TrialSession:
     last_model: Any = None
     early_stopped: bool = False
     reason: str = "completed"
+    resume_training: dict[str, Any] | None = None
+    resumed_from: int | None = None
+    _alarm: bool = False
 
     @property
     def settings(self) -> Settings:
@@ -97,12 +114,72 @@ class TrialSession:
     def checkpoint_dir(self) -> Path:
         return self.ctx.checkpoint_root / f"trial-{self.trial.number}"
 
+    @property
+    def last_path(self) -> Path:
+        return self.checkpoint_dir / "last.pt"
+
     def __enter__(self) -> TrialSession:
         self.stopper = build_stopper(self.settings)
+        previous_run = self.trial.user_attrs.get("mlflow_run_id")  # inherited by a retry from its predecessor
+        resume = self._find_resume()
         self.run = self.ctx.tracker.start_trial(self.ctx.parent_run_id, self.trial.number, self.params, self.resolved)
-        for key, value in {"mlflow_run_id": self.run.run_id, "host": socket.gethostname(), "pid": os.getpid()}.items():
+        for key, value in {"mlflow_run_id": self.run.run_id, **identity()}.items():
             self.trial.set_user_attr(key, value)
+        self.trial.set_user_attr("mlflow_run_url", run_url(self.ctx.tracker, self.run.run_id))
+        for key in ("pruned_epoch", "stopped_epoch", "checkpoint", "best_epoch"):
+            if key in self.trial.user_attrs:  # a retry inherits its predecessor's attrs; these must be its own
+                self.trial.set_user_attr(key, None)
+        if resume is not None:
+            self._apply_resume(resume, previous_run)
+        if self.settings.study.trial_timeout and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGALRM, _on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, self.settings.study.trial_timeout)
+            self._alarm = True
         return self
+
+    def _find_resume(self) -> dict[str, Any] | None:
+        """The newest readable last.pt of the trials this one retries (newest predecessor first)."""
+        frozen = self.trial.study._storage.get_trial(self.trial._trial_id)
+        for number in reversed(optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)):
+            path = self.ctx.checkpoint_root / f"trial-{number}" / "last.pt"
+            if not path.exists():
+                continue
+            try:
+                state = load_checkpoint(path, key="training")
+            except HpoError as exc:
+                log.warning("trial %s: not resuming from %s: %s", self.trial.number, path, exc)
+                continue
+            state["_from_trial"] = number
+            return state
+        return None
+
+    def _apply_resume(self, state: dict[str, Any], previous_run: str | None) -> None:
+        assert self.stopper is not None and self.run is not None
+        self.resume_training = state["training"]
+        self.resumed_from = int(state["_from_trial"])
+        self.stopper.load_state_dict(state["stopper"])
+        self.best_state = state.get("best_state")
+        self.best_metrics = dict(state.get("best_metrics") or {})
+        history = list(self.resume_training.get("history", []))
+        self.epochs_run = len(history)
+        self.last_metrics = dict(history[-1]) if history else {}
+        epoch = self.epochs_run
+        self.trial.set_user_attr("resumed_from_trial", self.resumed_from)
+        self.trial.set_user_attr("resumed_at_epoch", epoch)
+        for past, metrics in enumerate(history):
+            self.run.log_epoch(past, metrics)
+        self.run.set_tags({"hpo.resumed_from_trial": self.resumed_from, "hpo.resumed_at_epoch": epoch,
+                           "hpo.resumed_from_run": state.get("mlflow_run_id") or previous_run or ""})
+        log.warning("trial %s resumes trial %s at epoch %s", self.trial.number, self.resumed_from, epoch)
+
+    def _save_last(self, epoch: int, state: Any) -> None:
+        every = self.settings.study.checkpoint_every
+        if not every or (epoch + 1) % every or not hasattr(state, "state_dict"):
+            return
+        assert self.stopper is not None and self.run is not None
+        save_atomic({"training": state.state_dict(), "stopper": self.stopper.state_dict(),
+                     "best_state": self.best_state, "best_metrics": self.best_metrics, "epoch": epoch,
+                     "trial": self.trial.number, "mlflow_run_id": self.run.run_id}, self.last_path)
 
     def on_epoch(self, epoch: int, metrics: dict[str, float], state: Any) -> bool:
         """The training loop's hook: log, decide early stopping, report, maybe prune. True = stop."""
@@ -133,18 +210,22 @@ class TrialSession:
             self.early_stopped = epoch + 1 < self.settings.study.max_epochs
             if self.early_stopped:
                 self.reason = f"early_stopped:{self.stopper.reason}"
+        else:
+            self._save_last(epoch, state)
         return stop
 
     def _final_metrics(self) -> dict[str, float]:
         restore = self.settings.early_stopping.restore_best and self.best_metrics
         return self.best_metrics if restore else self.last_metrics
 
-    def complete(self, checkpoint: dict[str, Any]) -> float:
+    def complete(self, checkpoint: dict[str, Any], model: Any = None) -> float:
         """Save the best (or last) weights, record the trial, and return its value.
 
         ``checkpoint`` is the objective's dict without weights (model_spec, settings); the session adds
-        the ``state_dict`` of the best epoch when restore_best is on, else of the last epoch.
+        the ``state_dict`` of the best epoch when restore_best is on, else of the last epoch (``model``,
+        or the model the last epoch reported).
         """
+        self.last_model = model if model is not None else self.last_model
         assert self.stopper is not None
         if not self.last_metrics:
             raise RuntimeError("the objective finished without reporting a single epoch")
@@ -165,6 +246,11 @@ class TrialSession:
         return float(final[self.settings.study.metric])
 
     def _record(self, state: str, killed: bool = False) -> None:
+        if self._alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self._alarm = False
+        if state in ("COMPLETE", "PRUNED"):
+            self.last_path.unlink(missing_ok=True)  # only a trial that may be retried needs it
         stopped = self.epochs_run - 1 if self.epochs_run else None
         attrs = {"epochs_run": self.epochs_run, "reason": self.reason, "early_stopped": self.early_stopped}
         if state == "PRUNED":
@@ -188,6 +274,7 @@ class TrialSession:
             self.run.finish(state, tags, metrics, killed=killed)
         if self.ctx.progress is not None:
             self.ctx.progress.on_trial_state(self.trial.number, state, self.reason, self.epochs_run)
+        on_trial_end(self, state)  # dashboard note and artifacts, fit diagnosis (never raises)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -199,10 +286,15 @@ class TrialSession:
             self._record("PRUNED")
             return False
         if isinstance(exc, KeyboardInterrupt):
+            # FAIL in Optuna (it marks interrupted trials so), KILLED in MLflow, and re-enqueued with the
+            # same params: the next `hpo run` resumes it from last.pt.
             self.reason = "interrupted"
             self._record("FAIL", killed=True)
+            retry(self.trial.study, self.trial.study._storage.get_trial(self.trial._trial_id))
             return False
-        if is_out_of_memory(exc):
+        if isinstance(exc, TrialTimeout):
+            self.reason = "trial_timeout"
+        elif is_out_of_memory(exc):
             self.reason = "out_of_memory"
             self.trial.set_user_attr("oom_batch_size", self.resolved.get("batch_size"))
             _release_memory()

@@ -7,14 +7,18 @@ study goes on after one, and stops after ``max_failures`` failures in a row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sqlite3
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.study import MaxTrialsCallback
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from search.config import Settings
@@ -22,9 +26,11 @@ from search.errors import StorageError
 from search.plugins import load_objective
 from search.progress import Progress
 from search.pruning import build_pruner, build_sampler
+from search.publish import on_study_end
 from search.session import StudyContext, TrialFailed
 from search.summary import best_trial, counts
 from search.tracking import Tracker
+from search.workers import budget_lock, recover_local_orphans, retry
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 FINGERPRINT_ATTR = "hpo.fingerprint"
@@ -58,22 +64,35 @@ def run_paths(run_dir: str | Path, study_name: str, storage: str | None = None,
     )
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Open an Optuna storage URL: sqlite/postgresql/mysql, or ``journal:PATH`` for a journal file."""
+def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
+                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> optuna.storages.BaseStorage:
+    """Open an Optuna storage URL: sqlite/postgresql/mysql, ``memory``, or ``journal:PATH`` (a journal file).
+
+    RDB storages get heartbeats (``heartbeat`` = (interval, grace period) in seconds) so a trial whose
+    worker died on another machine is failed and retried by ``on_stale``. SQLite files are switched to
+    WAL with a long busy timeout, so parallel workers and a dashboard reading the file do not fail with
+    "database is locked".
+    """
+    beats: dict[str, Any] = {}
+    if heartbeat is not None:
+        beats = {"heartbeat_interval": heartbeat[0], "grace_period": heartbeat[1],
+                 "failed_trial_callback": on_stale}
     try:
+        if url == "memory":
+            return optuna.storages.InMemoryStorage()
         if url.startswith("journal:"):
             path = url.removeprefix("journal:").removeprefix("//")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             backend = optuna.storages.journal.JournalFileBackend(path)
             return optuna.storages.JournalStorage(backend)
         if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            enable_wal(Path(url.removeprefix("sqlite:///")))
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}}, **beats)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beats)
     except ModuleNotFoundError as exc:
         raise StorageError(
             f"the storage URL {_redact(url)!r} needs the Python driver {exc.name!r}, which is not installed. "
-            "For PostgreSQL run `pip install psycopg2-binary`; for MySQL `pip install pymysql` and use "
+            "For PostgreSQL run `pip install 'psycopg[binary]'`; for MySQL `pip install pymysql` and use "
             "mysql+pymysql://..."
         ) from exc
     except Exception as exc:  # sqlalchemy errors, bad URLs
@@ -83,6 +102,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             "running and reachable, and that the user, password and database name in the URL are right; or "
             "leave --storage out to use the SQLite file in the run directory."
         ) from exc
+
+
+def enable_wal(path: Path) -> None:
+    """WAL lets readers (the dashboard, `hpo status`) and one writer work at once; it persists in the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path, timeout=120)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
 
 
 def _redact(url: str) -> str:
@@ -136,7 +162,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 class _FailureGuard:
-    """Stops the study after too many failed trials in a row, so a broken setup does not loop forever."""
+    """Counts failed trials in a row, so a broken setup stops the study instead of looping forever."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -147,8 +173,6 @@ class _FailureGuard:
         if trial.state == TrialState.FAIL:
             self.in_a_row += 1
             self.last_reason = str(trial.user_attrs.get("reason", "unknown"))
-            if self.in_a_row >= self.limit:
-                study.stop()
         else:
             self.in_a_row = 0
 
@@ -163,37 +187,118 @@ class RunResult:
     test_metrics: dict[str, float]
 
 
-def run_study(settings: Settings, paths: RunPaths, n_trials: int | None = None, timeout: float | None = None,
-              progress: Progress | None = None) -> RunResult:
-    """Open the stores, top the study up to its budget, score the best trial on the test set."""
+@dataclass
+class OpenStudy:
+    """A study with its stores open and its objective ready: what a worker needs to run trials."""
+
+    settings: Settings
+    paths: RunPaths
+    study: optuna.Study
+    tracker: Tracker
+    parent_run_id: str
+    objective: Any
+
+
+def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
+               progress: Progress | None = None) -> OpenStudy:
+    """Check the data, open (or create) the Optuna study and the MLflow parent run, attach the objective."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    n_trials = n_trials if n_trials is not None else settings.study.n_trials
-    timeout = timeout if timeout is not None else settings.study.timeout
     objective = load_objective(settings.objective_name)(settings)
     objective.prepare()  # a missing data set fails here, before any store is created
-    storage = open_storage(paths.storage_url)
+    holder: dict[str, Tracker] = {}
+
+    def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+        if "tracker" in holder:
+            mark_killed(holder["tracker"], trial)
+        retry(study, trial)
+
+    heartbeat = (settings.study.heartbeat_interval, settings.study.stale_after)
+    storage = open_storage(paths.storage_url, heartbeat=heartbeat, on_stale=on_stale)
     study = load_or_create_study(settings, storage)
     paths.root.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(paths.tracking_uri, settings.study.name, paths.artifacts)
-    parent = tracker.parent_run(settings.study.name, _study_params(settings, n_trials),
-                                known_id=study.user_attrs.get(PARENT_ATTR))
-    if study.user_attrs.get(PARENT_ATTR) != parent:
-        study.set_user_attr(PARENT_ATTR, parent)
+    tracker = holder["tracker"] = Tracker(paths.tracking_uri, settings.study.name, paths.artifacts)
+    lock = budget_lock(paths.storage_url, settings.study.name, paths.root)
+    lock.acquire()  # workers starting together must find, not each create, the parent run
+    try:
+        parent = tracker.parent_run(settings.study.name, _study_params(settings, n_trials),
+                                    known_id=study.user_attrs.get(PARENT_ATTR))
+        if study.user_attrs.get(PARENT_ATTR) != parent:
+            study.set_user_attr(PARENT_ATTR, parent)
+    finally:
+        lock.release()
     objective.attach(StudyContext(settings, tracker, parent, paths.checkpoints, progress))
-    before = len(study.trials)
+    return OpenStudy(settings, paths, study, tracker, parent, objective)
+
+
+def mark_killed(tracker: Tracker, trial: FrozenTrial) -> None:
+    """An orphaned trial's MLflow run must not stay RUNNING: end it KILLED with the reason."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        tracker.end_orphan(run_id)
+
+
+def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
+               progress: Progress | None = None) -> tuple[int, str | None]:
+    """Run trials until ``n_trials`` are finished in the storage (all workers together) or time is up.
+
+    Each trial is started under the budget lock (see search/workers.py): orphans of dead local workers
+    and stale trials are failed and re-enqueued first, then the trial starts only if
+    ``finished + running < n_trials``. Returns (trials this worker ran, last failure reason if the study
+    stopped after ``max_failures`` failures in a row).
+    """
+    study, settings = opened.study, opened.settings
+    lock = budget_lock(opened.paths.storage_url, settings.study.name, opened.paths.root)
     guard = _FailureGuard(settings.study.max_failures)
-    callbacks: list[Any] = [guard]
-    if n_trials is not None:
-        callbacks.append(MaxTrialsCallback(n_trials, states=FINISHED))
-    if progress is not None:
-        callbacks.append(progress)
-    done = sum(counts(study)[s.name] for s in FINISHED)
-    if n_trials is None or done < n_trials:
-        study.optimize(objective, timeout=timeout, catch=(TrialFailed,), callbacks=callbacks)
+    callbacks: list[Any] = [guard] + ([progress] if progress is not None else [])
+    started = time.monotonic()
+    ran = 0
+
+    def objective(trial: optuna.Trial) -> float:
+        lock.release()  # the trial is RUNNING now, so other workers count it
+        return opened.objective(trial)
+
+    while guard.in_a_row < guard.limit:
+        if timeout is not None and time.monotonic() - started >= timeout:
+            break
+        lock.acquire()
+        try:
+            recover_local_orphans(study, on_fail=lambda t: mark_killed(opened.tracker, t))
+            if is_heartbeat_enabled(study._storage):
+                optuna.storages.fail_stale_trials(study)
+            c = counts(study)
+            if n_trials is not None and c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= n_trials:
+                break
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
+            ran += 1
+        finally:
+            lock.release()
     stopped = guard.last_reason if guard.in_a_row >= guard.limit else None
-    test_metrics = score_best(study, objective, tracker, parent)
-    return RunResult(study, paths, parent, len(study.trials) - before, stopped, test_metrics)
+    return ran, stopped
+
+
+def run_study(settings: Settings, paths: RunPaths, n_trials: int | None = None, timeout: float | None = None,
+              progress: Progress | None = None, finish: bool = True) -> RunResult:
+    """Open the stores, top the study up to its budget, then (unless ``finish`` is off) finish it."""
+    n_trials = n_trials if n_trials is not None else settings.study.n_trials
+    timeout = timeout if timeout is not None else settings.study.timeout
+    opened = open_study(settings, paths, n_trials, progress)
+    ran, stopped = run_trials(opened, n_trials, timeout, progress)
+    test_metrics = finish_study(opened, n_trials) if finish else {}
+    return RunResult(opened.study, paths, opened.parent_run_id, ran, stopped, test_metrics)
+
+
+def finish_study(opened: OpenStudy, n_trials: int | None) -> dict[str, float]:
+    """Score the best trial on the test set and write the study's summaries, once, under the budget lock
+    (several workers may finish at the same moment)."""
+    lock = budget_lock(opened.paths.storage_url, opened.settings.study.name, opened.paths.root)
+    lock.acquire()
+    try:
+        test_metrics = score_best(opened.study, opened.objective, opened.tracker, opened.parent_run_id)
+        on_study_end(opened.study, opened.settings, opened.tracker, opened.objective, n_trials)  # note, model
+    finally:
+        lock.release()
+    return test_metrics
 
 
 def _study_params(settings: Settings, n_trials: int | None) -> dict[str, Any]:

@@ -89,6 +89,16 @@ class Tracker:
             tags=[RunTag(k, str(v)) for k, v in tags.items()],
         )
 
+    def end_orphan(self, run_id: str, reason: str = "worker_died") -> None:
+        """End the run of a trial whose worker died (it would otherwise stay RUNNING forever)."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return
+        if run.info.status == "RUNNING":
+            self.client.log_batch(run_id, tags=[RunTag("optuna.state", "FAIL"), RunTag("hpo.reason", reason)])
+            self.client.set_terminated(run_id, "KILLED")
+
     def start_trial(
         self, parent_id: str, trial_number: int, params: Mapping[str, Any], resolved: Mapping[str, Any]
     ) -> TrialRun:
@@ -110,6 +120,9 @@ class TrialRun:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
 
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def log_artifact(self, path: Path, artifact_path: str = "checkpoints") -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
@@ -125,3 +138,113 @@ class TrialRun:
         )
         status = "KILLED" if killed else {"COMPLETE": "FINISHED", "PRUNED": "FINISHED"}.get(state, "FAILED")
         self.client.set_terminated(self.run_id, status)
+
+
+# --- What users look at (issue 3): UI links, metric curves, tags, files and models ---------------------------
+
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
+UI_URL_ENV = "HPO_MLFLOW_UI_URL"
+
+
+def ui_base_url(tracking_uri: str) -> str:
+    """The MLflow UI for this store: $HPO_MLFLOW_UI_URL, else the tracking server itself, else `hpo ui`'s default."""
+    if os.environ.get(UI_URL_ENV):
+        return os.environ[UI_URL_ENV].rstrip("/")
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return DEFAULT_UI_URL
+
+
+def existing_tracker(tracking_uri: str, experiment_name: str) -> Tracker | None:
+    """A Tracker for reading: None when the store or the experiment does not exist (nothing is created)."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        return None
+    try:
+        if MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment_name) is None:
+            return None
+    except MlflowException:
+        return None
+    return Tracker(tracking_uri, experiment_name)
+
+
+def run_url(tracker: Tracker, run_id: str) -> str:
+    """A link to one run in the MLflow UI (what optuna-dashboard shows next to a trial)."""
+    return f"{ui_base_url(tracker.tracking_uri)}/#/experiments/{tracker.experiment_id}/runs/{run_id}"
+
+
+def metric_histories(tracker: Tracker, run_id: str, keys: list[str]) -> dict[str, list[float]]:
+    """Per-epoch values of ``keys`` (ordered by step; the last value logged for a step wins)."""
+    out: dict[str, list[float]] = {}
+    for key in keys:
+        by_step = {m.step: m.value for m in sorted(tracker.client.get_metric_history(run_id, key),
+                                                   key=lambda m: (m.step, m.timestamp))}
+        out[key] = [by_step[s] for s in sorted(by_step)]
+    return out
+
+
+def set_tags(tracker: Tracker, run_id: str, tags: Mapping[str, Any]) -> None:
+    tracker.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+
+def log_files(tracker: Tracker, run_id: str, paths: list[Path], artifact_path: str) -> None:
+    for path in paths:
+        tracker.client.log_artifact(run_id, str(path), artifact_path)
+
+
+def _signature(model: Any, example: Any) -> tuple[Any, Any]:
+    """The input as numpy and a tensor signature with a free batch dimension (what MLflow's pt2 format needs)."""
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        output = model(example)
+    x = example.numpy()
+    return x, infer_signature(x, output.numpy())
+
+
+def _requirements() -> list[str]:
+    import mlflow.pytorch
+
+    return list(mlflow.pytorch.get_default_pip_requirements())
+
+
+def log_model(tracker: Tracker, run_id: str, model: Any, example: Any, register_as: str | None) -> dict[str, str]:
+    """Log ``model`` with ``mlflow.pytorch.log_model`` (input example, signature) on ``run_id`` and register it.
+
+    The model flavour API works only through the global active run, so this resumes ``run_id`` for the one
+    call and restores the previous tracking URI; it runs once, at the end of a study, in one thread.
+    Registration is skipped, and ``version`` left empty, when the store has no model registry.
+    """
+    import contextlib
+    import io
+
+    import mlflow
+    import mlflow.pytorch
+
+    x, signature = _signature(model, example)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(model, name="model", input_example=x, signature=signature,
+                                            pip_requirements=_requirements())
+        out = {"model_uri": info.model_uri, "version": ""}
+        if register_as:
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints two lines per registration
+                    version = mlflow.register_model(info.model_uri, register_as, await_registration_for=60)
+                out["version"] = str(version.version)
+            except MlflowException as exc:
+                logging.getLogger(__name__).warning("model not registered (no registry here?): %s", exc)
+        return out
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def save_model(model: Any, example: Any, out: Path) -> None:
+    """Write ``model`` as an MLflow model directory (pytorch and pyfunc flavours, signature, input example)."""
+    import mlflow.pytorch
+
+    x, signature = _signature(model, example)
+    mlflow.pytorch.save_model(model, str(out), input_example=x, signature=signature,
+                              pip_requirements=_requirements())

@@ -1,0 +1,161 @@
+"""Markdown notes for optuna-dashboard: one per study (budget, epochs, best trial, how to reproduce), one per trial.
+
+Pure text from plain data (frozen trials, settings dicts), so what the dashboard shows is unit-tested; the
+one function that writes them to the storage lives in ``search/publish.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+
+@dataclass(frozen=True)
+class EpochAccount:
+    """Where the epoch budget went: ``full`` is what every ended trial would have cost without stopping early."""
+
+    trials: int
+    spent: int
+    full: int
+    saved_by_pruning: int
+    saved_by_early_stopping: int
+    pruned: int
+    early_stopped: int
+    unused_by_failures: int
+
+
+def outcome(t: FrozenTrial) -> str:
+    """One word for how a trial ended: completed, early stopped, pruned, failed, running."""
+    if t.state == TrialState.COMPLETE:
+        return "early stopped" if t.user_attrs.get("early_stopped") else "completed"
+    return {TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}.get(t.state, t.state.name.lower())
+
+
+def epoch_account(trials: Sequence[FrozenTrial], max_epochs: int) -> EpochAccount:
+    """Count epochs of ended trials (running ones are left out: their budget is not decided yet)."""
+    ended = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+
+    def run(t: FrozenTrial) -> int:
+        return int(t.user_attrs.get("epochs_run") or 0)
+
+    def left(ts: list[FrozenTrial]) -> int:
+        return sum(max(max_epochs - run(t), 0) for t in ts)
+
+    pruned = [t for t in ended if t.state == TrialState.PRUNED]
+    stopped = [t for t in ended if outcome(t) == "early stopped"]
+    failed = [t for t in ended if t.state == TrialState.FAIL]
+    return EpochAccount(
+        trials=len(ended), spent=sum(run(t) for t in ended), full=len(ended) * max_epochs,
+        saved_by_pruning=left(pruned), saved_by_early_stopping=left(stopped),
+        pruned=len(pruned), early_stopped=len(stopped), unused_by_failures=left(failed),
+    )
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{part / whole:.0%}" if whole else "n/a"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def study_note(
+    study_name: str,
+    trials: Sequence[FrozenTrial],
+    settings: Mapping[str, Any],
+    best: FrozenTrial | None,
+    test_metrics: Mapping[str, float],
+    n_trials: int | None,
+    command: str,
+    options: str = "",
+) -> str:
+    """The study's note: budget used, epochs against the full budget, savings, best trial, how to reproduce."""
+    study, es = settings.get("study", {}), settings.get("early_stopping", {})
+    max_epochs = int(study.get("max_epochs", 0))
+    acc = epoch_account(trials, max_epochs)
+    states = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
+    budget = f"{finished} of {n_trials} trials" if n_trials else f"{finished} trials (timeout budget)"
+    timeout = study.get("timeout")
+    monitor = es.get("monitor") or study.get("metric")
+    stopping = (f"on (monitor {monitor}, patience {es.get('patience')}, min_delta {es.get('min_delta')})"
+                if es.get("enabled", True) else "off")
+    lines = [
+        f"## Study {study_name}",
+        "",
+        f"**Budget used:** {budget} finished ({states[TrialState.COMPLETE]} complete, "
+        f"{states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed)"
+        f"{f'; timeout {timeout:g} s' if timeout else ''}. Sampler {settings.get('sampler', {}).get('name')}, "
+        f"pruner {settings.get('pruner', {}).get('name')}, early stopping {stopping}.",
+        "",
+        f"**Epochs:** {acc.spent} spent of {acc.full} ({_pct(acc.spent, acc.full)}) that {acc.trials} trials x "
+        f"{max_epochs} epochs would cost without pruning or early stopping.",
+        "",
+        f"* saved by pruning: **{acc.saved_by_pruning}** epochs ({acc.pruned} trials pruned)",
+        f"* saved by early stopping: **{acc.saved_by_early_stopping}** epochs ({acc.early_stopped} trials stopped)",
+    ]
+    if acc.unused_by_failures:
+        lines.append(f"* not run because trials failed: {acc.unused_by_failures} epochs")
+    lines.append("")
+    if best is None:
+        lines.append("**Best trial:** none yet (no trial has completed).")
+    else:
+        metric = study.get("metric", "value")
+        test = ", ".join(f"{k} {_fmt(v)}" for k, v in test_metrics.items())
+        params = ", ".join(f"`{k}={_fmt(v)}`" for k, v in best.params.items())
+        url = best.user_attrs.get("mlflow_run_url")
+        lines += [
+            f"**Best trial:** #{best.number}, {metric} {_fmt(best.value)} at epoch {best.user_attrs.get('best_epoch')} "
+            f"of {best.user_attrs.get('epochs_run')}{f'; test set: {test}' if test else ''}.",
+            "",
+            f"Params: {params}.",
+        ]
+        if url:
+            lines += ["", f"[Best trial's MLflow run]({url})"]
+    source = settings.get("source") or "STUDY_FILE"
+    seed = settings.get("sampler", {}).get("seed")
+    lines += [
+        "",
+        "**Reproduce:**",
+        "",
+        "```",
+        command,
+        f"hpo best {source}{options} --json        # the best trial's params, checkpoint and test metrics",
+        f"hpo export {source}{options} --out DIR   # the best model as an MLflow model",
+        "```",
+        "",
+        f"Study file `{source}`, sampler seed {seed}. The best trial's resolved training settings are stored in "
+        "its checkpoint (`settings`) and as `config.*` params of its MLflow run.",
+    ]
+    return "\n".join(lines)
+
+
+def trial_note(
+    number: int,
+    state: str,
+    attrs: Mapping[str, Any],
+    max_epochs: int,
+    diagnosis: str | None = None,
+) -> str:
+    """A trial's note: how it ended and why, its fit, and a link to its MLflow run."""
+    epochs = attrs.get("epochs_run")
+    ended = "ran the full budget" if state == "COMPLETE" else state.lower()
+    if attrs.get("pruned_epoch") is not None:
+        ended = f"pruned at epoch {attrs['pruned_epoch']}"
+    elif attrs.get("early_stopped"):
+        ended = f"early stopped at epoch {attrs.get('stopped_epoch')}"
+    lines = [
+        f"## Trial {number}: {state}",
+        "",
+        f"**Ended:** {ended}: {epochs} of {max_epochs} epochs; reason `{attrs.get('reason', '')}`.",
+    ]
+    if attrs.get("best_epoch") is not None:
+        lines.append(f"\n**Kept weights of epoch** {attrs['best_epoch']}.")
+    if diagnosis:
+        lines.append(f"\n**Fit:** {diagnosis}")
+    if attrs.get("mlflow_run_url"):
+        lines.append(f"\n[MLflow run trial-{number}]({attrs['mlflow_run_url']}) (start `hpo ui` to open it)")
+    return "\n".join(lines)

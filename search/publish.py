@@ -1,0 +1,133 @@
+"""What a run leaves for people to look at: dashboard notes and artifacts, fit diagnoses, the logged best model.
+
+Two hooks, each one line at its call site: ``on_trial_end`` (from the trial session, while the Optuna
+trial can still take attributes) and ``on_study_end`` (from ``run_study``, after the final test score).
+Neither may fail a trial or a study: what goes wrong here is logged as a warning and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna_dashboard import save_note
+
+from search.diagnosis import diagnose
+from search.notes import study_note, trial_note
+from search.summary import best_trial
+from search.tracking import Tracker, log_model, metric_histories, run_url, set_tags
+
+ARTIFACT_DIR = "optuna-artifacts"
+CURVES = ["train_loss", "val_loss", "val_accuracy"]
+MODEL_TRIAL_ATTR = "hpo.model_trial"
+log = logging.getLogger(__name__)
+
+
+def artifact_store(root: Path) -> FileSystemArtifactStore:
+    """optuna-dashboard's artifact store for one study: ``<run dir>/<study>/optuna-artifacts``."""
+    path = root / ARTIFACT_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(path))
+
+
+def fit_of(tracker: Tracker, run_id: str, max_epochs: int | None) -> tuple[dict[str, list[float]], Any]:
+    """The run's curves from MLflow and the diagnosis they give."""
+    history = metric_histories(tracker, run_id, CURVES)
+    return history, diagnose(history, max_epochs)
+
+
+def on_trial_end(session: Any, state: str) -> None:
+    """Curves PNG and checkpoint as dashboard artifacts, fit diagnosis (user attr and MLflow tag), trial note."""
+    try:
+        _trial_end(session, state)
+    except Exception as exc:  # a plot or note must never fail the trial
+        log.warning("trial %s: could not publish dashboard artifacts/note: %s", session.trial.number, exc)
+
+
+def _trial_end(session: Any, state: str) -> None:
+    from search.plots import trial_curves_png
+
+    trial, ctx, run = session.trial, session.ctx, session.run
+    if run is None or session.reason == "interrupted":  # Ctrl-C: stop now, publish nothing
+        return
+    max_epochs = session.settings.study.max_epochs
+    store = artifact_store(ctx.checkpoint_root.parent)
+    history, diagnosis = fit_of(ctx.tracker, run.run_id, max_epochs)
+    label = None
+    if state == "COMPLETE":
+        label = f"{diagnosis.label}: {diagnosis.reason}"
+        trial.set_user_attr("fit_diagnosis", diagnosis.label)
+        set_tags(ctx.tracker, run.run_id, {"fit_diagnosis": diagnosis.label, "fit_diagnosis_reason": diagnosis.reason})
+        checkpoint = trial.user_attrs.get("checkpoint")
+        if checkpoint and Path(checkpoint).is_file():
+            upload_artifact(artifact_store=store, file_path=checkpoint, study_or_trial=trial)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = trial_curves_png(history, f"trial {trial.number} ({state.lower()})",
+                               Path(tmp) / f"trial-{trial.number}-curves.png")
+        upload_artifact(artifact_store=store, file_path=str(png), study_or_trial=trial)
+    attrs = {**trial.user_attrs, "mlflow_run_url": run_url(ctx.tracker, run.run_id)}
+    save_note(trial, trial_note(trial.number, state, attrs, max_epochs, label))
+
+
+STORE_OPTIONS = ("--run-dir", "--storage", "--tracking-uri", "--set", "--study-name")
+
+
+def run_command(settings: Any) -> tuple[str, str]:
+    """The `hpo run` command line that made this run, and its options that locate the study's results."""
+    args = sys.argv[1:]
+    if args[:1] != ["run"]:
+        return f"hpo run {shlex.quote(settings.source or 'STUDY_FILE')}", ""
+    options = []
+    for i, arg in enumerate(args[:-1]):
+        if arg in STORE_OPTIONS:
+            options += [arg, args[i + 1]]
+    options += [a for a in args if a.split("=", 1)[0] in STORE_OPTIONS and "=" in a]
+    quoted = " ".join(shlex.quote(a) for a in options)
+    return " ".join(shlex.quote(a) for a in ["hpo", *args]), f" {quoted}" if quoted else ""
+
+
+def on_study_end(study: optuna.Study, settings: Any, tracker: Tracker, objective: Any,
+                 n_trials: int | None) -> None:
+    """The study note; the best trial's model logged (and registered) in MLflow when the best trial changed."""
+    try:
+        write_study_note(study, settings.model_dump(mode="json", exclude={"objective"}), n_trials,
+                         *run_command(settings))
+    except Exception as exc:
+        log.warning("could not write the study note: %s", exc)
+    try:
+        log_best_model(study, tracker, objective)
+    except Exception as exc:
+        log.warning("could not log the best model in MLflow: %s", exc)
+
+
+def write_study_note(study: optuna.Study, settings: dict[str, Any], n_trials: int | None, command: str,
+                     options: str = "") -> str:
+    best = best_trial(study)
+    scored = study.user_attrs.get("hpo.test_scored_trial")
+    test = dict(study.user_attrs.get("hpo.test_metrics", {})) if best and scored == best.number else {}
+    body = study_note(study.study_name, study.get_trials(deepcopy=False), settings, best, test, n_trials, command,
+                      options)
+    save_note(study, body)
+    return body
+
+
+def log_best_model(study: optuna.Study, tracker: Tracker, objective: Any) -> dict[str, str] | None:
+    """Log the best trial's model on its MLflow run and register it under the study name, once per best trial."""
+    best = best_trial(study)
+    if best is None or "checkpoint" not in best.user_attrs or not hasattr(objective, "load_model"):
+        return None
+    if study.user_attrs.get(MODEL_TRIAL_ATTR) == best.number:
+        return None
+    model, example = objective.load_model(best.user_attrs["checkpoint"])
+    logged = log_model(tracker, best.user_attrs["mlflow_run_id"], model, example, register_as=study.study_name)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        set_tags(tracker, parent, {"best_model_uri": logged["model_uri"], "best_model_version": logged["version"]})
+    study.set_user_attr(MODEL_TRIAL_ATTR, best.number)
+    return logged

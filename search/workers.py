@@ -1,0 +1,174 @@
+"""Several workers on one study: who a worker is, when its trials are orphans, and the budget lock.
+
+Three mechanisms keep the budget exact and nothing lost when workers run in parallel or die:
+
+* **Worker identity.** Each trial records ``host``, ``pid`` and the process start time. A RUNNING trial
+  whose worker on this machine no longer exists is an orphan: it is failed and retried at once, with its
+  parameters and intermediate values, by whichever worker notices first. Orphans on other machines are
+  found by Optuna's heartbeat (RDB storages) after the grace period.
+* **Budget lock.** A worker starts a trial only while holding a lock, after checking that
+  ``finished + running < n_trials``; the lock is released once the new trial is RUNNING (and therefore
+  counted). So N workers never overshoot the budget. On one machine the lock is a file next to the
+  results; on PostgreSQL it is an advisory lock in the database, shared by every machine.
+* **Retry.** Failed-because-interrupted trials are re-enqueued with Optuna's
+  ``RetryHeartbeatStaleTrialCallback`` (same params, inherited intermediate values), and the retry
+  resumes from the predecessor's ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import optuna
+from filelock import FileLock
+from optuna.trial import FrozenTrial, TrialState
+
+HOST = socket.gethostname()
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _start_ticks(pid: int) -> str:
+    """The process start time in clock ticks (Linux), so a reused pid is not taken for the old worker."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def identity() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": HOST, "pid": pid, "pid_start": _start_ticks(pid)}
+
+
+def is_alive(pid: int, start: str = "") -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not start or _start_ticks(pid) in ("", start)
+
+
+def is_local_orphan(trial: FrozenTrial) -> bool:
+    attrs = trial.user_attrs
+    if trial.state != TrialState.RUNNING or attrs.get("host") != HOST or "pid" not in attrs:
+        return False
+    if int(attrs["pid"]) == os.getpid():
+        return False
+    return not is_alive(int(attrs["pid"]), str(attrs.get("pid_start", "")))
+
+
+def retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Enqueue a copy of ``trial`` (same params, its intermediate values) that a worker will resume."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, trial)
+
+
+def fail_and_retry(study: optuna.Study, trial: FrozenTrial, reason: str,
+                   on_fail: Callable[[FrozenTrial], None] | None = None) -> bool:
+    """Mark a RUNNING trial FAIL with a reason and enqueue its retry; False if someone else got there first."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+        if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            return False
+    except RuntimeError:  # already finished by another worker
+        return False
+    if on_fail is not None:
+        on_fail(trial)
+    retry(study, trial)
+    return True
+
+
+def recover_local_orphans(study: optuna.Study, on_fail: Callable[[FrozenTrial], None] | None = None) -> list[int]:
+    """Fail and retry RUNNING trials whose worker process on this machine is gone."""
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if is_local_orphan(trial) and fail_and_retry(study, trial, "worker_died", on_fail):
+            recovered.append(trial.number)
+    return recovered
+
+
+def recover_older_than(study: optuna.Study, seconds: float,
+                       on_fail: Callable[[FrozenTrial], None] | None = None) -> list[int]:
+    """For storages without heartbeats (journal): fail and retry RUNNING trials started over ``seconds`` ago."""
+    import datetime as dt
+
+    now = dt.datetime.now()
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if started is not None and (now - started).total_seconds() > seconds and not (
+            trial.user_attrs.get("host") == HOST and is_alive(int(trial.user_attrs.get("pid", -1)),
+                                                               str(trial.user_attrs.get("pid_start", "")))
+        ) and fail_and_retry(study, trial, "stale_recovered", on_fail):
+            recovered.append(trial.number)
+    return recovered
+
+
+class _AdvisoryLock:
+    """A PostgreSQL advisory lock keyed by study name: one budget decision at a time across machines."""
+
+    def __init__(self, url: str, name: str) -> None:
+        import sqlalchemy
+
+        self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        self.key = int.from_bytes(hashlib.sha256(f"hpo:{name}".encode()).digest()[:8], "big", signed=True)
+        self.conn: Any = None
+
+    def __enter__(self) -> _AdvisoryLock:
+        import sqlalchemy
+
+        self.conn = self.engine.connect()
+        self.conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import sqlalchemy
+
+        if self.conn is not None:
+            self.conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            self.conn.close()
+            self.conn = None
+
+
+class BudgetLock:
+    """Held from "is there budget left?" until the new trial is RUNNING; ``release()`` may come early."""
+
+    def __init__(self, inner: AbstractContextManager[Any]) -> None:
+        self.inner = inner
+        self.held = False
+
+    def acquire(self) -> None:
+        self.inner.__enter__()
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.inner.__exit__(None, None, None)
+
+
+def budget_lock(storage_url: str, study_name: str, run_root: Path) -> BudgetLock:
+    if storage_url.startswith(("postgresql", "postgres")):
+        return BudgetLock(_AdvisoryLock(storage_url, study_name))
+    run_root.mkdir(parents=True, exist_ok=True)
+    return BudgetLock(FileLock(str(run_root / f".{study_name}.budget.lock")))
+
+
+def set_threads(n: int | None) -> None:
+    """Give each of N CPU workers its share of the cores instead of all of them fighting for every core."""
+    if n:
+        import torch
+
+        torch.set_num_threads(max(1, n))

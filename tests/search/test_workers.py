@@ -1,0 +1,161 @@
+"""Several workers on one study: exact budgets on SQLite and PostgreSQL, every trial in MLflow, no locks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.config import load_settings
+from search.launch import plan_workers
+from search.study import run_paths, run_study
+from search.workers import HOST, identity, recover_local_orphans
+from tests.search.workers_helpers import QUICKSTART, child_runs, hpo, load, postgres_database
+
+SMALL = ["--set", "study.max_epochs=2", "--set", "objective.widths=[8,16]"]
+
+
+def test_plan_assigns_gpus_round_robin_and_shares_cpu_threads() -> None:
+    assert plan_workers(None, "0,1", trials_per_gpu=2).workers == ("0", "1", "0", "1")
+    assert plan_workers(3, "0,1,2,3").workers == ("0", "1", "2")
+    assert plan_workers(5, "2,3").workers == ("2", "3", "2", "3", "2")
+    cpu = plan_workers(4, None, cpu_count=16)
+    if cpu.workers[0] is None:  # no GPU on this machine
+        assert cpu.workers == (None,) * 4 and cpu.threads == 4
+        assert plan_workers(None, None).workers == (None,)
+
+
+def test_local_orphan_is_failed_and_retried_with_same_params() -> None:
+    study = optuna.create_study(direction="maximize")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    orphan.report(0.5, 0)
+    orphan.set_user_attr("host", HOST)
+    orphan.set_user_attr("pid", dead.pid)
+    alive = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    for key, value in identity().items():  # this very process: never an orphan
+        alive.set_user_attr(key, value)
+    elsewhere = study.ask()
+    elsewhere.set_user_attr("host", socket.gethostname() + "-other")
+    elsewhere.set_user_attr("pid", dead.pid)  # another machine's pid says nothing here
+    killed: list[int] = []
+    assert recover_local_orphans(study, on_fail=lambda t: killed.append(t.number)) == [0]
+    assert killed == [0]
+    trials = study.get_trials()
+    assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
+    assert trials[0].user_attrs["reason"] == "worker_died"
+    retry = trials[3]
+    assert retry.state == TrialState.WAITING
+    assert retry.params == trials[0].params and retry.intermediate_values == {0: 0.5}
+    assert retry.system_attrs["failed_trial"] == 0
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "journal", "postgresql"])
+def test_study_runs_to_exact_budget_on_every_storage(kind: str, tmp_path: Path) -> None:
+    """The same study path on each storage: exact finished count, one MLflow child run per trial."""
+    settings = load_settings(QUICKSTART, ["study.max_epochs=2", "objective.widths=[8,16]", "study.name='st'"])
+
+    def run(url: str | None) -> None:
+        paths = run_paths(tmp_path / "runs", "st", url)
+        result = run_study(settings, paths, n_trials=3)
+        trials = result.study.get_trials()
+        assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 3
+        assert not [t for t in trials if t.state == TrialState.RUNNING]
+        from mlflow.tracking import MlflowClient
+
+        runs = child_runs(MlflowClient(paths.tracking_uri), "st")
+        assert sorted(r.data.tags["optuna.trial_number"] for r in runs) == [str(t.number) for t in trials]
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        if url != "memory":  # a persistent storage resumes: a second run adds exactly one trial
+            again = run_study(settings, paths, n_trials=4)
+            assert again.new_trials == 1
+
+    if kind == "postgresql":
+        with postgres_database() as url:
+            run(url)
+    else:
+        run({"memory": "memory", "sqlite": None, "journal": f"journal:{tmp_path / 'journal.log'}"}[kind])
+
+
+@pytest.mark.slow
+def test_four_workers_on_sqlite_finish_exactly_forty_trials(tmp_path: Path) -> None:
+    out = hpo("run", str(QUICKSTART), "--workers", "4", "--trials", "40", "--set", "study.name='w4'", *SMALL,
+              cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "locked" not in (out.stderr + out.stdout).lower()
+    assert "4 workers on the CPU" in out.stderr
+    study, client = load(tmp_path / "runs" / "w4", "w4")
+    states = [t.state for t in study.trials]
+    assert len(states) == 40 and all(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+    pids = {t.user_attrs["pid"] for t in study.trials}
+    assert len(pids) == 4, "all four workers ran trials"
+    runs = child_runs(client, "w4")
+    assert len(runs) == 40 and {r.info.status for r in runs} == {"FINISHED"}
+    assert "finished 40 trials" in out.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_four_workers_on_postgresql_with_an_mlflow_server(tmp_path: Path) -> None:
+    """Workers as on several machines: a PostgreSQL study and an `mlflow server` backed by PostgreSQL."""
+    with postgres_database() as optuna_url, postgres_database() as mlflow_url:
+        port = _free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow_url, "--host", "127.0.0.1",
+             "--port", str(port), "--artifacts-destination", str(tmp_path / "mlartifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+        )
+        try:
+            uri = f"http://127.0.0.1:{port}"
+            _wait_http(uri + "/health", 120)
+            common = ["--storage", optuna_url, "--tracking-uri", uri, "--set", "study.name='pg'", *SMALL,
+                      "--trials", "12", "--quiet"]
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            workers = [subprocess.Popen([sys.executable, "-m", "search.cli", "worker", str(QUICKSTART), *common,
+                                         "--threads", "1"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+                       for _ in range(4)]
+            errors = [w.communicate(timeout=600)[1] for w in workers]
+            assert [w.returncode for w in workers] == [0, 0, 0, 0], errors
+            study = optuna.load_study(study_name="pg", storage=optuna_url)
+            finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+            assert len(finished) == 12 and len(study.trials) == 12
+            assert len({t.user_attrs["pid"] for t in study.trials}) >= 2
+            from mlflow.tracking import MlflowClient
+
+            runs = child_runs(MlflowClient(uri), "pg")
+            assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == list(range(12))
+            assert {r.info.status for r in runs} == {"FINISHED"}
+            parents = MlflowClient(uri).search_runs(
+                [MlflowClient(uri).get_experiment_by_name("pg").experiment_id], "tags.`hpo.role` = 'study'")
+            assert len(parents) == 1, "one parent run shared by every worker"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def _wait_http(url: str, seconds: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
