@@ -1,0 +1,388 @@
+"""`hpo compare`: the same study once per early-stopping / pruning strategy and seed, side by side.
+
+Every strategy of one repeat gets the same sampler seed, search space, training settings and trial
+budget; only the pruner and early stopping change. Each strategy x seed is its own study
+(``<study>-cmp-<strategy>-s<seed>``) in one shared storage and tracking store, so the runs can be opened
+with the usual commands (``hpo status --study NAME --storage ...``) and a repeated ``hpo compare``
+resumes instead of retraining. With ``replay`` the strategies are applied to the recorded curves of the
+``none`` studies instead of training (see search/replay.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from search.config import PRUNER_OPTIONS, Settings, apply_overrides, settings_from_dict, tomllib
+from search.errors import SettingsError
+
+DEFAULT_STRATEGIES = "none,early_stopping,median,median+early_stopping,hyperband,median_carry_forward+early_stopping"
+CSV_COLUMNS = ("strategy", "seed", "best_val_accuracy", "test_accuracy", "epochs_spent", "budget_fraction",
+               "wall_seconds")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A pruner (or none) with early stopping on or off, spelled like ``median+early_stopping``."""
+
+    name: str
+    pruner: str
+    early_stopping: bool
+
+    @property
+    def slug(self) -> str:
+        """The strategy as it appears in study names (which allow letters, digits, ``_ . -``)."""
+        return self.name.replace("+", "-")
+
+
+def parse_strategies(text: str) -> list[Strategy]:
+    """``none,early_stopping,median+early_stopping`` -> strategies; each part is a pruner or early_stopping."""
+    out: list[Strategy] = []
+    for name in [s.strip() for s in text.split(",") if s.strip()]:
+        parts = name.split("+")
+        pruners = [p for p in parts if p not in ("early_stopping", "none")]
+        unknown = [p for p in pruners if p not in PRUNER_OPTIONS]
+        if unknown or len(pruners) > 1 or len(set(parts)) != len(parts):
+            raise SettingsError(
+                f"--strategies: {name!r} is not a strategy. Write 'none', 'early_stopping', a pruner name, or "
+                f"a pruner and early stopping joined by '+' (median+early_stopping). Pruners: "
+                f"{', '.join(sorted(PRUNER_OPTIONS))}."
+            )
+        out.append(Strategy(name, pruners[0] if pruners else "none", "early_stopping" in parts))
+    if not out:
+        raise SettingsError("--strategies is empty; for example --strategies none,median+early_stopping")
+    if len({s.name for s in out}) != len(out):
+        raise SettingsError(f"--strategies names a strategy twice: {text!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class ComparePlan:
+    """Everything a comparison runs, validated before anything trains."""
+
+    base: Settings
+    strategies: list[Strategy]
+    seeds: list[int]
+    n_trials: int
+    root: Path
+    storage_url: str
+    tracking_uri: str
+    settings: dict[tuple[str, int], Settings]
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def settings_for(self, strategy: Strategy, seed: int) -> Settings:
+        """Settings of ``strategy`` at ``seed``, also for one outside the plan (the replay source)."""
+        if (strategy.name, seed) not in self.settings:
+            return strategy_settings(self.raw, self.base.source, self.base, strategy, seed)
+        return self.settings[(strategy.name, seed)]
+
+
+def plan_compare(file: str | Path, overrides: Sequence[str], strategies: str, n_seeds: int, n_trials: int | None,
+                 run_dir: str | Path = "runs", storage: str | None = None,
+                 tracking_uri: str | None = None) -> ComparePlan:
+    """Build and validate the settings of every strategy x seed (a bad strategy fails before any training)."""
+    from search.config import load_settings
+
+    base = load_settings(file, overrides)
+    if base.study.metric != "val_accuracy":
+        raise SettingsError(f"{file}: hpo compare reports validation accuracy, so it needs study.metric = "
+                            f"'val_accuracy' (the file has {base.study.metric!r}).")
+    if n_seeds < 1:
+        raise SettingsError(f"--seeds must be at least 1, got {n_seeds}")
+    trials = n_trials if n_trials is not None else base.study.n_trials
+    if trials is None or trials < 1:
+        raise SettingsError(f"{file}: hpo compare needs a trial budget; give --trials N (a timeout alone would "
+                            "give each strategy a different number of trials).")
+    raw = apply_overrides(tomllib.loads(Path(file).read_text()), overrides)
+    first_seed = base.sampler.seed if base.sampler.seed is not None else 0
+    seeds = [first_seed + i for i in range(n_seeds)]
+    parsed = parse_strategies(strategies)
+    built = {(s.name, seed): strategy_settings(raw, str(file), base, s, seed) for seed in seeds for s in parsed}
+    root = (Path(run_dir) / f"{base.study.name}-compare").resolve()
+    return ComparePlan(base, parsed, seeds, trials, root, storage or f"sqlite:///{root / 'optuna.db'}",
+                       tracking_uri or f"sqlite:///{root / 'mlflow.db'}", built, raw)
+
+
+def strategy_settings(raw: dict[str, Any], source: str, base: Settings, strategy: Strategy, seed: int) -> Settings:
+    """The study file with this strategy's pruner and early stopping, this sampler seed and its own name.
+
+    The pruner keeps the file's pruner options that the new pruner accepts (median -> median_carry_forward
+    keeps n_startup_trials and n_warmup_steps; hyperband takes none of them), so shared options stay equal.
+    """
+    data = copy.deepcopy(raw)
+    study = data.setdefault("study", {})
+    study["name"] = f"{base.study.name}-cmp-{strategy.slug}-s{seed}"
+    study.pop("timeout", None)  # the budget is a number of trials, the same for every strategy
+    data.setdefault("sampler", {})["seed"] = seed
+    old = data.get("pruner", {})
+    allowed = PRUNER_OPTIONS[strategy.pruner]
+    data["pruner"] = {"name": strategy.pruner, **{k: v for k, v in old.items() if k in allowed}}
+    data.setdefault("early_stopping", {})["enabled"] = strategy.early_stopping
+    return settings_from_dict(data, source=f"{source} [strategy {strategy.name}, seed {seed}]")
+
+
+@dataclass
+class Row:
+    """One strategy x seed: the CSV columns, plus the best-so-far curve for the chart."""
+
+    strategy: str
+    seed: int
+    best_val_accuracy: float
+    test_accuracy: float
+    epochs_spent: int
+    budget_fraction: float
+    wall_seconds: float
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+    def csv_row(self) -> list[Any]:
+        return [self.strategy, self.seed, _num(self.best_val_accuracy, 6), _num(self.test_accuracy, 6),
+                self.epochs_spent, _num(self.budget_fraction, 4), _num(self.wall_seconds, 2)]
+
+
+def _num(value: float, digits: int) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def row_for(study: Any, strategy: str, seed: int, max_epochs: int, test_accuracy: float) -> Row:
+    """Summarise a finished (real or replayed) study: epochs of every trial count, pruned or not."""
+    from optuna.trial import TrialState
+
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    spent, curve, best = 0, [], math.nan
+    seconds = 0.0
+    maximize = study.direction.name == "MAXIMIZE"
+    for t in trials:
+        spent += int(t.user_attrs.get("epochs_run", 0) or 0)
+        if "replay_seconds" in t.user_attrs:
+            seconds += float(t.user_attrs["replay_seconds"])
+        elif t.datetime_start and t.datetime_complete:
+            seconds += (t.datetime_complete - t.datetime_start).total_seconds()
+        if t.state == TrialState.COMPLETE and t.value is not None and (
+            math.isnan(best) or (t.value > best if maximize else t.value < best)
+        ):
+            best = float(t.value)
+        curve.append((spent, best))
+    budget = len(trials) * max_epochs
+    return Row(strategy, seed, best, test_accuracy, spent, spent / budget if budget else math.nan, seconds, curve)
+
+
+def _stored_test_accuracy(study: Any) -> float:
+    try:
+        best = study.best_trial.number
+    except ValueError:
+        return math.nan
+    if study.user_attrs.get("hpo.test_scored_trial") != best:
+        return math.nan
+    return float(study.user_attrs.get("hpo.test_metrics", {}).get("test_accuracy", math.nan))
+
+
+def run_compare(plan: ComparePlan, log: Callable[[str], None] = print) -> list[Row]:
+    """Train every strategy x seed, alternating strategies within a seed; resumes finished studies."""
+    from search.study import run_paths, run_study
+
+    rows = []
+    total = len(plan.seeds) * len(plan.strategies)
+    for i, (seed, strategy) in enumerate(((se, st) for se in plan.seeds for st in plan.strategies), start=1):
+        settings = plan.settings[(strategy.name, seed)]
+        paths = run_paths(plan.root, settings.study.name, plan.storage_url, plan.tracking_uri)
+        started = time.perf_counter()
+        result = run_study(settings, paths, n_trials=plan.n_trials)
+        row = row_for(result.study, strategy.name, seed, settings.study.max_epochs,
+                      _stored_test_accuracy(result.study))
+        log(f"[{i}/{total}] {strategy.name} seed {seed}: {row.epochs_spent} epochs "
+            f"({row.budget_fraction:.0%} of budget), best val acc {row.best_val_accuracy:.4f}, "
+            f"{time.perf_counter() - started:.1f} s ({result.new_trials} new trials)")
+        rows.append(row)
+    return rows
+
+
+def replay_compare(plan: ComparePlan, source: str | None = None, log: Callable[[str], None] = print) -> list[Row]:
+    """Replay every strategy on the recorded curves of each seed's ``none`` study (or of ``source``).
+
+    A missing ``none`` study is first run for real, so ``hpo compare FILE --replay`` works from scratch.
+    """
+    import optuna
+
+    from search.replay import load_recorded, needed_metrics, replay, replayed_test_accuracy
+    from search.study import open_storage, run_paths, run_study
+
+    none = Strategy("none", "none", False)
+    storage = open_storage(plan.storage_url)
+    rows = []
+    for seed in plan.seeds:
+        if source is not None:
+            source_name = source
+        else:
+            source_settings = plan.settings_for(none, seed)
+            source_name = source_settings.study.name
+            if not _has_finished(storage, source_name, plan.n_trials):
+                log(f"recording full curves for seed {seed}: training study {source_name!r} (strategy none)")
+                run_study(source_settings, run_paths(plan.root, source_name, plan.storage_url, plan.tracking_uri),
+                          n_trials=plan.n_trials)
+        try:
+            recorded_study = optuna.load_study(study_name=source_name, storage=storage)
+        except KeyError as exc:
+            raise SettingsError(f"the storage {plan.storage_url} has no study {source_name!r} to replay.") from exc
+        cache: dict[tuple[str, ...], Any] = {}
+        for strategy in plan.strategies:
+            settings = plan.settings[(strategy.name, seed)]
+            names = needed_metrics(settings)
+            key = tuple(names)
+            if key not in cache:
+                cache[key] = load_recorded(recorded_study, plan.tracking_uri, names, settings.study.max_epochs)
+            recorded = cache[key][: plan.n_trials]
+            started = time.perf_counter()
+            replayed = replay(recorded, settings)
+            row = row_for(replayed, strategy.name, seed, settings.study.max_epochs,
+                          replayed_test_accuracy(replayed, recorded, settings))
+            log(f"replay {strategy.name} seed {seed} from {source_name!r}: {row.epochs_spent} epochs "
+                f"({row.budget_fraction:.0%}), best val acc {row.best_val_accuracy:.4f}, "
+                f"replayed in {time.perf_counter() - started:.2f} s")
+            rows.append(row)
+    return rows
+
+
+def _has_finished(storage: Any, name: str, n_trials: int) -> bool:
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return False
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return len(done) >= n_trials
+
+
+# --- output ---------------------------------------------------------------------------------------------------
+
+
+def _mean_sd(values: list[float], digits: int = 4) -> str:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "n/a"
+    mean = statistics.fmean(finite)
+    if len(finite) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(finite):.{digits}f}"
+
+
+def markdown_table(rows: list[Row], strategies: list[str]) -> str:
+    """The practitioners' table: one line per strategy, means (± sd) over seeds."""
+    header = ("| strategy | best val acc (mean ± sd) | test acc of best | epochs spent | % of full budget "
+              "| wall time | time saved vs none |")
+    lines = [header, "|" + " --- |" * 7]
+    by = {s: [r for r in rows if r.strategy == s] for s in strategies}
+    none_wall = statistics.fmean(r.wall_seconds for r in by["none"]) if by.get("none") else None
+    for strategy, group in by.items():
+        if not group:
+            continue
+        wall = statistics.fmean(r.wall_seconds for r in group)
+        saved = "n/a" if not none_wall else f"{1 - wall / none_wall:.0%}"
+        lines.append(
+            f"| {strategy} | {_mean_sd([r.best_val_accuracy for r in group])} "
+            f"| {_mean_sd([r.test_accuracy for r in group])} "
+            f"| {statistics.fmean(r.epochs_spent for r in group):.0f} "
+            f"| {statistics.fmean(r.budget_fraction for r in group):.0%} | {wall:.1f} s | {saved} |"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(r.csv_row() for r in rows)
+
+
+def mean_curve(rows: list[Row]) -> tuple[list[int], list[float]]:
+    """Best-so-far against cumulative epochs, averaged over seeds up to the epoch every seed reached."""
+    end = min(r.curve[-1][0] for r in rows if r.curve)
+    xs = list(range(1, end + 1))
+    ys = []
+    for x in xs:
+        values = [_value_at(r.curve, x) for r in rows]
+        ys.append(math.nan if any(math.isnan(v) for v in values) else statistics.fmean(values))
+    return xs, ys
+
+
+def _value_at(curve: list[tuple[int, float]], x: int) -> float:
+    value = math.nan
+    for spent, best in curve:
+        if spent > x:
+            break
+        value = best
+    return value
+
+
+def plot(rows: list[Row], strategies: list[str], path: Path, title: str) -> None:
+    """Best-so-far validation accuracy against epochs spent, one line per strategy (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for strategy in strategies:
+        group = [r for r in rows if r.strategy == strategy and r.curve]
+        if not group:
+            continue
+        xs, ys = mean_curve(group)
+        (line,) = ax.plot(xs, ys, drawstyle="steps-post", label=strategy, linewidth=1.8)
+        ax.plot([xs[-1]], [ys[-1]], "o", color=line.get_color())
+    ax.set_xlabel("epochs spent (cumulative over trials, pruned and early-stopped included)")
+    ax.set_ylabel("best validation accuracy so far")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[Row], plan: ComparePlan, out: Path, replay: bool) -> dict[str, Path]:
+    """compare[-replay].md / .csv / .png in ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "compare-replay" if replay else "compare"
+    paths = {"md": out / f"{stem}.md", "csv": out / f"{stem}.csv", "png": out / f"{stem}.png"}
+    names = [s.name for s in plan.strategies]
+    write_csv(rows, paths["csv"])
+    title = f"{plan.base.study.name}: {plan.n_trials} trials x {plan.base.study.max_epochs} epochs, " \
+            f"{len(plan.seeds)} seed{'s' if len(plan.seeds) > 1 else ''}{' (replay)' if replay else ''}"
+    plot(rows, names, paths["png"], title)
+    paths["md"].write_text(f"{describe(plan, replay)}\n\n{markdown_table(rows, names)}\n")
+    return paths
+
+
+def describe(plan: ComparePlan, replay: bool) -> str:
+    how = ("replayed on the recorded curves of the 'none' studies (no training; time = summed recorded epoch "
+           "times)" if replay else "trained for real; wall time = sum of the trials' durations")
+    return (f"Study `{plan.base.study.name}` ({plan.base.source}): {plan.n_trials} trials x "
+            f"{plan.base.study.max_epochs} epochs per strategy and seed, sampler seeds "
+            f"{', '.join(map(str, plan.seeds))}; {how}.")
+
+
+def main(args: Any) -> int:
+    """The body of `hpo compare` (parsed arguments from search/cli.py)."""
+    overrides = list(args.overrides)
+    if args.study_name:
+        overrides.append(f'study.name="{args.study_name}"')
+    plan = plan_compare(args.file, overrides, args.strategies, args.seeds, args.trials, args.run_dir,
+                        args.storage, args.tracking_uri)
+    log: Callable[[str], None] = (lambda line: print(line, file=sys.stderr, flush=True))  # noqa: E731
+    mode = "replaying" if args.replay else "running"
+    log(f"{mode} {len(plan.strategies)} strategies x {len(plan.seeds)} seeds of {plan.base.study.name!r}, "
+        f"{plan.n_trials} trials x {plan.base.study.max_epochs} epochs each; studies in {plan.storage_url}")
+    rows = replay_compare(plan, args.source, log) if args.replay else run_compare(plan, log)
+    paths = write_outputs(rows, plan, Path(args.out) if args.out else plan.root, args.replay)
+    print(paths["md"].read_text())
+    print(f"written: {paths['md']}, {paths['csv']}, {paths['png']}")
+    return 0

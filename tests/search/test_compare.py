@@ -1,0 +1,172 @@
+"""`hpo compare` end to end on a tiny study (real training), its replay mode, and its table/CSV helpers."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search.cli import main
+from search.compare import CSV_COLUMNS, Row, markdown_table, mean_curve, parse_strategies, plan_compare
+from search.errors import SettingsError
+
+# Early stopping with min_delta 10 on val_loss never sees an improvement after epoch 0, so with patience 1
+# every trial stops after exactly 2 of its 4 epochs; the threshold pruner (val_accuracy below 1.01) prunes
+# every trial at epoch 0. Both make the expected epochs exact, whatever the training reaches.
+TINY = """
+[study]
+name = "tiny"
+n_trials = 3
+max_epochs = 4
+
+[sampler]
+name = "tpe"
+seed = 7
+n_startup_trials = 10
+
+[pruner]
+name = "threshold"
+lower = 1.01
+
+[early_stopping]
+monitor = "val_loss"
+mode = "min"
+patience = 1
+min_delta = 10.0
+
+[space.lr]
+type = "float"
+low = 1e-2
+high = 1e-1
+log = true
+
+[objective]
+name = "cnn"
+dataset = "digits"
+widths = [16]
+batch_size = 32
+val_size = 0.2
+test_size = 0.2
+device = "cpu"
+"""
+STRATEGIES = "none,early_stopping,threshold,median+early_stopping"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    work = tmp_path_factory.mktemp("compare")
+    study_file = work / "tiny.toml"
+    study_file.write_text(TINY)
+    common = [str(study_file), "--strategies", STRATEGIES, "--seeds", "1", "--run-dir", str(work / "runs")]
+    assert main(["compare", *common, "--out", str(work / "real")]) == 0
+    assert main(["compare", *common, "--out", str(work / "replay"), "--replay"]) == 0
+    return {"work": work, "storage": f"sqlite:///{work / 'runs' / 'tiny-compare' / 'optuna.db'}"}
+
+
+def read_csv(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+    with open(path) as fh:
+        rows = list(csv.reader(fh))
+    return rows[0], {r[0]: dict(zip(rows[0], r, strict=True)) for r in rows[1:]}
+
+
+def test_one_row_per_strategy_in_table_and_csv(compared: dict) -> None:
+    header, rows = read_csv(compared["work"] / "real" / "compare.csv")
+    assert tuple(header) == CSV_COLUMNS
+    assert list(rows) == STRATEGIES.split(",")
+    assert {r["seed"] for r in rows.values()} == {"7"}
+    table = (compared["work"] / "real" / "compare.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert lines[0].startswith("| strategy | best val acc (mean ± sd) | test acc of best | epochs spent")
+    assert [line.split(" | ")[0].removeprefix("| ") for line in lines[1:]] == STRATEGIES.split(",")
+    png = compared["work"] / "real" / "compare.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_pruning_and_early_stopping_spend_fewer_epochs_than_none(compared: dict) -> None:
+    _, rows = read_csv(compared["work"] / "real" / "compare.csv")
+    spent = {name: int(r["epochs_spent"]) for name, r in rows.items()}
+    assert spent["none"] == 3 * 4 and float(rows["none"]["budget_fraction"]) == 1.0
+    assert spent["early_stopping"] == 3 * 2 < spent["none"]
+    assert spent["threshold"] == 3 * 1 < spent["none"]
+    assert spent["median+early_stopping"] <= spent["early_stopping"]
+    assert float(rows["early_stopping"]["budget_fraction"]) == 0.5
+    assert rows["threshold"]["best_val_accuracy"] == ""  # every trial pruned: no completed trial to be best
+    assert 0.3 < float(rows["none"]["best_val_accuracy"]) <= 1.0
+    assert 0.3 < float(rows["none"]["test_accuracy"]) <= 1.0
+    assert float(rows["none"]["wall_seconds"]) > float(rows["threshold"]["wall_seconds"]) > 0
+
+
+def test_each_strategy_is_its_own_study_with_the_same_configurations(compared: dict) -> None:
+    storage = compared["storage"]
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    assert names == {"tiny-cmp-none-s7", "tiny-cmp-early_stopping-s7", "tiny-cmp-threshold-s7",
+                     "tiny-cmp-median-early_stopping-s7"}
+    params = {n: [t.params for t in optuna.load_study(study_name=n, storage=storage).trials] for n in names}
+    assert len({repr(p) for p in params.values()}) == 1  # same sampler seed: same configurations everywhere
+    es = optuna.load_study(study_name="tiny-cmp-early_stopping-s7", storage=storage)
+    assert all(t.user_attrs["early_stopped"] for t in es.trials)
+
+
+def test_replay_reproduces_the_real_runs_without_training(compared: dict) -> None:
+    """Training is deterministic on the CPU and every strategy saw the same configurations, so replaying
+    the 'none' curves must give the real runs' epochs and accuracies exactly."""
+    _, real = read_csv(compared["work"] / "real" / "compare.csv")
+    header, replayed = read_csv(compared["work"] / "replay" / "compare-replay.csv")
+    assert tuple(header) == CSV_COLUMNS and list(replayed) == list(real)
+    for name in real:
+        assert replayed[name]["epochs_spent"] == real[name]["epochs_spent"], name
+        assert replayed[name]["budget_fraction"] == real[name]["budget_fraction"], name
+        assert replayed[name]["best_val_accuracy"] == real[name]["best_val_accuracy"], name
+    assert replayed["none"]["test_accuracy"] == real["none"]["test_accuracy"]
+    # replay time is the recorded epoch time of the replayed epochs: half the epochs, about half the time
+    ratio = float(replayed["early_stopping"]["wall_seconds"]) / float(replayed["none"]["wall_seconds"])
+    assert 0.2 < ratio < 0.8
+    summaries = optuna.get_all_study_summaries(compared["storage"])
+    assert len(summaries) == 4  # replay studies live in memory, nothing new in the storage
+
+
+# --- pieces -------------------------------------------------------------------------------------------------
+
+
+def test_strategies_parse_and_refuse_unknown_names() -> None:
+    parsed = parse_strategies("none, early_stopping,median+early_stopping,hyperband")
+    assert [(s.pruner, s.early_stopping) for s in parsed] == [
+        ("none", False), ("none", True), ("median", True), ("hyperband", False)]
+    assert parsed[2].slug == "median-early_stopping"
+    for bad in ("medain", "median+hyperband", "early_stopping+early_stopping", "none,none", ""):
+        with pytest.raises(SettingsError):
+            parse_strategies(bad)
+
+
+def test_plan_keeps_shared_pruner_options_and_varies_only_strategy(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    plan = plan_compare(repo / "studies" / "quickstart.toml", ["study.max_epochs=5"],
+                        "none,median,median_carry_forward+early_stopping,hyperband", 2, 6, tmp_path)
+    assert plan.seeds == [42, 43] and plan.n_trials == 6
+    cf = plan.settings[("median_carry_forward+early_stopping", 43)]
+    assert cf.study.name == "quickstart-cmp-median_carry_forward-early_stopping-s43"
+    assert (cf.pruner.name, cf.pruner.n_startup_trials, cf.pruner.n_warmup_steps) == ("median_carry_forward", 3, 2)
+    assert cf.early_stopping.enabled and cf.sampler.seed == 43 and cf.study.max_epochs == 5
+    hb = plan.settings[("hyperband", 42)]
+    assert hb.pruner.n_startup_trials is None and not hb.early_stopping.enabled
+    assert all(s.space == plan.base.space and s.objective == plan.base.objective for s in plan.settings.values())
+    assert plan.storage_url == f"sqlite:///{tmp_path.resolve() / 'quickstart-compare' / 'optuna.db'}"
+
+
+def test_table_means_and_time_saved() -> None:
+    rows = [Row("none", 1, 0.90, 0.88, 40, 1.0, 20.0, [(20, 0.9), (40, 0.9)]),
+            Row("none", 2, 0.92, 0.90, 40, 1.0, 20.0, [(20, 0.92), (40, 0.92)]),
+            Row("median", 1, 0.90, 0.88, 20, 0.5, 10.0, [(10, math.nan), (20, 0.9)]),
+            Row("median", 2, 0.94, 0.92, 30, 0.75, 15.0, [(10, 0.94), (30, 0.94)])]
+    table = markdown_table(rows, ["none", "median"])
+    assert "| none | 0.9100 ± 0.0141 | 0.8900 ± 0.0141 | 40 | 100% | 20.0 s | 0% |" in table
+    assert "| median | 0.9200 ± 0.0283 | 0.9000 ± 0.0283 | 25 | 62% | 12.5 s | 38% |" in table
+    xs, ys = mean_curve(rows[2:])
+    assert xs[-1] == 20  # up to the epoch both seeds reached
+    # seed 1 has no completed trial before epoch 20, so the mean is undefined until then
+    assert all(math.isnan(y) for y in ys[:19]) and ys[xs.index(20)] == pytest.approx(0.92)
