@@ -139,30 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", metavar="DIR", required=True, help="new (or empty) folder for the model")
     compare = sub.add_parser(
         "compare", help="the study once per pruning / early-stopping strategy and seed: table, CSV, chart",
-        description="Run the study once per strategy and seed (same sampler seed per repeat, same space and "
-                    "trial budget), each as its own study <name>-cmp-<strategy>-s<seed> in one storage, and write "
-                    "a Markdown table, a CSV and a PNG chart of best-so-far val accuracy against epochs spent. "
-                    "Running it again resumes. --replay applies the strategies to the recorded curves of the "
-                    "'none' studies instead of training (seconds; see README 'Comparing strategies').",
-        epilog="examples:\n  hpo compare studies/quickstart.toml --seeds 3\n"
-               "  hpo compare studies/quickstart.toml --strategies none,median+early_stopping --trials 8 --seeds 1\n"
-               "  hpo compare studies/quickstart.toml --seeds 3 --replay",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(compare)
-    compare.add_argument("--strategies", metavar="LIST",
-                         help="comma-separated; each 'none', 'early_stopping', a pruner, or pruner+early_stopping "
-                              "(default: none,early_stopping,median,median+early_stopping,hyperband,"
-                              "median_carry_forward+early_stopping)")
-    compare.add_argument("--seeds", type=int, default=3, metavar="K",
-                         help="repeats; repeat i uses sampler seed (the file's seed + i) for every strategy")
-    compare.add_argument("--trials", type=int, metavar="N", help="finished trials per study (default: n_trials)")
-    compare.add_argument("--out", metavar="DIR", help="where compare.md/.csv/.png go (default: RUN_DIR/NAME-compare)")
-    compare.add_argument("--replay", action="store_true",
-                         help="no training: replay the recorded curves of the 'none' studies (run first if missing)")
-    compare.add_argument("--source", metavar="STUDY",
-                         help="with --replay: replay this study's curves (in the same storage) instead")
-    compare = sub.add_parser(
-        "compare", help="the study once per pruning / early-stopping strategy and seed: table, CSV, chart",
         description="Run the study once per strategy and seed (same sampler seed per repeat, same space and\n"
                     "trial budget), each as its own study <name>-cmp-<strategy>-s<seed> in one storage, and\n"
                     "write a Markdown table, a CSV and a PNG chart of best-so-far val accuracy against epochs\n"
@@ -430,16 +406,6 @@ COMMANDS = {"run": cmd_run, "worker": cmd_worker, "recover": cmd_recover, "statu
 def _terminate(signum: int, frame: Any) -> None:
     """SIGTERM (a scheduler stopping the job) ends the current trial like Ctrl-C: FAIL, re-enqueued."""
     raise KeyboardInterrupt
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from search.compare import DEFAULT_STRATEGIES, main
-
-    args.strategies = args.strategies or DEFAULT_STRATEGIES
-    return main(args)
-
-
-COMMANDS["compare"] = cmd_compare
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
