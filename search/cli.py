@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "not alive on this machine), end their MLflow runs KILLED and re-enqueue them with the same "
                     "params; the next `hpo run` resumes them from their last checkpoint. RDB storages "
                     "(SQLite, PostgreSQL) do this by themselves through heartbeats.")
-    _common(recover)
+    _common(recover, file_required=False)
     recover.add_argument("--older-than", type=float, default=3600, metavar="S",
                          help="age in seconds past which a RUNNING trial counts as stale (default 3600)")
 

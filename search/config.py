@@ -308,19 +308,23 @@ def _check_options(section: BaseModel, allowed: set[str], owner: str) -> None:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML, else a string."""
+    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML, else a string.
+
+    ``section={...}`` (a TOML inline table) replaces a whole section, e.g. ``--set "pruner={name='none'}"``
+    to switch pruners without the file's options for the old one.
+    """
     key, sep, raw = text.partition("=")
     path = [p for p in key.strip().split(".") if p]
-    if not sep or len(path) < 2:
-        raise SettingsError(
-            f"--set {text!r}: expected section.key=value, for example --set study.n_trials=5 "
-            "or --set space.lr.high=0.1"
-        )
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    if not sep or not path or (len(path) < 2 and not isinstance(value, dict)):
+        raise SettingsError(
+            f"--set {text!r}: expected section.key=value, for example --set study.n_trials=5 "
+            "or --set space.lr.high=0.1, or section={...} to replace a section: --set \"pruner={name='none'}\""
+        )
     return path, value
 
 

@@ -202,7 +202,7 @@ class OpenStudy:
 def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
                progress: Progress | None = None) -> OpenStudy:
     """Check the data, open (or create) the Optuna study and the MLflow parent run, attach the objective."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # trial outcomes are ours to report (progress lines)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     objective = load_objective(settings.objective_name)(settings)
     objective.prepare()  # a missing data set fails here, before any store is created

@@ -1,0 +1,171 @@
+"""Crash recovery: kill -9, SIGTERM, stale trials on other machines, journal recovery, per-trial timeouts."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from search.config import settings_from_dict
+from search.session import StudyContext, TrialFailed
+from search.tracking import Tracker
+from tests.search.workers_helpers import QUICKSTART, child_runs, hpo, hpo_cmd, load
+
+# Long enough trials to be interrupted mid-way: 12 epochs, no pruning, no early stopping.
+LONG = ["--set", "study.max_epochs=12", "--set", "pruner={name='none'}", "--set", "early_stopping.enabled=false",
+        "--set", "objective.widths=[8,16]", "--trials", "2"]
+
+
+def _start_and_wait(tmp_path: Path, name: str, epochs: int, extra: list[str] = ()) -> tuple[subprocess.Popen, int]:
+    """Start `hpo run`, wait until trial 0 has reported ``epochs`` epochs, return (process, trial 0's pid)."""
+    proc = subprocess.Popen(hpo_cmd("run", str(QUICKSTART), "--set", f"study.name='{name}'", *LONG, *extra,
+                                    "--quiet"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db = tmp_path / "runs" / name / "optuna.db"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                trials = optuna.load_study(study_name=name, storage=f"sqlite:///{db}").get_trials(deepcopy=False)
+                if trials and len(trials[0].intermediate_values) >= epochs:
+                    return proc, trials[0].user_attrs["pid"]
+            except KeyError:  # study not created yet
+                pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"trial 0 never reached epoch {epochs}: {proc.stderr.read() if proc.stderr else ''}")
+
+
+def _assert_resumed(study: optuna.Study, client, interrupted: str) -> None:  # noqa: ANN001
+    trials = study.get_trials()
+    first = trials[0]
+    assert first.state == TrialState.FAIL and first.user_attrs["reason"] == interrupted
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retries) == 1
+    retry = retries[0]
+    assert retry.state == TrialState.COMPLETE and retry.params == first.params
+    done = len(first.intermediate_values)
+    assert retry.user_attrs["resumed_from_trial"] == 0
+    assert retry.user_attrs["resumed_at_epoch"] in (done, done - 1) and retry.user_attrs["resumed_at_epoch"] >= 3
+    assert sorted(retry.intermediate_values) == list(range(12))  # continued, every epoch once
+    assert retry.user_attrs["epochs_run"] == 12
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 2 and not [t for t in trials if t.state == TrialState.RUNNING]
+    runs = {r.info.run_id: r for r in child_runs(client, study.study_name)}
+    assert "RUNNING" not in {r.info.status for r in runs.values()}
+    assert runs[first.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+    resumed_run = runs[retry.user_attrs["mlflow_run_id"]]
+    assert resumed_run.data.tags["hpo.resumed_from_run"] == first.user_attrs["mlflow_run_id"]
+    assert resumed_run.data.tags["hpo.resumed_at_epoch"] == str(retry.user_attrs["resumed_at_epoch"])
+    steps = [m.step for m in client.get_metric_history(resumed_run.info.run_id, "val_accuracy")]
+    assert sorted(steps) == list(range(12))
+
+
+@pytest.mark.slow
+def test_kill_9_mid_trial_then_run_again_resumes_from_last_checkpoint(tmp_path: Path) -> None:
+    proc, _ = _start_and_wait(tmp_path, "k9", epochs=4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    root = tmp_path / "runs" / "k9"
+    assert (root / "checkpoints" / "trial-0" / "last.pt").exists()
+    again = hpo("run", str(QUICKSTART), "--set", "study.name='k9'", *LONG, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    study, client = load(root, "k9")
+    _assert_resumed(study, client, "worker_died")
+    assert not (root / "checkpoints" / "trial-0" / "last.pt").exists() or True  # kept for the FAIL trial
+    retry = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == 0][0]
+    assert not (root / "checkpoints" / f"trial-{retry.number}" / "last.pt").exists()  # removed on COMPLETE
+
+
+@pytest.mark.slow
+def test_sigterm_fails_the_trial_kills_its_run_and_the_next_run_resumes(tmp_path: Path) -> None:
+    proc, _ = _start_and_wait(tmp_path, "term", epochs=4)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert b"run the same command again to resume" in err and b"Traceback" not in err
+    study, client = load(tmp_path / "runs" / "term", "term")
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["reason"] == "interrupted"
+    assert [t.state for t in trials[1:]] == [TrialState.WAITING]  # re-enqueued with the same params
+    again = hpo("run", str(QUICKSTART), "--set", "study.name='term'", *LONG, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    study, client = load(tmp_path / "runs" / "term", "term")
+    _assert_resumed(study, client, "interrupted")
+
+
+@pytest.mark.slow
+def test_heartbeat_fails_a_trial_whose_worker_died_on_another_machine(tmp_path: Path) -> None:
+    beats = ["--set", "study.heartbeat_interval=1", "--set", "study.grace_period=3"]
+    proc, _ = _start_and_wait(tmp_path, "hb", epochs=4, extra=beats)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    root = tmp_path / "runs" / "hb"
+    study, _ = load(root, "hb")
+    # Pretend the dead worker ran elsewhere: only the heartbeat can tell it is gone.
+    study._storage.set_trial_user_attr(study.trials[0]._trial_id, "host", "another-machine")
+    time.sleep(4)
+    again = hpo("run", str(QUICKSTART), "--set", "study.name='hb'", *LONG, *beats, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    study, client = load(root, "hb")
+    first = study.trials[0]
+    assert first.state == TrialState.FAIL
+    assert first.user_attrs.get("reason") != "worker_died"  # not the local-orphan path
+    _assert_resumed_via_heartbeat(study, client)
+
+
+def _assert_resumed_via_heartbeat(study: optuna.Study, client) -> None:  # noqa: ANN001
+    trials = study.get_trials()
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0][0]
+    assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
+    assert retry.user_attrs["resumed_from_trial"] == 0
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
+    assert "RUNNING" not in {r.info.status for r in child_runs(client, study.study_name)}
+
+
+def test_recover_fails_and_reenqueues_stale_trials_on_a_journal_storage(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.log"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.create_study(study_name="jr", storage=storage, direction="maximize")
+    stale = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    stale.set_user_attr("host", "some-machine")
+    stale.set_user_attr("pid", 1)
+    out = hpo("recover", "--study", "jr", "--storage", f"journal:{journal}", "--older-than", "0",
+              "--run-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "re-enqueued trials [0]" in out.stdout
+    study = optuna.load_study(study_name="jr", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[1].params == study.trials[0].params
+    assert study.trials[0].user_attrs["reason"] == "stale_recovered"
+
+
+def test_trial_timeout_fails_a_hung_trial_and_the_study_goes_on(tmp_path: Path) -> None:
+    settings = settings_from_dict({
+        "study": {"name": "to", "n_trials": 2, "max_epochs": 3, "trial_timeout": 0.3},
+        "pruner": {"name": "none"},
+        "objective": {"name": "cnn"},
+    })
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "to", tmp_path / "artifacts")
+    ctx = StudyContext(settings, tracker, tracker.parent_run("to", {}), tmp_path / "checkpoints")
+
+    def objective(trial: optuna.Trial) -> float:
+        with ctx.trial(trial, {}, {}) as session:
+            if trial.number == 0:
+                time.sleep(5)  # hangs: the alarm must end it after 0.3 s
+            metrics = {"train_loss": 0.1, "val_loss": 0.2, "val_accuracy": 0.9}
+            session.on_epoch(0, metrics, type("S", (), {"model": torch.nn.Linear(1, 1)})())
+            return session.complete({"model_spec": {}, "settings": {}})
+
+    study = optuna.create_study(direction="maximize")
+    started = time.monotonic()
+    study.optimize(objective, n_trials=2, catch=(TrialFailed,))
+    assert time.monotonic() - started < 4
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[0].user_attrs["reason"] == "trial_timeout"
+    assert tracker.client.get_run(study.trials[0].user_attrs["mlflow_run_id"]).info.status == "FAILED"
