@@ -238,6 +238,9 @@ def replay_compare(plan: ComparePlan, source: str | None = None, log: Callable[[
             key = tuple(names)
             if key not in cache:
                 cache[key] = load_recorded(recorded_study, plan.tracking_uri, names, settings.study.max_epochs)
+                if len(cache[key]) < plan.n_trials:
+                    log(f"note: {source_name!r} has {len(cache[key])} finished trials, fewer than the budget of "
+                        f"{plan.n_trials}; the replay uses those")
             recorded = cache[key][: plan.n_trials]
             started = time.perf_counter()
             replayed = replay(recorded, settings)
@@ -304,8 +307,12 @@ def write_csv(rows: list[Row], path: Path) -> None:
 
 
 def mean_curve(rows: list[Row]) -> tuple[list[int], list[float]]:
-    """Best-so-far against cumulative epochs, averaged over seeds up to the epoch every seed reached."""
-    end = min(r.curve[-1][0] for r in rows if r.curve)
+    """Best-so-far against cumulative epochs, averaged over seeds, up to the mean epochs spent.
+
+    A seed that has already finished holds its final best, so the line ends near the table's mean best
+    value at the table's mean epochs spent. NaN until every seed has a completed trial.
+    """
+    end = round(statistics.fmean(r.curve[-1][0] for r in rows if r.curve))
     xs = list(range(1, end + 1))
     ys = []
     for x in xs:
@@ -324,20 +331,26 @@ def _value_at(curve: list[tuple[int, float]], x: int) -> float:
 
 
 def plot(rows: list[Row], strategies: list[str], path: Path, title: str) -> None:
-    """Best-so-far validation accuracy against epochs spent, one line per strategy (mean over seeds)."""
+    """Best-so-far validation accuracy against epochs spent, one line per strategy (mean over seeds); a dot
+    marks each strategy's mean epochs spent and mean best value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for strategy in strategies:
+    styles: list[Any] = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+    for i, strategy in enumerate(strategies):
         group = [r for r in rows if r.strategy == strategy and r.curve]
         if not group:
             continue
         xs, ys = mean_curve(group)
-        (line,) = ax.plot(xs, ys, drawstyle="steps-post", label=strategy, linewidth=1.8)
-        ax.plot([xs[-1]], [ys[-1]], "o", color=line.get_color())
+        (line,) = ax.plot(xs, ys, drawstyle="steps-post", label=strategy, linewidth=1.8,
+                          linestyle=styles[i % len(styles)], alpha=0.85)
+        best = [r.best_val_accuracy for r in group if not math.isnan(r.best_val_accuracy)]
+        if best:  # the table's figures: mean epochs spent, mean best
+            ax.plot([statistics.fmean(r.epochs_spent for r in group)], [statistics.fmean(best)], "o",
+                    color=line.get_color())
     ax.set_xlabel("epochs spent (cumulative over trials, pruned and early-stopped included)")
     ax.set_ylabel("best validation accuracy so far")
     ax.set_title(title)
@@ -377,7 +390,12 @@ def main(args: Any) -> int:
         overrides.append(f'study.name="{args.study_name}"')
     plan = plan_compare(args.file, overrides, args.strategies, args.seeds, args.trials, args.run_dir,
                         args.storage, args.tracking_uri)
-    log: Callable[[str], None] = (lambda line: print(line, file=sys.stderr, flush=True))  # noqa: E731
+    if args.source and not args.replay:
+        raise SettingsError("--source names the study whose curves --replay replays; add --replay")
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     mode = "replaying" if args.replay else "running"
     log(f"{mode} {len(plan.strategies)} strategies x {len(plan.seeds)} seeds of {plan.base.study.name!r}, "
         f"{plan.n_trials} trials x {plan.base.study.max_epochs} epochs each; studies in {plan.storage_url}")

@@ -137,6 +137,7 @@ def replay(recorded: list[RecordedTrial], settings: Settings) -> optuna.Study:
     """
     max_epochs = settings.study.max_epochs
     metric = settings.study.metric
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=settings.study.name, direction=settings.study.direction,
         pruner=build_pruner(settings.pruner, max_epochs), sampler=optuna.samplers.RandomSampler(seed=0),
