@@ -76,7 +76,7 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
     beats: dict[str, Any] = {}
     if heartbeat is not None:
         beats = {"heartbeat_interval": heartbeat[0], "grace_period": heartbeat[1],
-                 "failed_trial_callback": on_stale}
+                 "heartbeat_stale_trial_callback": on_stale}
     try:
         if url == "memory":
             return optuna.storages.InMemoryStorage()
@@ -215,9 +215,9 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
 
     heartbeat = (settings.study.heartbeat_interval, settings.study.stale_after)
     storage = open_storage(paths.storage_url, heartbeat=heartbeat, on_stale=on_stale)
-    study = load_or_create_study(settings, storage)
-    paths.root.mkdir(parents=True, exist_ok=True)
     tracker = holder["tracker"] = Tracker(paths.tracking_uri, settings.study.name, paths.artifacts)
+    study = load_or_create_study(settings, storage)  # only once both stores answer
+    paths.root.mkdir(parents=True, exist_ok=True)
     lock = budget_lock(paths.storage_url, settings.study.name, paths.root)
     lock.acquire()  # workers starting together must find, not each create, the parent run
     try:

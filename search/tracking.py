@@ -27,6 +27,25 @@ PARENT_TAG = "hpo.role"
 MAX_PARAM_LENGTH = 6000
 
 
+def _probe(uri: str, seconds: float = 10) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when a tracking server does not answer."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=seconds):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered: a server (perhaps behind auth) is there
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"the MLflow tracking server {uri} does not answer ({reason}). Start it (for example "
+            f"`mlflow server --backend-store-uri postgresql://... --host 0.0.0.0 --port 5000`), check the "
+            "address and port, or leave --tracking-uri out to use the run directory's mlflow.db."
+        ) from exc
+
+
 def _params(values: Mapping[str, Any], prefix: str = "") -> list[Param]:
     return [Param(f"{prefix}{k}", str(v)[:MAX_PARAM_LENGTH]) for k, v in values.items()]
 
@@ -40,6 +59,8 @@ class Tracker:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if tracking_uri.startswith(("http://", "https://")):
+            _probe(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
             experiment = self.client.get_experiment_by_name(experiment_name)

@@ -106,3 +106,29 @@ def test_conflicting_study_is_refused(capsys: pytest.CaptureFixture[str], tmp_pa
 
     study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{tmp_path / 'runs/quickstart/optuna.db'}")
     assert len(study.trials) == 1  # nothing added by the refused runs
+
+
+def test_unreachable_tracking_server_fails_fast_and_creates_no_study(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import optuna
+
+    code, _, err = run(capsys, "run", str(QUICKSTART), "--run-dir", str(tmp_path / "runs"),
+                       "--tracking-uri", "http://127.0.0.1:1")
+    assert code == 2 and "does not answer" in err and "Traceback" not in err
+    db = tmp_path / "runs" / "quickstart" / "optuna.db"
+    assert not db.exists() or optuna.get_all_study_summaries(f"sqlite:///{db}") == []
+
+
+def test_wrong_database_in_a_postgresql_url_is_a_clear_error(capsys: pytest.CaptureFixture[str],
+                                                             tmp_path: Path) -> None:
+    import os
+
+    base = os.environ.get("HPO_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("no PostgreSQL server: set HPO_TEST_POSTGRES_URL (`.ci/run` sets it when 127.0.0.1:5432 answers)")
+    host = base.split("://", 1)[1].rsplit("@", 1)[-1].split("/", 1)[0]
+    url = f"postgresql://nosuchuser:wrongpassword@{host}/no_such_db"
+    code, _, err = run(capsys, "run", str(QUICKSTART), "--run-dir", str(tmp_path / "runs"), "--storage", url)
+    assert code == 2 and "could not open the Optuna storage" in err
+    assert "wrongpassword" not in err and "Traceback" not in err
