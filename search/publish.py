@@ -16,7 +16,6 @@ from typing import Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-from optuna_dashboard import save_note
 
 from search.diagnosis import diagnose
 from search.notes import study_note, trial_note
@@ -51,6 +50,8 @@ def on_trial_end(session: Any, state: str) -> None:
 
 
 def _trial_end(session: Any, state: str) -> None:
+    from optuna_dashboard import save_note  # imported late: it costs seconds, and only runs need it
+
     from search.plots import trial_curves_png
 
     trial, ctx, run = session.trial, session.ctx, session.run
@@ -108,6 +109,8 @@ def on_study_end(study: optuna.Study, settings: Any, tracker: Tracker, objective
 
 def write_study_note(study: optuna.Study, settings: dict[str, Any], n_trials: int | None, command: str,
                      options: str = "") -> str:
+    from optuna_dashboard import save_note
+
     best = best_trial(study)
     scored = study.user_attrs.get("hpo.test_scored_trial")
     test = dict(study.user_attrs.get("hpo.test_metrics", {})) if best and scored == best.number else {}

@@ -1,0 +1,77 @@
+"""The dashboard notes' text and the epoch accounting behind them, from hand-made trials."""
+
+from __future__ import annotations
+
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from search.notes import epoch_account, outcome, study_note, trial_note
+
+SETTINGS = {
+    "study": {"metric": "val_accuracy", "max_epochs": 20, "timeout": None},
+    "sampler": {"name": "tpe", "seed": 42},
+    "pruner": {"name": "median"},
+    "early_stopping": {"enabled": True, "monitor": "val_loss", "patience": 3, "min_delta": 0.002},
+    "source": "studies/quickstart.toml",
+}
+
+
+def trial(state: TrialState, epochs: int, value: float | None = None, **attrs: object) -> FrozenTrial:
+    return create_trial(state=state, value=value, params={"lr": 0.01},
+                        distributions={"lr": FloatDistribution(1e-4, 1.0, log=True)},
+                        user_attrs={"epochs_run": epochs, **attrs})
+
+
+TRIALS = [
+    trial(TrialState.COMPLETE, 20, 0.9, early_stopped=False, best_epoch=18),
+    trial(TrialState.COMPLETE, 8, 0.95, early_stopped=True, stopped_epoch=7, best_epoch=4,
+          mlflow_run_url="http://127.0.0.1:5000/#/experiments/1/runs/abc"),
+    trial(TrialState.PRUNED, 3, 0.4, pruned_epoch=2),
+    trial(TrialState.PRUNED, 5, 0.5, pruned_epoch=4),
+    trial(TrialState.FAIL, 1, reason="out_of_memory"),
+    trial(TrialState.RUNNING, 4),
+]
+for number, t in enumerate(TRIALS):
+    t.number = number
+
+
+def test_epoch_account_counts_ended_trials_against_the_full_budget() -> None:
+    acc = epoch_account(TRIALS, 20)
+    assert acc.trials == 5  # the running trial is left out
+    assert acc.spent == 20 + 8 + 3 + 5 + 1
+    assert acc.full == 5 * 20
+    assert (acc.saved_by_pruning, acc.pruned) == (17 + 15, 2)
+    assert (acc.saved_by_early_stopping, acc.early_stopped) == (12, 1)
+    assert acc.unused_by_failures == 19
+    assert [outcome(t) for t in TRIALS] == ["completed", "early stopped", "pruned", "pruned", "failed", "running"]
+
+
+def test_study_note_says_budget_epochs_savings_best_trial_and_how_to_reproduce() -> None:
+    note = study_note("quickstart", TRIALS, SETTINGS, TRIALS[1], {"test_accuracy": 0.9722}, 12,
+                      "hpo run studies/quickstart.toml --trials 12", " --run-dir /tmp/r")
+    assert "## Study quickstart" in note
+    assert "4 of 12 trials finished (2 complete, 2 pruned, 1 failed)" in note
+    assert "37 spent of 100 (37%)" in note
+    assert "saved by pruning: **32** epochs (2 trials pruned)" in note
+    assert "saved by early stopping: **12** epochs (1 trials stopped)" in note
+    assert "#1, val_accuracy 0.95 at epoch 4 of 8; test set: test_accuracy 0.9722" in note
+    assert "[Best trial's MLflow run](http://127.0.0.1:5000/#/experiments/1/runs/abc)" in note
+    assert "hpo run studies/quickstart.toml --trials 12" in note
+    assert "hpo export studies/quickstart.toml --run-dir /tmp/r --out DIR" in note
+    assert "sampler seed 42" in note
+
+
+def test_study_note_without_a_completed_trial() -> None:
+    note = study_note("s", TRIALS[2:4], SETTINGS, None, {}, None, "hpo run s.toml")
+    assert "none yet" in note and "4 trials (timeout budget)" not in note
+    assert "2 trials (timeout budget) finished" in note
+
+
+def test_trial_note_says_how_it_ended_and_links_its_run() -> None:
+    pruned = trial_note(3, "PRUNED", {"epochs_run": 3, "pruned_epoch": 2, "reason": "pruned",
+                                      "mlflow_run_url": "http://x/#/experiments/1/runs/r3"}, 20)
+    assert "pruned at epoch 2: 3 of 20 epochs; reason `pruned`" in pruned
+    assert "[MLflow run trial-3](http://x/#/experiments/1/runs/r3)" in pruned
+    done = trial_note(1, "COMPLETE", {"epochs_run": 8, "early_stopped": True, "stopped_epoch": 7, "best_epoch": 4,
+                                      "reason": "early_stopped:patience"}, 20, "good fit: fine")
+    assert "early stopped at epoch 7" in done and "epoch** 4" in done and "**Fit:** good fit: fine" in done
