@@ -24,6 +24,8 @@ Start here:
   hpo best studies/quickstart.toml           the best trial's parameters, value and checkpoint
   hpo dashboard studies/quickstart.toml      optuna-dashboard on http://127.0.0.1:8080
   hpo ui studies/quickstart.toml             MLflow UI on http://127.0.0.1:5000
+  hpo report studies/quickstart.toml         offline HTML report, PNG plots, fit diagnosis of each trial
+  hpo export studies/quickstart.toml --out best-model   the best model as an MLflow model directory
 
 Results go to RUN_DIR/STUDY_NAME/ (default runs/<name>/): optuna.db (Optuna storage), mlflow.db and
 mlartifacts/ (MLflow), checkpoints/trial-N/best.pt. Every command that reads a study takes the same
