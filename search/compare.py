@@ -273,9 +273,8 @@ def _mean_sd(values: list[float], digits: int = 4) -> str:
     if not finite:
         return "n/a"
     mean = statistics.fmean(finite)
-    if len(finite) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(finite):.{digits}f}"
+    text = f"{mean:.{digits}f}" if len(finite) == 1 else f"{mean:.{digits}f} ± {statistics.stdev(finite):.{digits}f}"
+    return text if len(finite) == len(values) else f"{text} ({len(finite)} of {len(values)} seeds)"
 
 
 def markdown_table(rows: list[Row], strategies: list[str]) -> str:

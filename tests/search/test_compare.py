@@ -166,6 +166,8 @@ def test_table_means_and_time_saved() -> None:
     table = markdown_table(rows, ["none", "median"])
     assert "| none | 0.9100 ± 0.0141 | 0.8900 ± 0.0141 | 40 | 100% | 20.0 s | 0% |" in table
     assert "| median | 0.9200 ± 0.0283 | 0.9000 ± 0.0283 | 25 | 62% | 12.5 s | 38% |" in table
+    rows[3].test_accuracy = math.nan  # a replay that could not score the best trial's weights
+    assert "| 0.8800 (1 of 2 seeds) |" in markdown_table(rows, ["none", "median"])
     xs, ys = mean_curve(rows[2:])
     assert xs[-1] == 25  # the mean epochs spent of the two seeds
     # seed 1 has no completed trial before epoch 20, so the mean is undefined until then; seed 1 then
