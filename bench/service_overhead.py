@@ -1,0 +1,230 @@
+"""Per-epoch cost of the service around training, in milliseconds and as a share of an epoch.
+
+Each epoch, a trial's session (search/session.py) logs the metrics to MLflow, updates early stopping,
+copies the best weights when they improve, reports to Optuna and asks the pruner, and writes the
+resumable last.pt checkpoint. This script times that hook (``TrialSession.on_epoch``, the real one, with a
+real model and optimiser state) and each part of it on its own, for SQLite and, when a server answers,
+PostgreSQL storage, in a study that already holds finished trials (so the pruner has a median to compute).
+It also counts MLflow client calls per epoch, to show the metrics go in one batched call, and times the
+alternative of one call per metric. The shares are against measured epoch times of the quickstart CNN on
+digits and of a CNN on synthetic CIFAR-shaped data, on this machine.
+
+    python bench/service_overhead.py
+    HPO_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/postgres python bench/service_overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.trial_throughput import machine  # noqa: E402
+from objectives.settings import TrainConfig  # noqa: E402
+from objectives.train import TrainingState, fit  # noqa: E402
+from search.checkpoint import save_atomic  # noqa: E402
+from search.config import load_settings  # noqa: E402
+from search.session import StudyContext  # noqa: E402
+from search.study import load_or_create_study, open_storage  # noqa: E402
+from search.tracking import Tracker  # noqa: E402
+
+METRICS = ("train_loss", "val_loss", "val_accuracy", "val_f1", "lr", "epoch_seconds", "images_per_second")
+
+
+def ms(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {"median_ms": statistics.median(ordered) * 1000, "p90_ms": ordered[int(0.9 * (len(ordered) - 1))] * 1000}
+
+
+def epoch_metrics(epoch: int) -> dict[str, float]:
+    """Metrics that keep improving, so the trial is neither early-stopped nor pruned while it is measured."""
+    return {"train_loss": 1.0 - 0.01 * epoch, "val_loss": 1.0 - 0.01 * epoch, "val_accuracy": 0.9 + epoch * 1e-3,
+            "val_f1": 0.9 + epoch * 1e-3, "lr": 1e-3, "epoch_seconds": 0.1, "images_per_second": 1e4}
+
+
+def real_state(cfg: TrainConfig) -> TrainingState:
+    """A TrainingState after one real epoch (so the optimiser holds its moments, as in a running trial)."""
+    captured: dict[str, TrainingState] = {}
+
+    def keep(epoch: int, metrics: dict[str, float], state: TrainingState) -> bool:
+        captured["state"] = state
+        return True
+
+    fit(cfg, 2, keep)
+    return captured["state"]
+
+
+class Counting:
+    """Counts calls to some methods of a real object (the MLflow client) while passing them through."""
+
+    def __init__(self, target: Any, names: tuple[str, ...]) -> None:
+        self.counts = dict.fromkeys(names, 0)
+        for name in names:
+            original = getattr(target, name)
+
+            def wrapper(*a: Any, _name: str = name, _original: Callable = original, **k: Any) -> Any:
+                self.counts[_name] += 1
+                return _original(*a, **k)
+
+            setattr(target, name, wrapper)
+
+
+def prepopulate(study: optuna.Study, trials: int, epochs: int) -> None:
+    for i in range(trials):
+        t = study.ask()
+        for e in range(epochs):
+            t.report(0.5 + 0.01 * e + 0.01 * i, e)
+        study.tell(t, 0.5 + 0.01 * epochs + 0.01 * i)
+
+
+def measure_backend(label: str, storage_url: str, work: Path, state: TrainingState, args: argparse.Namespace
+                    ) -> dict[str, Any]:
+    """All per-epoch costs with one Optuna storage; MLflow tracking is a SQLite file in ``work``."""
+    name = f"bench-overhead-{uuid.uuid4().hex[:6]}"
+    settings = load_settings(REPO / "studies" / "quickstart.toml",
+                             [f"study.name={json.dumps(name)}", f"study.max_epochs={args.epochs}"])
+    storage = open_storage(storage_url)
+    study = load_or_create_study(settings, storage)
+    prepopulate(study, args.history, args.epochs)
+    tracker = Tracker(f"sqlite:///{work / f'mlflow-{label}.db'}", name, work / "mlartifacts")
+    parent = tracker.parent_run(name, {"bench": "service_overhead"})
+    ctx = StudyContext(settings, tracker, parent, work / f"checkpoints-{label}")
+    counter = Counting(tracker.client, ("log_batch", "log_metric", "log_param", "set_tag"))
+    hook: list[float] = []
+    calls_per_epoch: list[int] = []
+    for _ in range(args.trials):
+        trial = study.ask()
+        with ctx.trial(trial, {"lr": 1e-3}, {"lr": 1e-3}) as session:
+            for epoch in range(args.epochs):
+                before = sum(counter.counts.values())
+                start = time.perf_counter()
+                stop = session.on_epoch(epoch, epoch_metrics(epoch), state)
+                hook.append(time.perf_counter() - start)
+                calls_per_epoch.append(sum(counter.counts.values()) - before)
+                assert not stop
+        study.tell(trial, 0.9)
+
+    # the parts on their own, on a fresh trial and run
+    trial = study.ask()
+    run = tracker.start_trial(parent, trial.number, {"lr": 1e-3}, {})
+    parts: dict[str, list[float]] = {k: [] for k in ("report_should_prune", "mlflow_log_batch",
+                                                     "mlflow_one_call_per_metric", "best_weights_copy",
+                                                     "last_checkpoint")}
+    for epoch in range(args.epochs * args.trials):
+        metrics = epoch_metrics(epoch)
+        t0 = time.perf_counter()
+        trial.report(metrics["val_accuracy"], epoch)
+        trial.should_prune()
+        t1 = time.perf_counter()
+        run.log_epoch(epoch, metrics)
+        t2 = time.perf_counter()
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            tracker.client.log_metric(run.run_id, f"single_{key}", value, now, epoch)
+        t3 = time.perf_counter()
+        {k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()}
+        t4 = time.perf_counter()
+        save_atomic({"training": state.state_dict(), "epoch": epoch}, work / f"last-{label}.pt")
+        t5 = time.perf_counter()
+        for key, (a, b) in zip(parts, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5)), strict=True):
+            parts[key].append(b - a)
+    study.tell(trial, 0.9)
+    return {"backend": label, "hook": ms(hook), "parts": {k: ms(v) for k, v in parts.items()},
+            "mlflow_calls_per_epoch": statistics.median(calls_per_epoch),
+            "checkpoint_bytes": (work / f"last-{label}.pt").stat().st_size}
+
+
+@contextmanager
+def postgres(url: str | None) -> Iterator[str | None]:
+    """A throwaway database on the server (dropped afterwards), or None when no server answers."""
+    if url is None:
+        try:
+            socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
+            url = "postgresql://postgres@127.0.0.1:5432/postgres"
+        except OSError:
+            yield None
+            return
+    import sqlalchemy
+
+    name = f"hpo_bench_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # no permission, wrong password: report and go on without it
+        print(f"PostgreSQL at {url.split('@')[-1]} not usable ({type(exc).__name__}); skipped", file=sys.stderr)
+        yield None
+        return
+    try:
+        yield url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def epoch_seconds(cfg: TrainConfig, epochs: int = 4) -> float:
+    history = fit(cfg, epochs).history
+    return statistics.median(h["epoch_seconds"] for h in history[1:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=3, help="measured trials per backend (default 3)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs per measured trial (default 20)")
+    p.add_argument("--history", type=int, default=10, help="finished trials in the study beforehand (default 10)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    info = machine()
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    quick = load_settings(REPO / "studies" / "quickstart.toml").objective.model_copy(update={"batch_size": 64})
+    cifar = TrainConfig(dataset="synthetic", synthetic_shape=(3, 32, 32), synthetic_train=5000, synthetic_val=500,
+                        synthetic_test=100, widths=(32, 64), batch_size=64)
+    epochs = {"digits quickstart CNN": epoch_seconds(quick), "synthetic 3x32x32, 5k images": epoch_seconds(cifar)}
+    for k, v in epochs.items():
+        print(f"epoch time, {k}: {v * 1000:.0f} ms", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp, postgres(os.environ.get("HPO_TEST_POSTGRES_URL")) as pg:
+        work = Path(tmp)
+        # state of the bigger model: its checkpoint is the larger, so the figure is the less flattering one
+        state = real_state(cifar)
+        backends = [("sqlite", f"sqlite:///{work / 'optuna.db'}")] + ([("postgresql", pg)] if pg else [])
+        if not pg:
+            print("PostgreSQL: no server on 127.0.0.1:5432 and no HPO_TEST_POSTGRES_URL; measured SQLite only")
+        for label, url in backends:
+            r = measure_backend(label, url, work, state, args)
+            results.append(r)
+            print(f"\n{label}: whole on_epoch hook median {r['hook']['median_ms']:.1f} ms (p90 "
+                  f"{r['hook']['p90_ms']:.1f}); MLflow calls per epoch: {r['mlflow_calls_per_epoch']:.0f}; "
+                  f"last.pt {r['checkpoint_bytes'] / 1024:.0f} KiB")
+            for part, figures in r["parts"].items():
+                print(f"  {part:<28} {figures['median_ms']:7.2f} ms  (p90 {figures['p90_ms']:.2f})")
+            for k, v in epochs.items():
+                print(f"  share of an epoch, {k}: {r['hook']['median_ms'] / 1000 / v:.1%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "epoch_seconds": epochs, "results": results},
+                                              indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
