@@ -54,8 +54,6 @@ device = "cpu"
 """
 STRATEGIES = "none,early_stopping,threshold,median+early_stopping"
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -74,6 +72,7 @@ def read_csv(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
     return rows[0], {r[0]: dict(zip(rows[0], r, strict=True)) for r in rows[1:]}
 
 
+@pytest.mark.slow
 def test_one_row_per_strategy_in_table_and_csv(compared: dict) -> None:
     header, rows = read_csv(compared["work"] / "real" / "compare.csv")
     assert tuple(header) == CSV_COLUMNS
@@ -87,6 +86,7 @@ def test_one_row_per_strategy_in_table_and_csv(compared: dict) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_pruning_and_early_stopping_spend_fewer_epochs_than_none(compared: dict) -> None:
     _, rows = read_csv(compared["work"] / "real" / "compare.csv")
     spent = {name: int(r["epochs_spent"]) for name, r in rows.items()}
@@ -101,6 +101,7 @@ def test_pruning_and_early_stopping_spend_fewer_epochs_than_none(compared: dict)
     assert float(rows["none"]["wall_seconds"]) > float(rows["threshold"]["wall_seconds"]) > 0
 
 
+@pytest.mark.slow
 def test_each_strategy_is_its_own_study_with_the_same_configurations(compared: dict) -> None:
     storage = compared["storage"]
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
@@ -112,6 +113,7 @@ def test_each_strategy_is_its_own_study_with_the_same_configurations(compared: d
     assert all(t.user_attrs["early_stopped"] for t in es.trials)
 
 
+@pytest.mark.slow
 def test_replay_reproduces_the_real_runs_without_training(compared: dict) -> None:
     """Training is deterministic on the CPU and every strategy saw the same configurations, so replaying
     the 'none' curves must give the real runs' epochs and accuracies exactly."""
