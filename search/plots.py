@@ -44,7 +44,8 @@ def trial_curves_png(history: Mapping[str, Sequence[float]], title: str, path: P
             left.plot(range(len(values)), values, style, marker=".", label=key)
     left.set_xlabel("epoch")
     left.set_ylabel("loss")
-    left.legend()
+    if left.lines:
+        left.legend()
     acc = list(history.get("val_accuracy", []))
     if acc:
         right.plot(range(len(acc)), acc, marker=".", color="#2a9d8f", label="val_accuracy")

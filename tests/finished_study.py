@@ -22,11 +22,15 @@ QUICKSTART = REPO / "studies" / "quickstart.toml"
 TRIALS, MAX_EPOCHS = 8, 10
 RUN_ARGS = ["--trials", str(TRIALS), "--set", f"study.max_epochs={MAX_EPOCHS}"]
 _MADE: dict[str, Path] = {}
+# One torch thread per process: these tiny CNNs gain nothing from a second one, and on a 2-core machine
+# shared with other jobs, intra-op threads waiting on each other made a study 6x slower (see
+# tests/objectives/conftest.py for the same finding).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def hpo(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=ENV)
 
 
 def finished_study(factory: pytest.TempPathFactory) -> Path:
@@ -55,7 +59,8 @@ class Server:
         self.log = cwd / f"server-{self.port}.log"
         with self.log.open("w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "search.cli", *args, "--port", str(self.port)],
-                                         cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                         cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=ENV)
         if ready_path:
             self.wait(ready_path)
 
