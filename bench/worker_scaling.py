@@ -11,8 +11,6 @@ what a user pays.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,21 +19,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def one_run(workers: int, trials: int, study: str, overrides: list[str]) -> float:
@@ -62,6 +45,8 @@ def main() -> None:
     for _ in range(args.repeats):
         for w in counts:
             seconds[w].append(one_run(w, args.trials, args.study, args.overrides))
+    from trial_throughput import machine  # bench/ is on sys.path when run as a script
+
     print(f"machine: {machine()}")
     print(f"study: {args.study} {' '.join(args.overrides)}, {args.trials} trials, {args.repeats} repeats (median)")
     base = args.trials / statistics.median(seconds[counts[0]]) * 60

@@ -30,7 +30,7 @@ from search.publish import on_study_end
 from search.session import StudyContext, TrialFailed
 from search.summary import best_trial, counts
 from search.tracking import Tracker
-from search.workers import budget_lock, recover_local_orphans, retry
+from search.workers import advisory_lock, budget_lock, recover_local_orphans, retry
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 FINGERPRINT_ATTR = "hpo.fingerprint"
@@ -88,7 +88,7 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
         if url.startswith("sqlite:///"):
             enable_wal(Path(url.removeprefix("sqlite:///")))
             return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}}, **beats)
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beats)
+        return _create_rdb(url, beats)
     except ModuleNotFoundError as exc:
         raise StorageError(
             f"the storage URL {_redact(url)!r} needs the Python driver {exc.name!r}, which is not installed. "
@@ -102,6 +102,28 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
             "running and reachable, and that the user, password and database name in the URL are right; or "
             "leave --storage out to use the SQLite file in the run directory."
         ) from exc
+
+
+def _create_rdb(url: str, beats: dict[str, Any]) -> optuna.storages.RDBStorage:
+    """Open a server database. Workers started together would all try to create Optuna's tables (and
+    PostgreSQL's enum types) at once and all but one fail; on PostgreSQL an advisory lock serialises that,
+    elsewhere a lost race is retried."""
+    import sqlalchemy.exc
+
+    def create() -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beats)
+
+    if url.startswith(("postgresql", "postgres")):
+        with advisory_lock(url, "schema"):
+            return create()
+    for attempt in range(4):
+        try:
+            return create()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == 3:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def enable_wal(path: Path) -> None:

@@ -142,6 +142,11 @@ class _AdvisoryLock:
             self.conn = None
 
 
+def advisory_lock(url: str, name: str) -> AbstractContextManager[Any]:
+    """A PostgreSQL advisory lock named ``name``, shared by every process that can reach the database."""
+    return _AdvisoryLock(url, name)
+
+
 class BudgetLock:
     """Held from "is there budget left?" until the new trial is RUNNING; ``release()`` may come early."""
 

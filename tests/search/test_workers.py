@@ -159,3 +159,14 @@ def _wait_http(url: str, seconds: float) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def test_workers_opening_a_new_postgresql_storage_at_once_all_succeed() -> None:
+    """Optuna creates its tables on first open; six workers racing to do that must not fail."""
+    with postgres_database() as url:
+        code = f"from search.study import open_storage; open_storage({url!r}); print('opened')"
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(6)]
+        outputs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 6, [err[-500:] for _, err in outputs]
+        assert all(out.strip() == "opened" for out, _ in outputs)
