@@ -34,9 +34,6 @@ class Progress:
             self._write(f"  trial {trial_number}  epoch {epoch}  {self.metric} {shown:.4f}  "
                         f"loss {metrics.get('train_loss', float('nan')):.4f}")
 
-    def on_trial_state(self, number: int, state: str, reason: str, epochs: int) -> None:
-        """Called by the trial session; the line itself is printed once Optuna has stored the trial."""
-
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         c = counts(study)
         finished = c["COMPLETE"] + c["PRUNED"]

@@ -272,8 +272,6 @@ class TrialSession:
         }
         if self.run is not None:
             self.run.finish(state, tags, metrics, killed=killed)
-        if self.ctx.progress is not None:
-            self.ctx.progress.on_trial_state(self.trial.number, state, self.reason, self.epochs_run)
         on_trial_end(self, state)  # dashboard note and artifacts, fit diagnosis (never raises)
 
     def __exit__(

@@ -32,7 +32,6 @@ from search.summary import best_trial, counts
 from search.tracking import Tracker
 from search.workers import advisory_lock, budget_lock, recover_local_orphans, retry
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 FINGERPRINT_ATTR = "hpo.fingerprint"
 PARENT_ATTR = "mlflow_parent_run_id"
 
