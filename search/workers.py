@@ -58,13 +58,19 @@ def is_alive(pid: int, start: str = "") -> bool:
     return not start or _start_ticks(pid) in ("", start)
 
 
-def is_local_orphan(trial: FrozenTrial) -> bool:
+def _worker_alive_here(trial: FrozenTrial) -> bool:
+    """True when the trial's worker is a live process on this machine (False for other machines)."""
     attrs = trial.user_attrs
-    if trial.state != TrialState.RUNNING or attrs.get("host") != HOST or "pid" not in attrs:
+    if attrs.get("host") != HOST or "pid" not in attrs:
         return False
-    if int(attrs["pid"]) == os.getpid():
-        return False
-    return not is_alive(int(attrs["pid"]), str(attrs.get("pid_start", "")))
+    return is_alive(int(attrs["pid"]), str(attrs.get("pid_start", "")))
+
+
+def is_local_orphan(trial: FrozenTrial) -> bool:
+    """A RUNNING trial whose worker ran on this machine and no longer exists."""
+    attrs = trial.user_attrs
+    on_this_host = attrs.get("host") == HOST and "pid" in attrs
+    return trial.state == TrialState.RUNNING and on_this_host and not _worker_alive_here(trial)
 
 
 def retry(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -108,10 +114,8 @@ def recover_older_than(study: optuna.Study, seconds: float,
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         started = trial.datetime_start
-        if started is not None and (now - started).total_seconds() > seconds and not (
-            trial.user_attrs.get("host") == HOST and is_alive(int(trial.user_attrs.get("pid", -1)),
-                                                               str(trial.user_attrs.get("pid_start", "")))
-        ) and fail_and_retry(study, trial, "stale_recovered", on_fail):
+        stale = started is not None and (now - started).total_seconds() > seconds
+        if stale and not _worker_alive_here(trial) and fail_and_retry(study, trial, "stale_recovered", on_fail):
             recovered.append(trial.number)
     return recovered
 
