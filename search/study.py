@@ -86,8 +86,8 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
             return optuna.storages.JournalStorage(backend)
         if url.startswith("sqlite:///"):
             enable_wal(Path(url.removeprefix("sqlite:///")))
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}}, **beats)
-        return _create_rdb(url, beats)
+            return _create_rdb(url, beats, {"connect_args": {"timeout": 120}})
+        return _create_rdb(url, beats, {"pool_pre_ping": True})
     except ModuleNotFoundError as exc:
         raise StorageError(
             f"the storage URL {_redact(url)!r} needs the Python driver {exc.name!r}, which is not installed. "
@@ -103,14 +103,14 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
         ) from exc
 
 
-def _create_rdb(url: str, beats: dict[str, Any]) -> optuna.storages.RDBStorage:
-    """Open a server database. Workers started together would all try to create Optuna's tables (and
-    PostgreSQL's enum types) at once and all but one fail; on PostgreSQL an advisory lock serialises that,
-    elsewhere a lost race is retried."""
+def _create_rdb(url: str, beats: dict[str, Any], engine: dict[str, Any]) -> optuna.storages.RDBStorage:
+    """Open an RDB storage. Processes opening a new database together (workers, or `hpo status` while
+    `hpo run` starts) would all try to create Optuna's tables (and PostgreSQL's enum types) at once and all
+    but one fail; on PostgreSQL an advisory lock serialises that, elsewhere a lost race is retried."""
     import sqlalchemy.exc
 
     def create() -> optuna.storages.RDBStorage:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beats)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **beats)
 
     if url.startswith(("postgresql", "postgres")):
         with advisory_lock(url, "schema"):

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from search.config import settings_from_dict
 from search.session import StudyContext, TrialFailed
+from search.study import open_storage
 from search.tracking import Tracker
 from tests.search.workers_helpers import QUICKSTART, child_runs, hpo, hpo_cmd, load
 
@@ -31,7 +32,8 @@ def _start_and_wait(tmp_path: Path, name: str, epochs: int, extra: list[str] = (
     while time.monotonic() < deadline and proc.poll() is None:
         if db.exists():
             try:
-                trials = optuna.load_study(study_name=name, storage=f"sqlite:///{db}").get_trials(deepcopy=False)
+                storage = open_storage(f"sqlite:///{db}")
+                trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
                 if trials and len(trials[0].intermediate_values) >= epochs:
                     return proc, trials[0].user_attrs["pid"]
             except KeyError:  # study not created yet
