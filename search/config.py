@@ -354,10 +354,12 @@ def load_settings(path: str | Path, overrides: Sequence[str] = ()) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML ({exc}). Fix the syntax at that line and run again.") from exc
     data = apply_overrides(data, overrides)
-    return settings_from_dict(data, source=str(path))
+    return settings_from_dict(data, source=str(path), base_dir=path.resolve().parent)
 
 
-def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>") -> Settings:
+def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>", base_dir: Path | None = None) -> Settings:
+    """Validate a study's data; relative paths in ``[objective]`` are resolved against ``base_dir``
+    (the study file's folder) when given."""
     data = dict(data)
     objective_raw = data.pop("objective", None)
     if not isinstance(objective_raw, Mapping):
@@ -369,7 +371,8 @@ def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>") -> S
     except LookupError as exc:
         raise SettingsError(f"{source}: [objective] name: {exc}") from exc
     try:
-        objective = plugin.config_model.model_validate(objective_raw)
+        context = {"base_dir": base_dir} if base_dir is not None else None
+        objective = plugin.config_model.model_validate(objective_raw, context=context)
     except ValidationError as exc:
         raise SettingsError(_describe(exc, source, ("objective",), plugin.config_model)) from exc
     try:

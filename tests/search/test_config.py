@@ -106,7 +106,7 @@ def test_minimal_study_gets_documented_defaults(tmp_path: Path) -> None:
     assert settings.study.n_trials == 20 and settings.study.timeout is None
     assert settings.sampler.name == "tpe" and settings.pruner.name == "median"
     assert settings.space.params == {} and settings.space.lr_scaling == "none"
-    assert settings.objective == TrainConfig()
+    assert settings.objective == TrainConfig(data_dir=str(tmp_path.resolve() / "data"))  # relative to the file
 
 
 # --- frozen ------------------------------------------------------------------------------------------
