@@ -13,3 +13,13 @@ class DatasetNotFoundError(Exception):
         super().__init__(message)
         self.dataset = dataset
         self.directory = directory
+
+
+class BadDataError(Exception):
+    """The data is there but unusable (no classes, a corrupt image, mismatched arrays); the message names
+    the file or folder and what to do."""
+
+
+class ModelError(Exception):
+    """The configured model cannot be built or does not map (N, C, H, W) images to (N, num_classes) logits;
+    the message names the model and shows the shapes."""
