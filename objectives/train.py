@@ -158,7 +158,7 @@ def fit(
         start = time.perf_counter()
         train_loss = _train_epoch(forward, model, optimizer, data, runtime, cfg, generator, padding, flip)
         train_seconds = time.perf_counter() - start
-        val = evaluate(forward, data.val_x, data.val_y, runtime, cfg.eval_batch_size, data.num_classes)
+        val = evaluate(forward, data.val_x, data.val_y, runtime, cfg.eval_batch_size, data.num_classes, data.inputs)
         epoch_seconds = time.perf_counter() - start
         state.scheduler.end_epoch(epoch, val["loss"])
         metrics = {
@@ -193,8 +193,8 @@ def _train_epoch(
     forward.train()
     n = len(data.train_y)
     total = torch.zeros((), device=runtime.device)
-    for idx in batch_indices(n, cfg.batch_size, generator, runtime.device):
-        x, y = data.train_x[idx], data.train_y[idx]
+    for idx in batch_indices(n, cfg.batch_size, generator, data.x_device):
+        x, y = data.take(data.train_x, idx), data.train_y[idx.to(runtime.device)]
         if padding or flip:
             x = augment_batch(x, padding, flip, generator)
         if runtime.channels_last:
@@ -221,18 +221,23 @@ def evaluate(
     runtime: Runtime,
     batch_size: int = 1024,
     num_classes: int | None = None,
+    prepare: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """Mean cross-entropy (no label smoothing), accuracy and macro F1 of `model` on (x, y).
 
     Macro F1 averages over the classes present in y or in the predictions, like sklearn's
-    `f1_score(average="macro")`. The model's train/eval mode is restored afterwards.
+    `f1_score(average="macro")`. `prepare` turns a slice of stored images into model inputs (a data set's
+    `inputs`: to the device, float, normalised); without it `x` is used as it is. The model's train/eval
+    mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=x.device)
+    loss_sum = torch.zeros((), device=y.device)
     preds = []
     for start in range(0, len(y), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        if prepare is not None:
+            xb = prepare(xb)
         if runtime.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():

