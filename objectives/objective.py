@@ -37,6 +37,15 @@ class CNNObjective:
         self.config: TrainConfig = settings.objective
         self.ctx: StudyContext | None = None
 
+    @classmethod
+    def tunable_names(cls, config: TrainConfig) -> set[str] | None:
+        """Every TrainConfig field can be sampled; another [space] name would change nothing, so it is refused."""
+        return set(TrainConfig.model_fields)
+
+    @classmethod
+    def reported_metrics(cls, config: TrainConfig) -> tuple[str, ...]:
+        return cls.metrics
+
     def attach(self, ctx: StudyContext) -> None:
         """Give the objective the study's stores; done after prepare() so bad data creates nothing."""
         self.ctx = ctx

@@ -43,8 +43,10 @@ def export_best(study: optuna.Study, settings: Any, out: Path) -> Exported:
                             "Choose a new folder or delete that one.")
     objective = load_objective(settings.objective_name)(settings)
     if not hasattr(objective, "load_model"):
-        raise HpoError(f"the objective {settings.objective_name!r} has no load_model(checkpoint) method, "
-                       "so its checkpoints cannot be exported as MLflow models.")
+        raise HpoError(f"the objective {settings.objective_name!r} cannot rebuild a model from a checkpoint (it has "
+                       "no load_model method; a custom training loop has none), so `hpo export` cannot write an "
+                       f"MLflow model for it. The best trial's weights are in {checkpoint}: build your model and "
+                       "call model.load_state_dict(torch.load(PATH, weights_only=True)['state_dict']).")
     model, example = objective.load_model(checkpoint)
     if out.exists():
         out.rmdir()  # MLflow writes a new directory

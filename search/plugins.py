@@ -21,6 +21,14 @@ class ObjectivePlugin(Protocol):
 
     def __init__(self, settings: Any) -> None: ...
 
+    @classmethod
+    def tunable_names(cls, config: Any) -> set[str] | None:
+        """The ``[space]`` names this objective reads from its validated config; None = any name (passed through)."""
+
+    @classmethod
+    def reported_metrics(cls, config: Any) -> tuple[str, ...]:
+        """What the objective reports every epoch; study.metric and early_stopping.monitor must be among them."""
+
     def prepare(self) -> None:
         """Check and load what trials need (data); raise an HpoError a user can act on."""
 
