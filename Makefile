@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STUDY  ?= studies/quickstart.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-dev lint clean
+.PHONY: run test setup setup-dev lint clean sample-folder
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ run: setup
 test: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
+
+# scikit-learn's digits as an image folder (data/digits-folder/{train,val}/<digit>/*.png), for
+# studies/folder_example.toml: `make sample-folder && .venv/bin/hpo run studies/folder_example.toml`
+sample-folder: setup
+	$(BIN)/python examples/make_sample_folder.py data/digits-folder
 
 lint: setup-dev
 	$(BIN)/ruff check .

@@ -95,9 +95,12 @@ def network_spec(
     return spec
 
 
-def build_network(spec: Mapping[str, Any]) -> nn.Module:
+def build_network(spec: Mapping[str, Any], *, pretrained: bool = True) -> nn.Module:
     """The architecture `spec` describes, with fresh (or pretrained) weights; the same state_dict keys and
-    shapes every time, so a checkpoint's weights load into it. A legacy spec (exactly `SPEC_KEYS`) is a CNN."""
+    shapes every time, so a checkpoint's weights load into it. A legacy spec (exactly `SPEC_KEYS`) is a CNN.
+
+    `pretrained=False` skips loading `model_args.weights`: for rebuilding a checkpoint, whose own weights
+    replace them anyway, on a machine that may not have the pretrained file."""
     if "model" not in spec and set(spec) == set(SPEC_KEYS):
         return _cnn(dict(spec))
     reference = str(spec.get("model", ""))
@@ -118,7 +121,7 @@ def build_network(spec: Mapping[str, Any]) -> nn.Module:
             "model_args."
         )
     if reference.startswith("torchvision:"):
-        return _torchvision_model(spec)
+        return _torchvision_model(spec, pretrained=pretrained)
     return _user_model(spec)
 
 
@@ -178,7 +181,7 @@ def _small_image_hint(reference: str, shape: tuple[int, ...]) -> str:
     )
 
 
-def _torchvision_model(spec: Mapping[str, Any]) -> nn.Module:
+def _torchvision_model(spec: Mapping[str, Any], pretrained: bool = True) -> nn.Module:
     """torchvision's builder, then the pretrained head, small-input stem, input channels and dropout."""
     reference = str(spec["model"])
     name = reference.partition(":")[2].strip().lower()
@@ -201,6 +204,8 @@ def _torchvision_model(spec: Mapping[str, Any]) -> nn.Module:
             "small_input, choose a ResNet-family model, or use larger images."
         )
     weights = _weights(reference, name, args.pop("weights", None))
+    if not pretrained:
+        weights = None  # same shapes: the pretrained head is replaced by a num_classes one either way
     num_classes, in_channels = int(spec["num_classes"]), int(spec["in_channels"])
     if weights is None:
         model = _call_builder(reference, name, args, num_classes=num_classes, weights=None)

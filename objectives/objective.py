@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from objectives.data import load_data
-from objectives.errors import DatasetNotFoundError
-from objectives.model import build_model
+from objectives.data import DataSplits, load_data
+from objectives.errors import BadDataError, DatasetNotFoundError, ModelError
+from objectives.networks import build_network, check_network, network_spec
 from objectives.runtime import resolve_runtime
+from objectives.serving import data_record, load_classifier
 from objectives.settings import TrainConfig
 from objectives.train import evaluate, fit
 from search.checkpoint import load_checkpoint
@@ -49,13 +50,29 @@ class CNNObjective:
     def attach(self, ctx: StudyContext) -> None:
         """Give the objective the study's stores; done after prepare() so bad data creates nothing."""
         self.ctx = ctx
+        ctx.tracker.log_data(ctx.parent_run_id, self.data().describe())
+
+    def data(self) -> DataSplits:
+        return load_data(self.config, resolve_runtime(self.config.device).device)
 
     def prepare(self) -> None:
-        """Load the data once, before any trial, so a missing data set fails fast with a clear message."""
+        """Load the data and build the model once, before any trial and before any store exists, so missing or
+        bad data and a model that does not fit the data fail fast with a clear message (exit 2)."""
         try:
-            load_data(self.config, resolve_runtime(self.config.device).device)
-        except DatasetNotFoundError as exc:
+            data = self.data()
+            spec = network_spec(self.config, num_classes=data.num_classes, in_channels=data.in_channels,
+                                image_size=data.image_size, class_names=data.class_names)
+            check_network(spec, data.inputs(data.train_x[:2]).cpu())
+        except (DatasetNotFoundError, BadDataError, ModelError) as exc:
             raise DataError(str(exc)) from exc
+
+    def describe(self) -> str:
+        """One line for the start of a run: the data, where it lives, and the model."""
+        data = self.data()
+        return (f"data {data.name}: {len(data.train_y)} train / {len(data.val_y)} val / {len(data.test_y)} test "
+                f"images, {data.num_classes} classes, {data.in_channels}x{data.image_size}x{data.image_size}; "
+                f"on {'the device' if data.placement == 'device' else 'host memory, streamed'} "
+                f"({data.placement_reason}); model {self.config.model}")
 
     def config_for(self, params: dict[str, Any]) -> TrainConfig:
         resolved = resolve(params, self.settings.space.lr_scaling, self.config.batch_size)
@@ -68,7 +85,8 @@ class CNNObjective:
         cfg = self.config_for(params)
         with self.ctx.trial(trial, params, cfg.model_dump(mode="json")) as session:
             result = fit(cfg, self.settings.study.max_epochs, session.on_epoch, resume=session.resume_training)
-            checkpoint = {"model_spec": result.spec, "settings": cfg.model_dump(mode="json")}
+            checkpoint = {"model_spec": result.spec, "settings": cfg.model_dump(mode="json"),
+                          "data": data_record(result.data)}
             return session.complete(checkpoint, model=result.model)
 
     def test_score(self, checkpoint_path: str) -> dict[str, float]:
@@ -77,7 +95,7 @@ class CNNObjective:
         cfg = TrainConfig.model_validate(checkpoint["settings"])
         runtime = resolve_runtime(cfg.device)
         data = load_data(cfg, runtime.device)
-        model = build_model(checkpoint["model_spec"])
+        model = build_network(checkpoint["model_spec"], pretrained=False)
         model.load_state_dict(checkpoint["state_dict"])
         model.to(runtime.device)
         scores = evaluate(model, data.test_x, data.test_y, runtime, batch_size=cfg.eval_batch_size,
@@ -86,7 +104,6 @@ class CNNObjective:
 
     def load_model(self, checkpoint_path: str) -> tuple[Any, Any]:
         """(CPU model taking raw images, a few raw test images) for MLflow logging and `hpo export`."""
-        from objectives.serving import load_classifier
 
         try:
             return load_classifier(checkpoint_path)

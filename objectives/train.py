@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from objectives.augment import augment_batch, default_crop_padding
 from objectives.data import DataSplits, batch_indices, load_data
-from objectives.model import build_model, model_spec
+from objectives.networks import build_network, network_spec
 from objectives.runtime import Runtime, resolve_runtime, seed_everything
 from objectives.schedule import EpochSchedule
 from objectives.settings import TrainConfig
@@ -135,8 +135,9 @@ def fit(
     runtime = resolve_runtime(cfg.device)
     seed_everything(cfg.seed)
     data = load_data(cfg, runtime.device)
-    spec = model_spec(cfg, data)
-    model = build_model(spec).to(runtime.device)
+    spec = network_spec(cfg, num_classes=data.num_classes, in_channels=data.in_channels,
+                        image_size=data.image_size, class_names=data.class_names)
+    model = build_network(spec).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]

@@ -395,7 +395,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     study, _ = _open_existing(args)
     done = export_best(study, _settings(args), Path(args.out))
     print(f"exported trial #{done.trial} (value {done.value:.4f}) to {done.out}: an MLflow model taking float32 "
-          f"images of shape (N, {', '.join(map(str, done.input_shape))}); load it with "
+          f"images of shape (N, {', '.join(map(str, done.input_shape))}) and predicting class indices (the class "
+          f"names are in its metadata, model.metadata.metadata['class_names']); load it with "
           f"mlflow.pyfunc.load_model({str(done.out)!r})")
     return 0
 

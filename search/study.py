@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import sqlite3
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,6 +226,9 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
     logging.getLogger("alembic").setLevel(logging.WARNING)
     objective = load_objective(settings.objective_name)(settings)
     objective.prepare()  # a missing data set fails here, before any store is created
+    describe = getattr(objective, "describe", None)  # the data and where it lives, for the run's first lines
+    if describe is not None:
+        print(describe(), file=sys.stderr)
     holder: dict[str, Tracker] = {}
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:

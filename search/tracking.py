@@ -102,6 +102,16 @@ class Tracker:
         self.client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
 
+    def log_data(self, run_id: str, info: Mapping[str, Any]) -> None:
+        """What the study trains on (classes, sizes, normalisation, placement): `data.json` on the study's run,
+        and the facts worth a column as `hpo.data.*` tags (tags, not params: a resumed study may differ)."""
+        self.client.log_dict(run_id, dict(info), "data.json")
+        shown = ("dataset", "num_classes", "image_size", "in_channels", "train_images", "placement")
+        tags = [RunTag(f"hpo.data.{k}", str(info[k])[:5000]) for k in shown if k in info]
+        if info.get("class_names"):
+            tags.append(RunTag("hpo.data.class_names", ",".join(map(str, info["class_names"]))[:5000]))
+        self.client.log_batch(run_id, tags=tags)
+
     def log_summary(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, Any]) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(
@@ -223,6 +233,12 @@ def _signature(model: Any, example: Any) -> tuple[Any, Any]:
     return x, infer_signature(x, output.numpy())
 
 
+def _metadata(model: Any) -> dict[str, Any] | None:
+    """The class names a served model's outputs index into, for the MLflow model's metadata."""
+    names = getattr(model, "class_names", None)
+    return {"class_names": list(names)} if names else None
+
+
 def _requirements() -> list[str]:
     import mlflow.pytorch
 
@@ -248,7 +264,7 @@ def log_model(tracker: Tracker, run_id: str, model: Any, example: Any, register_
     try:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(model, name="model", input_example=x, signature=signature,
-                                            pip_requirements=_requirements())
+                                            pip_requirements=_requirements(), metadata=_metadata(model))
         out = {"model_uri": info.model_uri, "version": ""}
         if register_as:
             try:
@@ -268,4 +284,4 @@ def save_model(model: Any, example: Any, out: Path) -> None:
 
     x, signature = _signature(model, example)
     mlflow.pytorch.save_model(model, str(out), input_example=x, signature=signature,
-                              pip_requirements=_requirements())
+                              pip_requirements=_requirements(), metadata=_metadata(model))
