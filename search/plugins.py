@@ -30,7 +30,10 @@ class ObjectivePlugin(Protocol):
         """What the objective reports every epoch; study.metric and early_stopping.monitor must be among them."""
 
     def prepare(self) -> None:
-        """Check and load what trials need (data); raise an HpoError a user can act on."""
+        """Check and load what trials need (data, the model on two examples); raise an HpoError a user can act on."""
+
+    def describe(self) -> str:
+        """One line for the start of a run: what is trained on (and where it lives) and which model."""
 
     def attach(self, ctx: Any) -> None:
         """Receive the study context (stores, tracker, progress) before the first trial."""

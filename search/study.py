@@ -226,9 +226,7 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
     logging.getLogger("alembic").setLevel(logging.WARNING)
     objective = load_objective(settings.objective_name)(settings)
     objective.prepare()  # a missing data set fails here, before any store is created
-    describe = getattr(objective, "describe", None)  # the data and where it lives, for the run's first lines
-    if describe is not None:
-        print(describe(), file=sys.stderr)
+    print(objective.describe(), file=sys.stderr)  # the data, where it lives, the model: the run's first lines
     holder: dict[str, Tracker] = {}
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
