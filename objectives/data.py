@@ -243,17 +243,30 @@ def _build(cfg: TrainConfig, device: torch.device) -> DataSplits:
 
 
 def channel_stats(x: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (unbiased) std of NCHW images, in float64 chunks so a memory-mapped set of any
-    size is read once without a float copy of the whole of it."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    squares = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for start in range(0, len(x), chunk):
-        part = x[start : start + chunk].to(torch.float64)
-        total += part.sum(dim=(0, 2, 3))
-        squares += part.square().sum(dim=(0, 2, 3))
-    count = max(1, len(x) * x.shape[2] * x.shape[3])
-    mean = total / count
-    var = (squares - count * mean.square()) / max(1, count - 1)
+    """Per-channel mean and (unbiased) std of NCHW images, read in chunks so a memory-mapped set of any size
+    needs no float copy of the whole of it. uint8 images go through a 256-bin histogram per channel: exact,
+    and several times faster than float sums."""
+    channels = x.shape[1]
+    if x.dtype == torch.uint8:
+        counts = torch.zeros(channels, 256, dtype=torch.float64, device=x.device)
+        for start in range(0, len(x), chunk):
+            part = x[start : start + chunk]
+            for c in range(channels):
+                counts[c] += torch.bincount(part[:, c].reshape(-1), minlength=256).to(torch.float64)
+        values = torch.arange(256, dtype=torch.float64, device=x.device)
+        count = counts.sum(dim=1)
+        mean = (counts * values).sum(dim=1) / count.clamp_min(1)
+        var = (counts * (values - mean[:, None]).square()).sum(dim=1) / (count - 1).clamp_min(1)
+    else:
+        total = torch.zeros(channels, dtype=torch.float64, device=x.device)
+        squares = torch.zeros(channels, dtype=torch.float64, device=x.device)
+        for start in range(0, len(x), chunk):
+            part = x[start : start + chunk].to(torch.float64)
+            total += part.sum(dim=(0, 2, 3))
+            squares += part.square().sum(dim=(0, 2, 3))
+        n = max(1, len(x) * x.shape[2] * x.shape[3])
+        mean = total / n
+        var = (squares - n * mean.square()) / max(1, n - 1)
     std = var.clamp_min(0).sqrt().clamp_min(1e-6)
     return tuple(mean.cpu().tolist()), tuple(std.cpu().tolist())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,14 @@ def test_budget_counts_finished_trials_and_resume_tops_up(quickstart: dict) -> N
     assert "0 new in this run" in quickstart["again"].stdout
 
 
+def test_quickstart_ends_with_a_good_model(quickstart: dict) -> None:
+    """`make run`'s first result must not read as "the tool makes my model worse": at least 99% on digits."""
+    line = next(li for li in quickstart["first"].stdout.splitlines() if li.startswith("best trial #"))
+    match = re.search(r"test_accuracy (\d\.\d+)", line)
+    assert match is not None, line
+    assert float(match.group(1)) >= 0.99, line
+
+
 def test_quickstart_shows_pruned_and_early_stopped_trials(quickstart: dict) -> None:
     trials = quickstart["study"].trials[:12]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
@@ -82,10 +91,11 @@ def test_trial_value_is_metric_at_restored_best_epoch(quickstart: dict) -> None:
             continue
         best_epoch = t.user_attrs["best_epoch"]
         assert t.value == pytest.approx(t.intermediate_values[best_epoch])
-        # val_loss (the monitor, min_delta 0.002) was not beaten by more than min_delta after the best epoch
-        history = {m.step: m.value for m in client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_loss")}
-        assert all(v >= history[best_epoch] - 0.002 for e, v in history.items() if e > best_epoch)
-        assert all(v > history[best_epoch] for e, v in history.items() if e < best_epoch)
+        # val_accuracy (the monitor, min_delta 0.002) was not beaten by more than min_delta after the best epoch
+        run_id = t.user_attrs["mlflow_run_id"]
+        history = {m.step: m.value for m in client.get_metric_history(run_id, "val_accuracy")}
+        assert all(v <= history[best_epoch] + 0.002 for e, v in history.items() if e > best_epoch)
+        assert all(v < history[best_epoch] for e, v in history.items() if e < best_epoch)
         checkpoint = torch.load(t.user_attrs["checkpoint"], weights_only=True)
         assert checkpoint["epoch"] == best_epoch
         assert checkpoint["metrics"]["val_accuracy"] == pytest.approx(t.value)
@@ -99,6 +109,12 @@ def test_mlflow_layout_matches_optuna(quickstart: dict) -> None:
     parent = parents[0]
     assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
     assert parent.info.status == "FINISHED"
+    children_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    # RUNNING from the first `hpo run` until the last one ended (reopened by the resumes): its duration is the study's
+    assert parent.info.start_time <= min(r.info.start_time for r in children_runs)
+    assert parent.info.end_time >= max(r.info.end_time for r in children_runs)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's model-training view
     assert parent.data.params["pruner"].startswith('{"name":"median"')
     assert 0.5 < parent.data.metrics["best_test_accuracy"] <= 1.0
     assert parent.data.tags["best_trial"] == str(study.best_trial.number)
@@ -137,6 +153,7 @@ def test_run_prints_where_results_are_and_how_to_open_them(quickstart: dict) -> 
     assert f"hpo ui {QUICKSTART}" in out
     assert "best trial #" in out and "test_accuracy" in out
     assert "trial   0" in quickstart["first"].stderr  # progress lines
+    assert "\r" not in quickstart["first"].stderr and "\x1b" not in quickstart["first"].stderr  # no bars in a pipe
 
 
 def test_status_and_best_read_the_same_study(quickstart: dict) -> None:
