@@ -3,8 +3,8 @@
 A finished study whose trials all ran every epoch (pruner ``none``, early stopping off: the ``none``
 strategy of ``hpo compare``) holds, per trial, the study metric of every epoch (Optuna's intermediate
 values) and every other per-epoch metric (the trial's MLflow child run). Replaying feeds those values,
-epoch by epoch, through the same decisions a real trial makes in ``search/session.py`` (early stopping
-update, ``trial.report``, ``trial.should_prune``, in that order) in an in-memory study with ask/tell, so a
+epoch by epoch, through ``search/epoch_decision.decide_epoch``, the function a real trial's session calls,
+in an in-memory study with ask/tell, so a
 strategy costs milliseconds instead of a study's worth of training.
 
 How a replay differs from a real run:
@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.config import Settings
 from search.early_stopping import EarlyStopping
+from search.epoch_decision import decide_epoch
 from search.errors import HpoError
 from search.pruning import build_pruner
 
@@ -153,20 +154,14 @@ def replay(recorded: list[RecordedTrial], settings: Settings) -> optuna.Study:
         for epoch, metrics in enumerate(rec.epochs[:max_epochs]):
             epochs_run = epoch + 1
             seconds += metrics.get("epoch_seconds", 0.0)
-            losses = [v for k, v in metrics.items() if k.endswith("loss")]
-            if not all(math.isfinite(v) for v in losses) or not math.isfinite(metrics[metric]):
-                state, reason = TrialState.PRUNED, "nan_loss"
-                break
-            stop = stopper.update(stopper.value_from(metrics))
-            if stopper.improved:
+            outcome = decide_epoch(epoch, metrics, metric, stopper, trial, max_epochs)
+            if outcome.improved:
                 best, best_epoch = metrics, epoch
-            trial.report(metrics[metric], epoch)
-            if trial.should_prune():
-                state, reason = TrialState.PRUNED, "pruned"
+            if outcome.action == "prune":
+                state, reason = TrialState.PRUNED, outcome.reason
                 break
-            if stop:
-                early_stopped = epoch + 1 < max_epochs
-                reason = f"early_stopped:{stopper.reason}" if early_stopped else reason
+            if outcome.action == "stop":
+                early_stopped, reason = outcome.early_stopped, outcome.reason or reason
                 break
         restore = settings.early_stopping.restore_best and best
         final = best if restore else rec.epochs[epochs_run - 1]

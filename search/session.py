@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import optuna
 from search.checkpoint import load_checkpoint, save_atomic
 from search.config import Settings
 from search.early_stopping import EarlyStopping
+from search.epoch_decision import decide_epoch
 from search.errors import HpoError
 from search.publish import on_trial_end
 from search.tracking import Tracker, TrialRun, run_url
@@ -193,26 +193,21 @@ class TrialSession:
         self.run.log_epoch(epoch, metrics)
         if self.ctx.progress is not None:
             self.ctx.progress.on_epoch(self.trial.number, epoch, metrics)
-        losses = [v for k, v in metrics.items() if k.endswith("loss")]
-        if not all(math.isfinite(v) for v in losses) or not math.isfinite(metrics[metric]):
-            self.reason = "nan_loss"
-            raise optuna.TrialPruned(f"non-finite loss at epoch {epoch}")
-        stop = self.stopper.update(self.stopper.value_from(metrics))
-        if self.stopper.improved:
+        outcome = decide_epoch(epoch, metrics, metric, self.stopper, self.trial, self.settings.study.max_epochs)
+        if outcome.improved:
             self.best_metrics = dict(metrics)
             if self.last_model is not None:
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.last_model.state_dict().items()}
-        self.trial.report(metrics[metric], epoch)
-        if self.trial.should_prune():
-            self.reason = "pruned"
-            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-        if stop:
-            self.early_stopped = epoch + 1 < self.settings.study.max_epochs
-            if self.early_stopped:
-                self.reason = f"early_stopped:{self.stopper.reason}"
-        else:
-            self._save_last(epoch, state)
-        return stop
+        if outcome.action == "prune":
+            self.reason = outcome.reason
+            what = "non-finite loss" if outcome.reason == "nan_loss" else "pruned"
+            raise optuna.TrialPruned(f"{what} at epoch {epoch}")
+        if outcome.action == "stop":
+            self.early_stopped = outcome.early_stopped
+            self.reason = outcome.reason or self.reason
+            return True
+        self._save_last(epoch, state)
+        return False
 
     def _final_metrics(self) -> dict[str, float]:
         restore = self.settings.early_stopping.restore_best and self.best_metrics
