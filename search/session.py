@@ -28,6 +28,7 @@ from search.config import Settings
 from search.early_stopping import EarlyStopping
 from search.epoch_decision import decide_epoch
 from search.errors import HpoError
+from search.optuna_adapter import stored_trial
 from search.publish import on_trial_end
 from search.tracking import Tracker, TrialRun, run_url
 from search.workers import identity, retry
@@ -139,7 +140,7 @@ class TrialSession:
 
     def _find_resume(self) -> dict[str, Any] | None:
         """The newest readable last.pt of the trials this one retries (newest predecessor first)."""
-        frozen = self.trial.study._storage.get_trial(self.trial._trial_id)
+        frozen = stored_trial(self.trial)
         for number in reversed(optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)):
             path = self.ctx.checkpoint_root / f"trial-{number}" / "last.pt"
             if not path.exists():
@@ -283,7 +284,7 @@ class TrialSession:
             # same params: the next `hpo run` resumes it from last.pt.
             self.reason = "interrupted"
             self._record("FAIL", killed=True)
-            retry(self.trial.study, self.trial.study._storage.get_trial(self.trial._trial_id))
+            retry(self.trial.study, stored_trial(self.trial))
             return False
         if isinstance(exc, TrialTimeout):
             self.reason = "trial_timeout"

@@ -30,6 +30,8 @@ import optuna
 from filelock import FileLock
 from optuna.trial import FrozenTrial, TrialState
 
+from search.optuna_adapter import fail_running
+
 HOST = socket.gethostname()
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -83,12 +85,7 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> None:
 def fail_and_retry(study: optuna.Study, trial: FrozenTrial, reason: str,
                    on_fail: Callable[[FrozenTrial], None] | None = None) -> bool:
     """Mark a RUNNING trial FAIL with a reason and enqueue its retry; False if someone else got there first."""
-    storage = study._storage
-    try:
-        storage.set_trial_user_attr(trial._trial_id, "reason", reason)
-        if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-            return False
-    except RuntimeError:  # already finished by another worker
+    if not fail_running(study, trial, reason):
         return False
     if on_fail is not None:
         on_fail(trial)

@@ -1,0 +1,55 @@
+"""Optuna's private API as the adapter uses it, on a real SQLite storage: an Optuna upgrade that changes any
+of it fails here first, by name."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from search.optuna_adapter import CHECKED_AGAINST, fail_running, heartbeat_enabled, stored_trial
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def storage(tmp_path: Path, heartbeat: bool) -> optuna.storages.RDBStorage:
+    kwargs = {"heartbeat_interval": 60, "grace_period": 120} if heartbeat else {}
+    return optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}", **kwargs)
+
+
+def test_stored_trial_is_the_live_trials_record(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=storage(tmp_path, heartbeat=False))
+    study.ask()
+    trial = study.ask()
+    trial.set_user_attr("k", "v")
+    frozen = stored_trial(trial)
+    assert (frozen.number, frozen.state, frozen.user_attrs) == (1, TrialState.RUNNING, {"k": "v"})
+
+
+def test_heartbeat_enabled_follows_the_storage(tmp_path: Path) -> None:
+    assert heartbeat_enabled(optuna.create_study(storage=storage(tmp_path, heartbeat=True)))
+    assert not heartbeat_enabled(optuna.create_study(study_name="other", storage=storage(tmp_path, heartbeat=False)))
+    assert not heartbeat_enabled(optuna.create_study())  # in memory
+
+
+def test_fail_running_once_with_its_reason(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=storage(tmp_path, heartbeat=False))
+    trial = study.ask()
+    frozen = stored_trial(trial)
+    assert fail_running(study, frozen, "worker_died") is True
+    after = study.trials[0]
+    assert after.state == TrialState.FAIL and after.user_attrs["reason"] == "worker_died"
+    assert fail_running(study, frozen, "again") is False  # already finished: someone else's retry
+    done = study.ask()
+    study.tell(done, 1.0)
+    assert fail_running(study, stored_trial(done), "late") is False and study.trials[1].state == TrialState.COMPLETE
+
+
+def test_checked_version_is_the_installed_one_and_no_other_module_reaches_in() -> None:
+    installed, checked = optuna.__version__.split(".")[:2], CHECKED_AGAINST.split(".")[:2]
+    assert installed == checked, "re-read search/optuna_adapter.py against this Optuna, then move the pin"
+    hits = subprocess.run(["grep", "-rln", r"\._storage\|_trial_id\|storages\._", "search/"], cwd=REPO,
+                          capture_output=True, text=True).stdout.split()
+    assert [h for h in hits if not h.endswith(".pyc")] == ["search/optuna_adapter.py"]
