@@ -12,10 +12,7 @@ training loop's hook. The session is generic: it needs only a metrics dict per e
 
 from __future__ import annotations
 
-import gc
 import logging
-import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -23,51 +20,25 @@ from typing import Any
 
 import optuna
 
-from search.checkpoint import load_checkpoint, save_atomic
+from search.checkpoint import save_atomic
 from search.config import Settings
 from search.early_stopping import EarlyStopping
 from search.epoch_decision import decide_epoch
-from search.errors import HpoError
+from search.failures import (
+    TrialFailed,
+    arm_timeout,
+    disarm_timeout,
+    failure_reason,
+    is_out_of_memory,
+    release_memory,
+)
 from search.optuna_adapter import stored_trial
 from search.publish import on_trial_end
+from search.resume import find_resume, last_path, save_resume
 from search.tracking import Tracker, TrialRun, run_url
 from search.workers import identity, retry
 
 log = logging.getLogger("hpo")
-
-
-class TrialFailed(Exception):
-    """A trial failed for a reason recorded on it; the study continues with the next trial."""
-
-
-class TrialTimeout(Exception):
-    """The trial ran past ``study.trial_timeout`` seconds."""
-
-
-def _on_alarm(signum: int, frame: Any) -> None:
-    raise TrialTimeout("the trial ran past study.trial_timeout")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    try:
-        import torch
-
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
-
-
-def _release_memory() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def build_stopper(settings: Settings) -> EarlyStopping:
@@ -117,12 +88,12 @@ class TrialSession:
 
     @property
     def last_path(self) -> Path:
-        return self.checkpoint_dir / "last.pt"
+        return last_path(self.ctx.checkpoint_root, self.trial.number)
 
     def __enter__(self) -> TrialSession:
         self.stopper = build_stopper(self.settings)
         previous_run = self.trial.user_attrs.get("mlflow_run_id")  # inherited by a retry from its predecessor
-        resume = self._find_resume()
+        resume = find_resume(self.trial, self.ctx.checkpoint_root)
         self.run = self.ctx.tracker.start_trial(self.ctx.parent_run_id, self.trial.number, self.params, self.resolved)
         for key, value in {"mlflow_run_id": self.run.run_id, **identity()}.items():
             self.trial.set_user_attr(key, value)
@@ -132,27 +103,8 @@ class TrialSession:
                 self.trial.set_user_attr(key, None)
         if resume is not None:
             self._apply_resume(resume, previous_run)
-        if self.settings.study.trial_timeout and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGALRM, _on_alarm)
-            signal.setitimer(signal.ITIMER_REAL, self.settings.study.trial_timeout)
-            self._alarm = True
+        self._alarm = arm_timeout(self.settings.study.trial_timeout)
         return self
-
-    def _find_resume(self) -> dict[str, Any] | None:
-        """The newest readable last.pt of the trials this one retries (newest predecessor first)."""
-        frozen = stored_trial(self.trial)
-        for number in reversed(optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)):
-            path = self.ctx.checkpoint_root / f"trial-{number}" / "last.pt"
-            if not path.exists():
-                continue
-            try:
-                state = load_checkpoint(path, key="training")
-            except HpoError as exc:
-                log.warning("trial %s: not resuming from %s: %s", self.trial.number, path, exc)
-                continue
-            state["_from_trial"] = number
-            return state
-        return None
 
     def _apply_resume(self, state: dict[str, Any], previous_run: str | None) -> None:
         assert self.stopper is not None and self.run is not None
@@ -178,9 +130,9 @@ class TrialSession:
         if not every or (epoch + 1) % every or not hasattr(state, "state_dict"):
             return
         assert self.stopper is not None and self.run is not None
-        save_atomic({"training": state.state_dict(), "stopper": self.stopper.state_dict(),
-                     "best_state": self.best_state, "best_metrics": self.best_metrics, "epoch": epoch,
-                     "trial": self.trial.number, "mlflow_run_id": self.run.run_id}, self.last_path)
+        save_resume(self.last_path, epoch=epoch, training=state.state_dict(), stopper=self.stopper.state_dict(),
+                    best_state=self.best_state, best_metrics=self.best_metrics, trial=self.trial.number,
+                    run_id=self.run.run_id)
 
     def on_epoch(self, epoch: int, metrics: dict[str, float], state: Any) -> bool:
         """The training loop's hook: log, decide early stopping, report, maybe prune. True = stop."""
@@ -243,7 +195,7 @@ class TrialSession:
 
     def _record(self, state: str, killed: bool = False) -> None:
         if self._alarm:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            disarm_timeout()
             self._alarm = False
         if state in ("COMPLETE", "PRUNED"):
             self.last_path.unlink(missing_ok=True)  # only a trial that may be retried needs it
@@ -286,13 +238,9 @@ class TrialSession:
             self._record("FAIL", killed=True)
             retry(self.trial.study, stored_trial(self.trial))
             return False
-        if isinstance(exc, TrialTimeout):
-            self.reason = "trial_timeout"
-        elif is_out_of_memory(exc):
-            self.reason = "out_of_memory"
+        self.reason = failure_reason(exc)
+        if is_out_of_memory(exc):
             self.trial.set_user_attr("oom_batch_size", self.resolved.get("batch_size"))
-            _release_memory()
-        else:
-            self.reason = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+            release_memory()
         self._record("FAIL")
         raise TrialFailed(f"trial {self.trial.number} failed ({self.reason})") from exc

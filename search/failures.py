@@ -1,0 +1,70 @@
+"""How a trial can fail without failing the study: the exceptions, the trial timeout alarm, out-of-memory.
+
+``TrialSession.__exit__`` maps an exception to a trial state; this module says what each failure is and
+records it in words (``failure_reason``), so the session stays a short table of outcomes.
+"""
+
+from __future__ import annotations
+
+import gc
+import signal
+import threading
+from typing import Any
+
+
+class TrialFailed(Exception):
+    """A trial failed for a reason recorded on it; the study continues with the next trial."""
+
+
+class TrialTimeout(Exception):
+    """The trial ran past ``study.trial_timeout`` seconds."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise TrialTimeout("the trial ran past study.trial_timeout")
+
+
+def arm_timeout(seconds: float | None) -> bool:
+    """Raise TrialTimeout in the main thread after ``seconds``; False (nothing armed) off the main thread,
+    where signals cannot be delivered, or without a timeout."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    return True
+
+
+def disarm_timeout() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
+
+
+def release_memory() -> None:
+    """Give back what a failed trial held, so the next one starts with the device's memory free."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The ``reason`` a failed trial records: trial_timeout, out_of_memory, or the error's first line."""
+    if isinstance(exc, TrialTimeout):
+        return "trial_timeout"
+    if is_out_of_memory(exc):
+        return "out_of_memory"
+    return f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]

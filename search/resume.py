@@ -1,0 +1,50 @@
+"""A trial's resume checkpoint (``checkpoints/trial-N/last.pt``): written during training, read by its retry.
+
+A retried trial (after a crash, Ctrl-C or a stale heartbeat) carries Optuna's retry history; the newest
+readable ``last.pt`` of the trials it retries holds the training state, the early-stopping state and the best
+weights so far, so it goes on from the next epoch instead of starting again.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search.checkpoint import load_checkpoint, save_atomic
+from search.errors import HpoError
+from search.optuna_adapter import stored_trial
+
+log = logging.getLogger("hpo")
+LAST = "last.pt"
+
+
+def last_path(checkpoint_root: Path, trial_number: int) -> Path:
+    return checkpoint_root / f"trial-{trial_number}" / LAST
+
+
+def find_resume(trial: optuna.Trial, checkpoint_root: Path) -> dict[str, Any] | None:
+    """The newest readable last.pt of the trials ``trial`` retries (newest predecessor first), with the
+    number of the trial it came from under ``_from_trial``; None for a fresh trial."""
+    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(stored_trial(trial))
+    for number in reversed(history):
+        path = last_path(checkpoint_root, number)
+        if not path.exists():
+            continue
+        try:
+            state = load_checkpoint(path, key="training")
+        except HpoError as exc:
+            log.warning("trial %s: not resuming from %s: %s", trial.number, path, exc)
+            continue
+        state["_from_trial"] = number
+        return state
+    return None
+
+
+def save_resume(path: Path, *, epoch: int, training: dict[str, Any], stopper: dict[str, Any],
+                best_state: dict[str, Any] | None, best_metrics: dict[str, float], trial: int, run_id: str) -> None:
+    """One dict, written atomically: a reader (the retry) never sees half of it."""
+    save_atomic({"training": training, "stopper": stopper, "best_state": best_state, "best_metrics": best_metrics,
+                 "epoch": epoch, "trial": trial, "mlflow_run_id": run_id}, path)
