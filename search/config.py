@@ -8,6 +8,7 @@ objective.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -344,17 +345,112 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 def load_settings(path: str | Path, overrides: Sequence[str] = ()) -> Settings:
     """Read, override and validate a study file; raise SettingsError naming the file and key."""
     path = Path(path)
+    data = tomllib.loads(read_study_text(path))
+    data = apply_overrides(data, overrides)
+    _check_override_types(data, overrides, str(path))
+    return settings_from_dict(data, source=str(path), base_dir=path.resolve().parent)
+
+
+def read_study_text(path: Path) -> str:
+    """The study file as text that parses as TOML; every way it can fail is one SettingsError naming the file."""
+    if path.is_dir():
+        raise SettingsError(f"{path} is a folder, not a study file. Pass the path of a TOML study file inside it, "
+                            "for example studies/quickstart.toml.")
     if not path.is_file():
         raise SettingsError(
             f"study file {str(path)!r} does not exist. Pass the path of a TOML study file, "
             "for example studies/quickstart.toml."
         )
+    raw = path.read_bytes()
     try:
-        data = tomllib.loads(path.read_text())
+        text = raw.decode("utf-8-sig")  # TOML is UTF-8; a BOM some editors add is harmless
+    except UnicodeDecodeError as exc:
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            what, fix = "saved as UTF-16", "Save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8 FILE > NEW.toml)"
+        else:
+            what = f"not text (byte {raw[exc.start]:#04x} at offset {exc.start} is not UTF-8)"
+            fix = "Check that you passed the right file, or save it as UTF-8"
+        raise SettingsError(f"{path}: {what}, but a study file is TOML in UTF-8. {fix}.") from exc
+    try:
+        tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML ({exc}). Fix the syntax at that line and run again.") from exc
-    data = apply_overrides(data, overrides)
-    return settings_from_dict(data, source=str(path), base_dir=path.resolve().parent)
+    return text
+
+
+def _check_override_types(data: Mapping[str, Any], overrides: Sequence[str], source: str) -> None:
+    """A --set value must have the key's own type: pydantic would read ``enabled=1`` or ``enabled=yes`` as true,
+    ``timeout=true`` as 1 second and ``max_epochs=1e3`` as 1000, silently. Files are left to pydantic."""
+    objective = data.get("objective")
+    name = objective.get("name", "cnn") if isinstance(objective, Mapping) else "cnn"
+    try:
+        objective_model = load_objective(str(name)).config_model
+    except LookupError:
+        objective_model = None  # settings_from_dict reports the unknown objective
+    for text in overrides:
+        path, value = parse_override(text)
+        for where, leaf in _leaves(path, value):
+            annotation = _annotation_at(where, objective_model)
+            expected = _type_mismatch(annotation, leaf)
+            if expected:
+                key, kind = ".".join(where), _KINDS.get(type(leaf), type(leaf).__name__)
+                raise SettingsError(
+                    f"{source}: --set {text!r}: {key} takes {expected}, not {json.dumps(leaf, default=str)} "
+                    f"({kind}), which would be read as something you did not mean. Write it as that type, for example "
+                    f"--set {key}={_example(expected)}."
+                )
+
+
+def _leaves(path: list[str], value: Any) -> list[tuple[list[str], Any]]:
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves([*path, str(k)], v)]
+    return [(path, value)]
+
+
+def _annotation_at(path: list[str], objective_model: Any) -> Any:
+    """The type annotation of the key at ``path`` (None when unknown: validation reports unknown keys)."""
+    current: Any = objective_model if path[0] == "objective" else Settings
+    parts = path[1:] if path[0] == "objective" else path
+    for i, part in enumerate(parts):
+        if current is SpaceSection and part != "lr_scaling":
+            current = ParamSpec
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        current = current.model_fields[part].annotation
+        if i < len(parts) - 1 and not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+    return current
+
+
+def _type_mismatch(annotation: Any, value: Any) -> str | None:
+    """What ``annotation`` takes, when ``value`` is a scalar of none of its scalar types; else None."""
+    import types
+    import typing
+
+    if annotation is None:
+        return None
+    arms = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    checks = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str)}
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a quoted string"}
+    scalars = [a for a in arms if a in checks]
+    if value is None or len(scalars) != len([a for a in arms if a is not type(None)]):
+        return None  # an arm this check does not know (Literal, list, path, model): pydantic decides
+    if any(checks[a](value) for a in scalars):
+        return None
+    return " or ".join(names[a] for a in scalars)
+
+
+_KINDS = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
+          dict: "a table"}
+
+
+def _example(expected: str) -> str:
+    first = expected.split(" or ")[0] if expected.startswith("a ") else expected
+    return {"true or false": "true", "a whole number": "5", "a number": "0.5"}.get(first, '"x"')
 
 
 def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>", base_dir: Path | None = None) -> Settings:

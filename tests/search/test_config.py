@@ -533,7 +533,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_a_folder_is_not_a_study_file(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="does not exist"):
+    with pytest.raises(SettingsError, match="is a folder, not a study file"):
         load_settings(tmp_path)
 
 
@@ -610,7 +610,14 @@ def test_bad_override_value_is_validated_like_the_file(tmp_path: Path) -> None:
 
 def test_override_of_wrong_type(tmp_path: Path) -> None:
     path = study_file(tmp_path, MINIMAL)
-    load_error(path, "study.n_trials", "'ten'", overrides=("study.n_trials=ten",))
+    load_error(path, "study.n_trials takes a whole number", '"ten" (a string)', overrides=("study.n_trials=ten",))
+    # valid TOML of the wrong type is refused too, not coerced (1 -> true, true -> 1 second, 1e3 -> 1000)
+    load_error(path, "early_stopping.enabled takes true or false", "--set early_stopping.enabled=true",
+               overrides=("early_stopping.enabled=1",))
+    load_error(path, "study.timeout takes a number, not true", overrides=("study.timeout=true",))
+    load_error(path, "study.max_epochs takes a whole number, not 1000.0", overrides=("study.max_epochs=1e3",))
+    load_error(path, "pruner.n_startup_trials takes a whole number", overrides=("pruner={n_startup_trials='3'}",))
+    assert load_settings(path, ["study.timeout=60", "space.lr={type='float', low=1, high=2}"]).study.timeout == 60
 
 
 def test_override_of_unknown_key_lists_allowed_keys(tmp_path: Path) -> None:
