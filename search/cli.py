@@ -110,17 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="table of a study's trials and its best trial")
     _common(status, file_required=False)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--watch", action="store_true",
+                        help="refresh the table every --interval seconds until the study's trial budget is met "
+                             "and no trial is running (for a second terminal, or workers elsewhere); Ctrl-C stops")
+    status.add_argument("--interval", type=float, default=5.0, metavar="S",
+                        help="seconds between refreshes with --watch (default 5)")
 
     best = sub.add_parser("best", help="the best trial: value, parameters, checkpoint, test accuracy")
     _common(best, file_required=False)
     best.add_argument("--json", action="store_true", help="print JSON")
 
-    dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage (127.0.0.1)")
+    dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage (127.0.0.1)",
+                          description="Serve optuna-dashboard on one study (FILE or --study NAME), or with only "
+                                      "--storage URL on every study in that storage.")
     _common(dash, file_required=False)
     dash.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no authentication!)")
     dash.add_argument("--port", type=int, default=8080)
 
-    ui = sub.add_parser("ui", help="serve the MLflow UI on the study's tracking store (127.0.0.1)")
+    ui = sub.add_parser("ui", help="serve the MLflow UI on the study's tracking store (127.0.0.1)",
+                        description="Serve the MLflow UI on a study's tracking store (FILE or --study NAME), or "
+                                    "with only --tracking-uri URI on that store (every experiment in it).")
     _common(ui, file_required=False)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no authentication!)")
     ui.add_argument("--port", type=int, default=5000)
@@ -137,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write the best trial's model as an MLflow model directory",
                             description="Write the best trial's model as an MLflow model (pytorch and pyfunc "
                                         "flavours, signature, input example); see README 'Export'.")
-    _common(export)
+    _common(export, file_required=False)
     export.add_argument("--out", metavar="DIR", required=True, help="new (or empty) folder for the model")
     compare = sub.add_parser(
         "compare", help="the study once per pruning / early-stopping strategy and seed: table, CSV, chart",
@@ -163,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="no training: replay the recorded curves of the 'none' studies (run first if missing)")
     compare.add_argument("--source", metavar="STUDY",
                          help="with --replay: replay this study's curves (in the same storage) instead")
+    compare.add_argument("--register-models", action="store_true",
+                         help="register each study's best model in the MLflow model registry (off: the models are "
+                              "logged on their runs, but dozens of comparison studies would flood the registry)")
     return parser
 
 
@@ -186,7 +198,7 @@ def _paths(args: argparse.Namespace) -> tuple[Any, Any]:
         settings = None
         name = args.study_name or getattr(args, "study", None)
         if not name:
-            raise SettingsError("give a study FILE or --study NAME (see hpo status --help)")
+            raise SettingsError(f"give a study FILE or --study NAME (see hpo {args.command} --help)")
     return settings, run_paths(args.run_dir, name, args.storage, args.tracking_uri)
 
 
@@ -215,16 +227,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     paths = run_paths(args.run_dir, settings.study.name, args.storage, args.tracking_uri)
+    _check_destinations(args)
     n_trials = args.trials if args.trials is not None else settings.study.n_trials
     plan = plan_workers(args.workers, args.gpus, args.trials_per_gpu)
-    progress = None if args.quiet else Progress(n_trials, settings.study.metric)
+    progress = None if args.quiet else Progress(n_trials, settings.study.metric, max_epochs=settings.study.max_epochs)
     print(f"study {settings.study.name!r}: {settings.sampler.name} sampler, {settings.pruner.name} pruner, "
           f"early stopping {'on' if settings.early_stopping.enabled else 'off'}, budget {n_trials} trials "
           f"x {settings.study.max_epochs} epochs, {plan.describe()}; results in {paths.root}", file=sys.stderr)
-    if len(plan.workers) > 1:
-        result = run_parallel(settings, paths, args, plan, n_trials, progress)
-    else:
-        result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress)
+    try:
+        if len(plan.workers) > 1:
+            result = run_parallel(settings, paths, args, plan, n_trials, progress)
+        else:
+            result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
     study = result.study
     c = counts(study)
     print(study_table(study))
@@ -254,10 +271,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     settings = _settings(args)
     paths = run_paths(args.run_dir, settings.study.name, args.storage, args.tracking_uri)
+    _check_destinations(args)
     n_trials = args.trials if args.trials is not None else settings.study.n_trials
-    progress = None if args.quiet else Progress(n_trials, settings.study.metric)
-    result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress,
-                       finish=not args.no_finish)
+    progress = None if args.quiet else Progress(n_trials, settings.study.metric, max_epochs=settings.study.max_epochs)
+    try:
+        result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress,
+                           finish=not args.no_finish)
+    finally:
+        if progress is not None:
+            progress.close()
     print(f"worker done: ran {result.new_trials} trials of study {settings.study.name!r}", file=sys.stderr)
     if result.stopped_by_failures:
         print(f"error: stopped after {settings.study.max_failures} failed trials in a row; last reason: "
@@ -301,21 +323,22 @@ open them:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from search.summary import best_trial, counts, study_table, trial_row
+    from search.summary import best_trial, counts, trial_row
+    from search.watch import status_text, watch
 
+    if args.watch and args.json:
+        raise SettingsError("--watch refreshes a table for people; leave out --json (or poll `hpo status --json`).")
     study, _ = _open_existing(args)
-    best = best_trial(study)
+    if args.watch:
+        return watch(study, args.interval)
     if args.json:
+        best = best_trial(study)
         data = {"study": study.study_name, "counts": counts(study),
                 "best": trial_row(best) if best else None,
                 "trials": [trial_row(t) for t in study.get_trials(deepcopy=False)]}
         print(json.dumps(data, indent=2, default=str))
         return 0
-    print(study_table(study))
-    c = counts(study)
-    print(f"\n{c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed, {c['RUNNING']} running")
-    if best:
-        print(f"best trial #{best.number}: value {best.value:.4f} params {best.params}")
+    print(status_text(study))
     return 0
 
 
@@ -354,25 +377,61 @@ def _tool(name: str) -> str:
     return found
 
 
+def _names_a_study(args: argparse.Namespace) -> bool:
+    return bool(args.file or args.study or args.study_name)
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from search.dashboard import serve
 
+    if not _names_a_study(args):
+        if not args.storage:
+            raise SettingsError("give a study FILE or --study NAME for one study, or --storage URL for every study "
+                                "in a storage (see hpo dashboard --help).")
+        return serve(args.storage, None, args.host, args.port, run_dir=Path(args.run_dir).resolve())
     _, paths = _paths(args)
     return serve(paths.storage_url, paths.root, args.host, args.port)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    _, paths = _paths(args)
-    uri = paths.tracking_uri
+    from search.tracking import experiments_url
+
+    name = None
+    if not _names_a_study(args):
+        if not args.tracking_uri:
+            raise SettingsError("give a study FILE or --study NAME, or --tracking-uri URI to open every experiment "
+                                "in a tracking store (see hpo ui --help).")
+        uri = args.tracking_uri
+    else:
+        settings, paths = _paths(args)
+        uri, name = paths.tracking_uri, settings.study.name if settings else (args.study_name or args.study)
     if uri.startswith(("http://", "https://")):
-        raise SettingsError(f"{uri} is an MLflow tracking server, which serves the UI itself: open {uri} in a "
-                            "browser instead of starting another one.")
+        raise SettingsError(f"{uri} is an MLflow tracking server, which serves the UI itself: open "
+                            f"{experiments_url(uri)} in a browser instead of starting another one.")
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise SettingsError(f"no MLflow results here yet: {uri.removeprefix('sqlite:///')} does not exist. Run "
                             "`hpo run FILE` first, or pass the --run-dir/--tracking-uri it used.")
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    base = f"http://{shown}:{args.port}"
+    experiment = _experiment_id(uri, name) if name else None
+    where = (f"the study's runs: {experiments_url(base, experiment)}" if experiment
+             else f"its experiments: {experiments_url(base)}")
+    print(f"MLflow UI on {base}/ for {uri}; open {where} (the model-training view)", file=sys.stderr)
     argv = [_tool("mlflow"), "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
             "--workers", str(args.workers)]
     return _exec(argv)
+
+
+def _experiment_id(uri: str, name: str) -> str | None:
+    """The study's experiment id in the tracking store, for a link straight to its runs (None if not found)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        experiment = MlflowClient(uri).get_experiment_by_name(name)
+    except MlflowException:
+        return None
+    return experiment.experiment_id if experiment else None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -391,9 +450,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from search.export import export_best
+    from search.study import stored_settings
 
     study, _ = _open_existing(args)
-    done = export_best(study, _settings(args), Path(args.out))
+    settings = _settings(args) if args.file else stored_settings(study)
+    done = export_best(study, settings, Path(args.out))
     print(f"exported trial #{done.trial} (value {done.value:.4f}) to {done.out}: an MLflow model taking float32 "
           f"images of shape (N, {', '.join(map(str, done.input_shape))}) and predicting class indices (the class "
           f"names are in its metadata, model.metadata.metadata['class_names']); load it with "
@@ -414,6 +475,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from search.compare import DEFAULT_STRATEGIES, main
 
+    _check_destinations(args)
     args.strategies = args.strategies or DEFAULT_STRATEGIES
     return main(args)
 
@@ -421,11 +483,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
 COMMANDS["compare"] = cmd_compare
 
 
+def _check_destinations(args: argparse.Namespace) -> None:
+    """Before anything is created: the run directory takes files, the storage and tracking URIs can be opened."""
+    from search.preflight import check_run_dir, check_storage_url, check_tracking_uri
+
+    check_run_dir(args.run_dir)
+    if args.tracking_uri:
+        check_tracking_uri(args.tracking_uri)
+    if args.storage:
+        check_storage_url(args.storage)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from search.preflight import check_options
+
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
+        check_options(args)
         return COMMANDS[args.command](args)
     except HpoError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from search.config import PRUNER_OPTIONS, Settings, apply_overrides, settings_from_dict, tomllib
+from search.config import PRUNER_OPTIONS, Settings, apply_overrides, read_study_text, settings_from_dict, tomllib
 from search.errors import SettingsError
 
 DEFAULT_STRATEGIES = "none,early_stopping,median,median+early_stopping,hyperband,median_carry_forward+early_stopping"
@@ -101,7 +101,7 @@ def plan_compare(file: str | Path, overrides: Sequence[str], strategies: str, n_
     if trials is None or trials < 1:
         raise SettingsError(f"{file}: hpo compare needs a trial budget; give --trials N (a timeout alone would "
                             "give each strategy a different number of trials).")
-    raw = apply_overrides(tomllib.loads(Path(file).read_text()), overrides)
+    raw = apply_overrides(tomllib.loads(read_study_text(Path(file))), overrides)
     first_seed = base.sampler.seed if base.sampler.seed is not None else 0
     seeds = [first_seed + i for i in range(n_seeds)]
     parsed = parse_strategies(strategies)
@@ -126,7 +126,8 @@ def strategy_settings(raw: dict[str, Any], source: str, base: Settings, strategy
     allowed = PRUNER_OPTIONS[strategy.pruner]
     data["pruner"] = {"name": strategy.pruner, **{k: v for k, v in old.items() if k in allowed}}
     data.setdefault("early_stopping", {})["enabled"] = strategy.early_stopping
-    return settings_from_dict(data, source=f"{source} [strategy {strategy.name}, seed {seed}]")
+    return settings_from_dict(data, source=f"{source} [strategy {strategy.name}, seed {seed}]",
+                              base_dir=Path(source).resolve().parent)  # relative paths as in the file itself
 
 
 @dataclass
@@ -184,8 +185,9 @@ def _stored_test_accuracy(study: Any) -> float:
     return float(study.user_attrs.get("hpo.test_metrics", {}).get("test_accuracy", math.nan))
 
 
-def run_compare(plan: ComparePlan, log: Callable[[str], None] = print) -> list[Row]:
-    """Train every strategy x seed, alternating strategies within a seed; resumes finished studies."""
+def run_compare(plan: ComparePlan, log: Callable[[str], None] = print, register: bool = False) -> list[Row]:
+    """Train every strategy x seed, alternating strategies within a seed; resumes finished studies. Best models
+    are logged on their runs; ``register`` also registers them (off: one version per study floods the registry)."""
     from search.study import run_paths, run_study
 
     rows = []
@@ -194,7 +196,7 @@ def run_compare(plan: ComparePlan, log: Callable[[str], None] = print) -> list[R
         settings = plan.settings[(strategy.name, seed)]
         paths = run_paths(plan.root, settings.study.name, plan.storage_url, plan.tracking_uri)
         started = time.perf_counter()
-        result = run_study(settings, paths, n_trials=plan.n_trials)
+        result = run_study(settings, paths, n_trials=plan.n_trials, register_model=register)
         row = row_for(result.study, strategy.name, seed, settings.study.max_epochs,
                       _stored_test_accuracy(result.study))
         log(f"[{i}/{total}] {strategy.name} seed {seed}: {row.epochs_spent} epochs "
@@ -204,7 +206,8 @@ def run_compare(plan: ComparePlan, log: Callable[[str], None] = print) -> list[R
     return rows
 
 
-def replay_compare(plan: ComparePlan, source: str | None = None, log: Callable[[str], None] = print) -> list[Row]:
+def replay_compare(plan: ComparePlan, source: str | None = None, log: Callable[[str], None] = print,
+                   register: bool = False) -> list[Row]:
     """Replay every strategy on the recorded curves of each seed's ``none`` study (or of ``source``).
 
     A missing ``none`` study is first run for real, so ``hpo compare FILE --replay`` works from scratch.
@@ -226,7 +229,7 @@ def replay_compare(plan: ComparePlan, source: str | None = None, log: Callable[[
             if not _has_finished(storage, source_name, plan.n_trials):
                 log(f"recording full curves for seed {seed}: training study {source_name!r} (strategy none)")
                 run_study(source_settings, run_paths(plan.root, source_name, plan.storage_url, plan.tracking_uri),
-                          n_trials=plan.n_trials)
+                          n_trials=plan.n_trials, register_model=register)
         try:
             recorded_study = optuna.load_study(study_name=source_name, storage=storage)
         except KeyError as exc:
@@ -398,7 +401,11 @@ def main(args: Any) -> int:
     mode = "replaying" if args.replay else "running"
     log(f"{mode} {len(plan.strategies)} strategies x {len(plan.seeds)} seeds of {plan.base.study.name!r}, "
         f"{plan.n_trials} trials x {plan.base.study.max_epochs} epochs each; studies in {plan.storage_url}")
-    rows = replay_compare(plan, args.source, log) if args.replay else run_compare(plan, log)
+    register = bool(getattr(args, "register_models", False))
+    log("best models are logged on their MLflow runs and registered in the model registry (--register-models)"
+        if register else "best models are logged on their MLflow runs but not registered (--register-models "
+        "registers them)")
+    rows = replay_compare(plan, args.source, log, register) if args.replay else run_compare(plan, log, register)
     paths = write_outputs(rows, plan, Path(args.out) if args.out else plan.root, args.replay)
     print(paths["md"].read_text())
     print(f"written: {paths['md']}, {paths['csv']}, {paths['png']}")

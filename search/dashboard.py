@@ -10,9 +10,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from socketserver import ThreadingMixIn
+from typing import BinaryIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from search.errors import HpoError, SettingsError
 from search.publish import ARTIFACT_DIR, artifact_store
@@ -43,23 +46,60 @@ def dashboard_storage(url: str) -> optuna.storages.BaseStorage:
     return open_storage(url)
 
 
-def make_app(storage_url: str, root: Path) -> object:
-    """The optuna-dashboard WSGI app with the study's artifact store (``<root>/optuna-artifacts``)."""
+class StudyFolders:
+    """The artifact folders of every study of a store, read as one artifact store (`hpo dashboard --storage URL`
+    without a study). Artifact ids are unique, so a read finds its file in whichever study folder has it.
+    Uploading through the page needs one study's folder: open that study with FILE or --study NAME."""
+
+    def __init__(self, folders: list[Path]) -> None:
+        self.stores = [FileSystemArtifactStore(str(f)) for f in folders if f.is_dir()]
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        for store in self.stores:
+            try:
+                return store.open_reader(artifact_id)
+            except ArtifactNotFound:
+                continue
+        raise ArtifactNotFound(f"artifact {artifact_id} is in none of the study folders")
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        raise OSError("this dashboard shows a whole store; to upload, open the study with `hpo dashboard FILE`")
+
+    def remove(self, artifact_id: str) -> None:
+        for store in self.stores:
+            try:
+                store.remove(artifact_id)
+            except ArtifactNotFound:
+                continue
+
+
+def store_artifacts(storage: optuna.storages.BaseStorage, run_dir: Path) -> StudyFolders:
+    """``RUN_DIR/NAME/optuna-artifacts`` of every study in ``storage`` (those that exist on this machine)."""
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    return StudyFolders([(run_dir / name / ARTIFACT_DIR).resolve() for name in names])
+
+
+def make_app(storage_url: str, root: Path | None, run_dir: Path | None = None) -> object:
+    """The optuna-dashboard WSGI app: one study's artifact store (``<root>/optuna-artifacts``), or with
+    ``root`` None the whole store, with every study's artifacts found under ``run_dir``."""
     from optuna_dashboard import wsgi
 
-    return wsgi(dashboard_storage(storage_url), artifact_store=artifact_store(root))
+    storage = dashboard_storage(storage_url)
+    artifacts = artifact_store(root) if root is not None else store_artifacts(storage, run_dir or Path("runs"))
+    return wsgi(storage, artifact_store=artifacts)
 
 
-def serve(storage_url: str, root: Path, host: str, port: int) -> int:
+def serve(storage_url: str, root: Path | None, host: str, port: int, run_dir: Path | None = None) -> int:
     """Serve until Ctrl-C; a port in use is a clear error, not a traceback."""
-    app = make_app(storage_url, root)
+    app = make_app(storage_url, root, run_dir)
     try:
         server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
     except OSError as exc:
         raise HpoError(f"cannot listen on {host}:{port}: {exc.strerror or exc}. Another program may use the port; "
                        "pass --port N (and --host ADDRESS to listen elsewhere than 127.0.0.1).") from exc
-    print(f"optuna-dashboard on http://{host}:{port}/ (storage {storage_url}, artifacts {root / ARTIFACT_DIR}); "
-          "Ctrl-C stops it", file=sys.stderr, flush=True)
+    what = f"artifacts {root / ARTIFACT_DIR}" if root is not None else f"every study, artifacts under {run_dir}"
+    print(f"optuna-dashboard on http://{host}:{port}/ (storage {storage_url}, {what}); Ctrl-C stops it",
+          file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 from search.config import Settings
 from search.errors import SettingsError
+from search.preflight import check_gpus
 from search.progress import Progress
-from search.study import RunPaths, RunResult, finish_study, open_study
+from search.study import OpenStudy, RunPaths, RunResult, finish_study, open_study, parent_lifetime
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,14 @@ def visible_gpus() -> list[str]:
 
 
 def plan_workers(workers: int | None, gpus: str | None, trials_per_gpu: int = 1,
-                 cpu_count: int | None = None) -> WorkerPlan:
+                 cpu_count: int | None = None, visible: list[str] | None = None) -> WorkerPlan:
+    """Who runs where; ``--gpus`` must name devices torch sees (``visible``: those, for tests)."""
     if workers is not None and workers < 1:
         raise SettingsError(f"--workers must be at least 1, got {workers}")
     if trials_per_gpu < 1:
         raise SettingsError(f"--trials-per-gpu must be at least 1, got {trials_per_gpu}")
-    ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else visible_gpus()
+    visible = visible_gpus() if visible is None else visible
+    ids = check_gpus(gpus, visible) if gpus else visible
     if ids:
         n = workers or len(ids) * trials_per_gpu
         return WorkerPlan(tuple(ids[i % len(ids)] for i in range(n)), None)
@@ -77,7 +80,17 @@ def run_parallel(settings: Settings, paths: RunPaths, args: argparse.Namespace, 
                  n_trials: int | None, progress: Progress | None) -> RunResult:
     """Create the study and parent run once, start the workers, follow the storage until they exit."""
     opened = open_study(settings, paths, n_trials)
-    study = opened.study
+    with parent_lifetime(opened, own=True) as outcome:  # the workers run with --no-finish: this process ends it
+        result = _follow_workers(opened, args, plan, n_trials, progress)
+        outcome["status"] = "FAILED" if result.stopped_by_failures else "FINISHED"
+    return result
+
+
+def _follow_workers(opened: OpenStudy, args: argparse.Namespace, plan: WorkerPlan, n_trials: int | None,
+                    progress: Progress | None) -> RunResult:
+    study, paths = opened.study, opened.paths
+    if progress is not None:
+        progress.start(study)
     before = {t.number for t in study.get_trials(deepcopy=False)}
     shown = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     procs = []

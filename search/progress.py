@@ -1,40 +1,106 @@
-"""Progress while a study runs: one line per finished trial, a live epoch line on a terminal."""
+"""Progress while a study runs: live bars on a terminal, one plain line per finished trial elsewhere.
+
+On a terminal (stderr is a TTY) two tqdm bars stay at the bottom: the study (trials finished of the budget,
+pruned, early-stopped and failed counts, best value so far, elapsed and estimated remaining time) and the
+current trial (epoch of max_epochs, the metric, the loss); each finished trial's line scrolls above them.
+In CI and logs (not a TTY) only the per-trial lines are written, with no control characters.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from search.summary import best_trial, counts
 
+# tqdm puts ", " before a postfix, so each postfix follows a field it can be joined to.
+STUDY_BAR = "{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed, ETA {remaining}{postfix}"
+OPEN_BAR = "{desc} {n_fmt} finished, {elapsed} elapsed{postfix}"  # a timeout-only study has no trial budget
+EPOCH_BAR = "{desc} |{bar}| {n_fmt}/{total_fmt}{postfix}"
+
+
+def _early_stopped(study: optuna.Study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if t.user_attrs.get("early_stopped"))
+
 
 class Progress:
-    """Prints to stderr so stdout stays clean for --json and pipes."""
+    """Prints to stderr so stdout stays clean for --json and pipes. ``live`` forces the terminal mode."""
 
-    def __init__(self, budget: int | None, metric: str, stream: TextIO | None = None) -> None:
+    def __init__(self, budget: int | None, metric: str, stream: TextIO | None = None, max_epochs: int | None = None,
+                 live: bool | None = None) -> None:
         self.budget = budget
         self.metric = metric
+        self.max_epochs = max_epochs
         self.stream = stream or sys.stderr
-        self.live = self.stream.isatty()
+        self.live = self.stream.isatty() if live is None else live
         self.started = time.monotonic()
+        self._study: Any = None
+        self._epochs: Any = None
+        self._trial: int | None = None
 
-    def _write(self, text: str) -> None:
-        if self.live:
-            self.stream.write("\r\033[K")
-        self.stream.write(text)
-        self.stream.flush()
+    # --- the live bars ------------------------------------------------------------------------------------------
+
+    def start(self, study: optuna.Study) -> None:
+        """Open the study bar at the trials already finished (a resumed study starts part-way)."""
+        if not self.live or self._study is not None:
+            return
+        from tqdm import tqdm
+
+        c = counts(study)
+        self._study = tqdm(total=self.budget, initial=c["COMPLETE"] + c["PRUNED"], file=self.stream, position=0,
+                           desc="trials finished", bar_format=STUDY_BAR if self.budget else OPEN_BAR, leave=True,
+                           dynamic_ncols=True, mininterval=0)
+        self._summary(study)
+
+    def _summary(self, study: optuna.Study) -> None:
+        """Counts and best value on the study bar, which then moves to the trials finished in the storage."""
+        c = counts(study)
+        best = best_trial(study)
+        best_text = f"best {best.value:.4f} (#{best.number})" if best else "best -"
+        self._study.set_postfix_str(f"pruned {c['PRUNED']}, early-stopped {_early_stopped(study)}, "
+                                    f"failed {c['FAIL']}, {best_text}", refresh=False)
+        done = c["COMPLETE"] + c["PRUNED"]
+        if done > self._study.n:
+            self._study.update(done - self._study.n)  # also refreshes; other workers' trials count too
+        else:
+            self._study.refresh()
 
     def on_epoch(self, trial_number: int, epoch: int, metrics: dict[str, float]) -> None:
-        if self.live:
-            shown = metrics.get(self.metric, float("nan"))
-            self._write(f"  trial {trial_number}  epoch {epoch}  {self.metric} {shown:.4f}  "
-                        f"loss {metrics.get('train_loss', float('nan')):.4f}")
+        if not self.live:
+            return
+        from tqdm import tqdm
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self._epochs is None:
+            self._epochs = tqdm(total=self.max_epochs, file=self.stream, position=1, leave=False,
+                                bar_format=EPOCH_BAR, dynamic_ncols=True, mininterval=0)
+        if trial_number != self._trial:
+            self._trial = trial_number
+            self._epochs.reset(total=self.max_epochs)
+        self._epochs.set_description_str(f"trial {trial_number} epochs", refresh=False)
+        self._epochs.n = epoch + 1
+        shown = metrics.get(self.metric, float("nan"))
+        self._epochs.set_postfix_str(f"{self.metric} {shown:.4f}, loss {metrics.get('train_loss', float('nan')):.4f}",
+                                     refresh=True)
+        if self._study is not None:
+            self._study.refresh()  # elapsed time moves on between trials too
+
+    def close(self) -> None:
+        """Leave the study bar on screen, drop the epoch bar; safe to call twice or without bars."""
+        if self._epochs is not None:
+            self._epochs.close()
+            self._epochs = None
+        if self._study is not None:
+            self._study.close()
+            self._study = None
+
+    # --- one line per finished trial (an Optuna callback) -------------------------------------------------------
+
+    def line(self, study: optuna.Study, trial: FrozenTrial) -> str:
         c = counts(study)
         finished = c["COMPLETE"] + c["PRUNED"]
         budget = f"/{self.budget}" if self.budget else ""
@@ -42,8 +108,18 @@ class Progress:
         best = best_trial(study)
         best_text = f"best {best.value:.4f} (#{best.number})" if best else "best -"
         how = trial.user_attrs.get("reason", "")
-        self._write(
-            f"trial {trial.number:>3} {trial.state.name:<8} {value}epochs {trial.user_attrs.get('epochs_run', 0)}"
-            f" ({how})  | finished {finished}{budget} pruned {c['PRUNED']} failed {c['FAIL']}  {best_text}"
-            f"  [{time.monotonic() - self.started:.0f}s]\n"
-        )
+        return (f"trial {trial.number:>3} {trial.state.name:<8} {value}epochs {trial.user_attrs.get('epochs_run', 0)}"
+                f" ({how})  | finished {finished}{budget} pruned {c['PRUNED']} failed {c['FAIL']}  {best_text}"
+                f"  [{time.monotonic() - self.started:.0f}s]")
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        text = self.line(study, trial)
+        if not self.live:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            return
+        self.start(study)
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.stream)
+        self._summary(study)

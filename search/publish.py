@@ -94,15 +94,16 @@ def run_command(settings: Any) -> tuple[str, str]:
 
 
 def on_study_end(study: optuna.Study, settings: Any, tracker: Tracker, objective: Any,
-                 n_trials: int | None) -> None:
-    """The study note; the best trial's model logged (and registered) in MLflow when the best trial changed."""
+                 n_trials: int | None, register_model: bool = True) -> None:
+    """The study note; the best trial's model logged (and, if ``register_model``, registered) in MLflow when the
+    best trial changed. `hpo compare` turns registration off: its many studies would flood the registry."""
     try:
         write_study_note(study, settings.model_dump(mode="json", exclude={"objective"}), n_trials,
                          *run_command(settings))
     except Exception as exc:
         log.warning("could not write the study note: %s", exc)
     try:
-        log_best_model(study, tracker, objective)
+        log_best_model(study, tracker, objective, register=register_model)
     except Exception as exc:
         log.warning("could not log the best model in MLflow: %s", exc)
 
@@ -120,15 +121,18 @@ def write_study_note(study: optuna.Study, settings: dict[str, Any], n_trials: in
     return body
 
 
-def log_best_model(study: optuna.Study, tracker: Tracker, objective: Any) -> dict[str, str] | None:
-    """Log the best trial's model on its MLflow run and register it under the study name, once per best trial."""
+def log_best_model(study: optuna.Study, tracker: Tracker, objective: Any,
+                   register: bool = True) -> dict[str, str] | None:
+    """Log the best trial's model on its MLflow run and (if ``register``) register it under the study name,
+    once per best trial."""
     best = best_trial(study)
     if best is None or "checkpoint" not in best.user_attrs or not hasattr(objective, "load_model"):
         return None
     if study.user_attrs.get(MODEL_TRIAL_ATTR) == best.number:
         return None
     model, example = objective.load_model(best.user_attrs["checkpoint"])
-    logged = log_model(tracker, best.user_attrs["mlflow_run_id"], model, example, register_as=study.study_name)
+    logged = log_model(tracker, best.user_attrs["mlflow_run_id"], model, example,
+                       register_as=study.study_name if register else None)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         set_tags(tracker, parent, {"best_model_uri": logged["model_uri"], "best_model_version": logged["version"]})

@@ -13,7 +13,7 @@ import logging
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from search.workers import advisory_lock, budget_lock, recover_local_orphans, re
 
 FINGERPRINT_ATTR = "hpo.fingerprint"
 PARENT_ATTR = "mlflow_parent_run_id"
+BUDGET_ATTR = "hpo.n_trials"  # the trial budget of the latest run; `hpo status --watch` stops when it is met
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,22 @@ def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorag
     return study
 
 
+def stored_settings(study: optuna.Study) -> Settings:
+    """The settings a study was created with, from its user attrs: what `hpo export --study NAME` needs
+    when no study file is given."""
+    from search.config import settings_from_dict
+
+    data, objective = study.user_attrs.get("hpo.settings"), study.user_attrs.get("hpo.objective")
+    if not isinstance(data, dict) or not isinstance(objective, dict):
+        raise StorageError(f"study {study.study_name!r} has no stored settings (it was not created by `hpo run`); "
+                           "pass its study FILE instead of --study.")
+    data = dict(data)
+    name = data.pop("objective_name", "cnn")
+    source = f"study {study.study_name!r} (settings stored in its storage)"
+    data.pop("source", None)
+    return settings_from_dict({**data, "objective": {"name": name, **objective}}, source=source)
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = [k for k in new if k in old and old[k] != new[k]]
     parts = []
@@ -246,8 +263,12 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
                                     known_id=study.user_attrs.get(PARENT_ATTR))
         if study.user_attrs.get(PARENT_ATTR) != parent:
             study.set_user_attr(PARENT_ATTR, parent)
+        if study.user_attrs.get(BUDGET_ATTR, "unset") != n_trials:
+            study.set_user_attr(BUDGET_ATTR, n_trials)
     finally:
         lock.release()
+    if progress is not None:
+        progress.start(study)
     objective.attach(StudyContext(settings, tracker, parent, paths.checkpoints, progress))
     return OpenStudy(settings, paths, study, tracker, parent, objective)
 
@@ -290,6 +311,7 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
             c = counts(study)
             if n_trials is not None and c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= n_trials:
                 break
+            opened.tracker.reopen(opened.parent_run_id)  # another worker may have ended it while this one waited
             study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
             ran += 1
         finally:
@@ -299,27 +321,72 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
 
 
 def run_study(settings: Settings, paths: RunPaths, n_trials: int | None = None, timeout: float | None = None,
-              progress: Progress | None = None, finish: bool = True) -> RunResult:
-    """Open the stores, top the study up to its budget, then (unless ``finish`` is off) finish it."""
+              progress: Progress | None = None, finish: bool = True, register_model: bool = True) -> RunResult:
+    """Open the stores, top the study up to its budget, then (unless ``finish`` is off) finish it and end the
+    parent run. ``finish`` is off for the workers of `hpo run --workers`, whose parent process does both."""
     n_trials = n_trials if n_trials is not None else settings.study.n_trials
     timeout = timeout if timeout is not None else settings.study.timeout
     opened = open_study(settings, paths, n_trials, progress)
-    ran, stopped = run_trials(opened, n_trials, timeout, progress)
-    test_metrics = finish_study(opened, n_trials) if finish else {}
+    with parent_lifetime(opened, own=finish) as outcome:
+        ran, stopped = run_trials(opened, n_trials, timeout, progress)
+        test_metrics = finish_study(opened, n_trials, register_model) if finish else {}
+        outcome["status"] = "FAILED" if stopped else "FINISHED"
     return RunResult(opened.study, paths, opened.parent_run_id, ran, stopped, test_metrics)
 
 
-def finish_study(opened: OpenStudy, n_trials: int | None) -> dict[str, float]:
+def finish_study(opened: OpenStudy, n_trials: int | None, register_model: bool = True) -> dict[str, float]:
     """Score the best trial on the test set and write the study's summaries, once, under the budget lock
     (several workers may finish at the same moment)."""
     lock = budget_lock(opened.paths.storage_url, opened.settings.study.name, opened.paths.root)
     lock.acquire()
     try:
         test_metrics = score_best(opened.study, opened.objective, opened.tracker, opened.parent_run_id)
-        on_study_end(opened.study, opened.settings, opened.tracker, opened.objective, n_trials)  # note, model
+        on_study_end(opened.study, opened.settings, opened.tracker, opened.objective, n_trials,  # note, model
+                     register_model=register_model)
     finally:
         lock.release()
     return test_metrics
+
+
+@contextlib.contextmanager
+def parent_lifetime(opened: OpenStudy, own: bool) -> Iterator[dict[str, str]]:
+    """End the parent run when the block ends, if ``own``: KILLED on Ctrl-C or SIGTERM, FAILED on an error,
+    else the status the block leaves in the yielded dict (FINISHED, or FAILED after ``max_failures``)."""
+    outcome = {"status": "FINISHED"}
+    try:
+        yield outcome
+    except KeyboardInterrupt:
+        outcome["status"] = "KILLED"
+        raise
+    except BaseException:
+        outcome["status"] = "FAILED"
+        raise
+    finally:
+        if own:
+            end_parent(opened, outcome["status"])
+
+
+def end_parent(opened: OpenStudy, status: str) -> bool:
+    """End the study's parent run with ``status``, unless a trial of the study is still RUNNING.
+
+    The rule for several workers: each process that runs trials of the study (`hpo run`, `hpo worker`) tries
+    this when it stops; while another worker is still in a trial, the parent stays RUNNING and that worker
+    ends it later. A worker that starts a trial sets it RUNNING again (``Tracker.reopen``), so the last one to
+    stop decides the status. Returns whether it was ended. Never raises: the run's own outcome matters more.
+    """
+    lock = budget_lock(opened.paths.storage_url, opened.settings.study.name, opened.paths.root)
+    try:
+        lock.acquire()
+        try:
+            if counts(opened.study)["RUNNING"]:
+                return False
+            opened.tracker.end_run(opened.parent_run_id, status)
+            return True
+        finally:
+            lock.release()
+    except Exception as exc:  # noqa: BLE001 - a lost connection at the very end must not hide the result
+        logging.getLogger("hpo").warning("could not end the study's MLflow run %s: %s", opened.parent_run_id, exc)
+        return False
 
 
 def _study_params(settings: Settings, n_trials: int | None) -> dict[str, Any]:

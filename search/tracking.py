@@ -25,9 +25,16 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 PARENT_TAG = "hpo.role"
 MAX_PARAM_LENGTH = 6000
+# MLflow 3's UI opens an experiment in its GenAI view unless told it is for model training. Two ways, both used:
+# the experiment tag below (name and value are the UI's own, ExperimentKind.CUSTOM_MODEL_DEVELOPMENT in
+# mlflow/server/js), which UIs up to about 3.5 follow; and, since the UI's global GenAI / Model training switch
+# (3.17 ignores the tag), the query parameter on every link hpo prints.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
 
 
-def _probe(uri: str, seconds: float = 10) -> None:
+def probe_server(uri: str, seconds: float = 10) -> None:
     """Fail in seconds, not after MLflow's minutes of retries, when a tracking server does not answer."""
     import urllib.error
     import urllib.request
@@ -60,14 +67,15 @@ class Tracker:
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         if tracking_uri.startswith(("http://", "https://")):
-            _probe(tracking_uri)
+            probe_server(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
             experiment = self.client.get_experiment_by_name(experiment_name)
             if experiment is None:
                 location = artifact_root.resolve().as_uri() if artifact_root else None
                 try:
-                    experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+                    experiment_id = self.client.create_experiment(
+                        experiment_name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
                 except MlflowException:  # another worker created it first
                     experiment = self.client.get_experiment_by_name(experiment_name)
                     if experiment is None:
@@ -84,23 +92,45 @@ class Tracker:
         self.experiment_id = experiment_id
 
     def parent_run(self, study_name: str, params: Mapping[str, Any], known_id: str | None = None) -> str:
-        """The study's parent run: the one recorded on the study, or found by tag, or a new one."""
+        """The study's parent run, RUNNING: the one recorded on the study (reopened), or found by tag, or a new one.
+
+        It stays RUNNING while trials run and is ended by ``end_run`` when the run of the study ends, so its
+        status and duration in the UI say what happened (see search/study.py ``end_parent`` for who ends it).
+        """
+        self._mark_model_development()
+        run_id = None
         if known_id:
             try:
                 self.client.get_run(known_id)
-                return known_id
+                run_id = known_id
             except MlflowException:
                 pass
-        found = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = 'study'", max_results=1
-        )
-        if found:
-            return found[0].info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=study_name, tags={PARENT_TAG: "study"})
-        self.client.log_batch(run.info.run_id, params=_params(params))
-        # The parent is a container: it stays FINISHED so no crash can leave it RUNNING; workers still log to it.
-        self.client.set_terminated(run.info.run_id, "FINISHED")
-        return run.info.run_id
+        if run_id is None:
+            found = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = 'study'", max_results=1
+            )
+            run_id = found[0].info.run_id if found else None
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=study_name, tags={PARENT_TAG: "study"})
+            self.client.log_batch(run.info.run_id, params=_params(params))
+            return run.info.run_id
+        self.reopen(run_id)
+        return run_id
+
+    def _mark_model_development(self) -> None:
+        """Tag an experiment made before hpo set the tag (or by hand), so the UI opens it on its runs."""
+        experiment = self.client.get_experiment(self.experiment_id)
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
+
+    def reopen(self, run_id: str) -> None:
+        """Set a run RUNNING again (a resumed study, or a worker that starts a trial after another ended it)."""
+        if self.client.get_run(run_id).info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+
+    def end_run(self, run_id: str, status: str) -> None:
+        """End a run with FINISHED, FAILED or KILLED (end time now)."""
+        self.client.set_terminated(run_id, status)
 
     def log_data(self, run_id: str, info: Mapping[str, Any]) -> None:
         """What the study trains on (classes, sizes, normalisation, placement): `data.json` on the study's run,
@@ -199,8 +229,13 @@ def existing_tracker(tracking_uri: str, experiment_name: str) -> Tracker | None:
 
 
 def run_url(tracker: Tracker, run_id: str) -> str:
-    """A link to one run in the MLflow UI (what optuna-dashboard shows next to a trial)."""
-    return f"{ui_base_url(tracker.tracking_uri)}/#/experiments/{tracker.experiment_id}/runs/{run_id}"
+    """A link to one run in the MLflow UI's model-training view (what optuna-dashboard shows next to a trial)."""
+    return f"{ui_base_url(tracker.tracking_uri)}/#/experiments/{tracker.experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
+def experiments_url(base: str, experiment_id: str | None = None) -> str:
+    """The UI's page of one experiment's runs (or of all experiments), in its model-training view."""
+    return f"{base.rstrip('/')}/#/experiments{'/' + experiment_id if experiment_id else ''}?{TRAINING_VIEW}"
 
 
 def metric_histories(tracker: Tracker, run_id: str, keys: list[str]) -> dict[str, list[float]]:

@@ -1,10 +1,15 @@
 """optuna-dashboard and the MLflow UI as a user sees them: real servers (`hpo dashboard`, `hpo ui`) on a finished
 quickstart study, pages rendered by a real headless chromium (Debian's, driven by Playwright), assertions on the
-rendered text and charts. Screenshots go to test-artifacts/. Without a browser these tests skip and say why."""
+rendered text and charts. Without a browser these tests skip and say why.
+
+Screenshots go to test-artifacts/; with HPO_UPDATE_SCREENSHOTS=1 the README's (DOCS_SHOTS) go to docs/ instead, so
+the pictures in the README are always what this test saw: `HPO_UPDATE_SCREENSHOTS=1 pytest tests/browser`."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,8 @@ from tests.finished_study import QUICKSTART, REPO, Server, finished_study
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "test-artifacts"
+DOCS = REPO / "docs"
+DOCS_SHOTS = {"dashboard-trial.png", "mlflow-runs.png", "mlflow-chart.png"}  # shown in the README
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -75,10 +82,25 @@ def page(browser: Any) -> Iterator[Any]:
 
 
 def shot(page: Any, name: str, full_page: bool = False) -> Path:
-    SHOTS.mkdir(exist_ok=True)
-    path = SHOTS / name
+    """A screenshot in test-artifacts/, or for the README's pictures in docs/ when HPO_UPDATE_SCREENSHOTS=1."""
+    folder = DOCS if name in DOCS_SHOTS and os.environ.get("HPO_UPDATE_SCREENSHOTS") == "1" else SHOTS
+    folder.mkdir(exist_ok=True)
+    path = folder / name
     page.screenshot(path=str(path), full_page=full_page)
+    assert path.stat().st_size > 10_000
     return path
+
+
+def show_columns(page: Any, wanted: dict[str, bool]) -> None:
+    """Tick (True) or untick (False) columns in the runs table's "Columns" selector."""
+    page.get_by_role("button", name="Columns").click()
+    tree = page.get_by_test_id("column-selector-tree")
+    for name, on in wanted.items():
+        page.get_by_placeholder("Search columns").fill(name)
+        node = tree.locator(".du-bois-light-tree-treenode").filter(has_text=re.compile(f"^{name}$"))
+        if node.locator(".du-bois-light-tree-checkbox-checked").count() != on:
+            node.click()
+    page.keyboard.press("Escape")
 
 
 def test_dashboard_lists_the_study_with_its_trial_count(servers: dict[str, Server], study: dict, page: Any) -> None:
@@ -129,34 +151,45 @@ def test_dashboard_trial_page_shows_curve_params_attrs_note_link_and_artifacts(
     shot(page, "dashboard-trial.png")
 
 
-def test_mlflow_ui_lists_the_experiment_nested_trial_runs_and_a_metric_chart(
+def test_mlflow_ui_opens_on_the_runs_table_with_nested_trial_runs_a_metric_column_and_a_chart(
     servers: dict[str, Server], study: dict, page: Any
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    base, s = servers["ui"].url, study["study"]
+    s = study["study"]
     client = MlflowClient(f"sqlite:///{study['work'] / 'runs' / 'quickstart' / 'mlflow.db'}")
-    experiment_id = client.get_experiment_by_name("quickstart").experiment_id
-    page.goto(f"{base}/#/experiments")
-    page.get_by_role("link", name="quickstart").first.wait_for()
-    page.goto(f"{base}/#/experiments/{experiment_id}/runs")
+    experiment = client.get_experiment_by_name("quickstart")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent_run = client.get_run(s.user_attrs["mlflow_parent_run_id"]).info
+    assert parent_run.status == "FINISHED"
+    assert parent_run.end_time - parent_run.start_time > 2000  # it lasted the study, not a few milliseconds
+    # the address `hpo ui` tells the user to open, taken from its own output
+    link = re.search(r"open the study's runs: (\S+)", servers["ui"].output())
+    assert link is not None, servers["ui"].output()
+    assert link.group(1).startswith(f"http://127.0.0.1:{servers['ui'].port}/#/experiments/{experiment.experiment_id}")
+    page.goto(link.group(1))
     parent = page.locator("[role=row]", has_text="quickstart").first
-    parent.wait_for()
+    parent.wait_for()  # the runs table, with no click on "Training runs" or "Model training"
+    assert "/runs" in page.url and page.get_by_role("heading", name="Overview").count() == 0  # not the GenAI view
+    assert page.get_by_role("columnheader", name="Run Name").count() >= 1
     assert page.locator("[role=row]", has_text="trial-").count() == 0  # nested: hidden until expanded
+    close = page.get_by_role("button", name="Close")
+    if close.count():  # the assistant side panel: without it the table has room for the metric column
+        close.first.click()
+    show_columns(page, {"val_accuracy": True, "Dataset": False, "Source": False})
+    page.get_by_role("columnheader", name="val_accuracy").first.wait_for()
     parent.locator("button[data-component-id*=runnamecellrenderer]").click()
     last = max(t.number for t in s.trials)
     page.get_by_text(f"trial-{last}", exact=True).wait_for()
     assert page.locator("[role=row]", has_text="trial-").count() == len(s.trials)
-    close = page.get_by_role("button", name="Close")
-    if close.count():  # the assistant side panel, for a wider screenshot
-        close.first.click()
+    table = page.locator("[role=grid], [role=treegrid]").first.inner_text()
+    for t in s.trials:  # each trial's last val_accuracy, in the metric column (the latest logged value)
+        assert repr(t.intermediate_values[max(t.intermediate_values)]) in table, t.number
     shot(page, "mlflow-runs.png")
     page.locator("label", has=page.locator("input[name=runs-view-mode][value=CHART]")).click()
     page.get_by_placeholder("Search metric charts").fill("val_accuracy")
-    chart = page.locator(".js-plotly-plot", has=page.locator(".scatterlayer .trace")).last
-    chart.wait_for()
-    traces = chart.locator(".scatterlayer .trace")
-    assert traces.count() >= len(s.trials)  # one val_accuracy curve per trial run
+    # one val_accuracy curve per trial run in a line chart (charts redraw as the layout settles: wait for it)
+    page.wait_for_function("n => [...document.querySelectorAll('.js-plotly-plot')].some("
+                           "p => p.querySelectorAll('.scatterlayer .trace').length >= n)", arg=len(s.trials))
     assert "val_accuracy" in page.inner_text("body")
     shot(page, "mlflow-chart.png")
-

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,28 +39,134 @@ def test_help_teaches_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--set SECTION.KEY=VALUE" in text and "resumes the study" in text
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("[study\nname = 'x'", "not valid TOML"),
-        ("[study]\nname = 'x'\nn_trails = 3\n[objective]\nname='cnn'", "study.n_trails: unknown key; allowed here:"),
-        ("[study]\nname = 'x'\n[space.lr]\ntype='float'\nlow=0.1\nhigh=0.01\n[objective]\nname='cnn'",
-         "space.lr: low must be < high"),
-        ("[study]\nname = 'x'\n[space.lr]\ntype='float'\nlow=0\nhigh=0.1\nlog=true\n[objective]\nname='cnn'",
-         "log-scale range needs low > 0"),
-        ("[study]\nname = 'x'\n[objective]\nname='cnn'\ndataset='imagenet'", "objective.dataset"),
-        ("[study]\nname = 'x'\n[objective]\nname='resnet'", "unknown objective 'resnet'"),
-    ],
-)
-def test_bad_study_files_exit_2_and_create_nothing(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, expected: str
+# Bad input, one row each: (study file, command and options, what the one-paragraph error must say). The study
+# file is the quickstart (QS), a file with this text or these bytes (named in the error), or a folder (DIR).
+# {tmp} is the test's folder, {pg} the test PostgreSQL server's user@host, {ro} a folder nobody may write to.
+QS, DIR = "quickstart", "a folder"
+BAD_INPUTS = [
+    pytest.param("[study\nname = 'x'", "run", "not valid TOML", id="toml-syntax"),
+    pytest.param("[study]\nname = 'x'\nn_trails = 3\n[objective]\nname='cnn'", "run",
+                 "study.n_trails: unknown key; allowed here:", id="unknown-key"),
+    pytest.param("[study]\nname = 'x'\n[space.lr]\ntype='float'\nlow=0.1\nhigh=0.01\n[objective]\nname='cnn'", "run",
+                 "space.lr: low must be < high", id="empty-range"),
+    pytest.param("[study]\nname = 'x'\n[space.lr]\ntype='float'\nlow=0\nhigh=0.1\nlog=true\n[objective]\nname='cnn'",
+                 "run", "log-scale range needs low > 0", id="log-range-from-0"),
+    pytest.param("[study]\nname = 'x'\n[objective]\nname='cnn'\ndataset='imagenet'", "run", "objective.dataset",
+                 id="unknown-dataset"),
+    pytest.param("[study]\nname = 'x'\n[objective]\nname='resnet'", "run", "unknown objective 'resnet'",
+                 id="unknown-objective"),
+    pytest.param(QUICKSTART.read_text().encode("utf-16"), "run", "saved as UTF-16, but a study file is TOML in UTF-8",
+                 id="utf-16-file"),
+    pytest.param(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\xfa", "run", "not text (byte 0x89 at offset 0",
+                 id="binary-file"),
+    pytest.param(DIR, "run", "is a folder, not a study file", id="file-is-a-folder"),
+    pytest.param(QS, "run --trials 0", "--trials 0: must be at least 1", id="trials-0"),
+    pytest.param(QS, "run --trials -3", "--trials -3: must be at least 1", id="trials-negative"),
+    pytest.param(QS, "worker --trials -1", "--trials -1: must be at least 1", id="worker-trials-negative"),
+    pytest.param(QS, "run --timeout -5", "--timeout -5.0: must be a positive number of seconds", id="timeout-negative"),
+    pytest.param(QS, "run --workers 0", "--workers 0: must be at least 1", id="workers-0"),
+    pytest.param(QS, "run --workers -2", "--workers -2: must be at least 1", id="workers-negative"),
+    pytest.param(QS, "run --trials-per-gpu 0", "--trials-per-gpu 0: must be at least 1", id="trials-per-gpu-0"),
+    pytest.param(QS, "run --gpus 99", "--gpus 99: ", id="gpu-that-does-not-exist"),
+    pytest.param(QS, "dashboard --port 70000", "--port 70000: a TCP port is a number from 1 to 65535",
+                 id="dashboard-port-too-high"),
+    pytest.param(QS, "ui --port 0", "--port 0: a TCP port is a number from 1 to 65535", id="ui-port-0"),
+    pytest.param(QS, "status --watch --interval 0", "--interval 0.0: must be a positive number", id="interval-0"),
+    pytest.param(QS, "run --set early_stopping.enabled=1", "early_stopping.enabled takes true or false, not 1",
+                 id="set-int-for-bool"),
+    pytest.param(QS, "run --set early_stopping.enabled=yes", 'early_stopping.enabled takes true or false, not "yes"',
+                 id="set-string-for-bool"),
+    pytest.param(QS, "run --set study.timeout=true", "study.timeout takes a number, not true",
+                 id="set-bool-for-number"),
+    pytest.param(QS, "run --set study.max_epochs=1e3", "study.max_epochs takes a whole number, not 1000.0",
+                 id="set-float-for-int"),
+    pytest.param(QS, "run --run-dir {ro}/runs", "cannot create folders in {ro}", id="read-only-run-dir"),
+    pytest.param(QS, "run --storage postgresql://{pg}/nosuchdb", "the server answers but has no database 'nosuchdb'",
+                 id="postgresql-database-that-does-not-exist"),
+    pytest.param(QS, "run --storage postgresq://user@127.0.0.1:5432/hpo", "its scheme 'postgresq' is not a database",
+                 id="storage-scheme-typo"),
+    pytest.param(QS, "run --tracking-uri htp://127.0.0.1:5000", "its scheme 'htp' is not one MLflow knows",
+                 id="tracking-scheme-typo"),
+    pytest.param(QS, "run --tracking-uri sqlit:///{tmp}/mlflow.db", "its scheme 'sqlit' is not one MLflow knows",
+                 id="tracking-sqlite-typo"),
+    pytest.param(QS, "run --tracking-uri sqlite:/{tmp}/mlflow.db", "an SQLite URI has three slashes",
+                 id="tracking-sqlite-missing-slashes"),
+]
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder this process cannot create anything in. Permission bits stop other users; root ignores them,
+    so as root the folder is also made immutable (chattr +i), and the test skips when that is not possible."""
+    import os
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+    if os.geteuid() == 0:
+        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+        if done.returncode != 0:
+            folder.chmod(0o755)
+            pytest.skip("running as root, where permission bits do not stop writes, and `chattr +i` is not "
+                        f"available to make a read-only folder: {done.stderr.strip() or 'chattr missing'}")
+        immutable = True
+    try:
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize(("study", "command", "expected"), BAD_INPUTS)
+def test_bad_input_exits_2_with_one_paragraph_and_creates_nothing(
+    capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest, tmp_path: Path, study: str | bytes,
+    command: str, expected: str,
 ) -> None:
-    path = write(tmp_path, text)
-    code, out, err = run(capsys, "run", str(path), "--run-dir", str(tmp_path / "runs"))
-    assert code == 2
-    assert err.startswith("error: ") and expected in err and str(path) in err
-    assert "Traceback" not in err
-    assert not (tmp_path / "runs").exists()
+    import os
+
+    fill = {"tmp": str(tmp_path)}
+    if "{pg}" in command:
+        if not os.environ.get("HPO_TEST_POSTGRES_URL"):
+            pytest.skip("no PostgreSQL server: set HPO_TEST_POSTGRES_URL (`.ci/run` sets it when 127.0.0.1:5432 "
+                        "answers)")
+        fill["pg"] = os.environ["HPO_TEST_POSTGRES_URL"].split("://", 1)[1].rsplit("/", 1)[0]
+    if "{ro}" in command:
+        fill["ro"] = str(request.getfixturevalue("read_only_folder"))
+    if study == QS:
+        path = QUICKSTART
+    elif study == DIR:
+        path = tmp_path / "studies"
+        path.mkdir()
+    else:
+        path = tmp_path / "study.toml"
+        path.write_bytes(study) if isinstance(study, bytes) else path.write_text(study)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    name, *options = command.format(**fill).split()
+    runs = [] if "--run-dir" in options else ["--run-dir", str(tmp_path / "runs")]
+    code, out, err = run(capsys, name, str(path), *runs, *options)
+    assert code == 2, err
+    assert err.startswith("error: ") and expected.format(**fill) in err, err
+    assert "Traceback" not in err and "\n\n" not in err.strip(), err  # one paragraph
+    if path != QUICKSTART:
+        assert str(path) in err  # names the file
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created
+    assert out == ""
+
+
+def test_commands_that_read_a_study_say_what_they_need(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    runs = ["--run-dir", str(tmp_path / "runs")]
+    for command, needs in (("dashboard", "--storage URL for every study"), ("ui", "--tracking-uri URI to open every"),
+                           ("status", "give a study FILE or --study NAME"), ("best", "give a study FILE or --study"),
+                           ("report", "give a study FILE or --study NAME")):
+        code, _, err = run(capsys, command, *runs)
+        assert code == 2 and err.startswith("error: ") and needs in err, (command, err)
+    code, _, err = run(capsys, "export", *runs, "--out", str(tmp_path / "model"))
+    assert code == 2 and "give a study FILE or --study NAME (see hpo export --help)" in err
+    code, _, err = run(capsys, "export", "--study", "quickstart", *runs, "--out", str(tmp_path / "model"))
+    assert code == 2 and "no results for study 'quickstart' yet" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "model").exists()
 
 
 def test_bad_override_is_validated_like_the_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -132,6 +132,19 @@ def test_replay_reproduces_the_real_runs_without_training(compared: dict) -> Non
     assert len(summaries) == 4  # replay studies live in memory, nothing new in the storage
 
 
+@pytest.mark.slow
+def test_compare_logs_best_models_but_does_not_fill_the_registry(compared: dict) -> None:
+    """Dozens of strategy x seed studies would each add a registered model version; they are only logged."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(compared["storage"].replace("optuna.db", "mlflow.db"))
+    assert client.search_registered_models() == []
+    parents = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`hpo.role` = 'study'")
+    assert len(parents) == 4 and {p.info.status for p in parents} == {"FINISHED"}
+    logged = [p for p in parents if p.data.tags.get("best_model_uri")]
+    assert logged and all(p.data.tags["best_model_version"] == "" for p in logged)
+
+
 # --- pieces -------------------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.finished_study import QUICKSTART, Server, hpo
+from tests.finished_study import QUICKSTART, Server, finished_study, hpo
 
 pytestmark = pytest.mark.slow
 TINY = ["--set", "study.max_epochs=2", "--quiet"]
@@ -55,3 +55,40 @@ def test_dashboard_follows_a_running_study_without_locking_its_sqlite_storage(tm
     assert len(counts) > 20, "the dashboard was hardly read while the study ran"
     assert counts[0] == 1 and any(1 < c < 4 for c in counts), "the dashboard showed the trials as they came"
     assert len(final["trials"]) == 4
+
+
+def test_dashboard_on_a_storage_alone_serves_every_study_with_its_artifacts(tmp_path_factory: pytest.TempPathFactory,
+                                                                           tmp_path: Path) -> None:
+    work = finished_study(tmp_path_factory)
+    storage = f"sqlite:///{work / 'runs' / 'quickstart' / 'optuna.db'}"
+    server = Server("dashboard", "--storage", storage, "--run-dir", str(work / "runs"), cwd=tmp_path,
+                    ready_path="/api/studies")
+    try:
+        with urllib.request.urlopen(server.url + "/api/studies", timeout=60) as response:
+            names = [s["study_name"] for s in json.load(response)["study_summaries"]]
+        with urllib.request.urlopen(server.url + "/api/studies/1?after=0", timeout=60) as response:
+            trial = json.load(response)["trials"][0]
+        artifact = trial["artifacts"][0]  # stored in runs/quickstart/optuna-artifacts, found from the storage alone
+        url = f"{server.url}/artifacts/1/{trial['trial_id']}/{artifact['artifact_id']}"
+        with urllib.request.urlopen(url, timeout=60) as response:
+            body = response.read()
+    finally:
+        server.stop()
+    assert names == ["quickstart"]
+    assert len(body) > 1000
+    assert "every study" in server.output()
+
+
+def test_mlflow_ui_on_a_tracking_store_alone_serves_it(tmp_path_factory: pytest.TempPathFactory,
+                                                      tmp_path: Path) -> None:
+    work = finished_study(tmp_path_factory)
+    uri = f"sqlite:///{work / 'runs' / 'quickstart' / 'mlflow.db'}"
+    server = Server("ui", "--tracking-uri", uri, cwd=tmp_path)
+    try:
+        server.wait("/health")
+        query = "/ajax-api/2.0/mlflow/experiments/search?max_results=100"
+        with urllib.request.urlopen(server.url + query, timeout=60) as response:
+            experiments = json.load(response)["experiments"]
+    finally:
+        server.stop()
+    assert "quickstart" in [e["name"] for e in experiments]

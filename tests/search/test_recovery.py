@@ -95,10 +95,14 @@ def test_sigterm_fails_the_trial_kills_its_run_and_the_next_run_resumes(tmp_path
     trials = study.get_trials()
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["reason"] == "interrupted"
     assert [t.state for t in trials[1:]] == [TrialState.WAITING]  # re-enqueued with the same params
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert client.get_run(parent).info.status == "KILLED"  # the study's run says it was interrupted
     again = hpo("run", str(QUICKSTART), "--set", "study.name='term'", *LONG, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     study, client = load(tmp_path / "runs" / "term", "term")
     _assert_resumed(study, client, "interrupted")
+    assert study.user_attrs["mlflow_parent_run_id"] == parent  # reopened, then ended when the budget was met
+    assert client.get_run(parent).info.status == "FINISHED"
 
 
 @pytest.mark.slow

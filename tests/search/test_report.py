@@ -70,7 +70,7 @@ def test_every_trial_has_a_note_artifacts_a_run_link_and_completed_ones_a_fit(do
     for t in study.trials:
         run_id = t.user_attrs["mlflow_run_id"]
         assert t.user_attrs["mlflow_run_url"] == f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}" \
-                                                 f"/runs/{run_id}"
+                                                 f"/runs/{run_id}?workflowType=machine_learning"
         note = get_note(optuna.trial.Trial(study, t._trial_id))
         assert f"## Trial {t.number}: {t.state.name}" in note and run_id in note
         metas = {m.filename: m for m in get_all_artifact_meta(t, storage=study._storage)}
@@ -161,6 +161,16 @@ def test_export_writes_an_mlflow_model_that_predicts_digits(done: dict, capsys: 
     assert main(["export", str(QUICKSTART), *done["opts"], "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "already exists and is not an empty folder" in err and err.count("\n") == 1
+
+
+def test_export_by_study_name_uses_the_settings_stored_with_the_study(
+    done: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = done["work"] / "best-model-by-name"
+    assert main(["export", "--study", "quickstart", *done["opts"], "--out", str(out)]) == 0, capsys.readouterr().err
+    assert f"exported trial #{done['study'].best_trial.number}" in capsys.readouterr().out
+    images, labels = _digits(100)
+    assert (mlflow.pyfunc.load_model(str(out)).predict(images) == labels).mean() > 0.8
 
 
 def test_views_refuse_a_study_that_was_never_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

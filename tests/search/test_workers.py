@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search.config import load_settings
+from search.errors import SettingsError
 from search.launch import plan_workers
 from search.study import run_paths, run_study
 from search.workers import HOST, identity, recover_local_orphans
@@ -23,9 +24,15 @@ SMALL = ["--set", "study.max_epochs=2", "--set", "objective.widths=[8,16]"]
 
 
 def test_plan_assigns_gpus_round_robin_and_shares_cpu_threads() -> None:
-    assert plan_workers(None, "0,1", trials_per_gpu=2).workers == ("0", "1", "0", "1")
-    assert plan_workers(3, "0,1,2,3").workers == ("0", "1", "2")
-    assert plan_workers(5, "2,3").workers == ("2", "3", "2", "3", "2")
+    four = ["0", "1", "2", "3"]
+    assert plan_workers(None, "0,1", trials_per_gpu=2, visible=four).workers == ("0", "1", "0", "1")
+    assert plan_workers(3, "0,1,2,3", visible=four).workers == ("0", "1", "2")
+    assert plan_workers(5, "2,3", visible=four).workers == ("2", "3", "2", "3", "2")
+    assert plan_workers(None, None, visible=four).workers == tuple(four)
+    with pytest.raises(SettingsError, match="no GPU 4 on this machine; torch sees 4"):
+        plan_workers(None, "0,4", visible=four)
+    with pytest.raises(SettingsError, match="no CUDA GPU that torch can use"):
+        plan_workers(None, "0", visible=[])
     cpu = plan_workers(4, None, cpu_count=16)
     if cpu.workers[0] is None:  # no GPU on this machine
         assert cpu.workers == (None,) * 4 and cpu.threads == 4
@@ -100,6 +107,8 @@ def test_four_workers_on_sqlite_finish_exactly_forty_trials(tmp_path: Path) -> N
     runs = child_runs(client, "w4")
     assert len(runs) == 40 and {r.info.status for r in runs} == {"FINISHED"}
     assert "finished 40 trials" in out.stdout
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"]).info
+    assert parent.status == "FINISHED" and parent.end_time >= max(r.info.end_time for r in runs)  # ended last
 
 
 def _free_port() -> int:
@@ -141,6 +150,9 @@ def test_four_workers_on_postgresql_with_an_mlflow_server(tmp_path: Path) -> Non
             parents = MlflowClient(uri).search_runs(
                 [MlflowClient(uri).get_experiment_by_name("pg").experiment_id], "tags.`hpo.role` = 'study'")
             assert len(parents) == 1, "one parent run shared by every worker"
+            # each worker tries to end it when it stops; only the last one, with no trial left running, does
+            assert parents[0].info.status == "FINISHED"
+            assert parents[0].info.end_time >= max(r.info.end_time for r in runs)
         finally:
             server.terminate()
             server.wait(timeout=30)
