@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from search.early_stopping import EarlyStopping
 from search.errors import SettingsError
 from search.plugins import load_objective
+from search.pruning import PRUNERS
+from search.samplers import SAMPLERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -70,20 +72,19 @@ class StudySection(Section):
         return self.grace_period or 6 * self.heartbeat_interval
 
 
-SAMPLER_OPTIONS: dict[str, set[str]] = {
-    "tpe": {"seed", "n_startup_trials", "multivariate"},
-    "random": {"seed"},
-    "cmaes": {"seed", "n_startup_trials"},
-    "gp": {"seed", "n_startup_trials"},
-    "grid": {"seed"},
-}
+SAMPLER_OPTIONS: dict[str, frozenset[str]] = {name: kind.options for name, kind in SAMPLERS.items()}
 
 
 class SamplerSection(Section):
-    name: Literal["tpe", "random", "cmaes", "gp", "grid"] = "tpe"
+    name: str = "tpe"
     seed: int | None = 0
     n_startup_trials: int | None = Field(default=None, ge=0)
     multivariate: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        return _known(value, SAMPLERS, "sampler")
 
     @model_validator(mode="after")
     def _options_fit_sampler(self) -> SamplerSection:
@@ -91,24 +92,11 @@ class SamplerSection(Section):
         return self
 
 
-PRUNER_OPTIONS: dict[str, set[str]] = {
-    "median": {"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
-    "median_carry_forward": {"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
-    "percentile": {"percentile", "n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
-    "successive_halving": {"min_resource", "reduction_factor", "min_early_stopping_rate", "bootstrap_count"},
-    "hyperband": {"min_resource", "max_resource", "reduction_factor", "bootstrap_count"},
-    "threshold": {"lower", "upper", "n_warmup_steps", "interval_steps"},
-    "patient": {"wrapped", "patience", "min_delta", "n_startup_trials", "n_warmup_steps", "interval_steps"},
-    "wilcoxon": {"p_threshold", "n_startup_steps"},
-    "none": set(),
-}
+PRUNER_OPTIONS: dict[str, frozenset[str]] = {name: kind.options for name, kind in PRUNERS.items()}
 
 
 class PrunerSection(Section):
-    name: Literal[
-        "median", "percentile", "successive_halving", "hyperband", "threshold", "patient", "wilcoxon", "none",
-        "median_carry_forward",
-    ] = "median"
+    name: str = "median"
     n_startup_trials: int | None = Field(default=None, ge=0)
     n_warmup_steps: int | None = Field(default=None, ge=0)
     interval_steps: int | None = Field(default=None, ge=1)
@@ -126,6 +114,11 @@ class PrunerSection(Section):
     min_delta: float | None = Field(default=None, ge=0)
     p_threshold: float | None = Field(default=None, gt=0, lt=1)
     n_startup_steps: int | None = Field(default=None, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_pruner(cls, value: str) -> str:
+        return _known(value, PRUNERS, "pruner")
 
     @model_validator(mode="after")
     def _options_fit_pruner(self) -> PrunerSection:
@@ -300,7 +293,13 @@ class Settings(Section):
         }
 
 
-def _check_options(section: BaseModel, allowed: set[str], owner: str) -> None:
+def _known(value: str, table: Mapping[str, Any], kind: str) -> str:
+    if value not in table:
+        raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(repr(k) for k in table)}")
+    return value
+
+
+def _check_options(section: BaseModel, allowed: frozenset[str], owner: str) -> None:
     given = {k for k in section.model_fields_set if k not in ("name",) and getattr(section, k) is not None}
     extra = sorted(given - allowed)
     if extra:

@@ -1,65 +1,62 @@
-"""Small registries from settings to Optuna pruners and samplers."""
+"""The pruners a study file may name: one table from name to Optuna pruner, its options and defaults.
+
+Settings validation (``search/config.py``) reads the accepted options from here; ``build_pruner`` reads
+the builders. Epochs are the pruners' steps. A new pruner is one row.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
 from search.carry_forward import MedianCarryForwardPruner
-from search.config import PrunerSection, SamplerSection, SpaceSection
-from search.space import grid_space
+
+Pruner = optuna.pruners.BasePruner
+MEDIAN_OPTIONS = frozenset({"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"})
 
 
-def _given(section: Any, *names: str) -> dict[str, Any]:
-    return {n: getattr(section, n) for n in names if getattr(section, n) is not None}
+@dataclass(frozen=True)
+class PrunerKind:
+    """``options``: the ``[pruner]`` keys it accepts besides ``name``; ``make(options, max_epochs)`` builds it
+    from the options the file gave (None-valued ones left out), filling its defaults."""
+
+    options: frozenset[str]
+    make: Callable[[dict[str, Any], int], Pruner]
 
 
-def _median_like(cfg: PrunerSection, name: str) -> optuna.pruners.BasePruner:
-    common = _given(cfg, "n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials")
-    if name == "percentile":
-        return optuna.pruners.PercentilePruner(cfg.percentile if cfg.percentile is not None else 25.0, **common)
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(**common)
+def _patient(o: dict[str, Any], max_epochs: int) -> Pruner:
+    """PatientPruner around another pruner (median by default), which gets the median-style options."""
+    wrapped = o.pop("wrapped", "median")
+    patience, min_delta = o.pop("patience", 0), o.pop("min_delta", 0.0)
+    inner = PRUNERS[wrapped].make({k: v for k, v in o.items() if k in PRUNERS[wrapped].options}, max_epochs)
+    return optuna.pruners.PatientPruner(inner, patience=patience, min_delta=min_delta)
 
 
-def build_pruner(cfg: PrunerSection, max_epochs: int) -> optuna.pruners.BasePruner:
-    """One Optuna pruner for the ``[pruner]`` section; epochs are the pruners' steps."""
-    name = cfg.name
-    if name in ("median", "percentile", "none"):
-        return _median_like(cfg, name)
-    if name == "median_carry_forward":
-        return MedianCarryForwardPruner(**_given(cfg, "n_startup_trials", "n_warmup_steps", "interval_steps",
-                                                 "n_min_trials"))
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            **_given(cfg, "min_resource", "reduction_factor", "min_early_stopping_rate", "bootstrap_count")
-        )
-    if name == "hyperband":
-        kwargs = _given(cfg, "min_resource", "reduction_factor", "bootstrap_count")
-        kwargs.setdefault("min_resource", 1)
-        kwargs["max_resource"] = cfg.max_resource if cfg.max_resource is not None else max_epochs
-        return optuna.pruners.HyperbandPruner(**kwargs)
-    if name == "threshold":
-        return optuna.pruners.ThresholdPruner(**_given(cfg, "lower", "upper", "n_warmup_steps", "interval_steps"))
-    if name == "patient":
-        inner = _median_like(cfg, cfg.wrapped or "median")
-        return optuna.pruners.PatientPruner(inner, patience=cfg.patience or 0, min_delta=cfg.min_delta or 0.0)
-    if name == "wilcoxon":
-        return optuna.pruners.WilcoxonPruner(**_given(cfg, "p_threshold", "n_startup_steps"))
-    raise ValueError(f"unknown pruner {name!r}")  # unreachable: settings validation lists the names
+PRUNERS: dict[str, PrunerKind] = {
+    "median": PrunerKind(MEDIAN_OPTIONS, lambda o, _: optuna.pruners.MedianPruner(**o)),
+    "median_carry_forward": PrunerKind(MEDIAN_OPTIONS, lambda o, _: MedianCarryForwardPruner(**o)),
+    "percentile": PrunerKind(MEDIAN_OPTIONS | {"percentile"},
+                             lambda o, _: optuna.pruners.PercentilePruner(**{"percentile": 25.0, **o})),
+    "successive_halving": PrunerKind(
+        frozenset({"min_resource", "reduction_factor", "min_early_stopping_rate", "bootstrap_count"}),
+        lambda o, _: optuna.pruners.SuccessiveHalvingPruner(**o)),
+    "hyperband": PrunerKind(
+        frozenset({"min_resource", "max_resource", "reduction_factor", "bootstrap_count"}),
+        lambda o, max_epochs: optuna.pruners.HyperbandPruner(**{"min_resource": 1, "max_resource": max_epochs, **o})),
+    "threshold": PrunerKind(frozenset({"lower", "upper", "n_warmup_steps", "interval_steps"}),
+                            lambda o, _: optuna.pruners.ThresholdPruner(**o)),
+    "patient": PrunerKind(frozenset({"wrapped", "patience", "min_delta", "n_startup_trials", "n_warmup_steps",
+                                     "interval_steps"}), _patient),
+    "wilcoxon": PrunerKind(frozenset({"p_threshold", "n_startup_steps"}),
+                           lambda o, _: optuna.pruners.WilcoxonPruner(**o)),
+    "none": PrunerKind(frozenset(), lambda o, _: optuna.pruners.NopPruner()),
+}
 
 
-def build_sampler(cfg: SamplerSection, space: SpaceSection) -> optuna.samplers.BaseSampler:
-    """One Optuna sampler for the ``[sampler]`` section, seeded when a seed is given."""
-    seed = cfg.seed
-    if cfg.name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if cfg.name == "grid":
-        return optuna.samplers.GridSampler(grid_space(space), seed=seed)
-    if cfg.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, **_given(cfg, "n_startup_trials"))
-    if cfg.name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, **_given(cfg, "n_startup_trials"))
-    return optuna.samplers.TPESampler(seed=seed, **_given(cfg, "n_startup_trials", "multivariate"))
+def build_pruner(cfg: Any, max_epochs: int) -> Pruner:
+    """The ``[pruner]`` section's pruner (``cfg``: a validated PrunerSection)."""
+    given: Mapping[str, Any] = cfg.model_dump(exclude_none=True, exclude={"name"})
+    return PRUNERS[cfg.name].make({k: v for k, v in given.items() if k in PRUNERS[cfg.name].options}, max_epochs)

@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from search.config import Settings
 from search.errors import StorageError
+from search.optuna_adapter import heartbeat_enabled
 from search.plugins import load_objective
 from search.progress import Progress
-from search.pruning import build_pruner, build_sampler
+from search.pruning import build_pruner
 from search.publish import on_study_end
+from search.samplers import build_sampler
 from search.session import StudyContext, TrialFailed
 from search.summary import best_trial, counts
 from search.tracking import Tracker
@@ -306,7 +307,7 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
         lock.acquire()
         try:
             recover_local_orphans(study, on_fail=lambda t: mark_killed(opened.tracker, t))
-            if is_heartbeat_enabled(study._storage):
+            if heartbeat_enabled(study):
                 optuna.storages.fail_stale_trials(study)
             c = counts(study)
             if n_trials is not None and c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= n_trials:

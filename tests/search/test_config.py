@@ -87,10 +87,10 @@ def test_quickstart_values_are_read_as_written() -> None:
     assert settings.sampler.name == "tpe" and settings.sampler.seed == 42
     assert settings.pruner.name == "median" and settings.pruner.n_warmup_steps == 2
     lr = settings.space.params["lr"]
-    assert (lr.type, lr.low, lr.high, lr.log) == ("float", 1e-4, 3e-1, True)
+    assert (lr.type, lr.low, lr.high, lr.log) == ("float", 1e-3, 3e-2, True)
     assert settings.space.params["batch_size"].choices == [32, 64, 128]
-    assert settings.objective.widths == (16, 32)
-    assert settings.monitor == "val_loss" and settings.monitor_mode == "min"
+    assert settings.objective.widths == (32, 64) and settings.objective.augment is False
+    assert settings.monitor == "val_accuracy" and settings.monitor_mode == "max"  # the study metric
 
 
 def test_cifar10_uses_linear_lr_scaling() -> None:

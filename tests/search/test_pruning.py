@@ -21,7 +21,8 @@ from optuna.samplers import CmaEsSampler, GPSampler, GridSampler, RandomSampler,
 from pydantic import ValidationError
 
 from search.config import PrunerSection, SamplerSection, SpaceSection
-from search.pruning import build_pruner, build_sampler
+from search.pruning import build_pruner
+from search.samplers import build_sampler
 from search.space import suggest
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
