@@ -28,6 +28,7 @@ run: setup
 
 test: setup-dev
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
 # scikit-learn's digits as an image folder (data/digits-folder/{train,val}/<digit>/*.png), for
@@ -37,6 +38,7 @@ sample-folder: setup
 
 lint: setup-dev
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf runs .pytest_cache test-artifacts

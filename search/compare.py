@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from search.config import PRUNER_OPTIONS, Settings, apply_overrides, read_study_text, settings_from_dict, tomllib
+from search.config import PRUNER_OPTIONS, Settings, apply_overrides, read_study, settings_from_dict
 from search.errors import SettingsError
 
 DEFAULT_STRATEGIES = "none,early_stopping,median,median+early_stopping,hyperband,median_carry_forward+early_stopping"
@@ -101,7 +101,7 @@ def plan_compare(file: str | Path, overrides: Sequence[str], strategies: str, n_
     if trials is None or trials < 1:
         raise SettingsError(f"{file}: hpo compare needs a trial budget; give --trials N (a timeout alone would "
                             "give each strategy a different number of trials).")
-    raw = apply_overrides(tomllib.loads(read_study_text(Path(file))), overrides)
+    raw = apply_overrides(read_study(Path(file)), overrides)
     first_seed = base.sampler.seed if base.sampler.seed is not None else 0
     seeds = [first_seed + i for i in range(n_seeds)]
     parsed = parse_strategies(strategies)

@@ -344,10 +344,14 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 def load_settings(path: str | Path, overrides: Sequence[str] = ()) -> Settings:
     """Read, override and validate a study file; raise SettingsError naming the file and key."""
     path = Path(path)
-    data = tomllib.loads(read_study_text(path))
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(read_study(path), overrides)
     _check_override_types(data, overrides, str(path))
     return settings_from_dict(data, source=str(path), base_dir=path.resolve().parent)
+
+
+def read_study(path: Path) -> dict[str, Any]:
+    """The study file's TOML as a dict (see read_study_text for every way it is refused)."""
+    return tomllib.loads(read_study_text(path))
 
 
 def read_study_text(path: Path) -> str:
@@ -487,7 +491,8 @@ def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>", base
         )
     probed = settings.space.params if fields is not None else {}  # ranges are the objective's to check
     for pname, spec in probed.items():
-        probes = [*(spec.choices or [spec.low, spec.high]), *(spec.grid or [])]
+        bounds = [v for v in (spec.low, spec.high) if v is not None]  # a range has both (validated above)
+        probes = [*(spec.choices or bounds), *(spec.grid or [])]
         for value in probes:
             value = int(value) if spec.type == "int" else value
             try:

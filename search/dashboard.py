@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from socketserver import ThreadingMixIn
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
@@ -19,6 +19,9 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 from search.errors import HpoError, SettingsError
 from search.publish import ARTIFACT_DIR, artifact_store
+
+if TYPE_CHECKING:
+    from wsgiref.types import WSGIApplication
 
 SQLITE_TIMEOUT_S = 60
 
@@ -79,14 +82,15 @@ def store_artifacts(storage: optuna.storages.BaseStorage, run_dir: Path) -> Stud
     return StudyFolders([(run_dir / name / ARTIFACT_DIR).resolve() for name in names])
 
 
-def make_app(storage_url: str, root: Path | None, run_dir: Path | None = None) -> object:
+def make_app(storage_url: str, root: Path | None, run_dir: Path | None = None) -> WSGIApplication:
     """The optuna-dashboard WSGI app: one study's artifact store (``<root>/optuna-artifacts``), or with
     ``root`` None the whole store, with every study's artifacts found under ``run_dir``."""
     from optuna_dashboard import wsgi
 
     storage = dashboard_storage(storage_url)
     artifacts = artifact_store(root) if root is not None else store_artifacts(storage, run_dir or Path("runs"))
-    return wsgi(storage, artifact_store=artifacts)
+    app: WSGIApplication = wsgi(storage, artifact_store=artifacts)
+    return app
 
 
 def serve(storage_url: str, root: Path | None, host: str, port: int, run_dir: Path | None = None) -> int:

@@ -52,4 +52,5 @@ def export_best(study: optuna.Study, settings: Any, out: Path) -> Exported:
         out.rmdir()  # MLflow writes a new directory
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, example, out)
-    return Exported(best.number, float(best.value), out, tuple(example.shape[1:]))
+    value = best.value if best.value is not None else float("nan")  # a COMPLETE trial always has one
+    return Exported(best.number, float(value), out, tuple(example.shape[1:]))

@@ -224,20 +224,21 @@ class TrialSession:
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
+    ) -> None:
+        """Exceptions propagate (None): the table maps each to a recorded state, never swallows one."""
         if exc is None:
             self._record("COMPLETE")
-            return False
+            return
         if isinstance(exc, optuna.TrialPruned):
             self._record("PRUNED")
-            return False
+            return
         if isinstance(exc, KeyboardInterrupt):
             # FAIL in Optuna (it marks interrupted trials so), KILLED in MLflow, and re-enqueued with the
             # same params: the next `hpo run` resumes it from last.pt.
             self.reason = "interrupted"
             self._record("FAIL", killed=True)
             retry(self.trial.study, stored_trial(self.trial))
-            return False
+            return
         self.reason = failure_reason(exc)
         if is_out_of_memory(exc):
             self.trial.set_user_attr("oom_batch_size", self.resolved.get("batch_size"))

@@ -17,6 +17,8 @@ def suggest(trial: optuna.Trial, space: SpaceSection) -> dict[str, Any]:
     for name, spec in space.params.items():
         if spec.type == "categorical":
             params[name] = trial.suggest_categorical(name, list(spec.choices or []))
+        elif spec.low is None or spec.high is None:  # unreachable: ParamSpec requires both for ranges
+            raise ValueError(f"[space.{name}] needs low and high")
         elif spec.type == "int":
             step = int(spec.step) if spec.step else 1
             params[name] = trial.suggest_int(name, int(spec.low), int(spec.high), step=step, log=spec.log)

@@ -23,13 +23,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.config import Settings
 from search.errors import StorageError
+from search.failures import TrialFailed
 from search.optuna_adapter import heartbeat_enabled
 from search.plugins import load_objective
 from search.progress import Progress
 from search.pruning import build_pruner
 from search.publish import on_study_end
 from search.samplers import build_sampler
-from search.session import StudyContext, TrialFailed
+from search.session import StudyContext
 from search.summary import best_trial, counts
 from search.tracking import Tracker
 from search.workers import advisory_lock, budget_lock, recover_local_orphans, retry
@@ -85,7 +86,9 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
         if url.startswith("journal:"):
             path = url.removeprefix("journal:").removeprefix("//")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            backend = optuna.storages.journal.JournalFileBackend(path)
+            from optuna.storages.journal import JournalFileBackend
+
+            backend = JournalFileBackend(path)
             return optuna.storages.JournalStorage(backend)
         if url.startswith("sqlite:///"):
             enable_wal(Path(url.removeprefix("sqlite:///")))
@@ -299,7 +302,7 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
 
     def objective(trial: optuna.Trial) -> float:
         lock.release()  # the trial is RUNNING now, so other workers count it
-        return opened.objective(trial)
+        return float(opened.objective(trial))
 
     while guard.in_a_row < guard.limit:
         if timeout is not None and time.monotonic() - started >= timeout:
@@ -413,11 +416,14 @@ def score_best(study: optuna.Study, objective: Any, tracker: Tracker, parent: st
     if best is None or "checkpoint" not in best.user_attrs:
         return {}
     if study.user_attrs.get("hpo.test_scored_trial") == best.number:
-        return dict(study.user_attrs.get("hpo.test_metrics", {}))
-    metrics = objective.test_score(best.user_attrs["checkpoint"])
+        return {k: float(v) for k, v in study.user_attrs.get("hpo.test_metrics", {}).items()}
+    metrics = {k: float(v) for k, v in objective.test_score(best.user_attrs["checkpoint"]).items()}
     study.set_user_attr("hpo.test_scored_trial", best.number)
     study.set_user_attr("hpo.test_metrics", metrics)
     tags = {"best_trial": best.number, "best_mlflow_run_id": best.user_attrs.get("mlflow_run_id", "")}
     tags.update({f"best_param.{k}": v for k, v in best.params.items()})
-    tracker.log_summary(parent, {"best_value": best.value, **{f"best_{k}": v for k, v in metrics.items()}}, tags)
+    summary = {f"best_{k}": v for k, v in metrics.items()}
+    if best.value is not None:
+        summary["best_value"] = best.value
+    tracker.log_summary(parent, summary, tags)
     return metrics

@@ -21,7 +21,7 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.tracking import MlflowClient as MlflowClient  # noqa: E402  (re-exported for replay)
 
 PARENT_TAG = "hpo.role"
 MAX_PARAM_LENGTH = 6000
@@ -113,7 +113,7 @@ class Tracker:
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=study_name, tags={PARENT_TAG: "study"})
             self.client.log_batch(run.info.run_id, params=_params(params))
-            return run.info.run_id
+            return str(run.info.run_id)
         self.reopen(run_id)
         return run_id
 

@@ -34,9 +34,9 @@ def status_text(study: optuna.Study) -> str:
 def budget(study: optuna.Study) -> int | None:
     """The trial budget the study was last run with (older studies: the study file's n_trials)."""
     attrs = study.user_attrs
-    if "hpo.n_trials" in attrs:
-        return attrs["hpo.n_trials"]
-    return (attrs.get("hpo.settings") or {}).get("study", {}).get("n_trials")
+    value = attrs["hpo.n_trials"] if "hpo.n_trials" in attrs else \
+        (attrs.get("hpo.settings") or {}).get("study", {}).get("n_trials")
+    return None if value is None else int(value)
 
 
 def is_done(study: optuna.Study) -> bool:
