@@ -41,7 +41,8 @@ from objectives.train import TrainingState, fit  # noqa: E402
 from search.checkpoint import save_atomic  # noqa: E402
 from search.config import load_settings  # noqa: E402
 from search.session import StudyContext  # noqa: E402
-from search.study import load_or_create_study, open_storage  # noqa: E402
+from search.stores import open_storage  # noqa: E402
+from search.study import load_or_create_study  # noqa: E402
 from search.tracking import Tracker  # noqa: E402
 
 METRICS = ("train_loss", "val_loss", "val_accuracy", "val_f1", "lr", "epoch_seconds", "images_per_second")

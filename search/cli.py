@@ -189,7 +189,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def _paths(args: argparse.Namespace) -> tuple[Any, Any]:
     """(settings or None, RunPaths) for commands that read a study from FILE or --study NAME."""
-    from search.study import run_paths
+    from search.stores import run_paths
 
     if args.file:
         settings = _settings(args)
@@ -205,12 +205,13 @@ def _paths(args: argparse.Namespace) -> tuple[Any, Any]:
 def _open_existing(args: argparse.Namespace) -> Any:
     import optuna
 
-    from search.study import open_storage
+    from search.stores import open_storage, sqlite_path
 
     settings, paths = _paths(args)
     name = settings.study.name if settings else (args.study_name or args.study)
-    if paths.storage_url.startswith("sqlite:///") and not Path(paths.storage_url[10:]).exists():
-        raise SettingsError(f"no results for study {name!r} yet: {paths.storage_url[10:]} does not exist. "
+    db = sqlite_path(paths.storage_url)
+    if db is not None and not db.exists():
+        raise SettingsError(f"no results for study {name!r} yet: {db} does not exist. "
                             "Run `hpo run FILE` first, or pass the --run-dir/--storage it used.")
     storage = open_storage(paths.storage_url)
     try:
@@ -222,7 +223,8 @@ def _open_existing(args: argparse.Namespace) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from search.launch import plan_workers, run_parallel
     from search.progress import Progress
-    from search.study import run_paths, run_study
+    from search.stores import run_paths
+    from search.study import run_study
     from search.summary import best_trial, counts, epochs_spent, study_table
 
     settings = _settings(args)
@@ -265,7 +267,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from search.progress import Progress
-    from search.study import run_paths, run_study
+    from search.stores import run_paths
+    from search.study import run_study
     from search.workers import set_threads
 
     set_threads(args.threads)
@@ -394,6 +397,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from search.stores import sqlite_path
     from search.tracking import experiments_url
 
     name = None
@@ -408,8 +412,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if uri.startswith(("http://", "https://")):
         raise SettingsError(f"{uri} is an MLflow tracking server, which serves the UI itself: open "
                             f"{experiments_url(uri)} in a browser instead of starting another one.")
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise SettingsError(f"no MLflow results here yet: {uri.removeprefix('sqlite:///')} does not exist. Run "
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise SettingsError(f"no MLflow results here yet: {db} does not exist. Run "
                             "`hpo run FILE` first, or pass the --run-dir/--tracking-uri it used.")
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     base = f"http://{shown}:{args.port}"
@@ -473,11 +478,34 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from search.compare import DEFAULT_STRATEGIES, main
+    from search.compare import DEFAULT_STRATEGIES, plan_compare, replay_compare, run_compare
+    from search.compare_render import write_outputs
 
     _check_destinations(args)
-    args.strategies = args.strategies or DEFAULT_STRATEGIES
-    return main(args)
+    overrides = list(args.overrides)
+    if args.study_name:
+        overrides.append(f'study.name="{args.study_name}"')
+    plan = plan_compare(args.file, overrides, args.strategies or DEFAULT_STRATEGIES, args.seeds, args.trials,
+                        args.run_dir, args.storage, args.tracking_uri)
+    if args.source and not args.replay:
+        raise SettingsError("--source names the study whose curves --replay replays; add --replay")
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    mode = "replaying" if args.replay else "running"
+    log(f"{mode} {len(plan.strategies)} strategies x {len(plan.seeds)} seeds of {plan.base.study.name!r}, "
+        f"{plan.n_trials} trials x {plan.base.study.max_epochs} epochs each; studies in {plan.storage_url}")
+    register: bool = args.register_models
+    log("best models are logged on their MLflow runs and registered in the model registry (--register-models)"
+        if register else "best models are logged on their MLflow runs but not registered (--register-models "
+        "registers them)")
+    rows = replay_compare(plan, args.source, log, register) if args.replay else run_compare(plan, log, register)
+    paths = write_outputs(rows, plan.strategy_names, Path(args.out) if args.out else plan.root, args.replay,
+                          plan.chart_title(args.replay), plan.describe(args.replay))
+    print(paths["md"].read_text())
+    print(f"written: {paths['md']}, {paths['csv']}, {paths['png']}")
+    return 0
 
 
 COMMANDS["compare"] = cmd_compare

@@ -17,14 +17,12 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from search.errors import HpoError, SettingsError
+from search.errors import HpoError
 from search.publish import ARTIFACT_DIR, artifact_store
+from search.stores import open_for_reading
 
 if TYPE_CHECKING:
     from wsgiref.types import WSGIApplication
-
-SQLITE_TIMEOUT_S = 60
-
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
@@ -33,20 +31,6 @@ class _Server(ThreadingMixIn, WSGIServer):
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         """The dashboard polls every few seconds; one log line per request would bury everything else."""
-
-
-def dashboard_storage(url: str) -> optuna.storages.BaseStorage:
-    """A storage for reading: no table creation or migration check, SQLite reads wait for writers."""
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise SettingsError(f"no results here yet: {path} does not exist. Run `hpo run FILE` first, or pass "
-                                "the --run-dir/--storage it used.")
-        return optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True,
-                                          engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
-    from search.study import open_storage
-
-    return open_storage(url)
 
 
 class StudyFolders:
@@ -87,7 +71,7 @@ def make_app(storage_url: str, root: Path | None, run_dir: Path | None = None) -
     ``root`` None the whole store, with every study's artifacts found under ``run_dir``."""
     from optuna_dashboard import wsgi
 
-    storage = dashboard_storage(storage_url)
+    storage = open_for_reading(storage_url)
     artifacts = artifact_store(root) if root is not None else store_artifacts(storage, run_dir or Path("runs"))
     app: WSGIApplication = wsgi(storage, artifact_store=artifacts)
     return app

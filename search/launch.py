@@ -19,7 +19,8 @@ from search.config import Settings
 from search.errors import SettingsError
 from search.preflight import check_gpus
 from search.progress import Progress
-from search.study import OpenStudy, RunPaths, RunResult, finish_study, open_study, parent_lifetime
+from search.stores import RunPaths
+from search.study import OpenStudy, RunResult, finish_study, open_study, parent_lifetime
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from search.errors import SettingsError, StorageError
+from search.stores import redact, sqlite_path
 
 # (option attribute, flag, smallest allowed value, what the option means): whole-number options.
 AT_LEAST = [
@@ -95,7 +96,7 @@ def check_tracking_uri(uri: str) -> None:
         raise SettingsError(f"--tracking-uri {uri}: {what}. Write sqlite:///PATH/mlflow.db for a file, "
                             "http://HOST:PORT for an MLflow server, or postgresql://USER@HOST/DB for a database; "
                             "or leave --tracking-uri out to use the run directory's mlflow.db.")
-    if base == "sqlite" and not uri.startswith("sqlite:///"):
+    if base == "sqlite" and sqlite_path(uri) is None:
         raise SettingsError(f"--tracking-uri {uri}: an SQLite URI has three slashes and a path, "
                             "sqlite:///PATH/mlflow.db (four for an absolute path: sqlite:////abs/mlflow.db).")
     if base in ("http", "https"):
@@ -120,7 +121,7 @@ def check_storage_url(url: str) -> None:
                             "postgresql://USER:PASSWORD@HOST:5432/DB, mysql+pymysql://... or journal:PATH; or "
                             "leave --storage out to use the run directory's optuna.db.")
     if base == "sqlite":
-        if not url.startswith("sqlite:///"):
+        if sqlite_path(url) is None:
             raise SettingsError(f"--storage {url}: an SQLite URL has three slashes and a path, "
                                 "sqlite:///PATH/optuna.db (four for an absolute path).")
         return
@@ -130,14 +131,12 @@ def check_storage_url(url: str) -> None:
 def _connect_once(url: str) -> None:
     import sqlalchemy
 
-    from search.study import _redact
-
     try:
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     except ModuleNotFoundError:
         return  # open_storage names the missing driver
     except Exception as exc:  # noqa: BLE001 - a malformed URL
-        raise StorageError(f"--storage {_redact(url)}: not a database URL SQLAlchemy can read ({exc}).") from exc
+        raise StorageError(f"--storage {redact(url)}: not a database URL SQLAlchemy can read ({exc}).") from exc
     try:
         with engine.connect():
             pass
@@ -146,13 +145,13 @@ def _connect_once(url: str) -> None:
         database = engine.url.database
         if database and f'database "{database}" does not exist' in text:
             raise StorageError(
-                f"--storage {_redact(url)}: the server answers but has no database {database!r}. Create it "
+                f"--storage {redact(url)}: the server answers but has no database {database!r}. Create it "
                 f"(createdb -h {engine.url.host or 'HOST'} -U {engine.url.username or 'USER'} {database}, or "
                 f"CREATE DATABASE {database}), or fix the name in the URL. Nothing was created."
             ) from exc
         first = " ".join(text.split())[:300]
         raise StorageError(
-            f"could not open the Optuna storage {_redact(url)!r}: {first}. Check that the database server is "
+            f"could not open the Optuna storage {redact(url)!r}: {first}. Check that the database server is "
             "running and reachable, and that the user, password and database name in the URL are right; or "
             "leave --storage out to use the SQLite file in the run directory."
         ) from exc

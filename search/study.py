@@ -10,12 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -31,118 +29,16 @@ from search.pruning import build_pruner
 from search.publish import on_study_end
 from search.samplers import build_sampler
 from search.session import StudyContext
+from search.stores import RunPaths
+from search.stores import open_storage as open_storage  # TODO(compare split): import from stores
+from search.stores import run_paths as run_paths  # TODO(compare split): import from stores
 from search.summary import best_trial, counts
 from search.tracking import Tracker
-from search.workers import advisory_lock, budget_lock, recover_local_orphans, retry
+from search.workers import budget_lock, recover_local_orphans, retry
 
 FINGERPRINT_ATTR = "hpo.fingerprint"
 PARENT_ATTR = "mlflow_parent_run_id"
 BUDGET_ATTR = "hpo.n_trials"  # the trial budget of the latest run; `hpo status --watch` stops when it is met
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where one study's results live; every command derives the same paths from the same options."""
-
-    root: Path
-    storage_url: str
-    tracking_uri: str
-
-    @property
-    def artifacts(self) -> Path:
-        return self.root / "mlartifacts"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-
-def run_paths(run_dir: str | Path, study_name: str, storage: str | None = None,
-              tracking_uri: str | None = None) -> RunPaths:
-    root = (Path(run_dir) / study_name).resolve()
-    return RunPaths(
-        root=root,
-        storage_url=storage or f"sqlite:///{root / 'optuna.db'}",
-        tracking_uri=tracking_uri or f"sqlite:///{root / 'mlflow.db'}",
-    )
-
-
-def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
-                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> optuna.storages.BaseStorage:
-    """Open an Optuna storage URL: sqlite/postgresql/mysql, ``memory``, or ``journal:PATH`` (a journal file).
-
-    RDB storages get heartbeats (``heartbeat`` = (interval, grace period) in seconds) so a trial whose
-    worker died on another machine is failed and retried by ``on_stale``. SQLite files are switched to
-    WAL with a long busy timeout, so parallel workers and a dashboard reading the file do not fail with
-    "database is locked".
-    """
-    beats: dict[str, Any] = {}
-    if heartbeat is not None:
-        beats = {"heartbeat_interval": heartbeat[0], "grace_period": heartbeat[1],
-                 "heartbeat_stale_trial_callback": on_stale}
-    try:
-        if url == "memory":
-            return optuna.storages.InMemoryStorage()
-        if url.startswith("journal:"):
-            path = url.removeprefix("journal:").removeprefix("//")
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            from optuna.storages.journal import JournalFileBackend
-
-            backend = JournalFileBackend(path)
-            return optuna.storages.JournalStorage(backend)
-        if url.startswith("sqlite:///"):
-            enable_wal(Path(url.removeprefix("sqlite:///")))
-            return _create_rdb(url, beats, {"connect_args": {"timeout": 120}})
-        return _create_rdb(url, beats, {"pool_pre_ping": True})
-    except ModuleNotFoundError as exc:
-        raise StorageError(
-            f"the storage URL {_redact(url)!r} needs the Python driver {exc.name!r}, which is not installed. "
-            "For PostgreSQL run `pip install 'psycopg[binary]'`; for MySQL `pip install pymysql` and use "
-            "mysql+pymysql://..."
-        ) from exc
-    except Exception as exc:  # sqlalchemy errors, bad URLs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(
-            f"could not open the Optuna storage {_redact(url)!r}: {first}. Check that the database server is "
-            "running and reachable, and that the user, password and database name in the URL are right; or "
-            "leave --storage out to use the SQLite file in the run directory."
-        ) from exc
-
-
-def _create_rdb(url: str, beats: dict[str, Any], engine: dict[str, Any]) -> optuna.storages.RDBStorage:
-    """Open an RDB storage. Processes opening a new database together (workers, or `hpo status` while
-    `hpo run` starts) would all try to create Optuna's tables (and PostgreSQL's enum types) at once and all
-    but one fail; on PostgreSQL an advisory lock serialises that, elsewhere a lost race is retried."""
-    import sqlalchemy.exc
-
-    def create() -> optuna.storages.RDBStorage:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **beats)
-
-    if url.startswith(("postgresql", "postgres")):
-        with advisory_lock(url, "schema"):
-            return create()
-    for attempt in range(3):
-        try:
-            return create()
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            time.sleep(0.5 * (attempt + 1))
-    return create()
-
-
-def enable_wal(path: Path) -> None:
-    """WAL lets readers (the dashboard, `hpo status`) and one writer work at once; it persists in the file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.closing(sqlite3.connect(path, timeout=120)) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-
-
-def _redact(url: str) -> str:
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
-    return url
 
 
 def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:

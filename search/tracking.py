@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from search.errors import TrackingError
+from search.stores import sqlite_path
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -64,8 +65,9 @@ class Tracker:
         self.tracking_uri = tracking_uri
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite_path(tracking_uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
         if tracking_uri.startswith(("http://", "https://")):
             probe_server(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -218,7 +220,8 @@ def ui_base_url(tracking_uri: str) -> str:
 
 def existing_tracker(tracking_uri: str, experiment_name: str) -> Tracker | None:
     """A Tracker for reading: None when the store or the experiment does not exist (nothing is created)."""
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():
         return None
     try:
         if MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment_name) is None:

@@ -10,7 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.config import load_settings
-from search.study import OpenStudy, end_parent, parent_lifetime, run_paths
+from search.stores import run_paths
+from search.study import OpenStudy, end_parent, parent_lifetime
 from search.tracking import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT, Tracker
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "studies" / "quickstart.toml"

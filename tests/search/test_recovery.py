@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from search.config import settings_from_dict
 from search.session import StudyContext, TrialFailed
-from search.study import open_storage
+from search.stores import open_storage
 from search.tracking import Tracker
 from tests.search.workers_helpers import QUICKSTART, child_runs, hpo, hpo_cmd, load
 

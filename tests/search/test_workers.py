@@ -16,7 +16,8 @@ from optuna.trial import TrialState
 from search.config import load_settings
 from search.errors import SettingsError
 from search.launch import plan_workers
-from search.study import run_paths, run_study
+from search.stores import run_paths
+from search.study import run_study
 from search.workers import HOST, identity, recover_local_orphans
 from tests.search.workers_helpers import QUICKSTART, child_runs, hpo, load, postgres_database
 
@@ -176,7 +177,7 @@ def _wait_http(url: str, seconds: float) -> None:
 def test_workers_opening_a_new_postgresql_storage_at_once_all_succeed() -> None:
     """Optuna creates its tables on first open; six workers racing to do that must not fail."""
     with postgres_database() as url:
-        code = f"from search.study import open_storage; open_storage({url!r}); print('opened')"
+        code = f"from search.stores import open_storage; open_storage({url!r}); print('opened')"
         procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for _ in range(6)]
         outputs = [p.communicate(timeout=120) for p in procs]

@@ -1,0 +1,159 @@
+"""Where a study's results live and how its stores are opened: the one module that reads storage URLs.
+
+Run paths (``RUN_DIR/NAME/optuna.db``, ``mlflow.db``, ``mlartifacts/``, ``checkpoints/``), the default
+store URLs, ``sqlite:///`` paths, password redaction, and opening an Optuna storage: SQLite in WAL mode with
+a long busy timeout, PostgreSQL's table creation under an advisory lock, a lost schema race retried, a
+read-only storage for viewers, and one clear error for every way a URL can fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from search.errors import SettingsError, StorageError
+from search.workers import advisory_lock
+
+SQLITE = "sqlite:///"
+SQLITE_READ_TIMEOUT_S = 60
+
+
+def sqlite_url(path: Path) -> str:
+    return f"{SQLITE}{path}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URL (four slashes for an absolute path), else None."""
+    return Path(url.removeprefix(SQLITE)) if url.startswith(SQLITE) else None
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql", "postgres"))
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one study's results live; every command derives the same paths from the same options."""
+
+    root: Path
+    storage_url: str
+    tracking_uri: str
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+
+def run_paths(run_dir: str | Path, study_name: str, storage: str | None = None,
+              tracking_uri: str | None = None) -> RunPaths:
+    root = (Path(run_dir) / study_name).resolve()
+    return RunPaths(
+        root=root,
+        storage_url=storage or sqlite_url(root / "optuna.db"),
+        tracking_uri=tracking_uri or sqlite_url(root / "mlflow.db"),
+    )
+
+
+def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
+                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> optuna.storages.BaseStorage:
+    """Open an Optuna storage URL: sqlite/postgresql/mysql, ``memory``, or ``journal:PATH`` (a journal file).
+
+    RDB storages get heartbeats (``heartbeat`` = (interval, grace period) in seconds) so a trial whose
+    worker died on another machine is failed and retried by ``on_stale``. SQLite files are switched to
+    WAL with a long busy timeout, so parallel workers and a dashboard reading the file do not fail with
+    "database is locked".
+    """
+    beats: dict[str, Any] = {}
+    if heartbeat is not None:
+        beats = {"heartbeat_interval": heartbeat[0], "grace_period": heartbeat[1],
+                 "heartbeat_stale_trial_callback": on_stale}
+    try:
+        if url == "memory":
+            return optuna.storages.InMemoryStorage()
+        if url.startswith("journal:"):
+            journal = Path(url.removeprefix("journal:").removeprefix("//"))
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            from optuna.storages.journal import JournalFileBackend
+
+            backend = JournalFileBackend(str(journal))
+            return optuna.storages.JournalStorage(backend)
+        path = sqlite_path(url)
+        if path is not None:
+            enable_wal(path)
+            return _create_rdb(url, beats, {"connect_args": {"timeout": 120}})
+        return _create_rdb(url, beats, {"pool_pre_ping": True})
+    except ModuleNotFoundError as exc:
+        raise StorageError(
+            f"the storage URL {redact(url)!r} needs the Python driver {exc.name!r}, which is not installed. "
+            "For PostgreSQL run `pip install 'psycopg[binary]'`; for MySQL `pip install pymysql` and use "
+            "mysql+pymysql://..."
+        ) from exc
+    except Exception as exc:  # sqlalchemy errors, bad URLs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(
+            f"could not open the Optuna storage {redact(url)!r}: {first}. Check that the database server is "
+            "running and reachable, and that the user, password and database name in the URL are right; or "
+            "leave --storage out to use the SQLite file in the run directory."
+        ) from exc
+
+
+def _create_rdb(url: str, beats: dict[str, Any], engine: dict[str, Any]) -> optuna.storages.RDBStorage:
+    """Open an RDB storage. Processes opening a new database together (workers, or `hpo status` while
+    `hpo run` starts) would all try to create Optuna's tables (and PostgreSQL's enum types) at once and all
+    but one fail; on PostgreSQL an advisory lock serialises that, elsewhere a lost race is retried."""
+    import sqlalchemy.exc
+
+    def create() -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **beats)
+
+    if is_postgres(url):
+        with advisory_lock(url, "schema"):
+            return create()
+    for attempt in range(3):
+        try:
+            return create()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            time.sleep(0.5 * (attempt + 1))
+    return create()
+
+
+def enable_wal(path: Path) -> None:
+    """WAL lets readers (the dashboard, `hpo status`) and one writer work at once; it persists in the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path, timeout=120)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ***, for messages and logs."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+def open_for_reading(url: str) -> optuna.storages.BaseStorage:
+    """A storage for viewers (dashboard, status): no table creation or migration check; SQLite reads wait for
+    the writer; a missing SQLite file is "no results yet", not an empty new database."""
+    path = sqlite_path(url)
+    if path is None:
+        return open_storage(url)
+    if not path.is_file():
+        raise SettingsError(f"no results here yet: {path} does not exist. Run `hpo run FILE` first, or pass "
+                            "the --run-dir/--storage it used.")
+    return optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True,
+                                      engine_kwargs={"connect_args": {"timeout": SQLITE_READ_TIMEOUT_S}})

@@ -1,0 +1,45 @@
+"""Storage URLs and run paths: the one module that reads them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search.errors import SettingsError
+from search.stores import is_postgres, open_for_reading, open_storage, redact, run_paths, sqlite_path, sqlite_url
+
+
+def test_sqlite_urls_round_trip_and_other_schemes_have_no_path(tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    assert sqlite_url(db) == f"sqlite:///{db}" and sqlite_path(sqlite_url(db)) == db  # four slashes: absolute
+    assert sqlite_path("sqlite:///rel/o.db") == Path("rel/o.db")
+    assert sqlite_path("postgresql://u@h/db") is None and sqlite_path("sqlite://o.db") is None
+    assert is_postgres("postgresql+psycopg://u@h/db") and not is_postgres("mysql+pymysql://u@h/db")
+
+
+def test_redact_hides_passwords_only() -> None:
+    assert redact("postgresql://me:secret@db:5432/hpo") == "postgresql://me:***@db:5432/hpo"
+    assert redact("postgresql://me@db/hpo") == "postgresql://me@db/hpo"
+    assert redact("sqlite:///runs/q/optuna.db") == "sqlite:///runs/q/optuna.db"
+
+
+def test_run_paths_default_to_files_in_the_run_directory(tmp_path: Path) -> None:
+    paths = run_paths(tmp_path, "quick")
+    root = (tmp_path / "quick").resolve()
+    assert (paths.root, paths.artifacts, paths.checkpoints) == (root, root / "mlartifacts", root / "checkpoints")
+    assert sqlite_path(paths.storage_url) == root / "optuna.db"
+    assert sqlite_path(paths.tracking_uri) == root / "mlflow.db"
+    given = run_paths(tmp_path, "quick", "postgresql://u@h/db", "http://mlflow:5000")
+    assert (given.storage_url, given.tracking_uri) == ("postgresql://u@h/db", "http://mlflow:5000")
+
+
+def test_sqlite_storage_is_opened_in_wal_mode_and_read_without_creating(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "o.db")
+    with pytest.raises(SettingsError, match="no results here yet"):
+        open_for_reading(url)
+    assert not (tmp_path / "o.db").exists()  # a viewer never creates a database
+    optuna.create_study(study_name="s", storage=open_storage(url))
+    assert (tmp_path / "o.db-wal").exists() or (tmp_path / "o.db").read_bytes()[18:20] == b"\x02\x02"  # WAL
+    assert [s.study_name for s in optuna.get_all_study_summaries(open_for_reading(url))] == ["s"]
