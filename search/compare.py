@@ -6,27 +6,31 @@ budget; only the pruner and early stopping change. Each strategy x seed is its o
 with the usual commands (``hpo status --study NAME --storage ...``) and a repeated ``hpo compare``
 resumes instead of retraining. With ``replay`` the strategies are applied to the recorded curves of the
 ``none`` studies instead of training (see search/replay.py).
+
+This module plans and runs, and returns one results row per strategy x seed; the table, CSV and chart
+are drawn from those rows by search/compare_render.py, and the command itself is ``cmd_compare`` in
+search/cli.py.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import math
-import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from search.config import PRUNER_OPTIONS, Settings, apply_overrides, read_study, settings_from_dict
 from search.errors import SettingsError
 
+if TYPE_CHECKING:
+    import optuna
+
+    from search.replay import RecordedTrial
+
 DEFAULT_STRATEGIES = "none,early_stopping,median,median+early_stopping,hyperband,median_carry_forward+early_stopping"
-CSV_COLUMNS = ("strategy", "seed", "best_val_accuracy", "test_accuracy", "epochs_spent", "budget_fraction",
-               "wall_seconds")
 
 
 @dataclass(frozen=True)
@@ -84,12 +88,32 @@ class ComparePlan:
             return strategy_settings(self.raw, self.base.source, self.base, strategy, seed)
         return self.settings[(strategy.name, seed)]
 
+    @property
+    def strategy_names(self) -> list[str]:
+        """The strategies in the order asked for: the order of the table's lines and the chart's legend."""
+        return [s.name for s in self.strategies]
+
+    def describe(self, replay: bool) -> str:
+        """The sentence above the table: which study, what budget, which seeds, trained or replayed."""
+        how = ("replayed on the recorded curves of the 'none' studies (no training; time = summed recorded epoch "
+               "times)" if replay else "trained for real; wall time = sum of the trials' durations")
+        return (f"Study `{self.base.study.name}` ({self.base.source}): {self.n_trials} trials x "
+                f"{self.base.study.max_epochs} epochs per strategy and seed, sampler seeds "
+                f"{', '.join(map(str, self.seeds))}; {how}.")
+
+    def chart_title(self, replay: bool) -> str:
+        """The chart's title: the same facts as ``describe``, short."""
+        seeds = len(self.seeds)
+        return (f"{self.base.study.name}: {self.n_trials} trials x {self.base.study.max_epochs} epochs, "
+                f"{seeds} seed{'s' if seeds > 1 else ''}{' (replay)' if replay else ''}")
+
 
 def plan_compare(file: str | Path, overrides: Sequence[str], strategies: str, n_seeds: int, n_trials: int | None,
                  run_dir: str | Path = "runs", storage: str | None = None,
                  tracking_uri: str | None = None) -> ComparePlan:
     """Build and validate the settings of every strategy x seed (a bad strategy fails before any training)."""
     from search.config import load_settings
+    from search.stores import run_paths
 
     base = load_settings(file, overrides)
     if base.study.metric != "val_accuracy":
@@ -106,9 +130,8 @@ def plan_compare(file: str | Path, overrides: Sequence[str], strategies: str, n_
     seeds = [first_seed + i for i in range(n_seeds)]
     parsed = parse_strategies(strategies)
     built = {(s.name, seed): strategy_settings(raw, str(file), base, s, seed) for seed in seeds for s in parsed}
-    root = (Path(run_dir) / f"{base.study.name}-compare").resolve()
-    return ComparePlan(base, parsed, seeds, trials, root, storage or f"sqlite:///{root / 'optuna.db'}",
-                       tracking_uri or f"sqlite:///{root / 'mlflow.db'}", built, raw)
+    where = run_paths(run_dir, f"{base.study.name}-compare", storage, tracking_uri)  # one store for all studies
+    return ComparePlan(base, parsed, seeds, trials, where.root, where.storage_url, where.tracking_uri, built, raw)
 
 
 def strategy_settings(raw: dict[str, Any], source: str, base: Settings, strategy: Strategy, seed: int) -> Settings:
@@ -143,16 +166,8 @@ class Row:
     wall_seconds: float
     curve: list[tuple[int, float]] = field(default_factory=list)
 
-    def csv_row(self) -> list[Any]:
-        return [self.strategy, self.seed, _num(self.best_val_accuracy, 6), _num(self.test_accuracy, 6),
-                self.epochs_spent, _num(self.budget_fraction, 4), _num(self.wall_seconds, 2)]
 
-
-def _num(value: float, digits: int) -> str:
-    return "" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def row_for(study: Any, strategy: str, seed: int, max_epochs: int, test_accuracy: float) -> Row:
+def row_for(study: optuna.Study, strategy: str, seed: int, max_epochs: int, test_accuracy: float) -> Row:
     """Summarise a finished (real or replayed) study: epochs of every trial count, pruned or not."""
     from optuna.trial import TrialState
 
@@ -175,7 +190,7 @@ def row_for(study: Any, strategy: str, seed: int, max_epochs: int, test_accuracy
     return Row(strategy, seed, best, test_accuracy, spent, spent / budget if budget else math.nan, seconds, curve)
 
 
-def _stored_test_accuracy(study: Any) -> float:
+def _stored_test_accuracy(study: optuna.Study) -> float:
     try:
         best = study.best_trial.number
     except ValueError:
@@ -188,7 +203,8 @@ def _stored_test_accuracy(study: Any) -> float:
 def run_compare(plan: ComparePlan, log: Callable[[str], None] = print, register: bool = False) -> list[Row]:
     """Train every strategy x seed, alternating strategies within a seed; resumes finished studies. Best models
     are logged on their runs; ``register`` also registers them (off: one version per study floods the registry)."""
-    from search.study import run_paths, run_study
+    from search.stores import run_paths
+    from search.study import run_study
 
     rows = []
     total = len(plan.seeds) * len(plan.strategies)
@@ -215,7 +231,8 @@ def replay_compare(plan: ComparePlan, source: str | None = None, log: Callable[[
     import optuna
 
     from search.replay import load_recorded, needed_metrics, replay, replayed_test_accuracy
-    from search.study import open_storage, run_paths, run_study
+    from search.stores import open_storage, run_paths
+    from search.study import run_study
 
     none = Strategy("none", "none", False)
     storage = open_storage(plan.storage_url)
@@ -234,7 +251,7 @@ def replay_compare(plan: ComparePlan, source: str | None = None, log: Callable[[
             recorded_study = optuna.load_study(study_name=source_name, storage=storage)
         except KeyError as exc:
             raise SettingsError(f"the storage {plan.storage_url} has no study {source_name!r} to replay.") from exc
-        cache: dict[tuple[str, ...], Any] = {}
+        cache: dict[tuple[str, ...], list[RecordedTrial]] = {}
         for strategy in plan.strategies:
             settings = plan.settings[(strategy.name, seed)]
             names = needed_metrics(settings)
@@ -256,7 +273,7 @@ def replay_compare(plan: ComparePlan, source: str | None = None, log: Callable[[
     return rows
 
 
-def _has_finished(storage: Any, name: str, n_trials: int) -> bool:
+def _has_finished(storage: optuna.storages.BaseStorage, name: str, n_trials: int) -> bool:
     import optuna
     from optuna.trial import TrialState
 
@@ -266,147 +283,3 @@ def _has_finished(storage: Any, name: str, n_trials: int) -> bool:
         return False
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     return len(done) >= n_trials
-
-
-# --- output ---------------------------------------------------------------------------------------------------
-
-
-def _mean_sd(values: list[float], digits: int = 4) -> str:
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return "n/a"
-    mean = statistics.fmean(finite)
-    text = f"{mean:.{digits}f}" if len(finite) == 1 else f"{mean:.{digits}f} ± {statistics.stdev(finite):.{digits}f}"
-    return text if len(finite) == len(values) else f"{text} ({len(finite)} of {len(values)} seeds)"
-
-
-def markdown_table(rows: list[Row], strategies: list[str]) -> str:
-    """The practitioners' table: one line per strategy, means (± sd) over seeds."""
-    header = ("| strategy | best val acc (mean ± sd) | test acc of best | epochs spent | % of full budget "
-              "| wall time | time saved vs none |")
-    lines = [header, "|" + " --- |" * 7]
-    by = {s: [r for r in rows if r.strategy == s] for s in strategies}
-    none_wall = statistics.fmean(r.wall_seconds for r in by["none"]) if by.get("none") else None
-    for strategy, group in by.items():
-        if not group:
-            continue
-        wall = statistics.fmean(r.wall_seconds for r in group)
-        saved = "n/a" if not none_wall else f"{1 - wall / none_wall:.0%}"
-        lines.append(
-            f"| {strategy} | {_mean_sd([r.best_val_accuracy for r in group])} "
-            f"| {_mean_sd([r.test_accuracy for r in group])} "
-            f"| {statistics.fmean(r.epochs_spent for r in group):.0f} "
-            f"| {statistics.fmean(r.budget_fraction for r in group):.0%} | {wall:.1f} s | {saved} |"
-        )
-    return "\n".join(lines)
-
-
-def write_csv(rows: list[Row], path: Path) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(CSV_COLUMNS)
-        writer.writerows(r.csv_row() for r in rows)
-
-
-def mean_curve(rows: list[Row]) -> tuple[list[int], list[float]]:
-    """Best-so-far against cumulative epochs, averaged over seeds, up to the mean epochs spent.
-
-    A seed that has already finished holds its final best, so the line ends near the table's mean best
-    value at the table's mean epochs spent. NaN until every seed has a completed trial.
-    """
-    end = round(statistics.fmean(r.curve[-1][0] for r in rows if r.curve))
-    xs = list(range(1, end + 1))
-    ys = []
-    for x in xs:
-        values = [_value_at(r.curve, x) for r in rows]
-        ys.append(math.nan if any(math.isnan(v) for v in values) else statistics.fmean(values))
-    return xs, ys
-
-
-def _value_at(curve: list[tuple[int, float]], x: int) -> float:
-    value = math.nan
-    for spent, best in curve:
-        if spent > x:
-            break
-        value = best
-    return value
-
-
-def plot(rows: list[Row], strategies: list[str], path: Path, title: str) -> None:
-    """Best-so-far validation accuracy against epochs spent, one line per strategy (mean over seeds); a dot
-    marks each strategy's mean epochs spent and mean best value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    styles: list[Any] = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
-    for i, strategy in enumerate(strategies):
-        group = [r for r in rows if r.strategy == strategy and r.curve]
-        if not group:
-            continue
-        xs, ys = mean_curve(group)
-        (line,) = ax.plot(xs, ys, drawstyle="steps-post", label=strategy, linewidth=1.8,
-                          linestyle=styles[i % len(styles)], alpha=0.85)
-        best = [r.best_val_accuracy for r in group if not math.isnan(r.best_val_accuracy)]
-        if best:  # the table's figures: mean epochs spent, mean best
-            ax.plot([statistics.fmean(r.epochs_spent for r in group)], [statistics.fmean(best)], "o",
-                    color=line.get_color())
-    ax.set_xlabel("epochs spent (cumulative over trials, pruned and early-stopped included)")
-    ax.set_ylabel("best validation accuracy so far")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def write_outputs(rows: list[Row], plan: ComparePlan, out: Path, replay: bool) -> dict[str, Path]:
-    """compare[-replay].md / .csv / .png in ``out``; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "compare-replay" if replay else "compare"
-    paths = {"md": out / f"{stem}.md", "csv": out / f"{stem}.csv", "png": out / f"{stem}.png"}
-    names = [s.name for s in plan.strategies]
-    write_csv(rows, paths["csv"])
-    title = f"{plan.base.study.name}: {plan.n_trials} trials x {plan.base.study.max_epochs} epochs, " \
-            f"{len(plan.seeds)} seed{'s' if len(plan.seeds) > 1 else ''}{' (replay)' if replay else ''}"
-    plot(rows, names, paths["png"], title)
-    paths["md"].write_text(f"{describe(plan, replay)}\n\n{markdown_table(rows, names)}\n")
-    return paths
-
-
-def describe(plan: ComparePlan, replay: bool) -> str:
-    how = ("replayed on the recorded curves of the 'none' studies (no training; time = summed recorded epoch "
-           "times)" if replay else "trained for real; wall time = sum of the trials' durations")
-    return (f"Study `{plan.base.study.name}` ({plan.base.source}): {plan.n_trials} trials x "
-            f"{plan.base.study.max_epochs} epochs per strategy and seed, sampler seeds "
-            f"{', '.join(map(str, plan.seeds))}; {how}.")
-
-
-def main(args: Any) -> int:
-    """The body of `hpo compare` (parsed arguments from search/cli.py)."""
-    overrides = list(args.overrides)
-    if args.study_name:
-        overrides.append(f'study.name="{args.study_name}"')
-    plan = plan_compare(args.file, overrides, args.strategies, args.seeds, args.trials, args.run_dir,
-                        args.storage, args.tracking_uri)
-    if args.source and not args.replay:
-        raise SettingsError("--source names the study whose curves --replay replays; add --replay")
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    mode = "replaying" if args.replay else "running"
-    log(f"{mode} {len(plan.strategies)} strategies x {len(plan.seeds)} seeds of {plan.base.study.name!r}, "
-        f"{plan.n_trials} trials x {plan.base.study.max_epochs} epochs each; studies in {plan.storage_url}")
-    register = bool(getattr(args, "register_models", False))
-    log("best models are logged on their MLflow runs and registered in the model registry (--register-models)"
-        if register else "best models are logged on their MLflow runs but not registered (--register-models "
-        "registers them)")
-    rows = replay_compare(plan, args.source, log, register) if args.replay else run_compare(plan, log, register)
-    paths = write_outputs(rows, plan, Path(args.out) if args.out else plan.root, args.replay)
-    print(paths["md"].read_text())
-    print(f"written: {paths['md']}, {paths['csv']}, {paths['png']}")
-    return 0

@@ -1,4 +1,5 @@
-"""`hpo compare` end to end on a tiny study (real training), its replay mode, and its table/CSV helpers."""
+"""`hpo compare` end to end on a tiny study (real training), its replay mode, its planning, and its outputs
+(table, CSV, chart) rendered from a hand-made results table."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import optuna
 import pytest
 
 from search.cli import main
-from search.compare import CSV_COLUMNS, Row, markdown_table, mean_curve, parse_strategies, plan_compare
+from search.compare import Row, parse_strategies, plan_compare
+from search.compare_render import CSV_COLUMNS, markdown_table, mean_curve, write_outputs
 from search.errors import SettingsError
 
 # Early stopping with min_delta 10 on val_loss never sees an improvement after epoch 0, so with patience 1
@@ -188,3 +190,54 @@ def test_table_means_and_time_saved() -> None:
     # seed 1 has no completed trial before epoch 20, so the mean is undefined until then; seed 1 then
     # holds its final 0.90 while seed 2 is still running
     assert all(math.isnan(y) for y in ys[:19]) and ys[xs.index(20)] == ys[-1] == pytest.approx(0.92)
+
+
+def test_outputs_render_from_a_hand_made_table(tmp_path: Path) -> None:
+    """No training: the Markdown lines, the CSV cells (NaN left empty) and a real PNG, from rows made by hand."""
+    rows = [Row("none", 1, 0.90, 0.88, 40, 1.0, 20.0, [(20, 0.9), (40, 0.9)]),
+            Row("none", 2, 0.92, 0.90, 40, 1.0, 20.0, [(20, 0.92), (40, 0.92)]),
+            Row("median", 1, 0.90, 0.88, 20, 0.5, 10.0, [(10, math.nan), (20, 0.9)]),
+            Row("median", 2, 0.94, math.nan, 30, 0.75, 15.0, [(10, 0.94), (30, 0.94)]),
+            Row("hyperband", 1, math.nan, math.nan, 8, 0.2, 3.0, [(4, math.nan), (8, math.nan)])]
+    paths = write_outputs(rows, ["none", "median", "hyperband", "not run"], tmp_path / "out", False,
+                          "hand-made: 2 seeds", "A hand-made table.")
+    assert paths == {kind: tmp_path / "out" / f"compare.{kind}" for kind in ("md", "csv", "png")}
+    assert paths["md"].read_text().splitlines() == [
+        "A hand-made table.",
+        "",
+        "| strategy | best val acc (mean ± sd) | test acc of best | epochs spent | % of full budget | wall time "
+        "| time saved vs none |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| none | 0.9100 ± 0.0141 | 0.8900 ± 0.0141 | 40 | 100% | 20.0 s | 0% |",
+        "| median | 0.9200 ± 0.0283 | 0.8800 (1 of 2 seeds) | 25 | 62% | 12.5 s | 38% |",
+        "| hyperband | n/a | n/a | 8 | 20% | 3.0 s | 85% |",
+    ]
+    with open(paths["csv"], newline="") as fh:
+        cells = list(csv.reader(fh))
+    assert tuple(cells[0]) == CSV_COLUMNS == ("strategy", "seed", "best_val_accuracy", "test_accuracy",
+                                              "epochs_spent", "budget_fraction", "wall_seconds")
+    assert cells[1:] == [["none", "1", "0.900000", "0.880000", "40", "1.0000", "20.00"],
+                         ["none", "2", "0.920000", "0.900000", "40", "1.0000", "20.00"],
+                         ["median", "1", "0.900000", "0.880000", "20", "0.5000", "10.00"],
+                         ["median", "2", "0.940000", "", "30", "0.7500", "15.00"],
+                         ["hyperband", "1", "", "", "8", "0.2000", "3.00"]]
+    png = paths["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(png) < 500_000
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # the IHDR chunk
+    assert (width, height) == (960, 600)  # 8 x 5 inches at 120 dpi
+    replayed = write_outputs(rows[:2], ["none"], tmp_path / "out", True, "t", "i")
+    assert {p.name for p in replayed.values()} == {"compare-replay.md", "compare-replay.csv", "compare-replay.png"}
+
+
+def test_the_chart_does_not_use_pyplot(tmp_path: Path) -> None:
+    """pyplot keeps global figures and may pick an interactive backend; the chart is drawn without it."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from pathlib import Path; from search.compare import Row; "
+              "from search.compare_render import write_chart; "
+              "write_chart([Row('none', 1, 0.9, 0.9, 4, 1.0, 1.0, [(2, 0.9), (4, 0.9)])], ['none'], "
+              f"Path({str(tmp_path / 'c.png')!r}), 't'); print('matplotlib.pyplot' in sys.modules)")
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False" and (tmp_path / "c.png").stat().st_size > 1000
