@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from search import records
 from search.errors import HpoError, SettingsError
 
 DESCRIPTION = """\
@@ -223,9 +224,10 @@ def _open_existing(args: argparse.Namespace) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from search.launch import plan_workers, run_parallel
     from search.progress import Progress
+    from search.records import best_trial
     from search.stores import run_paths
     from search.study import run_study
-    from search.summary import best_trial, counts, epochs_spent, study_table
+    from search.summary import counts, epochs_spent, study_table
 
     settings = _settings(args)
     paths = run_paths(args.run_dir, settings.study.name, args.storage, args.tracking_uri)
@@ -326,7 +328,8 @@ open them:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from search.summary import best_trial, counts, trial_row
+    from search.records import best_trial
+    from search.summary import counts, trial_row
     from search.watch import status_text, watch
 
     if args.watch and args.json:
@@ -346,18 +349,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from search.summary import best_trial
+    from search.records import best_trial
 
     study, _ = _open_existing(args)
     best = best_trial(study)
     if best is None:
         print("no completed trial yet", file=sys.stderr)
         return 1
+    attrs = best.user_attrs
     data = {"number": best.number, "value": best.value, "params": best.params,
-            "checkpoint": best.user_attrs.get("checkpoint"), "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
-            "epochs_run": best.user_attrs.get("epochs_run"), "best_epoch": best.user_attrs.get("best_epoch"),
-            "test_metrics": study.user_attrs.get("hpo.test_metrics", {})
-            if study.user_attrs.get("hpo.test_scored_trial") == best.number else {}}
+            **{key: attrs.get(key) for key in (records.CHECKPOINT, records.MLFLOW_RUN_ID, records.EPOCHS_RUN,
+                                               records.BEST_EPOCH)},
+            "test_metrics": records.test_metrics(study, best)}
     if args.json:
         print(json.dumps(data, indent=2, default=str))
     else:

@@ -14,9 +14,10 @@ from typing import Any
 
 import optuna
 
+from search import records
 from search.errors import HpoError, SettingsError
 from search.plugins import load_objective
-from search.summary import best_trial
+from search.records import best_trial
 from search.tracking import save_model
 
 
@@ -34,7 +35,7 @@ def export_best(study: optuna.Study, settings: Any, out: Path) -> Exported:
     if best is None:
         raise HpoError(f"study {study.study_name!r} has no completed trial yet, so there is no model to export. "
                        "Run `hpo run FILE` until a trial completes (see `hpo status FILE`).")
-    checkpoint = best.user_attrs.get("checkpoint")
+    checkpoint = best.user_attrs.get(records.CHECKPOINT)
     if not checkpoint or not Path(checkpoint).is_file():
         raise HpoError(f"the best trial #{best.number}'s checkpoint {checkpoint!r} is missing on this machine. "
                        "Run the export where the study ran, or copy the checkpoints folder back.")

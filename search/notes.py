@@ -12,6 +12,19 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from search.records import (
+    BEST_EPOCH,
+    EARLY_STOPPED,
+    EPOCHS_RUN,
+    MLFLOW_RUN_URL,
+    PRUNED_EPOCH,
+    REASON,
+    STOPPED_EPOCH,
+    epochs_run,
+    fmt,
+    outcome,
+)
+
 
 @dataclass(frozen=True)
 class EpochAccount:
@@ -27,19 +40,11 @@ class EpochAccount:
     unused_by_failures: int
 
 
-def outcome(t: FrozenTrial) -> str:
-    """One word for how a trial ended: completed, early stopped, pruned, failed, running."""
-    if t.state == TrialState.COMPLETE:
-        return "early stopped" if t.user_attrs.get("early_stopped") else "completed"
-    return {TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}.get(t.state, t.state.name.lower())
-
-
 def epoch_account(trials: Sequence[FrozenTrial], max_epochs: int) -> EpochAccount:
     """Count epochs of ended trials (running ones are left out: their budget is not decided yet)."""
     ended = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
 
-    def run(t: FrozenTrial) -> int:
-        return int(t.user_attrs.get("epochs_run") or 0)
+    run = epochs_run
 
     def left(ts: list[FrozenTrial]) -> int:
         return sum(max(max_epochs - run(t), 0) for t in ts)
@@ -56,10 +61,6 @@ def epoch_account(trials: Sequence[FrozenTrial], max_epochs: int) -> EpochAccoun
 
 def _pct(part: int, whole: int) -> str:
     return f"{part / whole:.0%}" if whole else "n/a"
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def study_note(
@@ -104,12 +105,12 @@ def study_note(
         lines.append("**Best trial:** none yet (no trial has completed).")
     else:
         metric = study.get("metric", "value")
-        test = ", ".join(f"{k} {_fmt(v)}" for k, v in test_metrics.items())
-        params = ", ".join(f"`{k}={_fmt(v)}`" for k, v in best.params.items())
-        url = best.user_attrs.get("mlflow_run_url")
+        test = ", ".join(f"{k} {fmt(v)}" for k, v in test_metrics.items())
+        params = ", ".join(f"`{k}={fmt(v)}`" for k, v in best.params.items())
+        url = best.user_attrs.get(MLFLOW_RUN_URL)
         lines += [
-            f"**Best trial:** #{best.number}, {metric} {_fmt(best.value)} at epoch {best.user_attrs.get('best_epoch')} "
-            f"of {best.user_attrs.get('epochs_run')}{f'; test set: {test}' if test else ''}.",
+            f"**Best trial:** #{best.number}, {metric} {fmt(best.value)} at epoch {best.user_attrs.get(BEST_EPOCH)} "
+            f"of {best.user_attrs.get(EPOCHS_RUN)}{f'; test set: {test}' if test else ''}.",
             "",
             f"Params: {params}.",
         ]
@@ -141,21 +142,21 @@ def trial_note(
     diagnosis: str | None = None,
 ) -> str:
     """A trial's note: how it ended and why, its fit, and a link to its MLflow run."""
-    epochs = attrs.get("epochs_run")
+    epochs = attrs.get(EPOCHS_RUN)
     ended = "ran the full budget" if state == "COMPLETE" else state.lower()
-    if attrs.get("pruned_epoch") is not None:
-        ended = f"pruned at epoch {attrs['pruned_epoch']}"
-    elif attrs.get("early_stopped"):
-        ended = f"early stopped at epoch {attrs.get('stopped_epoch')}"
+    if attrs.get(PRUNED_EPOCH) is not None:
+        ended = f"pruned at epoch {attrs[PRUNED_EPOCH]}"
+    elif attrs.get(EARLY_STOPPED):
+        ended = f"early stopped at epoch {attrs.get(STOPPED_EPOCH)}"
     lines = [
         f"## Trial {number}: {state}",
         "",
-        f"**Ended:** {ended}: {epochs} of {max_epochs} epochs; reason `{attrs.get('reason', '')}`.",
+        f"**Ended:** {ended}: {epochs} of {max_epochs} epochs; reason `{attrs.get(REASON, '')}`.",
     ]
-    if attrs.get("best_epoch") is not None:
-        lines.append(f"\n**Kept weights of epoch** {attrs['best_epoch']}.")
+    if attrs.get(BEST_EPOCH) is not None:
+        lines.append(f"\n**Kept weights of epoch** {attrs[BEST_EPOCH]}.")
     if diagnosis:
         lines.append(f"\n**Fit:** {diagnosis}")
-    if attrs.get("mlflow_run_url"):
-        lines.append(f"\n[MLflow run trial-{number}]({attrs['mlflow_run_url']}) (start `hpo ui` to open it)")
+    if attrs.get(MLFLOW_RUN_URL):
+        lines.append(f"\n[MLflow run trial-{number}]({attrs[MLFLOW_RUN_URL]}) (start `hpo ui` to open it)")
     return "\n".join(lines)

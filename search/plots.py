@@ -16,7 +16,8 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
-from search.notes import outcome
+from search import records
+from search.records import outcome
 
 OUTCOME_COLORS = {"completed": "#2a9d8f", "early stopped": "#457b9d", "pruned": "#e9c46a", "failed": "#e76f51",
                   "running": "#adb5bd"}
@@ -63,7 +64,7 @@ def epochs_by_outcome_png(trials: Sequence[FrozenTrial], max_epochs: int, path: 
     seen: set[str] = set()
     for t in trials:
         kind = outcome(t)
-        ax.bar(t.number, int(t.user_attrs.get("epochs_run") or 0), color=OUTCOME_COLORS.get(kind, "#adb5bd"),
+        ax.bar(t.number, int(t.user_attrs.get(records.EPOCHS_RUN) or 0), color=OUTCOME_COLORS.get(kind, "#adb5bd"),
                label=None if kind in seen else kind)
         seen.add(kind)
     ax.axhline(max_epochs, color="grey", linestyle="--", linewidth=1, label=f"max_epochs = {max_epochs}")

@@ -15,7 +15,9 @@ from typing import Any, TextIO
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.summary import best_trial, counts
+from search import records
+from search.records import best_trial
+from search.summary import counts
 
 # tqdm puts ", " before a postfix, so each postfix follows a field it can be joined to.
 STUDY_BAR = "{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed, ETA {remaining}{postfix}"
@@ -25,7 +27,7 @@ EPOCH_BAR = "{desc} |{bar}| {n_fmt}/{total_fmt}{postfix}"
 
 def _early_stopped(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-               if t.user_attrs.get("early_stopped"))
+               if t.user_attrs.get(records.EARLY_STOPPED))
 
 
 class Progress:
@@ -107,8 +109,8 @@ class Progress:
         value = "" if trial.value is None else f"{self.metric} {trial.value:.4f}  "
         best = best_trial(study)
         best_text = f"best {best.value:.4f} (#{best.number})" if best else "best -"
-        how = trial.user_attrs.get("reason", "")
-        return (f"trial {trial.number:>3} {trial.state.name:<8} {value}epochs {trial.user_attrs.get('epochs_run', 0)}"
+        how = trial.user_attrs.get(records.REASON, "")
+        return (f"trial {trial.number:>3} {trial.state.name:<8} {value}epochs {records.epochs_run(trial)}"
                 f" ({how})  | finished {finished}{budget} pruned {c['PRUNED']} failed {c['FAIL']}  {best_text}"
                 f"  [{time.monotonic() - self.started:.0f}s]")
 

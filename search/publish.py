@@ -17,14 +17,14 @@ from typing import Any
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
+from search import records
 from search.diagnosis import diagnose
 from search.notes import study_note, trial_note
-from search.summary import best_trial
+from search.records import best_trial
 from search.tracking import Tracker, log_model, metric_histories, run_url, set_tags
 
 ARTIFACT_DIR = "optuna-artifacts"
 CURVES = ["train_loss", "val_loss", "val_accuracy"]
-MODEL_TRIAL_ATTR = "hpo.model_trial"
 log = logging.getLogger(__name__)
 
 
@@ -63,9 +63,9 @@ def _trial_end(session: Any, state: str) -> None:
     label = None
     if state == "COMPLETE":
         label = f"{diagnosis.label}: {diagnosis.reason}"
-        trial.set_user_attr("fit_diagnosis", diagnosis.label)
+        trial.set_user_attr(records.FIT_DIAGNOSIS, diagnosis.label)
         set_tags(ctx.tracker, run.run_id, {"fit_diagnosis": diagnosis.label, "fit_diagnosis_reason": diagnosis.reason})
-        checkpoint = trial.user_attrs.get("checkpoint")
+        checkpoint = trial.user_attrs.get(records.CHECKPOINT)
         if checkpoint and Path(checkpoint).is_file():
             upload_artifact(artifact_store=store, file_path=checkpoint, study_or_trial=trial)
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,8 +113,8 @@ def write_study_note(study: optuna.Study, settings: dict[str, Any], n_trials: in
     from optuna_dashboard import save_note
 
     best = best_trial(study)
-    scored = study.user_attrs.get("hpo.test_scored_trial")
-    test = dict(study.user_attrs.get("hpo.test_metrics", {})) if best and scored == best.number else {}
+    scored = study.user_attrs.get(records.TEST_SCORED_TRIAL)
+    test = dict(study.user_attrs.get(records.TEST_METRICS, {})) if best and scored == best.number else {}
     body = study_note(study.study_name, study.get_trials(deepcopy=False), settings, best, test, n_trials, command,
                       options)
     save_note(study, body)
@@ -126,15 +126,15 @@ def log_best_model(study: optuna.Study, tracker: Tracker, objective: Any,
     """Log the best trial's model on its MLflow run and (if ``register``) register it under the study name,
     once per best trial."""
     best = best_trial(study)
-    if best is None or "checkpoint" not in best.user_attrs or not hasattr(objective, "load_model"):
+    if best is None or records.CHECKPOINT not in best.user_attrs or not hasattr(objective, "load_model"):
         return None
-    if study.user_attrs.get(MODEL_TRIAL_ATTR) == best.number:
+    if study.user_attrs.get(records.MODEL_TRIAL) == best.number:
         return None
-    model, example = objective.load_model(best.user_attrs["checkpoint"])
-    logged = log_model(tracker, best.user_attrs["mlflow_run_id"], model, example,
+    model, example = objective.load_model(best.user_attrs[records.CHECKPOINT])
+    logged = log_model(tracker, best.user_attrs[records.MLFLOW_RUN_ID], model, example,
                        register_as=study.study_name if register else None)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
+    parent = study.user_attrs.get(records.PARENT_RUN_ID)
     if parent:
         set_tags(tracker, parent, {"best_model_uri": logged["model_uri"], "best_model_version": logged["version"]})
-    study.set_user_attr(MODEL_TRIAL_ATTR, best.number)
+    study.set_user_attr(records.MODEL_TRIAL, best.number)
     return logged

@@ -31,6 +31,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from search import records
 from search.config import Settings
 from search.early_stopping import EarlyStopping
 from search.epoch_decision import decide_epoch
@@ -94,7 +95,7 @@ def load_recorded(
             client = _client(tracking_uri)
         _fill_from_mlflow(client, t, others, epochs, study.study_name)
         out.append(RecordedTrial(t.number, dict(t.params), dict(t.distributions), epochs,
-                                 t.user_attrs.get("best_epoch"), t.user_attrs.get("checkpoint")))
+                                 t.user_attrs.get(records.BEST_EPOCH), t.user_attrs.get(records.CHECKPOINT)))
     return out
 
 
@@ -107,7 +108,7 @@ def _client(tracking_uri: str) -> Any:
 def _fill_from_mlflow(client: Any, t: FrozenTrial, names: list[str], epochs: list[dict[str, float]],
                       study_name: str) -> None:
     """Per-epoch ``names`` from the trial's MLflow run; without a run, only epoch_seconds can be estimated."""
-    run_id = t.user_attrs.get("mlflow_run_id")
+    run_id = t.user_attrs.get(records.MLFLOW_RUN_ID)
     for name in names:
         history = {m.step: m.value for m in client.get_metric_history(run_id, name)} if run_id and client else {}
         missing = [e for e in range(len(epochs)) if e not in history]
@@ -165,11 +166,11 @@ def replay(recorded: list[RecordedTrial], settings: Settings) -> optuna.Study:
                 break
         restore = settings.early_stopping.restore_best and best
         final = best if restore else rec.epochs[epochs_run - 1]
-        attrs = {"epochs_run": epochs_run, "reason": reason, "early_stopped": early_stopped,
+        attrs = {records.EPOCHS_RUN: epochs_run, records.REASON: reason, records.EARLY_STOPPED: early_stopped,
                  "replayed_from": rec.number, "replay_seconds": seconds,
-                 "best_epoch": best_epoch if restore else epochs_run - 1}
+                 records.BEST_EPOCH: best_epoch if restore else epochs_run - 1}
         if state == TrialState.PRUNED:
-            attrs["pruned_epoch"] = epochs_run - 1
+            attrs[records.PRUNED_EPOCH] = epochs_run - 1
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if state == TrialState.PRUNED:
@@ -190,7 +191,7 @@ def replayed_test_accuracy(replayed: optuna.Study, recorded: list[RecordedTrial]
     except ValueError:
         return math.nan
     source = next(r for r in recorded if r.number == best.user_attrs["replayed_from"])
-    if source.checkpoint is None or source.best_epoch != best.user_attrs.get("best_epoch"):
+    if source.checkpoint is None or source.best_epoch != best.user_attrs.get(records.BEST_EPOCH):
         return math.nan
     from search.plugins import load_objective
 

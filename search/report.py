@@ -20,10 +20,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search import records
 from search.diagnosis import Diagnosis
-from search.notes import epoch_account, outcome
+from search.notes import epoch_account
 from search.plots import OUTCOME_COLORS, study_pngs
-from search.summary import best_trial, counts
+from search.records import best_trial, outcome
+from search.summary import counts
 from search.tracking import Tracker, existing_tracker, log_files, run_url, set_tags
 
 log = logging.getLogger(__name__)
@@ -48,11 +50,11 @@ class Report:
 
 def max_epochs_of(study: optuna.Study) -> int:
     """The per-trial epoch budget recorded on the study (else the most any trial ran)."""
-    settings = study.user_attrs.get("hpo.settings") or {}
+    settings = study.user_attrs.get(records.SETTINGS) or {}
     value = settings.get("study", {}).get("max_epochs")
     if value:
         return int(value)
-    return max((int(t.user_attrs.get("epochs_run") or 0) for t in study.trials), default=0)
+    return max((int(t.user_attrs.get(records.EPOCHS_RUN) or 0) for t in study.trials), default=0)
 
 
 def trial_fits(study: optuna.Study, tracker: Tracker | None, max_epochs: int) -> list[TrialFit]:
@@ -61,7 +63,7 @@ def trial_fits(study: optuna.Study, tracker: Tracker | None, max_epochs: int) ->
 
     fits = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        run_id = t.user_attrs.get("mlflow_run_id")
+        run_id = t.user_attrs.get(records.MLFLOW_RUN_ID)
         if tracker is not None and run_id:
             history, diagnosis = fit_of(tracker, run_id, max_epochs)
             fits.append(TrialFit(t, history, diagnosis, run_url(tracker, run_id)))
@@ -86,9 +88,9 @@ def epochs_figure(trials: list[FrozenTrial], max_epochs: int) -> Any:
     for kind, color in OUTCOME_COLORS.items():
         group = [t for t in trials if outcome(t) == kind]
         if group:
-            fig.add_bar(x=[t.number for t in group], y=[int(t.user_attrs.get("epochs_run") or 0) for t in group],
+            fig.add_bar(x=[t.number for t in group], y=[int(t.user_attrs.get(records.EPOCHS_RUN) or 0) for t in group],
                         name=kind, marker_color=color,
-                        hovertext=[str(t.user_attrs.get("reason", "")) for t in group])
+                        hovertext=[str(t.user_attrs.get(records.REASON, "")) for t in group])
     fig.add_hline(y=max_epochs, line_dash="dash", line_color="grey", annotation_text=f"max_epochs = {max_epochs}")
     fig.update_layout(title="Epochs spent per trial, by outcome", xaxis_title="trial", yaxis_title="epochs run",
                       barmode="overlay")
@@ -126,7 +128,7 @@ def _fit_table(fits: list[TrialFit]) -> str:
         d = f.diagnosis or Diagnosis("unknown", "")
         link = f"<a href='{html.escape(f.url)}'>MLflow run</a>" if f.url else ""
         rows.append(f"<tr><td>{f.trial.number}</td><td>{f.trial.value:.4g}</td>"
-                    f"<td>{f.trial.user_attrs.get('epochs_run')}</td><td>{html.escape(outcome(f.trial))}</td>"
+                    f"<td>{f.trial.user_attrs.get(records.EPOCHS_RUN)}</td><td>{html.escape(outcome(f.trial))}</td>"
                     f"<td class='label' style='background:{LABEL_COLORS.get(d.label, '#fff')}'>{d.label}</td>"
                     f"<td>{html.escape(d.reason)}</td><td>{link}</td></tr>")
     return ("<table id='fit-diagnosis'><tr><th>trial</th><th>value</th><th>epochs</th><th>outcome</th>"
@@ -156,8 +158,7 @@ def build_html(study: optuna.Study, fits: list[TrialFit], max_epochs: int) -> st
     best_line = "no completed trial yet"
     if best is not None:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
-        test = study.user_attrs.get("hpo.test_metrics", {}) if study.user_attrs.get(
-            "hpo.test_scored_trial") == best.number else {}
+        test = records.test_metrics(study, best)
         tests = "".join(f", {k} {v:.4f}" for k, v in test.items())
         best_line = f"trial #{best.number}, value {best.value:.4f}{tests}; {html.escape(params)}"
     parts = [
@@ -206,11 +207,11 @@ def write_report(study: optuna.Study, tracking_uri: str, out: Path, log_to_mlflo
     page.write_text(build_html(study, fits, max_epochs), encoding="utf-8")
     pngs = study_pngs(study, max_epochs, out)
     report = Report(page, pngs, fits)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
+    parent = study.user_attrs.get(records.PARENT_RUN_ID)
     if log_to_mlflow and tracker is not None and parent:
         for fit in fits:
-            if fit.diagnosis and fit.trial.user_attrs.get("mlflow_run_id"):
-                set_tags(tracker, fit.trial.user_attrs["mlflow_run_id"],
+            if fit.diagnosis and fit.trial.user_attrs.get(records.MLFLOW_RUN_ID):
+                set_tags(tracker, fit.trial.user_attrs[records.MLFLOW_RUN_ID],
                          {"fit_diagnosis": fit.diagnosis.label, "fit_diagnosis_reason": fit.diagnosis.reason})
         log_files(tracker, parent, pngs, "plots")
         log_files(tracker, parent, [page], "report")

@@ -20,6 +20,7 @@ from typing import Any
 
 import optuna
 
+from search import records
 from search.checkpoint import save_atomic
 from search.config import Settings
 from search.early_stopping import EarlyStopping
@@ -92,13 +93,13 @@ class TrialSession:
 
     def __enter__(self) -> TrialSession:
         self.stopper = build_stopper(self.settings)
-        previous_run = self.trial.user_attrs.get("mlflow_run_id")  # inherited by a retry from its predecessor
+        previous_run = self.trial.user_attrs.get(records.MLFLOW_RUN_ID)  # inherited by a retry from its predecessor
         resume = find_resume(self.trial, self.ctx.checkpoint_root)
         self.run = self.ctx.tracker.start_trial(self.ctx.parent_run_id, self.trial.number, self.params, self.resolved)
-        for key, value in {"mlflow_run_id": self.run.run_id, **identity()}.items():
+        for key, value in {records.MLFLOW_RUN_ID: self.run.run_id, **identity()}.items():
             self.trial.set_user_attr(key, value)
-        self.trial.set_user_attr("mlflow_run_url", run_url(self.ctx.tracker, self.run.run_id))
-        for key in ("pruned_epoch", "stopped_epoch", "checkpoint", "best_epoch"):
+        self.trial.set_user_attr(records.MLFLOW_RUN_URL, run_url(self.ctx.tracker, self.run.run_id))
+        for key in records.OWN_PER_ATTEMPT:
             if key in self.trial.user_attrs:  # a retry inherits its predecessor's attrs; these must be its own
                 self.trial.set_user_attr(key, None)
         if resume is not None:
@@ -117,8 +118,8 @@ class TrialSession:
         self.epochs_run = len(history)
         self.last_metrics = dict(history[-1]) if history else {}
         epoch = self.epochs_run
-        self.trial.set_user_attr("resumed_from_trial", self.resumed_from)
-        self.trial.set_user_attr("resumed_at_epoch", epoch)
+        self.trial.set_user_attr(records.RESUMED_FROM_TRIAL, self.resumed_from)
+        self.trial.set_user_attr(records.RESUMED_AT_EPOCH, epoch)
         for past, metrics in enumerate(history):
             self.run.log_epoch(past, metrics)
         self.run.set_tags({"hpo.resumed_from_trial": self.resumed_from, "hpo.resumed_at_epoch": epoch,
@@ -189,8 +190,8 @@ class TrialSession:
             self.checkpoint_dir / "best.pt",
         )
         self.run.log_artifact(path)  # type: ignore[union-attr]
-        self.trial.set_user_attr("checkpoint", str(path.resolve()))
-        self.trial.set_user_attr("best_epoch", best_epoch)
+        self.trial.set_user_attr(records.CHECKPOINT, str(path.resolve()))
+        self.trial.set_user_attr(records.BEST_EPOCH, best_epoch)
         return float(final[self.settings.study.metric])
 
     def _record(self, state: str, killed: bool = False) -> None:
@@ -200,19 +201,20 @@ class TrialSession:
         if state in ("COMPLETE", "PRUNED"):
             self.last_path.unlink(missing_ok=True)  # only a trial that may be retried needs it
         stopped = self.epochs_run - 1 if self.epochs_run else None
-        attrs = {"epochs_run": self.epochs_run, "reason": self.reason, "early_stopped": self.early_stopped}
+        attrs = {records.EPOCHS_RUN: self.epochs_run, records.REASON: self.reason,
+                 records.EARLY_STOPPED: self.early_stopped}
         if state == "PRUNED":
-            attrs["pruned_epoch"] = stopped
+            attrs[records.PRUNED_EPOCH] = stopped
         if self.early_stopped:
-            attrs["stopped_epoch"] = stopped
+            attrs[records.STOPPED_EPOCH] = stopped
         for key, value in attrs.items():
             self.trial.set_user_attr(key, value)
         final = self._final_metrics() if state == "COMPLETE" else {}
         metrics = {"epochs_run": float(self.epochs_run)}
         if "val_accuracy" in final:
             metrics["best_val_accuracy"] = final["val_accuracy"]
-        if state == "COMPLETE" and self.trial.user_attrs.get("best_epoch") is not None:
-            metrics["best_epoch"] = float(self.trial.user_attrs["best_epoch"])
+        if state == "COMPLETE" and self.trial.user_attrs.get(records.BEST_EPOCH) is not None:
+            metrics["best_epoch"] = float(self.trial.user_attrs[records.BEST_EPOCH])
         tags = {
             "early_stopped": str(self.early_stopped).lower(),
             "stopped_epoch": "" if stopped is None else stopped,
@@ -241,7 +243,7 @@ class TrialSession:
             return
         self.reason = failure_reason(exc)
         if is_out_of_memory(exc):
-            self.trial.set_user_attr("oom_batch_size", self.resolved.get("batch_size"))
+            self.trial.set_user_attr(records.OOM_BATCH_SIZE, self.resolved.get("batch_size"))
             release_memory()
         self._record("FAIL")
         raise TrialFailed(f"trial {self.trial.number} failed ({self.reason})") from exc

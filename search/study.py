@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search import records
 from search.config import Settings
 from search.errors import StorageError
 from search.failures import TrialFailed
@@ -27,18 +28,15 @@ from search.plugins import load_objective
 from search.progress import Progress
 from search.pruning import build_pruner
 from search.publish import on_study_end
+from search.records import best_trial
 from search.samplers import build_sampler
 from search.session import StudyContext
 from search.stores import RunPaths
 from search.stores import open_storage as open_storage  # TODO(compare split): import from stores
 from search.stores import run_paths as run_paths  # TODO(compare split): import from stores
-from search.summary import best_trial, counts
+from search.summary import counts
 from search.tracking import Tracker
 from search.workers import budget_lock, recover_local_orphans, retry
-
-FINGERPRINT_ATTR = "hpo.fingerprint"
-PARENT_ATTR = "mlflow_parent_run_id"
-BUDGET_ATTR = "hpo.n_trials"  # the trial budget of the latest run; `hpo status --watch` stops when it is met
 
 
 def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -49,7 +47,7 @@ def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorag
     if name in existing:
         study = optuna.load_study(study_name=name, storage=storage, sampler=build_sampler(settings.sampler,
                                   settings.space), pruner=build_pruner(settings.pruner, settings.study.max_epochs))
-        old = study.user_attrs.get(FINGERPRINT_ATTR)
+        old = study.user_attrs.get(records.FINGERPRINT)
         if study.direction.name.lower() != settings.study.direction or (old and old != fingerprint):
             diffs = _differences(old or {"direction": study.direction.name.lower()}, fingerprint)
             raise StorageError(
@@ -63,10 +61,10 @@ def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorag
         sampler=build_sampler(settings.sampler, settings.space),
         pruner=build_pruner(settings.pruner, settings.study.max_epochs),
     )
-    if FINGERPRINT_ATTR not in study.user_attrs:
-        study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
-        study.set_user_attr("hpo.settings", json.loads(settings.model_dump_json(exclude={"objective"})))
-        study.set_user_attr("hpo.objective", settings.objective.model_dump(mode="json"))
+    if records.FINGERPRINT not in study.user_attrs:
+        study.set_user_attr(records.FINGERPRINT, fingerprint)
+        study.set_user_attr(records.SETTINGS, json.loads(settings.model_dump_json(exclude={"objective"})))
+        study.set_user_attr(records.OBJECTIVE, settings.objective.model_dump(mode="json"))
     return study
 
 
@@ -75,7 +73,7 @@ def stored_settings(study: optuna.Study) -> Settings:
     when no study file is given."""
     from search.config import settings_from_dict
 
-    data, objective = study.user_attrs.get("hpo.settings"), study.user_attrs.get("hpo.objective")
+    data, objective = study.user_attrs.get(records.SETTINGS), study.user_attrs.get(records.OBJECTIVE)
     if not isinstance(data, dict) or not isinstance(objective, dict):
         raise StorageError(f"study {study.study_name!r} has no stored settings (it was not created by `hpo run`); "
                            "pass its study FILE instead of --study.")
@@ -109,7 +107,7 @@ class _FailureGuard:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state == TrialState.FAIL:
             self.in_a_row += 1
-            self.last_reason = str(trial.user_attrs.get("reason", "unknown"))
+            self.last_reason = str(trial.user_attrs.get(records.REASON, "unknown"))
         else:
             self.in_a_row = 0
 
@@ -160,11 +158,11 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
     lock.acquire()  # workers starting together must find, not each create, the parent run
     try:
         parent = tracker.parent_run(settings.study.name, _study_params(settings, n_trials),
-                                    known_id=study.user_attrs.get(PARENT_ATTR))
-        if study.user_attrs.get(PARENT_ATTR) != parent:
-            study.set_user_attr(PARENT_ATTR, parent)
-        if study.user_attrs.get(BUDGET_ATTR, "unset") != n_trials:
-            study.set_user_attr(BUDGET_ATTR, n_trials)
+                                    known_id=study.user_attrs.get(records.PARENT_RUN_ID))
+        if study.user_attrs.get(records.PARENT_RUN_ID) != parent:
+            study.set_user_attr(records.PARENT_RUN_ID, parent)
+        if study.user_attrs.get(records.BUDGET, "unset") != n_trials:
+            study.set_user_attr(records.BUDGET, n_trials)
     finally:
         lock.release()
     if progress is not None:
@@ -175,7 +173,7 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
 
 def mark_killed(tracker: Tracker, trial: FrozenTrial) -> None:
     """An orphaned trial's MLflow run must not stay RUNNING: end it KILLED with the reason."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
+    run_id = trial.user_attrs.get(records.MLFLOW_RUN_ID)
     if run_id:
         tracker.end_orphan(run_id)
 
@@ -309,14 +307,14 @@ def _study_params(settings: Settings, n_trials: int | None) -> dict[str, Any]:
 def score_best(study: optuna.Study, objective: Any, tracker: Tracker, parent: str) -> dict[str, float]:
     """Score the best trial on the held-out test set, once per best trial, and log it on the parent run."""
     best = best_trial(study)
-    if best is None or "checkpoint" not in best.user_attrs:
+    if best is None or records.CHECKPOINT not in best.user_attrs:
         return {}
-    if study.user_attrs.get("hpo.test_scored_trial") == best.number:
-        return {k: float(v) for k, v in study.user_attrs.get("hpo.test_metrics", {}).items()}
-    metrics = {k: float(v) for k, v in objective.test_score(best.user_attrs["checkpoint"]).items()}
-    study.set_user_attr("hpo.test_scored_trial", best.number)
-    study.set_user_attr("hpo.test_metrics", metrics)
-    tags = {"best_trial": best.number, "best_mlflow_run_id": best.user_attrs.get("mlflow_run_id", "")}
+    if study.user_attrs.get(records.TEST_SCORED_TRIAL) == best.number:
+        return records.test_metrics(study, best)
+    metrics = {k: float(v) for k, v in objective.test_score(best.user_attrs[records.CHECKPOINT]).items()}
+    study.set_user_attr(records.TEST_SCORED_TRIAL, best.number)
+    study.set_user_attr(records.TEST_METRICS, metrics)
+    tags = {"best_trial": best.number, "best_mlflow_run_id": best.user_attrs.get(records.MLFLOW_RUN_ID, "")}
     tags.update({f"best_param.{k}": v for k, v in best.params.items()})
     summary = {f"best_{k}": v for k, v in metrics.items()}
     if best.value is not None:

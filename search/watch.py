@@ -15,7 +15,9 @@ from typing import TextIO
 
 import optuna
 
-from search.summary import best_trial, counts, study_table
+from search import records
+from search.records import best_trial
+from search.summary import counts, study_table
 
 CLEAR = "\033[H\033[2J"
 
@@ -34,8 +36,8 @@ def status_text(study: optuna.Study) -> str:
 def budget(study: optuna.Study) -> int | None:
     """The trial budget the study was last run with (older studies: the study file's n_trials)."""
     attrs = study.user_attrs
-    value = attrs["hpo.n_trials"] if "hpo.n_trials" in attrs else \
-        (attrs.get("hpo.settings") or {}).get("study", {}).get("n_trials")
+    value = attrs[records.BUDGET] if records.BUDGET in attrs else \
+        (attrs.get(records.SETTINGS) or {}).get("study", {}).get("n_trials")
     return None if value is None else int(value)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from search.notes import epoch_account, outcome, study_note, trial_note
+from search.notes import epoch_account, study_note, trial_note
+from search.records import outcome
 
 SETTINGS = {
     "study": {"metric": "val_accuracy", "max_epochs": 20, "timeout": None},

@@ -1,0 +1,85 @@
+"""What hpo stores on Optuna trials and studies (user attributes), and the readers every view shares.
+
+The keys are the interface between the run that writes them (``session.py``, ``study.py``, ``publish.py``)
+and everything that reads them later (status, best, report, notes, compare, the dashboard), possibly from
+another machine or version, so they are spelled once, here. Readers answer the questions the views ask:
+how a trial ended, how many epochs it ran, the test metrics of the best trial, how a value is shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+# --- trial attributes ---------------------------------------------------------------------------------------
+MLFLOW_RUN_ID = "mlflow_run_id"
+MLFLOW_RUN_URL = "mlflow_run_url"
+CHECKPOINT = "checkpoint"  # the best (or last) weights: checkpoints/trial-N/best.pt, absolute
+BEST_EPOCH = "best_epoch"  # the epoch whose weights and value the trial keeps
+EPOCHS_RUN = "epochs_run"
+PRUNED_EPOCH = "pruned_epoch"
+STOPPED_EPOCH = "stopped_epoch"
+EARLY_STOPPED = "early_stopped"
+REASON = "reason"  # completed | pruned | nan_loss | early_stopped:<why> | out_of_memory | error: ... | ...
+RESUMED_FROM_TRIAL = "resumed_from_trial"
+RESUMED_AT_EPOCH = "resumed_at_epoch"
+OOM_BATCH_SIZE = "oom_batch_size"
+FIT_DIAGNOSIS = "fit_diagnosis"
+OWN_PER_ATTEMPT = (PRUNED_EPOCH, STOPPED_EPOCH, CHECKPOINT, BEST_EPOCH)  # a retry must not inherit these
+
+# --- study attributes ---------------------------------------------------------------------------------------
+PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run
+FINGERPRINT = "hpo.fingerprint"  # direction, metric and space: what a resumed study must not change
+SETTINGS = "hpo.settings"  # the study file's settings but [objective], as JSON
+OBJECTIVE = "hpo.objective"  # the [objective] section, as JSON
+BUDGET = "hpo.n_trials"  # the trial budget of the latest run; `hpo status --watch` stops when it is met
+TEST_METRICS = "hpo.test_metrics"  # the best trial's test metrics ...
+TEST_SCORED_TRIAL = "hpo.test_scored_trial"  # ... valid while this is still the best trial's number
+MODEL_TRIAL = "hpo.model_trial"  # the trial whose model was logged and registered
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no completed trial yet
+        return None
+
+
+def epochs_run(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get(EPOCHS_RUN) or 0)
+
+
+def outcome(t: FrozenTrial) -> str:
+    """One word for how a trial ended: completed, early stopped, pruned, failed, running."""
+    if t.state == TrialState.COMPLETE:
+        return "early stopped" if t.user_attrs.get(EARLY_STOPPED) else "completed"
+    return {TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}.get(t.state, t.state.name.lower())
+
+
+def ended_at(t: FrozenTrial) -> str:
+    """"pruned at E" or "stopped at E" (epochs count from 0), or "" for a trial that ran its course."""
+    attrs = t.user_attrs
+    if attrs.get(PRUNED_EPOCH) is not None:
+        return f"pruned at {attrs[PRUNED_EPOCH]}"
+    if attrs.get(EARLY_STOPPED):
+        return f"stopped at {attrs.get(STOPPED_EPOCH)}"
+    return ""
+
+
+def test_metrics(study: optuna.Study, best: FrozenTrial | None = None) -> dict[str, float]:
+    """The best trial's test metrics, or {} when none were scored for the trial that is best now."""
+    best = best if best is not None else best_trial(study)
+    attrs: Mapping[str, Any] = study.user_attrs
+    if best is None or attrs.get(TEST_SCORED_TRIAL) != best.number:
+        return {}
+    return {k: float(v) for k, v in attrs.get(TEST_METRICS, {}).items()}
+
+
+def fmt(value: Any) -> str:
+    """A value as the tables show it: floats to 4 significant digits, None as nothing."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
