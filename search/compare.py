@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from search import records
 from search.config import PRUNER_OPTIONS, Settings, apply_overrides, read_study, settings_from_dict
 from search.errors import SettingsError
 
@@ -176,9 +177,9 @@ def row_for(study: optuna.Study, strategy: str, seed: int, max_epochs: int, test
     seconds = 0.0
     maximize = study.direction.name == "MAXIMIZE"
     for t in trials:
-        spent += int(t.user_attrs.get("epochs_run", 0) or 0)
-        if "replay_seconds" in t.user_attrs:
-            seconds += float(t.user_attrs["replay_seconds"])
+        spent += records.epochs_run(t)
+        if records.REPLAY_SECONDS in t.user_attrs:
+            seconds += float(t.user_attrs[records.REPLAY_SECONDS])
         elif t.datetime_start and t.datetime_complete:
             seconds += (t.datetime_complete - t.datetime_start).total_seconds()
         if t.state == TrialState.COMPLETE and t.value is not None and (
@@ -191,13 +192,7 @@ def row_for(study: optuna.Study, strategy: str, seed: int, max_epochs: int, test
 
 
 def _stored_test_accuracy(study: optuna.Study) -> float:
-    try:
-        best = study.best_trial.number
-    except ValueError:
-        return math.nan
-    if study.user_attrs.get("hpo.test_scored_trial") != best:
-        return math.nan
-    return float(study.user_attrs.get("hpo.test_metrics", {}).get("test_accuracy", math.nan))
+    return records.test_metrics(study).get("test_accuracy", math.nan)
 
 
 def run_compare(plan: ComparePlan, log: Callable[[str], None] = print, register: bool = False) -> list[Row]:

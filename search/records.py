@@ -28,6 +28,8 @@ RESUMED_FROM_TRIAL = "resumed_from_trial"
 RESUMED_AT_EPOCH = "resumed_at_epoch"
 OOM_BATCH_SIZE = "oom_batch_size"
 FIT_DIAGNOSIS = "fit_diagnosis"
+REPLAYED_FROM = "replayed_from"  # replays (hpo compare --replay): the source trial
+REPLAY_SECONDS = "replay_seconds"  # replays: the recorded seconds of the epochs replayed
 OWN_PER_ATTEMPT = (PRUNED_EPOCH, STOPPED_EPOCH, CHECKPOINT, BEST_EPOCH)  # a retry must not inherit these
 
 # --- study attributes ---------------------------------------------------------------------------------------

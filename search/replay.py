@@ -167,7 +167,7 @@ def replay(recorded: list[RecordedTrial], settings: Settings) -> optuna.Study:
         restore = settings.early_stopping.restore_best and best
         final = best if restore else rec.epochs[epochs_run - 1]
         attrs = {records.EPOCHS_RUN: epochs_run, records.REASON: reason, records.EARLY_STOPPED: early_stopped,
-                 "replayed_from": rec.number, "replay_seconds": seconds,
+                 records.REPLAYED_FROM: rec.number, records.REPLAY_SECONDS: seconds,
                  records.BEST_EPOCH: best_epoch if restore else epochs_run - 1}
         if state == TrialState.PRUNED:
             attrs[records.PRUNED_EPOCH] = epochs_run - 1
@@ -190,7 +190,7 @@ def replayed_test_accuracy(replayed: optuna.Study, recorded: list[RecordedTrial]
         best = replayed.best_trial
     except ValueError:
         return math.nan
-    source = next(r for r in recorded if r.number == best.user_attrs["replayed_from"])
+    source = next(r for r in recorded if r.number == best.user_attrs[records.REPLAYED_FROM])
     if source.checkpoint is None or source.best_epoch != best.user_attrs.get(records.BEST_EPOCH):
         return math.nan
     from search.plugins import load_objective

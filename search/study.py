@@ -31,9 +31,7 @@ from search.publish import on_study_end
 from search.records import best_trial
 from search.samplers import build_sampler
 from search.session import StudyContext
-from search.stores import RunPaths
-from search.stores import open_storage as open_storage  # TODO(compare split): import from stores
-from search.stores import run_paths as run_paths  # TODO(compare split): import from stores
+from search.stores import RunPaths, open_storage
 from search.summary import counts
 from search.tracking import Tracker
 from search.workers import budget_lock, recover_local_orphans, retry
