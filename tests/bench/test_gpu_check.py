@@ -1,0 +1,65 @@
+"""bench/gpu_check.sh --cpu-smoke end to end, so the GPU check still runs when a GPU is finally lent.
+
+Asserts on what the summary says, section by section (each with its figures), not on how long it took.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+NUMBER = r"[\d,]+(?:\.\d+)?"
+
+
+def summary_lines(stdout: str) -> dict[str, str]:
+    """The summary block after the '=== gpu_check summary' header, as {label: text}."""
+    head, sep, block = stdout.partition("=== gpu_check summary")
+    assert sep, f"no summary printed:\n{stdout[-3000:]}"
+    lines = {}
+    for line in block.splitlines()[1:]:
+        label, colon, text = line.partition(":")
+        if colon:
+            lines[label] = text.strip()
+    return lines
+
+
+def figure(pattern: str, text: str) -> list[float]:
+    found = re.search(pattern, text)
+    assert found, f"{pattern!r} not in {text!r}"
+    return [float(g.replace(",", "")) for g in found.groups()]
+
+
+def test_cpu_smoke_runs_every_section_and_prints_its_figures() -> None:
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu-smoke"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    out = done.stdout
+    assert done.returncode == 0, out[-4000:] + done.stderr[-4000:]
+    assert re.match(r"python \S+, torch \S+, CUDA \S+, cuDNN \S+, GPU ", out), out.splitlines()[0]
+
+    s = summary_lines(out)
+    assert list(s) == ["gpu tests", "epoch", "compile", "trials as processes", "packing K=1,2,4,8", "study", "total",
+                       "result"]
+    passed, skipped, selected = figure(r"^(\d+) passed, 0 failed, (\d+) skipped \((\d+) selected", s["gpu tests"])
+    assert passed + skipped == selected
+    epoch_s, images_s = figure(rf"^({NUMBER}) s/epoch \(first {NUMBER} s\), ({NUMBER}) img/s training, peak memory "
+                               r"n/a; fp32, contiguous", s["epoch"])
+    assert epoch_s > 0 and images_s > 0
+    off, on, speedup, _ = figure(rf"^off ({NUMBER}) s/epoch, on ({NUMBER}) s/epoch \(({NUMBER})x\), ({NUMBER}) img/s",
+                                 s["compile"])
+    assert off > 0 and on > 0 and speedup > 0
+    one, two, four = figure(rf"^1: ({NUMBER}) img/s \(1\.00x\); 2: ({NUMBER}) img/s \({NUMBER}x\); "
+                            rf"4: ({NUMBER}) img/s", s["trials as processes"])
+    assert min(one, two, four) > 0
+    assert s["packing K=1,2,4,8"] == "not implemented yet (issue 11 section 2)"
+    assert s["study"].startswith("exit 0, 2 trials finished (2 COMPLETE, 0 PRUNED, 0 FAIL), best val_accuracy ")
+    figure(rf"^({NUMBER}) s \(limit 120 s\)", s["total"])
+    assert s["result"] == "ok"
