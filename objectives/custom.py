@@ -29,6 +29,7 @@ from objectives.runtime import resolve_runtime, seed_everything
 from objectives.settings import ModelArg, NonNegativeInt, resolve_reference
 from search.config import Settings
 from search.errors import HpoError
+from search.plugins import ExportUnsupported
 from search.session import StudyContext
 from search.space import REFERENCE_BATCH, resolve, suggest
 
@@ -288,3 +289,12 @@ class CustomObjective:
     def test_score(self, checkpoint_path: str) -> dict[str, float]:
         """Empty: hpo knows no test split of the user's data (evaluate the best checkpoint yourself)."""
         return {}
+
+    def load_model(self, checkpoint_path: str) -> tuple[Any, Any]:
+        """A custom loop builds its model itself, so hpo cannot rebuild it: no MLflow model, no export."""
+        raise ExportUnsupported(
+            f"the objective 'custom' ({self.config.train}) cannot rebuild a model from a checkpoint: your training "
+            "function builds it, so `hpo export` cannot write an MLflow model for it. The best trial's weights are "
+            f"in {checkpoint_path}: build your model and call "
+            "model.load_state_dict(torch.load(PATH, weights_only=True)['state_dict'])."
+        )

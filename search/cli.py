@@ -10,10 +10,16 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING
 
-from search import records
 from search.errors import HpoError, SettingsError
+
+if TYPE_CHECKING:  # imported late at run time: `hpo --help` must not wait for optuna, torch and mlflow
+    import optuna
+
+    from search.config import Settings
+    from search.stores import RunPaths
 
 DESCRIPTION = """\
 Hyperparameter search for PyTorch CNNs: Optuna studies with early stopping inside each trial,
@@ -179,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Any:
+def _settings(args: argparse.Namespace) -> Settings:
     from search.config import load_settings
 
     overrides = list(args.overrides)
@@ -188,7 +194,7 @@ def _settings(args: argparse.Namespace) -> Any:
     return load_settings(args.file, overrides)
 
 
-def _paths(args: argparse.Namespace) -> tuple[Any, Any]:
+def _paths(args: argparse.Namespace) -> tuple[Settings | None, RunPaths]:
     """(settings or None, RunPaths) for commands that read a study from FILE or --study NAME."""
     from search.stores import run_paths
 
@@ -197,13 +203,13 @@ def _paths(args: argparse.Namespace) -> tuple[Any, Any]:
         name = settings.study.name
     else:
         settings = None
-        name = args.study_name or getattr(args, "study", None)
+        name = str(args.study_name or getattr(args, "study", None) or "")
         if not name:
             raise SettingsError(f"give a study FILE or --study NAME (see hpo {args.command} --help)")
     return settings, run_paths(args.run_dir, name, args.storage, args.tracking_uri)
 
 
-def _open_existing(args: argparse.Namespace) -> Any:
+def _open_existing(args: argparse.Namespace) -> tuple[optuna.Study, RunPaths]:
     import optuna
 
     from search.stores import open_storage, sqlite_path
@@ -308,7 +314,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_where(args: argparse.Namespace, paths: Any) -> None:
+def _print_where(args: argparse.Namespace, paths: RunPaths) -> None:
     target = args.file if args.file else f"--study {paths.root.name}"
     extra = "" if args.run_dir == "runs" else f" --run-dir {args.run_dir}"
     if args.storage:
@@ -349,6 +355,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
+    from search import records
     from search.records import best_trial
 
     study, _ = _open_existing(args)
@@ -475,7 +482,7 @@ COMMANDS = {"run": cmd_run, "worker": cmd_worker, "recover": cmd_recover, "statu
             "report": cmd_report, "export": cmd_export}
 
 
-def _terminate(signum: int, frame: Any) -> None:
+def _terminate(signum: int, frame: FrameType | None) -> None:
     """SIGTERM (a scheduler stopping the job) ends the current trial like Ctrl-C: FAIL, re-enqueued."""
     raise KeyboardInterrupt
 

@@ -481,9 +481,8 @@ def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>", base
     except ValidationError as exc:
         raise SettingsError(_describe(exc, source, (), Settings)) from exc
     # The plugin says which [space] names it reads (None: any, handed to the objective as they are) and which
-    # metrics it reports; plugins older than these two hooks get their config's fields and a `metrics` attribute.
-    fields = (plugin.tunable_names(objective) if hasattr(plugin, "tunable_names")
-              else set(type(objective).model_fields))
+    # metrics it reports.
+    fields = plugin.tunable_names(objective)
     if fields is not None and (unknown := sorted(set(settings.space.params) - fields)):
         raise SettingsError(
             f"{source}: [space] {', '.join(unknown)}: not a setting of objective {plugin_name!r}, so sampling "
@@ -503,8 +502,7 @@ def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>", base
                     f"{source}: [space.{pname}] can yield {value!r}, which the objective refuses for {pname}: "
                     f"{reason}. Narrow the range or the choices."
                 ) from exc
-    reported = (plugin.reported_metrics(objective) if hasattr(plugin, "reported_metrics")
-                else getattr(plugin, "metrics", ()))
+    reported = plugin.reported_metrics(objective)
     monitored = settings.monitor if isinstance(settings.monitor, dict) else {settings.monitor: 1.0}
     for where, name in [("study.metric", settings.study.metric)] + [("early_stopping.monitor", m) for m in monitored]:
         if reported and name not in reported:

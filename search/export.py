@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 
 from search import records
+from search.config import Settings
 from search.errors import HpoError, SettingsError
 from search.plugins import load_objective
 from search.records import best_trial
@@ -29,7 +29,7 @@ class Exported:
     input_shape: tuple[int, ...]
 
 
-def export_best(study: optuna.Study, settings: Any, out: Path) -> Exported:
+def export_best(study: optuna.Study, settings: Settings, out: Path) -> Exported:
     """Write the best trial's model to ``out`` (which must be new or empty)."""
     best = best_trial(study)
     if best is None:
@@ -43,12 +43,7 @@ def export_best(study: optuna.Study, settings: Any, out: Path) -> Exported:
         raise SettingsError(f"--out {out} already exists and is not an empty folder; an export never overwrites. "
                             "Choose a new folder or delete that one.")
     objective = load_objective(settings.objective_name)(settings)
-    if not hasattr(objective, "load_model"):
-        raise HpoError(f"the objective {settings.objective_name!r} cannot rebuild a model from a checkpoint (it has "
-                       "no load_model method; a custom training loop has none), so `hpo export` cannot write an "
-                       f"MLflow model for it. The best trial's weights are in {checkpoint}: build your model and "
-                       "call model.load_state_dict(torch.load(PATH, weights_only=True)['state_dict']).")
-    model, example = objective.load_model(checkpoint)
+    model, example = objective.load_model(checkpoint)  # ExportUnsupported says what to do instead
     if out.exists():
         out.rmdir()  # MLflow writes a new directory
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,15 +7,27 @@ This is how ``search/`` runs an objective without importing it: a package declar
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydantic import BaseModel
+
+from search.errors import HpoError
 
 GROUP = "hpo.objectives"
 
 
+class ExportUnsupported(HpoError):
+    """The objective cannot rebuild a model from a checkpoint (a user's own training loop): no export."""
+
+    exit_code = 2
+
+
 class ObjectivePlugin(Protocol):
-    """What an objective class offers the search machinery."""
+    """What an objective class offers the search machinery: the one thing ``search/`` relies on.
+
+    The search side never imports an objective; it finds the class by name (``load_objective``) and uses
+    only these members. Everything about a particular model or data set stays behind them.
+    """
 
     config_model: type[BaseModel]
 
@@ -40,16 +52,21 @@ class ObjectivePlugin(Protocol):
 
     def __call__(self, trial: Any) -> float: ...
 
-    def test_score(self, checkpoint_path: str) -> dict[str, float]: ...
+    def test_score(self, checkpoint_path: str) -> dict[str, float]:
+        """Metrics of a saved checkpoint on held-out data, scored once for the best trial; {} when there is none."""
+
+    def load_model(self, checkpoint_path: str) -> tuple[Any, Any]:
+        """(a torch module taking raw inputs, an example input batch) for MLflow logging and `hpo export`;
+        raise ExportUnsupported when the objective cannot rebuild its model."""
 
 
 def available() -> list[str]:
     return sorted(ep.name for ep in entry_points(group=GROUP))
 
 
-def load_objective(name: str) -> Any:
+def load_objective(name: str) -> type[ObjectivePlugin]:
     for ep in entry_points(group=GROUP):
         if ep.name == name:
-            return ep.load()
+            return cast("type[ObjectivePlugin]", ep.load())
     names = ", ".join(available()) or "none (is the package installed? run `make run` or `pip install -e .`)"
     raise LookupError(f"unknown objective {name!r}; available: {names}")

@@ -18,8 +18,10 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from search import records
+from search.config import Settings
 from search.diagnosis import diagnose
 from search.notes import study_note, trial_note
+from search.plugins import ExportUnsupported, ObjectivePlugin
 from search.records import best_trial
 from search.tracking import Tracker, log_model, metric_histories, run_url, set_tags
 
@@ -93,7 +95,7 @@ def run_command(settings: Any) -> tuple[str, str]:
     return " ".join(shlex.quote(a) for a in ["hpo", *args]), f" {quoted}" if quoted else ""
 
 
-def on_study_end(study: optuna.Study, settings: Any, tracker: Tracker, objective: Any,
+def on_study_end(study: optuna.Study, settings: Settings, tracker: Tracker, objective: ObjectivePlugin,
                  n_trials: int | None, register_model: bool = True) -> None:
     """The study note; the best trial's model logged (and, if ``register_model``, registered) in MLflow when the
     best trial changed. `hpo compare` turns registration off: its many studies would flood the registry."""
@@ -121,16 +123,19 @@ def write_study_note(study: optuna.Study, settings: dict[str, Any], n_trials: in
     return body
 
 
-def log_best_model(study: optuna.Study, tracker: Tracker, objective: Any,
+def log_best_model(study: optuna.Study, tracker: Tracker, objective: ObjectivePlugin,
                    register: bool = True) -> dict[str, str] | None:
     """Log the best trial's model on its MLflow run and (if ``register``) register it under the study name,
     once per best trial."""
     best = best_trial(study)
-    if best is None or records.CHECKPOINT not in best.user_attrs or not hasattr(objective, "load_model"):
+    if best is None or records.CHECKPOINT not in best.user_attrs:
         return None
     if study.user_attrs.get(records.MODEL_TRIAL) == best.number:
         return None
-    model, example = objective.load_model(best.user_attrs[records.CHECKPOINT])
+    try:
+        model, example = objective.load_model(best.user_attrs[records.CHECKPOINT])
+    except ExportUnsupported:
+        return None  # a custom loop's model: its checkpoint is logged on its run, there is no model to log
     logged = log_model(tracker, best.user_attrs[records.MLFLOW_RUN_ID], model, example,
                        register_as=study.study_name if register else None)
     parent = study.user_attrs.get(records.PARENT_RUN_ID)

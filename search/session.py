@@ -13,10 +13,11 @@ training loop's hook. The session is generic: it needs only a metrics dict per e
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import optuna
 
@@ -34,12 +35,33 @@ from search.failures import (
     release_memory,
 )
 from search.optuna_adapter import stored_trial
+from search.progress import Progress
 from search.publish import on_trial_end
 from search.resume import find_resume, last_path, save_resume
 from search.tracking import Tracker, TrialRun, run_url
 from search.workers import identity, retry
 
 log = logging.getLogger("hpo")
+
+
+class Weights(Protocol):
+    """A model, as far as a session needs one: its weights (an ``nn.Module``)."""
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+
+class EpochState(Protocol):
+    """What the training loop hands ``on_epoch`` besides the metrics: the model, for the best weights."""
+
+    @property
+    def model(self) -> Weights | None: ...
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """An epoch state that can be saved and resumed (``objectives.train.TrainingState``); a custom loop's is not."""
+
+    def state_dict(self) -> dict[str, Any]: ...
 
 
 def build_stopper(settings: Settings) -> EarlyStopping:
@@ -54,7 +76,7 @@ class StudyContext:
     tracker: Tracker
     parent_run_id: str
     checkpoint_root: Path
-    progress: Any = None
+    progress: Progress | None = None
 
     def trial(self, trial: optuna.Trial, params: dict[str, Any], resolved: dict[str, Any]) -> TrialSession:
         return TrialSession(self, trial, params, resolved)
@@ -72,7 +94,7 @@ class TrialSession:
     best_metrics: dict[str, float] = field(default_factory=dict)
     last_metrics: dict[str, float] = field(default_factory=dict)
     best_state: dict[str, Any] | None = None
-    last_model: Any = None
+    last_model: Weights | None = None
     early_stopped: bool = False
     reason: str = "completed"
     resume_training: dict[str, Any] | None = None
@@ -126,16 +148,16 @@ class TrialSession:
                            "hpo.resumed_from_run": state.get("mlflow_run_id") or previous_run or ""})
         log.warning("trial %s resumes trial %s at epoch %s", self.trial.number, self.resumed_from, epoch)
 
-    def _save_last(self, epoch: int, state: Any) -> None:
+    def _save_last(self, epoch: int, state: EpochState) -> None:
         every = self.settings.study.checkpoint_every
-        if not every or (epoch + 1) % every or not hasattr(state, "state_dict"):
+        if not every or (epoch + 1) % every or not isinstance(state, Resumable):
             return
         assert self.stopper is not None and self.run is not None
         save_resume(self.last_path, epoch=epoch, training=state.state_dict(), stopper=self.stopper.state_dict(),
                     best_state=self.best_state, best_metrics=self.best_metrics, trial=self.trial.number,
                     run_id=self.run.run_id)
 
-    def on_epoch(self, epoch: int, metrics: dict[str, float], state: Any) -> bool:
+    def on_epoch(self, epoch: int, metrics: dict[str, float], state: EpochState) -> bool:
         """The training loop's hook: log, decide early stopping, report, maybe prune. True = stop."""
         assert self.run is not None and self.stopper is not None
         metric = self.settings.study.metric
@@ -143,7 +165,7 @@ class TrialSession:
             raise KeyError(f"the objective reported no {metric!r} (it reported {', '.join(metrics)})")
         self.epochs_run = epoch + 1
         self.last_metrics = dict(metrics)
-        self.last_model = getattr(state, "model", None)
+        self.last_model = state.model
         self.run.log_epoch(epoch, metrics)
         if self.ctx.progress is not None:
             self.ctx.progress.on_epoch(self.trial.number, epoch, metrics)
@@ -167,7 +189,7 @@ class TrialSession:
         restore = self.settings.early_stopping.restore_best and self.best_metrics
         return self.best_metrics if restore else self.last_metrics
 
-    def complete(self, checkpoint: dict[str, Any], model: Any = None) -> float:
+    def complete(self, checkpoint: dict[str, Any], model: Weights | None = None) -> float:
         """Save the best (or last) weights, record the trial, and return its value.
 
         ``checkpoint`` is the objective's dict without weights (model_spec, settings); the session adds
@@ -181,8 +203,10 @@ class TrialSession:
         restore = self.settings.early_stopping.restore_best and self.best_state is not None
         if restore:
             weights = self.best_state
-        else:
+        elif self.last_model is not None:
             weights = {k: v.detach().to("cpu") for k, v in self.last_model.state_dict().items()}
+        else:
+            raise RuntimeError("the objective finished without a model: pass it to on_epoch or to complete()")
         final = self._final_metrics()
         best_epoch = self.stopper.best_epoch if restore else self.epochs_run - 1
         path = save_atomic(

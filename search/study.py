@@ -24,7 +24,7 @@ from search.config import Settings
 from search.errors import StorageError
 from search.failures import TrialFailed
 from search.optuna_adapter import heartbeat_enabled
-from search.plugins import load_objective
+from search.plugins import ObjectivePlugin, load_objective
 from search.progress import Progress
 from search.pruning import build_pruner
 from search.publish import on_study_end
@@ -129,7 +129,7 @@ class OpenStudy:
     study: optuna.Study
     tracker: Tracker
     parent_run_id: str
-    objective: Any
+    objective: ObjectivePlugin
 
 
 def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
@@ -302,7 +302,7 @@ def _study_params(settings: Settings, n_trials: int | None) -> dict[str, Any]:
     }
 
 
-def score_best(study: optuna.Study, objective: Any, tracker: Tracker, parent: str) -> dict[str, float]:
+def score_best(study: optuna.Study, objective: ObjectivePlugin, tracker: Tracker, parent: str) -> dict[str, float]:
     """Score the best trial on the held-out test set, once per best trial, and log it on the parent run."""
     best = best_trial(study)
     if best is None or records.CHECKPOINT not in best.user_attrs:

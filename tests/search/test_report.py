@@ -155,9 +155,7 @@ def test_export_writes_an_mlflow_model_that_predicts_digits(done: dict, capsys: 
     module = mlflow.pytorch.load_model(str(out))
     with torch.no_grad():
         again = module(torch.from_numpy(images)).numpy()
-        logits = module.logits(torch.from_numpy(images)).numpy()
     np.testing.assert_array_equal(again, predicted)
-    assert logits.shape == (100, 10)  # the scores stay reachable for who needs them
     assert main(["export", str(QUICKSTART), *done["opts"], "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "already exists and is not an empty folder" in err and err.count("\n") == 1
