@@ -270,6 +270,11 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"reason: {result.stopped_by_failures}. Fix the cause (see `hpo status`) and run again.",
               file=sys.stderr)
         return 1
+    if result.workers_failed:
+        print(f"error: worker process(es) {', '.join(map(str, result.workers_failed))} of {len(plan.workers)} exited "
+              "with an error (their messages are above); the finished trials are saved. Fix the cause and run the "
+              "same command again to finish the budget.", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -83,7 +83,7 @@ def run_parallel(settings: Settings, paths: RunPaths, args: argparse.Namespace, 
     opened = open_study(settings, paths, n_trials)
     with parent_lifetime(opened, own=True) as outcome:  # the workers run with --no-finish: this process ends it
         result = _follow_workers(opened, args, plan, n_trials, progress)
-        outcome["status"] = "FAILED" if result.stopped_by_failures else "FINISHED"
+        outcome["status"] = "FAILED" if result.stopped_by_failures or result.workers_failed else "FINISHED"
     return result
 
 
@@ -119,7 +119,7 @@ def _follow_workers(opened: OpenStudy, args: argparse.Namespace, plan: WorkerPla
             p.wait()
         raise
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-    stopped = f"worker(s) {failed} exited with an error (see their messages above)" if failed else None
     test_metrics = finish_study(opened, n_trials)
     new = [t for t in study.get_trials(deepcopy=False) if t.number not in before]
-    return RunResult(study, paths, opened.parent_run_id, len(new), stopped, test_metrics)
+    # A worker that stopped after max_failures failed trials says so itself (above); here we only know it exited.
+    return RunResult(study, paths, opened.parent_run_id, len(new), None, test_metrics, failed or None)

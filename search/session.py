@@ -235,8 +235,9 @@ class TrialSession:
             self.trial.set_user_attr(key, value)
         final = self._final_metrics() if state == "COMPLETE" else {}
         metrics = {"epochs_run": float(self.epochs_run)}
-        if "val_accuracy" in final:
-            metrics["best_val_accuracy"] = final["val_accuracy"]
+        metric = self.settings.study.metric
+        if metric in final:
+            metrics[f"best_{metric}"] = final[metric]
         if state == "COMPLETE" and self.trial.user_attrs.get(records.BEST_EPOCH) is not None:
             metrics["best_epoch"] = float(self.trial.user_attrs[records.BEST_EPOCH])
         tags = {

@@ -116,8 +116,9 @@ class RunResult:
     paths: RunPaths
     parent_run_id: str
     new_trials: int
-    stopped_by_failures: str | None
+    stopped_by_failures: str | None  # the last reason, when max_failures trials failed in a row
     test_metrics: dict[str, float]
+    workers_failed: list[int] | None = None  # `hpo run --workers N`: worker processes that exited with an error
 
 
 @dataclass

@@ -203,7 +203,7 @@ class TrialRun:
         self.client.set_terminated(self.run_id, status)
 
 
-# --- What users look at (issue 3): UI links, metric curves, tags, files and models ---------------------------
+# --- What users look at: UI links, metric curves, tags, files and models ----------------- ---------------------------
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
 UI_URL_ENV = "HPO_MLFLOW_UI_URL"

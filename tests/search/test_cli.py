@@ -240,3 +240,20 @@ def test_wrong_database_in_a_postgresql_url_is_a_clear_error(capsys: pytest.Capt
     code, _, err = run(capsys, "run", str(QUICKSTART), "--run-dir", str(tmp_path / "runs"), "--storage", url)
     assert code == 2 and "could not open the Optuna storage" in err
     assert "wrongpassword" not in err and "Traceback" not in err
+
+
+def test_workers_that_exit_are_not_reported_as_failed_trials(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import optuna
+
+    from search.study import RunResult
+
+    def workers_exit(settings, paths, args, plan, n_trials, progress):  # noqa: ANN001, ANN202
+        return RunResult(optuna.create_study(), paths, "", 0, None, {}, workers_failed=[1])
+
+    monkeypatch.setattr("search.launch.run_parallel", workers_exit)
+    code, _, err = run(capsys, "run", str(QUICKSTART), "--workers", "2", "--run-dir", str(tmp_path / "runs"))
+    assert code == 1
+    assert "worker process(es) 1 of 2 exited with an error" in err
+    assert "failed trials in a row" not in err
