@@ -45,6 +45,11 @@ class StudySection(Section):
     max_failures: int = Field(default=5, ge=1)
     trial_timeout: float | None = Field(default=None, gt=0)
     checkpoint_every: int = Field(default=1, ge=0)
+    checkpoint_every_seconds: float = Field(
+        default=30.0, ge=0,
+        description="last.pt is written at most this often (seconds of training since the last write); 0: every "
+        "checkpoint_every epochs. Short epochs then cost nothing; a crash loses at most this much training.",
+    )
     heartbeat_interval: int = Field(default=10, ge=1)
     grace_period: int | None = Field(default=None, ge=1)
 

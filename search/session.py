@@ -13,6 +13,7 @@ training loop's hook. The session is generic: it needs only a metrics dict per e
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,7 @@ class TrialSession:
     resume_training: dict[str, Any] | None = None
     resumed_from: int | None = None
     _alarm: bool = False
+    _last_saved: float = field(default_factory=time.monotonic)  # the trial's start, then the last last.pt
 
     @property
     def settings(self) -> Settings:
@@ -149,13 +151,19 @@ class TrialSession:
         log.warning("trial %s resumes trial %s at epoch %s", self.trial.number, self.resumed_from, epoch)
 
     def _save_last(self, epoch: int, state: EpochState) -> None:
-        every = self.settings.study.checkpoint_every
+        """last.pt every ``checkpoint_every`` epochs, but no more often than ``checkpoint_every_seconds``: on a
+        short epoch the write would cost more than the training a crash could lose."""
+        study = self.settings.study
+        every = study.checkpoint_every
         if not every or (epoch + 1) % every or not isinstance(state, Resumable):
+            return
+        if time.monotonic() - self._last_saved < study.checkpoint_every_seconds:
             return
         assert self.stopper is not None and self.run is not None
         save_resume(self.last_path, epoch=epoch, training=state.state_dict(), stopper=self.stopper.state_dict(),
                     best_state=self.best_state, best_metrics=self.best_metrics, trial=self.trial.number,
                     run_id=self.run.run_id)
+        self._last_saved = time.monotonic()
 
     def on_epoch(self, epoch: int, metrics: dict[str, float], state: EpochState) -> bool:
         """The training loop's hook: log, decide early stopping, report, maybe prune. True = stop."""

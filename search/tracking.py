@@ -173,15 +173,35 @@ class Tracker:
 
 
 class TrialRun:
-    """One trial's child run: per-epoch metrics in one call each, a checkpoint, a final state."""
+    """One trial's child run: per-epoch metrics in one call each, a checkpoint, a final state.
+
+    Epoch metrics go through MLflow's asynchronous logging (``log_batch(synchronous=False)``): a queue that
+    a background thread writes, so training does not wait for the tracking store. ``flush`` waits for
+    everything queued; ``finish`` (every way a trial ends: complete, pruned, failed, interrupted) flushes
+    first. A killed process can lose queued epochs of its run; its retry copies the resumed history anew.
+    """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
+        self._pending: list[Any] = []  # RunOperations of the queued epochs
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+        operation = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+        if operation is not None:
+            self._pending.append(operation)
+
+    def flush(self) -> None:
+        """Wait until every queued epoch is in the store; a failed write is a warning, not a failed trial."""
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            try:
+                operation.wait()
+            except MlflowException as exc:
+                logging.getLogger(__name__).warning("run %s: an epoch's metrics were not logged: %s",
+                                                    self.run_id, exc)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -193,6 +213,7 @@ class TrialRun:
         self, state: str, tags: Mapping[str, Any], metrics: Mapping[str, float] | None = None, killed: bool = False
     ) -> None:
         """Record the final Optuna state; FINISHED for COMPLETE and PRUNED, FAILED (or KILLED) otherwise."""
+        self.flush()
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id,
