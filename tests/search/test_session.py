@@ -145,3 +145,28 @@ def test_study_continues_after_failed_trial(ctx: StudyContext, tracker: Tracker)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
     assert study.trials[0].user_attrs["reason"] == "error: ValueError: boom"
     assert study.trials[1].value == 0.7
+
+
+class _Resumable:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "history": []}
+
+
+@pytest.mark.parametrize(("seconds", "written"), [(0.0, True), (3600.0, False)])
+def test_last_checkpoint_waits_for_checkpoint_every_seconds(
+    tracker: Tracker, tmp_path: Path, seconds: float, written: bool
+) -> None:
+    base = {**BASE, "study": {**BASE["study"], "checkpoint_every_seconds": seconds}}
+    ctx = StudyContext(settings_from_dict(base), tracker, tracker.parent_run("unit", {"n_trials": 3}),
+                       tmp_path / "checkpoints")
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    with ctx.trial(trial, {"lr": 0.01}, {"lr": 0.01}) as session:
+        session.on_epoch(0, metrics(1.0, 0.5), _Resumable(torch.nn.Linear(2, 2)))
+        assert session.last_path.exists() is written  # an epoch of milliseconds: no write within the hour
+        session.on_epoch(1, metrics(0.9, 0.6), _Resumable(torch.nn.Linear(2, 2)))
+        value = session.complete({"model_spec": {}, "settings": {}})
+    study.tell(trial, value)
