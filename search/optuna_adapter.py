@@ -9,6 +9,10 @@ an atomic "fail this RUNNING trial unless someone else finished it" with a reaso
 
 from __future__ import annotations
 
+import copy
+import time
+from collections.abc import Container
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
@@ -39,3 +43,49 @@ def fail_running(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
         return bool(storage.set_trial_state_values(trial._trial_id, TrialState.FAIL))
     except RuntimeError:  # "has already finished and can not be updated"
         return False
+
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class FinishedTrialsCache:
+    """The study as a pruner sees it, with its finished trials read from the storage at most every ``ttl``
+    seconds. Optuna's pruners read every finished trial at every ``should_prune`` (on SQLite a few ms a
+    call); finished trials change only when another worker finishes one, so a trial of one worker sees
+    exactly what an uncached read gives, and one of several workers sees finished trials up to ``ttl`` late.
+    Reads that include unfinished states, and everything else, go to the study itself."""
+
+    def __init__(self, study: optuna.Study, ttl: float) -> None:
+        self._study = study
+        self._ttl = ttl
+        self._finished: list[FrozenTrial] = []
+        self._read_at = -float("inf")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        if states is None or any(s not in FINISHED for s in TrialState if s in states):
+            return self._study.get_trials(deepcopy=deepcopy, states=states)
+        now = time.monotonic()
+        if now - self._read_at >= self._ttl:
+            self._finished = self._study.get_trials(deepcopy=False, states=FINISHED)
+            self._read_at = now
+        chosen = [t for t in self._finished if t.state in states]
+        return copy.deepcopy(chosen) if deepcopy else chosen
+
+
+class PruningTrial:
+    """``optuna.Trial.report`` and ``should_prune`` as the per-epoch decision calls them, with the pruner
+    reading finished trials through a ``FinishedTrialsCache`` (``Trial.should_prune`` is these same two
+    lines on the study itself)."""
+
+    def __init__(self, trial: optuna.Trial, ttl: float = 10.0) -> None:
+        self.trial = trial
+        self.view = FinishedTrialsCache(trial.study, ttl)
+
+    def report(self, value: float, step: int) -> None:
+        self.trial.report(value, step)
+
+    def should_prune(self) -> bool:
+        return bool(self.trial.study.pruner.prune(self.view, stored_trial(self.trial)))  # type: ignore[arg-type]

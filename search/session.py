@@ -35,7 +35,7 @@ from search.failures import (
     is_out_of_memory,
     release_memory,
 )
-from search.optuna_adapter import stored_trial
+from search.optuna_adapter import PruningTrial, stored_trial
 from search.progress import Progress
 from search.publish import on_trial_end
 from search.resume import find_resume, last_path, save_resume
@@ -101,6 +101,7 @@ class TrialSession:
     resume_training: dict[str, Any] | None = None
     resumed_from: int | None = None
     _alarm: bool = False
+    _pruning: PruningTrial = field(init=False)  # report/should_prune, finished trials read at most every 10 s
     _last_saved: float = field(default_factory=time.monotonic)  # the trial's start, then the last last.pt
 
     @property
@@ -116,6 +117,7 @@ class TrialSession:
         return last_path(self.ctx.checkpoint_root, self.trial.number)
 
     def __enter__(self) -> TrialSession:
+        self._pruning = PruningTrial(self.trial)
         self.stopper = build_stopper(self.settings)
         previous_run = self.trial.user_attrs.get(records.MLFLOW_RUN_ID)  # inherited by a retry from its predecessor
         resume = find_resume(self.trial, self.ctx.checkpoint_root)
@@ -177,7 +179,7 @@ class TrialSession:
         self.run.log_epoch(epoch, metrics)
         if self.ctx.progress is not None:
             self.ctx.progress.on_epoch(self.trial.number, epoch, metrics)
-        outcome = decide_epoch(epoch, metrics, metric, self.stopper, self.trial, self.settings.study.max_epochs)
+        outcome = decide_epoch(epoch, metrics, metric, self.stopper, self._pruning, self.settings.study.max_epochs)
         if outcome.improved:
             self.best_metrics = dict(metrics)
             if self.last_model is not None:

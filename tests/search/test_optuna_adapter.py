@@ -53,3 +53,37 @@ def test_checked_version_is_the_installed_one_and_no_other_module_reaches_in() -
     hits = subprocess.run(["grep", "-rln", r"\._storage\|_trial_id\|storages\._", "search/"], cwd=REPO,
                           capture_output=True, text=True).stdout.split()
     assert [h for h in hits if not h.endswith(".pyc")] == ["search/optuna_adapter.py"]
+
+
+def test_pruner_reads_finished_trials_once_per_ttl(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from search.optuna_adapter import FinishedTrialsCache, PruningTrial
+
+    study = optuna.create_study(storage=storage(tmp_path, heartbeat=False), direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    done = study.ask()
+    done.report(0.9, 0)
+    study.tell(done, 0.9)
+    reads: list[object] = []
+    real = optuna.Study.get_trials
+
+    def counting(self, deepcopy=True, states=None):  # noqa: ANN001, ANN202
+        reads.append(states)
+        return real(self, deepcopy=deepcopy, states=states)
+
+    monkeypatch.setattr(optuna.Study, "get_trials", counting)
+    live = PruningTrial(study.ask(), ttl=3600)
+    live.report(0.1, 0)
+    assert live.should_prune() is True  # below the finished trial's 0.9: the same answer Optuna gives
+    assert bool(live.trial.should_prune()) is True
+    reads.clear()
+    for epoch in range(1, 5):
+        live.report(0.95, epoch)
+        assert live.should_prune() is False
+    assert reads == []  # four decisions, no storage read of the finished trials
+    other = study.ask()
+    study.tell(other, 0.5)
+    cache = FinishedTrialsCache(study, ttl=0)  # a zero ttl reads every time and sees the new trial
+    assert [t.number for t in cache.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))] == [0, 2]
+    running = cache.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    assert [t.number for t in running] == [1]  # unfinished states always come from the storage
+    assert cache.direction == study.direction  # everything else is the study's
