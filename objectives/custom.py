@@ -12,10 +12,7 @@ there is no test split hpo knows of (``test_score`` is empty), and ``hpo export`
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
-import sys
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from objectives.runtime import resolve_runtime, seed_everything
 from objectives.settings import ModelArg, NonNegativeInt, resolve_reference
+from objectives.user_code import import_file
 from search.config import Settings
 from search.errors import HpoError
 from search.plugins import ExportUnsupported
@@ -190,23 +188,7 @@ def _import_file(path: Path) -> Any:
     if not path.is_file():
         raise CustomLoopError(f"[objective] train: the file {str(path)!r} does not exist. A relative path is "
                               "read from the study file's folder; check the name, or give an absolute path.")
-    module_name = f"hpo_user_{path.stem}_{zlib.crc32(str(path).encode()):08x}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:  # pragma: no cover - a .py file always has a loader
-        raise CustomLoopError(f"[objective] train: {str(path)!r} cannot be imported as a Python file.")
-    module = importlib.util.module_from_spec(spec)
-    folder = str(path.parent)
-    if folder not in sys.path:
-        sys.path.append(folder)  # so the file can import its neighbours, as when run as a script
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
+    return import_file(path)
 
 
 class CustomObjective:

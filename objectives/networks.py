@@ -41,15 +41,10 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import importlib
-import importlib.util
 import inspect
 import os
 import pickle
-import re
-import sys
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -63,6 +58,7 @@ from torch import Tensor, nn
 from objectives.errors import ModelError
 from objectives.model import SPEC_KEYS, build_model
 from objectives.settings import TrainConfig
+from objectives.user_code import import_file
 
 FACTORY_SIGNATURE = "build(num_classes, in_channels, dropout, **model_args)"
 RESERVED_ARGS = ("num_classes", "in_channels", "dropout")  # set from the data and the search, never model_args
@@ -71,8 +67,6 @@ BASE_KEYS = ("model", "model_args", "num_classes", "in_channels", "image_size", 
 CNN_KEYS = ("widths", "blocks_per_stage", "activation")
 DESIGN_SIZE = 224  # most torchvision models are designed for 224x224 images
 
-_loaded_files: dict[str, tuple[int, ModuleType]] = {}  # resolved path -> (mtime_ns, module)
-_import_lock = threading.Lock()
 
 
 def network_spec(
@@ -394,36 +388,20 @@ def _factory(reference: str) -> Callable[..., Any]:
 
 
 def _import_file(reference: str, target: str) -> ModuleType:
-    """The file imported once per version (path and mtime), under a name derived from its path."""
+    """The factory's file as a module (see user_code.import_file), its failures as ModelErrors."""
     path = Path(target).expanduser().resolve()
     if not path.is_file():
         raise ModelError(
             f"model {reference!r}: the file {path} does not exist. Fix the path before ':' (relative paths in a "
             "study file are relative to the study file's folder), or create the file."
         )
-    mtime = path.stat().st_mtime_ns
-    with _import_lock:
-        cached = _loaded_files.get(str(path))
-        if cached is not None and cached[0] == mtime:
-            return cached[1]
-        digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-        stem = re.sub(r"\W", "_", path.stem)
-        name = f"hpo_user_model_{digest}_{stem}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise ModelError(f"model {reference!r}: Python cannot import {path}. Make it a .py source file.")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # dataclasses and pickling look classes up by module name
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:  # the user's code: a syntax error, a failing import, anything at top level
-            sys.modules.pop(name, None)
-            raise ModelError(
-                f"model {reference!r}: importing {path} raised {type(exc).__name__}: {exc}. Fix the file (run "
-                f"`python {path}` to see the full error)."
-            ) from exc
-        _loaded_files[str(path)] = (mtime, module)
-        return module
+    try:
+        return import_file(path)
+    except Exception as exc:  # the user's code: a syntax error, a failing import, anything at top level
+        raise ModelError(
+            f"model {reference!r}: importing {path} raised {type(exc).__name__}: {exc}. Fix the file (run "
+            f"`python {path}` to see the full error)."
+        ) from exc
 
 
 def _import_module(reference: str, target: str) -> ModuleType:
