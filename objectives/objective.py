@@ -11,11 +11,11 @@ from typing import Any
 
 from objectives.data import DataSplits, load_data
 from objectives.errors import BadDataError, DatasetNotFoundError, ModelError
-from objectives.networks import build_network, check_network, network_spec
+from objectives.networks import build_network, check_network
 from objectives.runtime import resolve_runtime
 from objectives.serving import data_record, load_classifier
 from objectives.settings import TrainConfig
-from objectives.train import evaluate, fit
+from objectives.train import evaluate, fit, spec_for
 from search.checkpoint import load_checkpoint
 from search.config import Settings
 from search.errors import HpoError
@@ -60,9 +60,7 @@ class CNNObjective:
         bad data and a model that does not fit the data fail fast with a clear message (exit 2)."""
         try:
             data = self.data()
-            spec = network_spec(self.config, num_classes=data.num_classes, in_channels=data.in_channels,
-                                image_size=data.image_size, class_names=data.class_names)
-            check_network(spec, data.inputs(data.train_x[:2]).cpu())
+            check_network(spec_for(self.config, data), data.inputs(data.train_x[:2]).cpu())
         except (DatasetNotFoundError, BadDataError, ModelError) as exc:
             raise DataError(str(exc)) from exc
 
@@ -104,7 +102,6 @@ class CNNObjective:
 
     def load_model(self, checkpoint_path: str) -> tuple[Any, Any]:
         """(CPU model taking raw images, a few raw test images) for MLflow logging and `hpo export`."""
-
         try:
             return load_classifier(checkpoint_path)
         except DatasetNotFoundError as exc:

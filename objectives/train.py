@@ -122,6 +122,12 @@ def apply_decoupled_decay(optimizer: torch.optim.Optimizer) -> None:
             torch._foreach_mul_(group["params"], 1.0 - group["lr"] * wd)
 
 
+def spec_for(cfg: TrainConfig, data: DataSplits) -> dict[str, Any]:
+    """The model spec `fit` builds for `cfg` on `data` (and the one the objective checks before any trial)."""
+    return network_spec(cfg, num_classes=data.num_classes, in_channels=data.in_channels,
+                        image_size=data.image_size, class_names=data.class_names)
+
+
 def fit(
     cfg: TrainConfig, max_epochs: int, on_epoch: OnEpoch | None = None, *, resume: dict[str, Any] | None = None
 ) -> FitResult:
@@ -135,8 +141,7 @@ def fit(
     runtime = resolve_runtime(cfg.device)
     seed_everything(cfg.seed)
     data = load_data(cfg, runtime.device)
-    spec = network_spec(cfg, num_classes=data.num_classes, in_channels=data.in_channels,
-                        image_size=data.image_size, class_names=data.class_names)
+    spec = spec_for(cfg, data)
     model = build_network(spec).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
