@@ -309,23 +309,27 @@ def _val_count(val_size: float | int, pool: int) -> int:
     return count
 
 
+def stratified_split(pool: Any, labels: Any, size: float | int, seed: int) -> tuple[Any, Any]:
+    """(rest, held out) of the index array `pool`: `size` (a fraction or a count) held out, stratified by
+    `labels[pool]` and seeded; unstratified when a class has too few examples to stratify (tiny counts)."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        return train_test_split(pool, test_size=size, stratify=labels[pool], random_state=seed)
+    except ValueError:
+        return train_test_split(pool, test_size=size, random_state=seed)
+
+
 def _digits(cfg: TrainConfig) -> tuple[_Splits, int]:
     """sklearn's bundled 8x8 digits (1797 images, offline): stratified train/val/test split."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     x = torch.as_tensor(bunch.images).to(torch.uint8).unsqueeze(1)  # pixel values 0..16
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
-
-    def split(idx: Any, size: float | int) -> tuple[Any, Any]:
-        try:
-            return train_test_split(idx, test_size=size, stratify=y[idx].numpy(), random_state=cfg.data_seed)
-        except ValueError:  # too few examples per class to stratify (tiny counts)
-            return train_test_split(idx, test_size=size, random_state=cfg.data_seed)
-
-    pool, test = split(torch.arange(len(y)).numpy(), cfg.test_size)
-    train, val = split(pool, _val_count(cfg.val_size, len(pool)))
+    labels = y.numpy()
+    pool, test = stratified_split(torch.arange(len(y)).numpy(), labels, cfg.test_size, cfg.data_seed)
+    train, val = stratified_split(pool, labels, _val_count(cfg.val_size, len(pool)), cfg.data_seed)
     train, val, test = (torch.as_tensor(i) for i in (train, val, test))
     return (x[train], y[train], x[val], y[val], x[test], y[test]), 10
 

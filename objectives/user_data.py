@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from objectives.data import RawData, _val_count
+from objectives.data import RawData, _val_count, stratified_split
 from objectives.errors import BadDataError, DatasetNotFoundError
 from objectives.image_folder import decode_folder
 from objectives.settings import TrainConfig
@@ -50,8 +50,6 @@ def read_user_data(cfg: TrainConfig) -> RawData:
 def assign_splits(labels: Tensor, sources: Sequence[str], num_classes: int, val_size: float | int,
                   test_size: float, seed: int, where: str, names: Sequence[str]) -> dict[str, Tensor]:
     """Indices of train/val/test: the data's own splits where it has them, the rest carved from train."""
-    from sklearn.model_selection import train_test_split
-
     source = np.asarray(sources)
     y = labels.numpy()
     given = {s: np.flatnonzero(source == s) for s in SPLITS}
@@ -67,10 +65,7 @@ def assign_splits(labels: Tensor, sources: Sequence[str], num_classes: int, val_
         if count >= len(pool):
             raise BadDataError(f"{where}: {what} size {size} leaves no training images out of {len(pool)}; "
                                "add images or lower it")
-        try:
-            return train_test_split(pool, test_size=count, stratify=y[pool], random_state=seed)
-        except ValueError:  # a class with a single image cannot be stratified
-            return train_test_split(pool, test_size=count, random_state=seed)
+        return stratified_split(pool, y, count, seed)
 
     train = given["train"]
     test = given["test"]
