@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -16,9 +17,12 @@ from typing import TYPE_CHECKING
 from search.errors import HpoError, SettingsError
 
 if TYPE_CHECKING:  # imported late at run time: `hpo --help` must not wait for optuna, torch and mlflow
+    from collections.abc import Iterator
+
     import optuna
 
     from search.config import Settings
+    from search.progress import Progress
     from search.stores import RunPaths
 
 DESCRIPTION = """\
@@ -185,13 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    from search.config import load_settings
-
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The --set overrides, with --study-name as one more."""
     overrides = list(args.overrides)
     if args.study_name:
         overrides.append(f"study.name={json.dumps(args.study_name)}")
-    return load_settings(args.file, overrides)
+    return overrides
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from search.config import load_settings
+
+    return load_settings(args.file, _overrides(args))
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, settings: Settings, n_trials: int | None) -> Iterator[Progress | None]:
+    """The run's progress bars or lines (none with --quiet), closed however the run ends."""
+    from search.progress import Progress
+
+    progress = None if args.quiet else Progress(n_trials, settings.study.metric, max_epochs=settings.study.max_epochs)
+    try:
+        yield progress
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def _paths(args: argparse.Namespace) -> tuple[Settings | None, RunPaths]:
@@ -229,7 +251,6 @@ def _open_existing(args: argparse.Namespace) -> tuple[optuna.Study, RunPaths]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from search.launch import plan_workers, run_parallel
-    from search.progress import Progress
     from search.records import best_trial
     from search.stores import run_paths
     from search.study import run_study
@@ -240,18 +261,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_destinations(args)
     n_trials = args.trials if args.trials is not None else settings.study.n_trials
     plan = plan_workers(args.workers, args.gpus, args.trials_per_gpu)
-    progress = None if args.quiet else Progress(n_trials, settings.study.metric, max_epochs=settings.study.max_epochs)
-    print(f"study {settings.study.name!r}: {settings.sampler.name} sampler, {settings.pruner.name} pruner, "
-          f"early stopping {'on' if settings.early_stopping.enabled else 'off'}, budget {n_trials} trials "
-          f"x {settings.study.max_epochs} epochs, {plan.describe()}; results in {paths.root}", file=sys.stderr)
-    try:
+    with _progress(args, settings, n_trials) as progress:
+        print(f"study {settings.study.name!r}: {settings.sampler.name} sampler, {settings.pruner.name} pruner, "
+              f"early stopping {'on' if settings.early_stopping.enabled else 'off'}, budget {n_trials} trials "
+              f"x {settings.study.max_epochs} epochs, {plan.describe()}; results in {paths.root}", file=sys.stderr)
         if len(plan.workers) > 1:
             result = run_parallel(settings, paths, args, plan, n_trials, progress)
         else:
             result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress)
-    finally:
-        if progress is not None:
-            progress.close()
     study = result.study
     c = counts(study)
     print(study_table(study))
@@ -279,7 +296,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from search.progress import Progress
     from search.stores import run_paths
     from search.study import run_study
     from search.workers import set_threads
@@ -289,13 +305,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     paths = run_paths(args.run_dir, settings.study.name, args.storage, args.tracking_uri)
     _check_destinations(args)
     n_trials = args.trials if args.trials is not None else settings.study.n_trials
-    progress = None if args.quiet else Progress(n_trials, settings.study.metric, max_epochs=settings.study.max_epochs)
-    try:
+    with _progress(args, settings, n_trials) as progress:
         result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress,
                            finish=not args.no_finish)
-    finally:
-        if progress is not None:
-            progress.close()
     print(f"worker done: ran {result.new_trials} trials of study {settings.study.name!r}", file=sys.stderr)
     if result.stopped_by_failures:
         print(f"error: stopped after {settings.study.max_failures} failed trials in a row; last reason: "
@@ -497,10 +509,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from search.compare_render import write_outputs
 
     _check_destinations(args)
-    overrides = list(args.overrides)
-    if args.study_name:
-        overrides.append(f'study.name="{args.study_name}"')
-    plan = plan_compare(args.file, overrides, args.strategies or DEFAULT_STRATEGIES, args.seeds, args.trials,
+    plan = plan_compare(args.file, _overrides(args), args.strategies or DEFAULT_STRATEGIES, args.seeds, args.trials,
                         args.run_dir, args.storage, args.tracking_uri)
     if args.source and not args.replay:
         raise SettingsError("--source names the study whose curves --replay replays; add --replay")
