@@ -21,8 +21,13 @@ log = logging.getLogger("hpo")
 LAST = "last.pt"
 
 
+def trial_dir(checkpoint_root: Path, trial_number: int) -> Path:
+    """``checkpoints/trial-N``: a trial's best.pt and last.pt."""
+    return checkpoint_root / f"trial-{trial_number}"
+
+
 def last_path(checkpoint_root: Path, trial_number: int) -> Path:
-    return checkpoint_root / f"trial-{trial_number}" / LAST
+    return trial_dir(checkpoint_root, trial_number) / LAST
 
 
 def find_resume(trial: optuna.Trial, checkpoint_root: Path) -> dict[str, Any] | None:

@@ -38,7 +38,7 @@ from search.failures import (
 from search.optuna_adapter import PruningTrial, stored_trial
 from search.progress import Progress
 from search.publish import on_trial_end
-from search.resume import find_resume, last_path, save_resume
+from search.resume import find_resume, last_path, save_resume, trial_dir
 from search.tracking import Tracker, TrialRun, run_url
 from search.workers import identity, retry
 
@@ -110,7 +110,7 @@ class TrialSession:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.ctx.checkpoint_root / f"trial-{self.trial.number}"
+        return trial_dir(self.ctx.checkpoint_root, self.trial.number)
 
     @property
     def last_path(self) -> Path:
