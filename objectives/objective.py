@@ -15,7 +15,7 @@ from objectives.networks import build_network, check_network
 from objectives.runtime import resolve_runtime
 from objectives.serving import data_record, load_classifier
 from objectives.settings import TrainConfig
-from objectives.train import evaluate, fit, spec_for
+from objectives.train import METRIC_KEYS, evaluate, fit, spec_for
 from search.checkpoint import load_checkpoint
 from search.config import Settings
 from search.errors import HpoError
@@ -31,7 +31,7 @@ class CNNObjective:
     """Train the configurable CNN with the sampled hyperparameters; value = the study metric."""
 
     config_model = TrainConfig
-    metrics = ("train_loss", "val_loss", "val_accuracy", "val_f1", "lr", "epoch_seconds", "images_per_second")
+    metrics = METRIC_KEYS  # what fit reports every epoch
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
