@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import optuna
@@ -18,10 +19,11 @@ from optuna.pruners import (
     WilcoxonPruner,
 )
 from optuna.samplers import CmaEsSampler, GPSampler, GridSampler, RandomSampler, TPESampler
+from optuna.trial import TrialState
 from pydantic import ValidationError
 
 from search.config import PrunerSection, SamplerSection, SpaceSection
-from search.pruning import build_pruner
+from search.pruning import PRUNERS, build_pruner
 from search.samplers import build_sampler
 from search.space import suggest
 
@@ -229,12 +231,135 @@ def test_none_pruner_never_prunes() -> None:
     assert run_trial(study, [0.0, -1.0, math.nan])[1] == [False, False, False]
 
 
-def test_hyperband_built_from_settings_runs_a_pruning_check() -> None:
-    study = optuna.create_study(direction="maximize", pruner=pruner(max_epochs=9, name="hyperband"))
-    for i in range(4):
-        trial, decisions = run_trial(study, [0.1 * i, 0.2 * i])
-        assert all(isinstance(d, bool) for d in decisions)
-        study.tell(trial, 0.2 * i)
+# --- every pruner on hand-made curves: the step a clearly bad trial is pruned at, worked out in the comments -------
+# Each pruner is built from settings (build_pruner, as `hpo run` builds it) and driven with ask/report/tell, with
+# trials told PRUNED at the first True as a real trial would be. Values are halves, quarters and eighths (exact in
+# binary floating point), so each comparison is the one worked out in the comment. Hand-made curves, not numbers
+# computed with the pruner's own formula.
+
+DECIDED = {"median", "median_carry_forward", "percentile", "successive_halving", "hyperband", "threshold", "patient",
+           "wilcoxon", "none"}  # the pruners with a decision test in this file
+
+
+def test_every_pruner_the_project_offers_has_a_decision_test() -> None:
+    assert set(PRUNERS) == DECIDED
+
+
+def completed(study: optuna.Study, curves: list[list[float]]) -> None:
+    """Trials that reported these curves (epoch = index) and completed with their best value."""
+    for curve in curves:
+        trial = study.ask()
+        for step, value in enumerate(curve):
+            trial.report(value, step)
+        study.tell(trial, max(curve) if study.direction == optuna.study.StudyDirection.MAXIMIZE else min(curve))
+
+
+def pruned_at(study: optuna.Study, curve: list[float]) -> int | None:
+    """Run one trial on ``curve`` as training would: the step at which it was pruned (then told PRUNED), or None
+    (told COMPLETE with its best value)."""
+    trial = study.ask()
+    for step, value in enumerate(curve):
+        trial.report(value, step)
+        if trial.should_prune():
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return step
+    study.tell(trial, max(curve))
+    return None
+
+
+def test_percentile_pruner_keeps_only_the_top_quarter() -> None:
+    study = optuna.create_study(direction="maximize", pruner=pruner(name="percentile", n_startup_trials=4))
+    completed(study, [[0.25, 0.25], [0.5, 0.5], [0.75, 0.75], [1.0, 1.0]])
+    # The project's default percentile is 25: a trial goes on only if its best value so far is in the top quarter
+    # of the completed trials' values at that epoch. Epoch 0: 0.25, 0.5, 0.75, 1.0; the top-quarter boundary (75th
+    # percentile, linear interpolation) is at position 0.75 * 3 = 2.25: 0.75 + 0.25 * (1.0 - 0.75) = 0.8125.
+    assert pruned_at(study, [0.75, 0.75]) == 0  # above the median (0.625) but below 0.8125: pruned at once
+    assert pruned_at(study, [0.875, 0.875]) is None  # 0.875 >= 0.8125 at both epochs
+    assert pruned_at(study, [0.5, 1.0]) == 0  # a late bloomer is not waited for (no warm-up asked)
+
+
+def test_successive_halving_keeps_the_top_half_at_each_rung() -> None:
+    study = optuna.create_study(direction="maximize",
+                                pruner=pruner(name="successive_halving", min_resource=1, reduction_factor=2))
+    # min_resource 1, reduction factor 2: rungs end at epochs 1, 2, 4, ... (1 * 2**rung). At a rung's epoch a trial
+    # goes on only if its value is among the top 1/2 of the values every trial reported at that rung (the top one
+    # while there are fewer than 2), itself included.
+    # Trial 0: epoch 1, rung 0 holds [0.625] -> best, goes on; epoch 2, rung 1 holds [0.75] -> goes on; epoch 3 is
+    # before rung 2 (epoch 4).
+    assert pruned_at(study, [0.5, 0.625, 0.75, 0.875]) is None
+    # Trial 1: epoch 0 is before the first rung; epoch 1, rung 0 holds [0.625, 0.375]: the top half (1 value) is
+    # 0.625, so 0.375 stops here.
+    assert pruned_at(study, [0.25, 0.375, 0.5, 0.5]) == 1
+    # Trial 2: epoch 1, rung 0 holds [0.625, 0.375, 0.75]: top 3 // 2 = 1 value, 0.75 is it; epoch 2, rung 1 holds
+    # [0.75, 0.875]: 0.875 is the top one. Never pruned.
+    assert pruned_at(study, [0.5, 0.75, 0.875, 0.9375]) is None
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+
+
+def test_hyperband_prunes_within_its_bracket_only() -> None:
+    """Hyperband from settings: max_resource is the study's max_epochs (9), min_resource 1, reduction factor 3.
+
+    Brackets: floor(log3(9 / 1)) + 1 = 3. Bracket b runs successive halving whose first rung ends at epoch 3**b and
+    gets a share ceil(3 * 3**s / (s + 1)) of trials, s = 2 - b: 9, 5 and 3, 17 in all. Optuna puts trial n of
+    study NAME in bracket 0 if crc32("NAME_n") % 17 < 9, bracket 1 if < 14, else bracket 2; for study "hb27" that
+    is trials 0, 1, 2 in bracket 0 and trial 3 in bracket 2 (checked first, with zlib, below)."""
+    slots = [zlib.crc32(f"hb27_{n}".encode()) % 17 for n in range(4)]
+    assert [0 if s < 9 else 1 if s < 14 else 2 for s in slots] == [0, 0, 0, 2]
+    study = optuna.create_study(study_name="hb27", direction="maximize",
+                                pruner=pruner(max_epochs=9, name="hyperband"))
+    # Bracket 0 (rungs at epochs 1, 3, 9; a trial goes on if in the top 1/3 of its rung, the top one while fewer
+    # than 3 reported there):
+    # trial 0: epoch 1, rung 0 = [0.625] -> goes on; epoch 3, rung 1 = [0.875] -> goes on.
+    assert pruned_at(study, [0.5, 0.625, 0.75, 0.875]) is None
+    # trial 1: epoch 1, rung 0 = [0.625, 0.75]: 0.75 is the top one; epoch 3, rung 1 = [0.875, 0.9375]: top again.
+    assert pruned_at(study, [0.5, 0.75, 0.875, 0.9375]) is None
+    # trial 2: epoch 1, rung 0 = [0.625, 0.75, 0.375]: top 3 // 3 = 1 value is 0.75, so 0.375 is pruned.
+    bad = [0.25, 0.375, 0.5, 0.5]
+    assert pruned_at(study, bad) == 1
+    # trial 3, the same curve in bracket 2: its first rung ends at epoch 3**2 = 9, after these 4 epochs: not judged.
+    assert pruned_at(study, bad) is None
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED,
+                                               TrialState.COMPLETE]
+
+
+def test_patient_pruner_waits_for_a_decline_before_asking_the_median() -> None:
+    study = optuna.create_study(direction="maximize",
+                                pruner=pruner(name="patient", patience=1, n_startup_trials=1))
+    completed(study, [[0.5, 0.75, 0.75, 0.75]])  # the medians: this one trial's values
+    # patience 1: the wrapped median pruner is asked only once the best of the last 2 epochs is below the best
+    # before them. Declining trial: epochs 0 and 1 are too few (2 <= patience + 1); epoch 2: best before = 0.5 (epoch
+    # 0), best of epochs 1-2 = 0.375 < 0.5, so the median decides: best so far 0.5 < median 0.75 at epoch 2: pruned.
+    # (The median pruner alone prunes it at epoch 1: 0.5 < 0.75.)
+    assert pruned_at(study, [0.5, 0.375, 0.25, 0.125]) == 2
+    # Improving trial, below the median at every epoch (0.25 < 0.5 at epoch 0: the median pruner alone prunes it
+    # at once): the last two epochs always beat the ones before, so the median is never asked.
+    assert pruned_at(study, [0.25, 0.375, 0.5, 0.625]) is None
+
+
+def test_wilcoxon_pruner_prunes_a_trial_consistently_below_the_best_one() -> None:
+    study = optuna.create_study(direction="maximize", pruner=pruner(name="wilcoxon"))
+    completed(study, [[0.5, 0.625, 0.75, 0.875, 0.875, 0.875]])  # the best trial
+    # Defaults: p_threshold 0.1, at least 2 epochs. Each epoch of the new trial is paired with the best trial's same
+    # epoch; the one-sided Wilcoxon signed-rank test asks whether the new trial is lower. Differences -0.0625,
+    # -0.125, -0.25, -0.375: all negative, distinct sizes, so the exact p-value after n epochs is 1 / 2**n (only
+    # that one sign pattern of 2**n is as extreme): 0.25, 0.125 (not < 0.1), then 0.0625 < 0.1 at epoch 3.
+    assert pruned_at(study, [0.4375, 0.5, 0.5, 0.5]) == 3
+    # Above the best trial at every epoch: every difference positive, p = 1.
+    assert pruned_at(study, [0.625, 0.75, 0.875, 0.9375, 0.9375, 0.9375]) is None
+
+
+def test_median_carry_forward_keeps_an_early_stopped_trials_best_value_in_the_median() -> None:
+    study = optuna.create_study(direction="maximize", pruner=pruner(name="median_carry_forward", n_startup_trials=2))
+    completed(study, [[0.5, 0.625, 0.75, 0.8125], [0.875, 0.9375]])  # a full run, and one stopped after epoch 1
+    # Epoch 0 median: (0.5 + 0.875) / 2 = 0.6875. A trial at 0.25 is pruned at once.
+    assert pruned_at(study, [0.25, 0.375, 0.5, 0.5]) == 0
+    # Epoch 1 median (0.625 + 0.9375) / 2 = 0.78125; epoch 2: the early-stopped trial holds its best, 0.9375, so the
+    # median is (0.75 + 0.9375) / 2 = 0.84375 (Optuna's median pruner would take the full run's 0.75 alone). This
+    # trial: 0.75 >= 0.6875, best 0.78125 >= 0.78125, then best 0.8125 < 0.84375: pruned at epoch 2.
+    assert pruned_at(study, [0.75, 0.78125, 0.8125, 0.8125]) == 2
+    # Above the median at every epoch (epoch 3: (0.8125 + 0.9375) / 2 = 0.875).
+    assert pruned_at(study, [0.875, 0.9375, 0.9375, 0.96875]) is None
 
 
 # --- build_sampler ---------------------------------------------------------------------------------------------

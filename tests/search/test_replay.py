@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import optuna
@@ -105,11 +106,28 @@ def test_carry_forward_differs_from_median_after_early_stops() -> None:
     assert results["median_carry_forward"].user_attrs["pruned_epoch"] == 3
 
 
-def test_hyperband_replay_is_reproducible() -> None:
-    cfg = settings({"name": "hyperband", "min_resource": 1, "reduction_factor": 2}, early_stopping=False)
-    first = [t.state for t in replay(recorded(cfg), cfg).trials]
-    second = [t.state for t in replay(recorded(cfg), cfg).trials]
-    assert first == second
+def test_hyperband_replay_prunes_within_a_bracket_and_is_reproducible() -> None:
+    """Hyperband, max_resource 6 (max_epochs), min_resource 1, reduction factor 2: floor(log2(6)) + 1 = 3 brackets
+    with trial shares ceil(3 * 2**s / (s + 1)), s = 2 - b: 4, 3, 3 (10 in all). Trial n of study NAME is in bracket 0
+    when crc32("NAME_n") % 10 < 4: for "hyperband-replay-37" that is all four trials (checked first, with zlib).
+
+    Bracket 0 is successive halving with rungs ending at epochs 1, 2, 4: a trial goes on only if its value is in
+    the top half of those reported at the rung (the top one while fewer than 2 are there), itself included.
+    trial 0: rung 0 [0.60], rung 1 [0.70], rung 2 [0.85]: alone each time, goes on -> COMPLETE
+    trial 1: rung 0 [0.60, 0.60]: 0.60 is the top one (a tie) -> on; rung 1 [0.70, 0.60]: 0.60 is not -> pruned at 2
+    trial 2: rung 0 [0.60, 0.60, 0.35]: top 3 // 2 = 1 value is 0.60 -> pruned at epoch 1
+    trial 3: rung 0 [0.60, 0.60, 0.35, 0.91]: top 2 are 0.91, 0.60 -> on; rung 1 [0.70, 0.60, 0.91]: top -> on;
+             rung 2 [0.85, 0.91]: top -> on -> COMPLETE"""
+    name = "hyperband-replay-37"
+    assert [zlib.crc32(f"{name}_{n}".encode()) % 10 < 4 for n in range(4)] == [True] * 4
+    cfg = settings({"name": "hyperband", "min_resource": 1, "reduction_factor": 2}, early_stopping=False, name=name)
+    first = replay(recorded(cfg), cfg).trials
+    assert [t.state for t in first] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED, TrialState.COMPLETE]
+    assert [t.user_attrs.get("pruned_epoch") for t in first] == [None, 2, 1, None]
+    assert [t.user_attrs["epochs_run"] for t in first] == [6, 3, 2, 6]
+    second = replay(recorded(cfg), cfg).trials
+    assert [(t.state, t.user_attrs["epochs_run"]) for t in second] == [(t.state, t.user_attrs["epochs_run"])
+                                                                       for t in first]
 
 
 def test_partial_curves_are_refused_with_what_to_run() -> None:
