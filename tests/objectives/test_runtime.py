@@ -20,9 +20,28 @@ def test_cpu_is_plain_fp32() -> None:
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
-def test_auto_prefers_cuda_then_mps_then_cpu() -> None:
-    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert resolve_runtime("auto").device.type == expected
+no_mps = pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
+
+
+@no_cuda
+@no_mps
+def test_auto_is_the_cpu_without_an_accelerator() -> None:
+    assert resolve_runtime("auto") == resolve_runtime("cpu")
+    assert resolve_runtime("auto").device == torch.device("cpu")
+
+
+@needs_cuda
+def test_auto_is_cuda_with_a_cuda_gpu_even_when_mps_is_there_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_runtime("auto").device.type == "cuda"
+
+
+@no_cuda
+def test_auto_is_mps_on_an_apple_gpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Apple GPU is not here: the check only says MPS is there, to test the order of preference."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_runtime("auto") == resolve_runtime("mps")
+    assert resolve_runtime("auto").device == torch.device("mps")
 
 
 @no_cuda
@@ -31,7 +50,7 @@ def test_missing_cuda_is_a_clear_error() -> None:
         resolve_runtime("cuda")
 
 
-@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
+@no_mps
 def test_missing_mps_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no Apple GPU"):
         resolve_runtime("mps")

@@ -82,15 +82,19 @@ def test_early_stop_restores_best_weights_and_records_everything(ctx: StudyConte
 
 
 def test_non_finite_loss_prunes_with_reason(ctx: StudyContext, tracker: Tracker) -> None:
+    def objective(trial: optuna.Trial) -> float:
+        with ctx.trial(trial, {"lr": 0.1}, {"lr": 0.1}) as session:
+            session.on_epoch(0, metrics(1.0, 0.3), state_for(torch.nn.Linear(1, 1)))
+            session.on_epoch(1, metrics(math.nan, 0.1, train_loss=math.nan), state_for(torch.nn.Linear(1, 1)))
+            session.on_epoch(2, metrics(0.5, 0.9), state_for(torch.nn.Linear(1, 1)))  # not reached
+            return session.complete({"model_spec": {}, "settings": {}})
+
     study = optuna.create_study(direction="maximize")
-    trial = study.ask()
-    with pytest.raises(optuna.TrialPruned), ctx.trial(trial, {"lr": 0.1}, {"lr": 0.1}) as session:
-        session.on_epoch(0, metrics(1.0, 0.3), state_for(torch.nn.Linear(1, 1)))
-        session.on_epoch(1, metrics(math.nan, 0.1, train_loss=math.nan), state_for(torch.nn.Linear(1, 1)))
-    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    study.optimize(objective, n_trials=1)  # the state is Optuna's reading of what the session raised
     frozen = study.trials[0]
     assert frozen.state == optuna.trial.TrialState.PRUNED
     assert frozen.user_attrs["reason"] == "nan_loss" and frozen.user_attrs["pruned_epoch"] == 1
+    assert frozen.user_attrs["epochs_run"] == 2  # epoch 2 never ran
     run = run_of(tracker, frozen)
     assert run.data.tags["optuna.state"] == "PRUNED" and run.data.tags["hpo.reason"] == "nan_loss"
     assert run.info.status == "FINISHED"

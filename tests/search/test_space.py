@@ -212,11 +212,14 @@ def test_linear_scaling_with_sampled_params() -> None:
                                          "lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
                                          "batch_size": {"type": "categorical", "choices": [128, 512]}})
     study = random_study()
-    for _ in range(10):
+    # sampled values fixed by enqueueing them; the effective rates worked out by hand: lr is per 256 examples,
+    # so 0.25 at batch 512 is 0.5, 0.5 at batch 128 is 0.25, 0.125 at batch 512 is 0.25
+    for lr, batch, effective in ((0.25, 512, 0.5), (0.5, 128, 0.25), (0.125, 512, 0.25)):
+        study.enqueue_trial({"lr": lr, "batch_size": batch})
         trial = study.ask()
         params = suggest(trial, space)
-        resolved = resolve(params, space.lr_scaling, 64)
-        assert resolved["lr"] == params["lr"] * params["batch_size"] / 256
+        assert params == {"lr": lr, "batch_size": batch}
+        assert resolve(params, space.lr_scaling, 64) == {"lr": effective, "batch_size": batch}
         study.tell(trial, 0.0)
 
 
