@@ -1,6 +1,6 @@
 """optuna-dashboard and the MLflow UI as a user sees them: real servers (`hpo dashboard`, `hpo ui`) on a finished
 quickstart study, pages rendered by a real headless chromium (Debian's, driven by Playwright), assertions on the
-rendered text and charts. Without a browser these tests skip and say why.
+rendered text and charts. Without a browser these tests skip and say why (on CI they fail: tests/services.py).
 
 Screenshots go to test-artifacts/; with HPO_UPDATE_SCREENSHOTS=1 the README's (DOCS_SHOTS) go to docs/ instead, so
 the pictures in the README are always what this test saw: `HPO_UPDATE_SCREENSHOTS=1 pytest tests/browser`."""
@@ -19,6 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.finished_study import QUICKSTART, REPO, Server, finished_study
+from tests.services import missing
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "test-artifacts"
@@ -30,10 +31,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 def _no_browser() -> str:
     if not CHROMIUM.exists():
-        return (f"no browser: {CHROMIUM} is missing (as root: apt-get install -y chromium; .ci/run does this "
-                "before `make test`)")
+        return missing(f"no browser: {CHROMIUM} is missing (as root: apt-get install -y chromium; .ci/run does this "
+                       "before `make test`)")
     if importlib.util.find_spec("playwright") is None:
-        return "no browser driver: the playwright package is missing (pip install -e '.[dev]')"
+        return missing("no browser driver: the playwright package is missing (pip install -e '.[dev]')")
     return ""
 
 

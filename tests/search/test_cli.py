@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from search.cli import main
+from tests.services import NO_POSTGRES
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "studies" / "quickstart.toml"
@@ -129,8 +130,7 @@ def test_bad_input_exits_2_with_one_paragraph_and_creates_nothing(
     fill = {"tmp": str(tmp_path)}
     if "{pg}" in command:
         if not os.environ.get("HPO_TEST_POSTGRES_URL"):
-            pytest.skip("no PostgreSQL server: set HPO_TEST_POSTGRES_URL (`.ci/run` sets it when 127.0.0.1:5432 "
-                        "answers)")
+            pytest.skip(NO_POSTGRES)
         fill["pg"] = os.environ["HPO_TEST_POSTGRES_URL"].split("://", 1)[1].rsplit("/", 1)[0]
     if "{ro}" in command:
         fill["ro"] = str(request.getfixturevalue("read_only_folder"))
@@ -234,7 +234,7 @@ def test_wrong_database_in_a_postgresql_url_is_a_clear_error(capsys: pytest.Capt
 
     base = os.environ.get("HPO_TEST_POSTGRES_URL")
     if not base:
-        pytest.skip("no PostgreSQL server: set HPO_TEST_POSTGRES_URL (`.ci/run` sets it when 127.0.0.1:5432 answers)")
+        pytest.skip(NO_POSTGRES)
     host = base.split("://", 1)[1].rsplit("@", 1)[-1].split("/", 1)[0]
     url = f"postgresql://nosuchuser:wrongpassword@{host}/no_such_db"
     code, _, err = run(capsys, "run", str(QUICKSTART), "--run-dir", str(tmp_path / "runs"), "--storage", url)

@@ -14,10 +14,11 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.services import NO_POSTGRES
+
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "studies" / "quickstart.toml"
 POSTGRES_URL = os.environ.get("HPO_TEST_POSTGRES_URL")
-NO_POSTGRES = "no PostgreSQL server: set HPO_TEST_POSTGRES_URL (`.ci/run` sets it when 127.0.0.1:5432 answers)"
 
 
 def hpo_cmd(*args: str) -> list[str]:

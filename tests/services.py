@@ -1,0 +1,42 @@
+"""Services a few tests need and a fresh machine may lack: a PostgreSQL server, a browser.
+
+Where one is missing those tests skip and say why, so `make test` works on a user's machine. On CI (the ``CI``
+environment variable set, as `.ci/run` and CI services do) the same skip is a failure: a required service that
+is missing is a broken CI, not a reason to go green. Skip sites build their reason with ``missing``;
+``pytest_runtest_makereport`` (loaded by tests/conftest.py) turns those skips, and only those, into failures.
+Skips for what a CI machine may legitimately lack (a GPU, the docker compose plugin) do not use it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+MISSING_SERVICE = "required service missing"
+
+
+def on_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(reason: str) -> str:
+    """A skip reason that CI turns into a failure."""
+    return f"{MISSING_SERVICE}: {reason}"
+
+
+NO_POSTGRES = missing("no PostgreSQL server: set HPO_TEST_POSTGRES_URL (`.ci/run` sets it when 127.0.0.1:5432 "
+                      "answers)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Generator[None, Any, Any]:
+    report = yield
+    reason = str(report.longrepr[2]) if report.skipped and isinstance(report.longrepr, tuple) else ""
+    if MISSING_SERVICE in reason and on_ci():
+        report.outcome = "failed"
+        report.longrepr = (f"CI is set (CI={os.environ['CI']!r}), so a missing service fails this test instead of "
+                           f"skipping it. {reason.removeprefix('Skipped: ')}")
+    return report
