@@ -2,9 +2,10 @@
 
 Checked against Optuna 5.0.0 (``CHECKED_AGAINST``; ``tests/search/test_optuna_adapter.py`` covers each
 function on a real SQLite storage). Public API is used wherever it exists: ``study.tell(...,
-skip_if_finished=True)``, ``optuna.storages.fail_stale_trials``, ``RetryHeartbeatStaleTrialCallback``.
+skip_if_finished=True)``, ``RetryHeartbeatStaleTrialCallback``.
 What is left needs the storage itself: a live trial's stored record (to see which trials it retries) and
-an atomic "fail this RUNNING trial unless someone else finished it" with a reason attached first.
+an atomic "fail this RUNNING trial unless someone else finished it" with a reason attached first (also for
+the trials whose heartbeat stopped, which ``optuna.storages.fail_stale_trials`` fails without one).
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ def fail_running(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
         return bool(storage.set_trial_state_values(trial._trial_id, TrialState.FAIL))
     except RuntimeError:  # "has already finished and can not be updated"
         return False
+
+
+def fail_stale(study: optuna.Study, reason: str) -> list[int]:
+    """``optuna.storages.fail_stale_trials`` with ``reason`` recorded on each trial it fails (Optuna records none,
+    so a trial whose worker's heartbeat stopped would show no reason), then the storage's stale-trial callback
+    for each, as Optuna runs it. Returns the numbers of the trials this call failed."""
+    if not heartbeat_enabled(study):
+        return []
+    storage = study._storage
+    stale = [storage.get_trial(i) for i in storage._get_stale_trial_ids(study._study_id)]  # type: ignore[attr-defined]
+    failed = [t for t in stale if fail_running(study, t, reason)]
+    callback = storage.get_heartbeat_stale_trial_callback()  # type: ignore[attr-defined]
+    for t in failed:
+        if callback is not None:
+            callback(study, storage.get_trial(t._trial_id))
+    return [t.number for t in failed]
 
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

@@ -23,7 +23,7 @@ from search import records
 from search.config import Settings
 from search.errors import StorageError
 from search.failures import TrialFailed
-from search.optuna_adapter import heartbeat_enabled
+from search.optuna_adapter import fail_stale
 from search.plugins import ObjectivePlugin, load_objective
 from search.progress import Progress
 from search.pruning import build_pruner
@@ -203,8 +203,7 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
         lock.acquire()
         try:
             recover_local_orphans(study, on_fail=lambda t: mark_killed(opened.tracker, t))
-            if heartbeat_enabled(study):
-                optuna.storages.fail_stale_trials(study)
+            fail_stale(study, "stale_heartbeat")
             c = counts(study)
             if n_trials is not None and c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= n_trials:
                 break

@@ -4,12 +4,14 @@ of it fails here first, by name."""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
-from search.optuna_adapter import CHECKED_AGAINST, fail_running, heartbeat_enabled, stored_trial
+from search.optuna_adapter import CHECKED_AGAINST, fail_running, fail_stale, heartbeat_enabled, stored_trial
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,6 +47,27 @@ def test_fail_running_once_with_its_reason(tmp_path: Path) -> None:
     done = study.ask()
     study.tell(done, 1.0)
     assert fail_running(study, stored_trial(done), "late") is False and study.trials[1].state == TrialState.COMPLETE
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_fail_stale_records_its_reason_before_the_stale_trial_callback(tmp_path: Path) -> None:
+    seen: list[tuple[int, TrialState, str]] = []
+    beats = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=1, grace_period=1,
+        heartbeat_stale_trial_callback=lambda _, t: seen.append((t.number, t.state, t.user_attrs["reason"])))
+    study = optuna.create_study(storage=beats)
+    stale, quiet = study.ask(), study.ask()
+    beats.record_heartbeat(stale._trial_id)  # `quiet` never beat: Optuna leaves such a trial alone
+    time.sleep(2.1)  # past the 1 s grace period in the storage's whole-second clock (waiting longer changes nothing)
+    assert fail_stale(study, "stale_heartbeat") == [0]
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING]
+    assert study.trials[0].user_attrs["reason"] == "stale_heartbeat"
+    assert seen == [(0, TrialState.FAIL, "stale_heartbeat")]  # the callback (the retry) sees the reason
+    assert fail_stale(study, "again") == [] and len(seen) == 1  # failed once
+    plain = optuna.create_study(study_name="plain", storage=storage(tmp_path, heartbeat=False))
+    plain.ask()
+    assert fail_stale(plain, "x") == [] and plain.trials[0].state == TrialState.RUNNING  # no heartbeat, no check
+    assert quiet.number == 1
 
 
 def test_checked_version_is_the_installed_one_and_no_other_module_reaches_in() -> None:
