@@ -43,7 +43,7 @@ def run_sample(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess[st
                            "test_sample.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("ci", [None, "", "0", "false"])
+@pytest.mark.parametrize("ci", [None, "false"])
 def test_without_ci_a_missing_service_skips_with_its_reason(tmp_path: Path, ci: str | None) -> None:
     out = run_sample(tmp_path, ci)
     assert out.returncode == 0, out.stdout + out.stderr
