@@ -39,8 +39,9 @@ def run_sample(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess[st
     env["PYTHONPATH"] = str(REPO)
     if ci is not None:
         env["CI"] = ci
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.services", "-rA", "-q", "-p", "no:cacheprovider",
-                           "test_sample.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "pytest", "-p", "tests.services", "-p", "no:cacheprovider", "-rA", "-q",
+               "test_sample.py"]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("ci", [None, "false"])

@@ -275,7 +275,9 @@ def test_percentile_pruner_keeps_only_the_top_quarter() -> None:
     # percentile, linear interpolation) is at position 0.75 * 3 = 2.25: 0.75 + 0.25 * (1.0 - 0.75) = 0.8125.
     assert pruned_at(study, [0.75, 0.75]) == 0  # above the median (0.625) but below 0.8125: pruned at once
     assert pruned_at(study, [0.875, 0.875]) is None  # 0.875 >= 0.8125 at both epochs
-    assert pruned_at(study, [0.5, 1.0]) == 0  # a late bloomer is not waited for (no warm-up asked)
+    # with that trial completed too, epoch 0 holds 0.25, 0.5, 0.75, 0.875, 1.0: the boundary is at position
+    # 0.75 * 4 = 3, 0.875. A late bloomer is not waited for (no warm-up asked): 0.5 < 0.875 at epoch 0.
+    assert pruned_at(study, [0.5, 1.0]) == 0
 
 
 def test_successive_halving_keeps_the_top_half_at_each_rung() -> None:
