@@ -99,10 +99,30 @@ def show_columns(page: Any, wanted: dict[str, bool]) -> None:
     for name, on in wanted.items():
         page.get_by_placeholder("Search columns").fill(name)
         node = tree.locator(".du-bois-light-tree-treenode").filter(has_text=re.compile(f"^{name}$"))
+        node.wait_for()  # the filtered tree is drawn after the search: read the box only once it is there
         if node.locator(".du-bois-light-tree-checkbox-checked").count() != on:
             node.click()
     page.keyboard.press("Escape")
 
+
+# The curves of one metric, {run name: [x, y]} (x: the steps), from the first plotly chart on the page that holds
+# that metric's curve for every named run with its expected number of points; null while none does. The page holds
+# one chart per metric (each run's curves carry the metric as trace.metricKey), drawn, filtered by the chart search
+# and redrawn as each run's history comes back, so neither the first chart nor the first drawing will do.
+CURVES_OF_METRIC = """({metric, points}) => {
+  for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+    if (!plot.checkVisibility()) continue;  // a chart the search has hidden
+    const curves = {};
+    for (const trace of plot.data || []) {
+      if (trace.metricKey === metric && trace.name in points && !(trace.name in curves)) {
+        curves[trace.name] = [Array.from(trace.x), Array.from(trace.y)];
+      }
+    }
+    const names = Object.keys(points);
+    if (names.every(n => n in curves && curves[n][0].length === points[n])) return curves;
+  }
+  return null;
+}"""
 
 def test_dashboard_lists_the_study_with_its_trial_count(servers: dict[str, Server], study: dict, page: Any) -> None:
     base, s = servers["dashboard"].url, study["study"]
@@ -156,6 +176,7 @@ def test_mlflow_ui_opens_on_the_runs_table_with_nested_trial_runs_a_metric_colum
     servers: dict[str, Server], study: dict, page: Any
 ) -> None:
     from mlflow.tracking import MlflowClient
+    from playwright.sync_api import expect
 
     s = study["study"]
     client = MlflowClient(f"sqlite:///{study['work'] / 'runs' / 'quickstart' / 'mlflow.db'}")
@@ -180,17 +201,21 @@ def test_mlflow_ui_opens_on_the_runs_table_with_nested_trial_runs_a_metric_colum
     show_columns(page, {"val_accuracy": True, "Dataset": False, "Source": False})
     page.get_by_role("columnheader", name="val_accuracy").first.wait_for()
     parent.locator("button[data-component-id*=runnamecellrenderer]").click()
-    last = max(t.number for t in s.trials)
-    page.get_by_text(f"trial-{last}", exact=True).wait_for()
-    assert page.locator("[role=row]", has_text="trial-").count() == len(s.trials)
-    table = page.locator("[role=grid], [role=treegrid]").first.inner_text()
+    # the UI fills the table in as its requests come back: wait for what is asserted (expect retries until it holds)
+    expect(page.locator("[role=row]", has_text="trial-")).to_have_count(len(s.trials))
+    table = page.locator("[role=grid], [role=treegrid]").first
     for t in s.trials:  # each trial's last val_accuracy, in the metric column (the latest logged value)
-        assert repr(t.intermediate_values[max(t.intermediate_values)]) in table, t.number
+        expect(table).to_contain_text(repr(t.intermediate_values[max(t.intermediate_values)]))
     shot(page, "mlflow-runs.png")
     page.locator("label", has=page.locator("input[name=runs-view-mode][value=CHART]")).click()
     page.get_by_placeholder("Search metric charts").fill("val_accuracy")
-    # one val_accuracy curve per trial run in a line chart (charts redraw as the layout settles: wait for it)
-    page.wait_for_function("n => [...document.querySelectorAll('.js-plotly-plot')].some("
-                           "p => p.querySelectorAll('.scatterlayer .trace').length >= n)", arg=len(s.trials))
+    # One val_accuracy curve per trial run in a line chart, compared with the trial's intermediate values (what the
+    # study reported at each epoch); not a count of SVG traces, which any metric's chart has (two per run).
+    points = {f"trial-{t.number}": len(t.intermediate_values) for t in s.trials}
+    curves = page.wait_for_function(CURVES_OF_METRIC, arg={"metric": "val_accuracy", "points": points}).json_value()
+    for t in s.trials:
+        steps = sorted(t.intermediate_values)
+        assert curves[f"trial-{t.number}"] == [steps, [t.intermediate_values[e] for e in steps]], t.number
     assert "val_accuracy" in page.inner_text("body")
     shot(page, "mlflow-chart.png")
+
