@@ -19,7 +19,7 @@ from search.launch import plan_workers
 from search.stores import run_paths
 from search.study import run_study
 from search.workers import HOST, identity, recover_local_orphans
-from tests.search.workers_helpers import QUICKSTART, child_runs, hpo, load, postgres_database
+from tests.search.workers_helpers import QUICKSTART, child_runs, hpo_cmd, load, postgres_database
 
 SMALL = ["--set", "study.max_epochs=2", "--set", "objective.widths=[8,16]"]
 
@@ -95,16 +95,23 @@ def test_study_runs_to_exact_budget_on_every_storage(kind: str, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_four_workers_on_sqlite_finish_exactly_forty_trials(tmp_path: Path) -> None:
-    out = hpo("run", str(QUICKSTART), "--workers", "4", "--trials", "40", "--set", "study.name='w4'", *SMALL,
-              cwd=tmp_path)
+    launcher = subprocess.Popen(hpo_cmd("run", str(QUICKSTART), "--workers", "4", "--trials", "40", "--set",
+                                        "study.name='w4'", *SMALL), cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    stdout, stderr = launcher.communicate(timeout=600)
+    out = subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
     assert out.returncode == 0, out.stderr
     assert "locked" not in (out.stderr + out.stdout).lower()
     assert "4 workers on the CPU" in out.stderr
     study, client = load(tmp_path / "runs" / "w4", "w4")
     states = [t.state for t in study.trials]
     assert len(states) == 40 and all(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+    # four worker processes took part: each opened the study and printed its data line (the launcher printed one
+    # first), and every trial ran in a worker, never in the launcher. How the 40 trials fell to the four is the
+    # scheduler's business, so the test does not ask that each got one.
+    assert out.stderr.count("data digits:") == 1 + 4, out.stderr
     pids = {t.user_attrs["pid"] for t in study.trials}
-    assert len(pids) == 4, "all four workers ran trials"
+    assert 1 <= len(pids) <= 4 and launcher.pid not in pids
     runs = child_runs(client, "w4")
     assert len(runs) == 40 and {r.info.status for r in runs} == {"FINISHED"}
     assert "finished 40 trials" in out.stdout
@@ -142,7 +149,8 @@ def test_four_workers_on_postgresql_with_an_mlflow_server(tmp_path: Path) -> Non
             study = optuna.load_study(study_name="pg", storage=optuna_url)
             finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
             assert len(finished) == 12 and len(study.trials) == 12
-            assert len({t.user_attrs["pid"] for t in study.trials}) >= 2
+            # every trial ran in one of the four workers (which ones got how many is the scheduler's business)
+            assert {t.user_attrs["pid"] for t in study.trials} <= {w.pid for w in workers}
             from mlflow.tracking import MlflowClient
 
             runs = child_runs(MlflowClient(uri), "pg")
