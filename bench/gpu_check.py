@@ -2,8 +2,8 @@
 
 Run it through `bench/gpu_check.sh` (which prints the torch/CUDA/GPU versions first). Sections:
 
-1. gpu tests: the tests under tests/ that skip without CUDA (a `skipif` whose reason names CUDA or a GPU),
-   run with pytest in a child process;
+1. gpu tests: the tests under tests/ marked ``gpu`` (the suite deselects them where there is no CUDA), run
+   with pytest in a child process;
 2. epoch: seconds per epoch, training images per second and peak GPU memory of the shipped CIFAR-10 CNN
    (studies/cifar10.toml's objective: widths 64-128-256, 2 blocks per stage, SGD) on synthetic data of
    CIFAR-10's real size (45k train / 5k val, 3x32x32, 10 classes), with the precision and memory format
@@ -55,7 +55,6 @@ from search.config import load_settings  # noqa: E402
 
 CIFAR_STUDY = REPO / "studies" / "cifar10.toml"
 EPOCH_TARGET_S = 0.15  # issue 11: the default CIFAR-shaped CNN on an H100-class GPU, per epoch of 45k images
-CUDA_REASON = re.compile(r"cuda|gpu", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -106,20 +105,18 @@ def model_words(cfg: TrainConfig) -> str:
 
 
 class GpuOnly:
-    """pytest plugin: keep the tests that skip without CUDA, count their outcomes."""
+    """pytest plugin: keep the tests marked ``gpu``, count their outcomes."""
 
     def __init__(self) -> None:
         self.counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "selected": 0}
 
     def pytest_collection_modifyitems(self, session: Any, config: Any, items: list[Any]) -> None:
-        def needs_gpu(item: Any) -> bool:
-            reasons = [str(m.kwargs.get("reason", "")) for m in item.iter_markers(name="skipif")]
-            return any(CUDA_REASON.search(r) and "without" not in r for r in reasons)
-
-        keep = [i for i in items if needs_gpu(i)]
-        config.hook.pytest_deselected(items=[i for i in items if not needs_gpu(i)])
+        keep = [i for i in items if i.get_closest_marker("gpu") is not None]
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("gpu") is None])
         items[:] = keep
-        self.counts["selected"] = len(keep)
+
+    def pytest_collection_finish(self, session: Any) -> None:
+        self.counts["selected"] = len(session.items)  # after every plugin's selection (none without CUDA)
 
     def pytest_runtest_logreport(self, report: Any) -> None:
         if report.when == "call":
@@ -142,7 +139,7 @@ def run_gpu_tests_here(files: list[str]) -> int:
 
 def gpu_tests(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, Any], str]:
     files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")
-                   if "skipif" in (text := p.read_text()) and "cuda" in text.lower())
+                   if "pytest.mark.gpu" in p.read_text())
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-gpu-tests", *files], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=child_env())
     found = re.search(r"^GPU_TESTS (.*)$", done.stdout, re.MULTILINE)

@@ -4,7 +4,8 @@ Where one is missing those tests skip and say why, so `make test` works on a use
 environment variable set, as `.ci/run` and CI services do) the same skip is a failure: a required service that
 is missing is a broken CI, not a reason to go green. Skip sites build their reason with ``missing``;
 ``pytest_runtest_makereport`` (loaded by tests/conftest.py) turns those skips, and only those, into failures.
-Skips for what a CI machine may legitimately lack (a GPU, the docker compose plugin) do not use it.
+A test that needs a CUDA GPU is marked ``gpu``: where there is no CUDA it is deselected, not skipped (the
+summary says how many and why), and `bench/gpu_check.sh` runs exactly those tests on a GPU machine.
 """
 
 from __future__ import annotations
@@ -29,6 +30,31 @@ def missing(reason: str) -> str:
 
 NO_POSTGRES = missing("no PostgreSQL server: set HPO_TEST_POSTGRES_URL (`.ci/run` sets it when 127.0.0.1:5432 "
                       "answers)")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _cuda():
+        return
+    gpu_only = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu_only:
+        config.hook.pytest_deselected(items=gpu_only)
+        items[:] = [item for item in items if item.get_closest_marker("gpu") is None]
+        config.stash[_GPU_DESELECTED] = len(gpu_only)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if count := config.stash.get(_GPU_DESELECTED, 0):
+        terminalreporter.write_line(f"{count} GPU-only test(s) deselected: no CUDA GPU here (bench/gpu_check.sh runs "
+                                    "them on a GPU machine)")
+
+
+_GPU_DESELECTED = pytest.StashKey[int]()
 
 
 @pytest.hookimpl(wrapper=True)

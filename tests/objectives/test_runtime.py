@@ -7,7 +7,7 @@ import torch
 from objectives.runtime import resolve_runtime, seed_everything
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.gpu  # deselected without CUDA (tests/services.py)
 
 
 def test_cpu_is_plain_fp32() -> None:
