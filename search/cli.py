@@ -374,11 +374,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from search import records
     from search.records import best_trial
+    from search.summary import counts
 
     study, _ = _open_existing(args)
     best = best_trial(study)
     if best is None:
-        print("no completed trial yet", file=sys.stderr)
+        c = counts(study)
+        print(f"error: study {study.study_name!r} has no completed trial yet ({c['PRUNED']} pruned, {c['FAIL']} "
+              f"failed, {c['RUNNING']} running, {c['WAITING']} waiting), so it has no best trial. See why the trials "
+              "ended with `hpo status`, then run (or resume) the study with `hpo run`.", file=sys.stderr)
         return 1
     attrs = best.user_attrs
     data = {"number": best.number, "value": best.value, "params": best.params,
