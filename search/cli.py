@@ -504,7 +504,11 @@ COMMANDS = {"run": cmd_run, "worker": cmd_worker, "recover": cmd_recover, "statu
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM (a scheduler stopping the job) ends the current trial like Ctrl-C: FAIL, re-enqueued."""
+    """SIGTERM (a scheduler stopping the job) ends the current trial like Ctrl-C: FAIL, re-enqueued. Only the first
+    SIGTERM or Ctrl-C counts; later ones are ignored, as they would cut short the recording of the interrupted trial
+    (a terminal's Ctrl-C reaches `hpo run --workers` and its workers, which the command then stops with SIGTERM)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -556,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGINT, _terminate)
     try:
         check_options(args)
         return COMMANDS[args.command](args)

@@ -56,9 +56,9 @@ model_args = {{plan = {plan}, log = "{log}"{extra}}}
 
 
 def faulty_study(folder: Path, name: str, plan: list[str], *, n_trials: int = 2, max_epochs: int = 2,
-                 max_failures: int = 5, checkpoint_every: int = 1, sigterm_at_epoch: int | None = None) -> Path:
+                 max_failures: int = 5, checkpoint_every: int = 1, at_epoch: int | None = None) -> Path:
     """A study file in ``folder`` whose models follow ``plan`` (see faulty_model.py); its log is folder/model.log."""
-    extra = "" if sigterm_at_epoch is None else f", sigterm_at_epoch = {sigterm_at_epoch}"
+    extra = "" if at_epoch is None else f", at_epoch = {at_epoch}"
     path = folder / f"{name}.toml"
     path.write_text(STUDY.format(name=name, n_trials=n_trials, max_epochs=max_epochs, max_failures=max_failures,
                                  checkpoint_every=checkpoint_every, model=FAULTY_MODEL, plan=json.dumps(plan),

@@ -1,7 +1,7 @@
 """A user's model factory (``model = "faulty_model.py:build"``) whose training fails on cue, for the failure-path
 tests: real errors raised from inside training through `hpo run`, no mocks.
 
-``build(num_classes, in_channels, dropout, plan=[...], log=PATH, sigterm_at_epoch=K)``: a tiny CNN. The n-th model
+``build(num_classes, in_channels, dropout, plan=[...], log=PATH, at_epoch=K)``: a tiny CNN. The n-th model
 of the process that trains takes mode ``plan[n]`` (the last one repeats; models built only to check shapes or to
 score the test set never train and take none):
 
@@ -9,8 +9,10 @@ score the test set never train and take none):
 * ``cuda_oom``: its first training batch raises ``torch.cuda.OutOfMemoryError``, as CUDA does;
 * ``oom_message``: raises ``RuntimeError("CUDA out of memory. ...")``, the form older torch raised, string-matched;
 * ``cpu_oom``: a real failed allocation on the CPU (``torch.empty`` of 2**62 bytes);
-* ``sigterm``: sends SIGTERM to its own process at the start of training epoch ``sigterm_at_epoch`` (counted from
-  the model's first epoch), once per ``log`` file, like a scheduler stopping the job there.
+* ``sigterm``: sends SIGTERM to its own process at the start of training epoch ``at_epoch`` (counted from the
+  model's first epoch), once per ``log`` file, like a scheduler stopping the job there;
+* ``hold``: waits at the start of epoch ``at_epoch`` until the file ``log`` with suffix ``.go`` exists, so a test
+  can signal or kill its worker while the trial is known to be RUNNING with epochs before ``at_epoch`` reported.
 
 Before failing, a model holds a 4 MiB tensor (an activation, as a real forward would), and every model that starts
 training appends to ``log`` one JSON line: its mode, and whether the tensor of the previous failed model is still
@@ -24,6 +26,7 @@ import gc
 import json
 import os
 import signal
+import time
 import weakref
 from pathlib import Path
 
@@ -36,11 +39,11 @@ _held: weakref.ref[torch.Tensor] | None = None  # the tensor the last failed mod
 
 class Faulty(nn.Module):
     def __init__(self, num_classes: int, in_channels: int, dropout: float, plan: list[str], log: str | None,
-                 sigterm_at_epoch: int | None) -> None:
+                 at_epoch: int | None) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                   nn.Flatten(), nn.Dropout(dropout), nn.Linear(8, num_classes))
-        self.plan, self.log, self.sigterm_at_epoch = plan, log, sigterm_at_epoch
+        self.plan, self.log, self.at_epoch = plan, log, at_epoch
         self.mode: str | None = None
         self.epoch = -1
         self.was_training = False
@@ -50,11 +53,14 @@ class Faulty(nn.Module):
             self.epoch += 1
             if self.mode is None:
                 self._start()
-            if self.mode == "sigterm" and self.epoch == self.sigterm_at_epoch and self.log:
+            if self.mode == "sigterm" and self.epoch == self.at_epoch and self.log:
                 sent = Path(self.log).with_suffix(".sigterm")
                 if not sent.exists():
                     sent.touch()
                     os.kill(os.getpid(), signal.SIGTERM)
+            if self.mode == "hold" and self.epoch == self.at_epoch and self.log:
+                while not Path(self.log).with_suffix(".go").exists():
+                    time.sleep(0.05)
         self.was_training = self.training
         if self.training and self.mode in ("cuda_oom", "oom_message", "cpu_oom"):
             self._fail()
@@ -82,7 +88,7 @@ class Faulty(nn.Module):
 
 
 def build(num_classes: int, in_channels: int, dropout: float, plan: list[str] | None = None, log: str | None = None,
-          sigterm_at_epoch: int | None = None) -> nn.Module:
+          at_epoch: int | None = None) -> nn.Module:
     if log:
         gc.disable()
-    return Faulty(num_classes, in_channels, dropout, plan or ["ok"], log, sigterm_at_epoch)
+    return Faulty(num_classes, in_channels, dropout, plan or ["ok"], log, at_epoch)

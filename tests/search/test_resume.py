@@ -23,7 +23,7 @@ EPOCHS = 5
 def _interrupt(tmp_path: Path, name: str, checkpoint_every: int) -> Path:
     """Run the study until its model stops it at epoch 3; return the study file."""
     study_file = faulty_study(tmp_path, name, ["sigterm"], n_trials=1, max_epochs=EPOCHS,
-                              checkpoint_every=checkpoint_every, sigterm_at_epoch=3)
+                              checkpoint_every=checkpoint_every, at_epoch=3)
     out = hpo("run", str(study_file), "--quiet", cwd=tmp_path)
     assert out.returncode == 130, out.stderr
     study, _ = load(tmp_path / "runs" / name, name)
