@@ -71,13 +71,15 @@ def model_log(folder: Path) -> list[dict]:
 
 
 def wait_for(proc: subprocess.Popen, db: Path, name: str, ready: Callable[[list[FrozenTrial]], bool],
-             seconds: float = 240) -> list[FrozenTrial]:
-    """Poll the study in the SQLite file ``db`` until ``ready(trials)`` holds; fail if ``proc`` exits first."""
+             seconds: float = 240, storage: str | None = None) -> list[FrozenTrial]:
+    """Poll the study in the SQLite file ``db`` (or the file of ``storage``) until ``ready(trials)`` holds; fail if
+    ``proc`` exits first."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and proc.poll() is None:
         if db.exists():
             try:
-                trials = optuna.load_study(study_name=name, storage=open_storage(f"sqlite:///{db}")).get_trials()
+                url = storage or f"sqlite:///{db}"
+                trials = optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
                 if ready(trials):
                     return trials
             except KeyError:  # the study is not created yet
