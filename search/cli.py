@@ -261,10 +261,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_destinations(args)
     n_trials = args.trials if args.trials is not None else settings.study.n_trials
     plan = plan_workers(args.workers, args.gpus, args.trials_per_gpu)
+    epochs, timeout = settings.study.max_epochs, args.timeout if args.timeout is not None else settings.study.timeout
+    budget = f"{n_trials} trials x {epochs} epochs" if n_trials is not None else f"trials of {epochs} epochs"
+    budget += "" if timeout is None else f", started for {timeout:g} s"
     with _progress(args, settings, n_trials) as progress:
         print(f"study {settings.study.name!r}: {settings.sampler.name} sampler, {settings.pruner.name} pruner, "
-              f"early stopping {'on' if settings.early_stopping.enabled else 'off'}, budget {n_trials} trials "
-              f"x {settings.study.max_epochs} epochs, {plan.describe()}; results in {paths.root}", file=sys.stderr)
+              f"early stopping {'on' if settings.early_stopping.enabled else 'off'}, budget {budget}, "
+              f"{plan.describe()}; results in {paths.root}", file=sys.stderr)
         if len(plan.workers) > 1:
             result = run_parallel(settings, paths, args, plan, n_trials, progress)
         else:

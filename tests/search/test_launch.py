@@ -38,9 +38,10 @@ def _start(tmp_path: Path, name: str, trials: int) -> tuple[Path, subprocess.Pop
     return study_file, proc, [t for t in trials_now if t.state == TrialState.RUNNING]
 
 
-@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+# Both signals leave the same state behind, so the resuming run (two more worker processes) is run after one.
+@pytest.mark.parametrize(("how", "resume"), [("sigterm", False), ("ctrl-c", True)])
 def test_stopping_two_workers_fails_and_requeues_both_trials_and_the_next_run_resumes_them(
-        tmp_path: Path, how: str) -> None:
+        tmp_path: Path, how: str, resume: bool) -> None:
     study_file, proc, held = _start(tmp_path, how, trials=2)
     if how == "sigterm":  # a scheduler stopping the job signals the command it started
         proc.send_signal(signal.SIGTERM)
@@ -63,6 +64,8 @@ def test_stopping_two_workers_fails_and_requeues_both_trials_and_the_next_run_re
     assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in held)
     parent = study.user_attrs["mlflow_parent_run_id"]
     assert client.get_run(parent).info.status == "KILLED"
+    if not resume:
+        return
 
     (tmp_path / "model.go").touch()  # the resumed trials train to the end
     again = hpo("run", str(study_file), "--workers", "2", "--quiet", cwd=tmp_path)

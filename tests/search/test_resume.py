@@ -34,25 +34,22 @@ def _interrupt(tmp_path: Path, name: str, checkpoint_every: int) -> Path:
     return study_file
 
 
-# (checkpoint_every, the epoch last.pt holds after epochs 0-2, the epoch the retry resumes at): last.pt is written
-# after epoch e when (e + 1) % checkpoint_every == 0, so every 2 epochs means after epoch 1 (not 2), and 0 never.
-CASES = [(0, None, None), (2, 1, 2)]
+def test_checkpoint_every_0_writes_no_resume_checkpoint(tmp_path: Path) -> None:
+    # Its retry would start from epoch 0, as after a corrupt last.pt (tested below).
+    _interrupt(tmp_path, "every0", 0)
+    assert not (tmp_path / "runs" / "every0" / "checkpoints" / "trial-0" / "last.pt").exists()
 
 
-@pytest.mark.parametrize(("every", "saved", "resumed_at"), CASES)
-def test_checkpoint_every_decides_where_an_interrupted_trial_resumes(
-        tmp_path: Path, every: int, saved: int | None, resumed_at: int | None) -> None:
-    name = f"every{every}"
-    study_file = _interrupt(tmp_path, name, every)
-    last = tmp_path / "runs" / name / "checkpoints" / "trial-0" / "last.pt"
-    if saved is None:
-        assert not last.exists()
-    else:
-        assert torch.load(last, weights_only=False)["epoch"] == saved
+def test_checkpoint_every_2_resumes_from_the_last_epoch_it_saved(tmp_path: Path) -> None:
+    # last.pt is written after epoch e when (e + 1) % 2 == 0: after epochs 0-2 it holds epoch 1, not 2, and the
+    # retry goes on at epoch 2.
+    study_file = _interrupt(tmp_path, "every2", 2)
+    last = tmp_path / "runs" / "every2" / "checkpoints" / "trial-0" / "last.pt"
+    assert torch.load(last, weights_only=False)["epoch"] == 1
     again = hpo("run", str(study_file), "--quiet", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    study, client = load(tmp_path / "runs" / name, name)
-    _assert_retry_ran_every_epoch_once(study, client, resumed_at)
+    study, client = load(tmp_path / "runs" / "every2", "every2")
+    _assert_retry_ran_every_epoch_once(study, client, 2)
 
 
 def test_a_corrupt_last_checkpoint_is_reported_and_the_retry_starts_from_epoch_0(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def test_a_study_whose_only_budget_is_a_timeout_runs_until_it_is_up(tmp_path: Pa
     study_file.write_text(text.replace("\nn_trials = 12 ", "\ntimeout = 1 "))  # no n_trials: as many as fit
     out = hpo("run", str(study_file), "--set", "study.name='timed'", *SMALL, cwd=tmp_path)
     assert out.returncode == 0, out.stderr  # it ends at all: without the timeout it would never stop
-    assert "budget None trials" in out.stderr
+    assert "budget trials of 2 epochs, started for 1 s" in out.stderr
     assert _finished(tmp_path, "timed") >= 1
     study, _ = load(tmp_path / "runs" / "timed", "timed")
     assert study.user_attrs["hpo.n_trials"] is None
@@ -40,4 +40,5 @@ def test_timeout_option_overrides_the_file_and_stops_before_the_trial_budget(tmp
     out = hpo("run", str(QUICKSTART), "--set", "study.name='cut'", "--set", "study.timeout=3600", "--trials", "50",
               "--timeout", "1", *SMALL, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    assert "budget 50 trials x 2 epochs, started for 1 s" in out.stderr
     assert 1 <= _finished(tmp_path, "cut") < 50
