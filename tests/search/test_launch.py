@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
+from search.workers import is_alive
 from tests.search.failure_helpers import faulty_study, wait_for
 from tests.search.workers_helpers import child_runs, hpo, hpo_cmd, load
 
@@ -27,6 +30,19 @@ EPOCHS = 3
 def _both_held(trials: list[FrozenTrial]) -> bool:
     held = [t for t in trials if t.state == TrialState.RUNNING and len(t.intermediate_values) >= 1]
     return len({t.user_attrs.get("pid") for t in held}) == 2
+
+
+def _wait_dead(pid: int) -> None:
+    """Until the killed process has exited (a zombie, or reaped): SIGKILL is delivered asynchronously."""
+    stat = Path(f"/proc/{pid}/stat")
+    for _ in range(6000):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except OSError:  # reaped
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} did not exit after SIGKILL")
 
 
 def _start(tmp_path: Path, name: str, trials: int) -> tuple[Path, subprocess.Popen, list[FrozenTrial]]:
@@ -87,6 +103,7 @@ def test_kill_9_of_one_worker_leaves_the_other_to_finish_the_exact_budget(tmp_pa
     _, proc, held = _start(tmp_path, "k9w", trials=3)
     victim = held[0]
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    _wait_dead(victim.user_attrs["pid"])  # a zombie until `hpo run` reaps it: dead for the survivor all the same
     (tmp_path / "model.go").touch()  # the survivor goes on
     _, err = proc.communicate(timeout=300)
     # The command reports the dead worker (exit 1), after the other one finished the budget.
@@ -104,3 +121,11 @@ def test_kill_9_of_one_worker_leaves_the_other_to_finish_the_exact_budget(tmp_pa
     runs = {r.info.run_id: r for r in child_runs(client, "k9w")}
     assert runs[dead.user_attrs["mlflow_run_id"]].info.status == "KILLED"
     assert {runs[t.user_attrs["mlflow_run_id"]].info.status for t in finished} == {"FINISHED"}
+
+
+def test_a_killed_worker_not_yet_reaped_is_dead() -> None:
+    """Between SIGKILL and its parent's next poll a worker is a zombie; its trial must count as an orphan then."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    _wait_dead(proc.pid)  # exited; not reaped, since nothing has waited for it yet
+    assert Path(f"/proc/{proc.pid}").exists() and not is_alive(proc.pid)
+    proc.wait()
