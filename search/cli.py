@@ -261,10 +261,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_destinations(args)
     n_trials = args.trials if args.trials is not None else settings.study.n_trials
     plan = plan_workers(args.workers, args.gpus, args.trials_per_gpu)
+    epochs, timeout = settings.study.max_epochs, args.timeout if args.timeout is not None else settings.study.timeout
+    budget = f"{n_trials} trials x {epochs} epochs" if n_trials is not None else f"trials of {epochs} epochs"
+    budget += "" if timeout is None else f", started for {timeout:g} s"
     with _progress(args, settings, n_trials) as progress:
         print(f"study {settings.study.name!r}: {settings.sampler.name} sampler, {settings.pruner.name} pruner, "
-              f"early stopping {'on' if settings.early_stopping.enabled else 'off'}, budget {n_trials} trials "
-              f"x {settings.study.max_epochs} epochs, {plan.describe()}; results in {paths.root}", file=sys.stderr)
+              f"early stopping {'on' if settings.early_stopping.enabled else 'off'}, budget {budget}, "
+              f"{plan.describe()}; results in {paths.root}", file=sys.stderr)
         if len(plan.workers) > 1:
             result = run_parallel(settings, paths, args, plan, n_trials, progress)
         else:
@@ -374,11 +377,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from search import records
     from search.records import best_trial
+    from search.summary import counts
 
     study, _ = _open_existing(args)
     best = best_trial(study)
     if best is None:
-        print("no completed trial yet", file=sys.stderr)
+        c = counts(study)
+        print(f"error: study {study.study_name!r} has no completed trial yet ({c['PRUNED']} pruned, {c['FAIL']} "
+              f"failed, {c['RUNNING']} running, {c['WAITING']} waiting), so it has no best trial. See why the trials "
+              "ended with `hpo status`, then run (or resume) the study with `hpo run`.", file=sys.stderr)
         return 1
     attrs = best.user_attrs
     data = {"number": best.number, "value": best.value, "params": best.params,
@@ -500,7 +507,11 @@ COMMANDS = {"run": cmd_run, "worker": cmd_worker, "recover": cmd_recover, "statu
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM (a scheduler stopping the job) ends the current trial like Ctrl-C: FAIL, re-enqueued."""
+    """SIGTERM (a scheduler stopping the job) ends the current trial like Ctrl-C: FAIL, re-enqueued. Only the first
+    SIGTERM or Ctrl-C counts; later ones are ignored, as they would cut short the recording of the interrupted trial
+    (a terminal's Ctrl-C reaches `hpo run --workers` and its workers, which the command then stops with SIGTERM)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -552,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGINT, _terminate)
     try:
         check_options(args)
         return COMMANDS[args.command](args)

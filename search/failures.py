@@ -1,4 +1,4 @@
-"""How a trial can fail without failing the study: the exceptions, the trial timeout alarm, out-of-memory.
+"""How a trial can fail without failing the study: the exceptions, the trial timeout, out-of-memory.
 
 ``TrialSession.__exit__`` maps an exception to a trial state; this module says what each failure is and
 records it in words (``failure_reason``), so the session stays a short table of outcomes.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import gc
 import signal
 import threading
+import time
+import traceback
 from typing import Any
 
 
@@ -38,6 +40,31 @@ def disarm_timeout() -> None:
     signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+class TrialDeadline:
+    """A trial's ``study.trial_timeout``, enforced two ways. On the main thread SIGALRM interrupts the trial
+    wherever it is (a hung data loader, an endless epoch). A trial run from another thread (a library caller's
+    thread pool) gets no signal, so ``check()``, called at the end of every epoch, fails it there: it still times
+    out, after the epoch that crossed the limit. The check also catches an alarm that user code swallowed."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.ends = time.monotonic() + seconds if seconds else None
+        self.alarm = arm_timeout(seconds)
+
+    def check(self) -> None:
+        if self.ends is not None and time.monotonic() >= self.ends:
+            raise TrialTimeout("the trial ran past study.trial_timeout")
+
+    def disarm(self) -> None:
+        if self.alarm:
+            disarm_timeout()
+            self.alarm = False
+
+
+# What torch says when an allocation fails: CUDA and MPS ("... out of memory ..."), the CPU allocator
+# ("DefaultCPUAllocator: can't allocate memory" / "not enough memory" in older versions).
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     try:
         import torch
@@ -46,11 +73,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover
         pass
-    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and any(m in text for m in _OOM_MESSAGES)
 
 
 def release_memory() -> None:
-    """Give back what a failed trial held, so the next one starts with the device's memory free."""
+    """Give back what a failed trial held, so the next one starts with the device's memory free (after
+    ``drop_frames``: until then the exception's traceback keeps the training frames' tensors alive)."""
     gc.collect()
     try:
         import torch
@@ -59,6 +88,14 @@ def release_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:  # pragma: no cover
         pass
+
+
+def drop_frames(exc: BaseException) -> None:
+    """Clear the locals of the finished frames ``exc`` went through (the training loop's model, optimizer,
+    activations), so its memory is freed even while something keeps the exception alive: a library that
+    imports lazily while the trial's error is being handled (optuna-dashboard, from the dashboard note) keeps
+    its own ImportError, and through that error's context this one, for the life of the process."""
+    traceback.clear_frames(exc.__traceback__)
 
 
 def failure_reason(exc: BaseException) -> str:

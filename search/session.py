@@ -28,9 +28,9 @@ from search.config import Settings
 from search.early_stopping import EarlyStopping
 from search.epoch_decision import decide_epoch
 from search.failures import (
+    TrialDeadline,
     TrialFailed,
-    arm_timeout,
-    disarm_timeout,
+    drop_frames,
     failure_reason,
     is_out_of_memory,
     release_memory,
@@ -100,7 +100,7 @@ class TrialSession:
     reason: str = "completed"
     resume_training: dict[str, Any] | None = None
     resumed_from: int | None = None
-    _alarm: bool = False
+    _deadline: TrialDeadline | None = None
     _pruning: PruningTrial = field(init=False)  # report/should_prune, finished trials read at most every 10 s
     _last_saved: float = field(default_factory=time.monotonic)  # the trial's start, then the last last.pt
 
@@ -130,7 +130,7 @@ class TrialSession:
                 self.trial.set_user_attr(key, None)
         if resume is not None:
             self._apply_resume(resume, previous_run)
-        self._alarm = arm_timeout(self.settings.study.trial_timeout)
+        self._deadline = TrialDeadline(self.settings.study.trial_timeout)
         return self
 
     def _apply_resume(self, state: dict[str, Any], previous_run: str | None) -> None:
@@ -179,6 +179,8 @@ class TrialSession:
         self.run.log_epoch(epoch, metrics)
         if self.ctx.progress is not None:
             self.ctx.progress.on_epoch(self.trial.number, epoch, metrics)
+        if self._deadline is not None:
+            self._deadline.check()  # off the main thread, no alarm can interrupt the trial: the epoch's end does
         outcome = decide_epoch(epoch, metrics, metric, self.stopper, self._pruning, self.settings.study.max_epochs)
         if outcome.improved:
             self.best_metrics = dict(metrics)
@@ -229,9 +231,8 @@ class TrialSession:
         return float(final[self.settings.study.metric])
 
     def _record(self, state: str, killed: bool = False) -> None:
-        if self._alarm:
-            disarm_timeout()
-            self._alarm = False
+        if self._deadline is not None:
+            self._deadline.disarm()
         if state in ("COMPLETE", "PRUNED"):
             self.last_path.unlink(missing_ok=True)  # only a trial that may be retried needs it
         stopped = self.epochs_run - 1 if self.epochs_run else None
@@ -279,6 +280,8 @@ class TrialSession:
         self.reason = failure_reason(exc)
         if is_out_of_memory(exc):
             self.trial.set_user_attr(records.OOM_BATCH_SIZE, self.resolved.get("batch_size"))
-            release_memory()
         self._record("FAIL")
+        drop_frames(exc)  # the training frames' tensors go now, whoever keeps the exception
+        if is_out_of_memory(exc):
+            release_memory()
         raise TrialFailed(f"trial {self.trial.number} failed ({self.reason})") from exc

@@ -36,13 +36,18 @@ HOST = socket.gethostname()
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+def _stat(pid: int) -> tuple[str, str]:
+    """(state, start time in clock ticks) of a process (Linux; empty strings elsewhere or when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
+    except (OSError, IndexError):
+        return "", ""
+
+
 def _start_ticks(pid: int) -> str:
     """The process start time in clock ticks (Linux), so a reused pid is not taken for the old worker."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+    return _stat(pid)[1]
 
 
 def identity() -> dict[str, Any]:
@@ -51,13 +56,16 @@ def identity() -> dict[str, Any]:
 
 
 def is_alive(pid: int, start: str = "") -> bool:
+    """Whether the process runs. A zombie (killed, not yet reaped by its parent, e.g. a worker of `hpo run
+    --workers` between two polls) is dead: its trial is an orphan now, not when the parent gets round to it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return not start or _start_ticks(pid) in ("", start)
+    state, ticks = _stat(pid)
+    return state != "Z" and (not start or ticks in ("", start))
 
 
 def _worker_alive_here(trial: FrozenTrial) -> bool:

@@ -14,6 +14,8 @@ def test_failure_reasons() -> None:
     assert failure_reason(TrialTimeout("late")) == "trial_timeout"
     assert failure_reason(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) == "out_of_memory"
     assert failure_reason(MemoryError("out of memory")) == "out_of_memory"
+    cpu = "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"
+    assert failure_reason(RuntimeError(cpu)) == "out_of_memory"  # torch's CPU allocator says it so
     assert failure_reason(ValueError("first line\nsecond line")) == "error: ValueError: first line"
     assert failure_reason(KeyError()) == "error: KeyError: "
     assert len(failure_reason(RuntimeError("x" * 2000))) == 500

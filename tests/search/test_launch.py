@@ -1,0 +1,131 @@
+"""`hpo run --workers 2` on digits when it is stopped: SIGTERM or Ctrl-C fail every worker's trial, re-enqueue it and
+end its MLflow run KILLED, and the next run resumes them; kill -9 of one worker leaves the other to finish the exact
+budget. (The single-process versions are in test_recovery.py.)
+
+The model (tests/search/faulty_model.py, mode ``hold``) waits at the start of epoch 1 until the test lets it go, so
+the signal always finds both trials RUNNING with epoch 0 reported and saved: no fixed sleeps, no races with the
+trial's end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from search.workers import is_alive
+from tests.search.failure_helpers import faulty_study, wait_for
+from tests.search.workers_helpers import child_runs, hpo, hpo_cmd, load
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 3
+
+
+def _both_held(trials: list[FrozenTrial]) -> bool:
+    held = [t for t in trials if t.state == TrialState.RUNNING and len(t.intermediate_values) >= 1]
+    return len({t.user_attrs.get("pid") for t in held}) == 2
+
+
+def _wait_dead(pid: int) -> None:
+    """Until the killed process has exited (a zombie, or reaped): SIGKILL is delivered asynchronously."""
+    stat = Path(f"/proc/{pid}/stat")
+    for _ in range(6000):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except OSError:  # reaped
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} did not exit after SIGKILL")
+
+
+def _start(tmp_path: Path, name: str, trials: int) -> tuple[Path, subprocess.Popen, list[FrozenTrial]]:
+    """Start `hpo run --workers 2`; return once each worker's trial is held at epoch 1."""
+    study_file = faulty_study(tmp_path, name, ["hold"], n_trials=trials, max_epochs=EPOCHS, at_epoch=1)
+    proc = subprocess.Popen(hpo_cmd("run", str(study_file), "--workers", "2", "--quiet"), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    trials_now = wait_for(proc, tmp_path / "runs" / name / "optuna.db", name, _both_held)
+    return study_file, proc, [t for t in trials_now if t.state == TrialState.RUNNING]
+
+
+# Both signals leave the same state behind, so the resuming run (two more worker processes) is run after one.
+@pytest.mark.parametrize(("how", "resume"), [("sigterm", False), ("ctrl-c", True)])
+def test_stopping_two_workers_fails_and_requeues_both_trials_and_the_next_run_resumes_them(
+        tmp_path: Path, how: str, resume: bool) -> None:
+    study_file, proc, held = _start(tmp_path, how, trials=2)
+    if how == "sigterm":  # a scheduler stopping the job signals the command it started
+        proc.send_signal(signal.SIGTERM)
+    else:  # Ctrl-C in a terminal signals the whole foreground process group: the command and its workers
+        os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    root = tmp_path / "runs" / how
+    study, client = load(root, how)
+    trials = {t.number: t for t in study.get_trials()}
+    assert not [t for t in trials.values() if t.state == TrialState.RUNNING]
+    runs = {r.info.run_id: r for r in child_runs(client, how)}
+    for t in held:
+        stopped = trials[t.number]
+        assert stopped.state == TrialState.FAIL and stopped.user_attrs["reason"] == "interrupted"
+        assert runs[stopped.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+        assert (root / "checkpoints" / f"trial-{t.number}" / "last.pt").exists()
+    waiting = [t for t in trials.values() if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in held)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert client.get_run(parent).info.status == "KILLED"
+    if not resume:
+        return
+
+    (tmp_path / "model.go").touch()  # the resumed trials train to the end
+    again = hpo("run", str(study_file), "--workers", "2", "--quiet", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    study, client = load(root, how)
+    done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert sorted(t.user_attrs["resumed_from_trial"] for t in done) == sorted(t.number for t in held)
+    for t in done:
+        assert t.user_attrs["resumed_at_epoch"] == 1  # last.pt of epoch 0, written before the hold
+        assert sorted(t.intermediate_values) == list(range(EPOCHS))
+        steps = [m.step for m in client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_accuracy")]
+        assert sorted(steps) == list(range(EPOCHS))
+    assert len(done) == 2 and not [t for t in study.get_trials() if t.state in (TrialState.RUNNING,
+                                                                                 TrialState.WAITING)]
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_kill_9_of_one_worker_leaves_the_other_to_finish_the_exact_budget(tmp_path: Path) -> None:
+    _, proc, held = _start(tmp_path, "k9w", trials=3)
+    victim = held[0]
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    _wait_dead(victim.user_attrs["pid"])  # a zombie until `hpo run` reaps it: dead for the survivor all the same
+    (tmp_path / "model.go").touch()  # the survivor goes on
+    _, err = proc.communicate(timeout=300)
+    # The command reports the dead worker (exit 1), after the other one finished the budget.
+    assert proc.returncode == 1, err
+    assert "worker process(es)" in err and "exited with an error" in err
+    study, client = load(tmp_path / "runs" / "k9w", "k9w")
+    trials = study.get_trials()
+    dead = trials[victim.number]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["reason"] == "worker_died"
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 3 and len(trials) == 4  # the budget exactly: 3 finished, plus the dead worker's trial
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_trial"] == victim.number
+    assert retry.user_attrs["pid"] != victim.user_attrs["pid"]  # the survivor ran it
+    runs = {r.info.run_id: r for r in child_runs(client, "k9w")}
+    assert runs[dead.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+    assert {runs[t.user_attrs["mlflow_run_id"]].info.status for t in finished} == {"FINISHED"}
+
+
+def test_a_killed_worker_not_yet_reaped_is_dead() -> None:
+    """Between SIGKILL and its parent's next poll a worker is a zombie; its trial must count as an orphan then."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    _wait_dead(proc.pid)  # exited; not reaped, since nothing has waited for it yet
+    assert Path(f"/proc/{proc.pid}").exists() and not is_alive(proc.pid)
+    proc.wait()
