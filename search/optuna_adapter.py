@@ -89,3 +89,17 @@ class PruningTrial:
 
     def should_prune(self) -> bool:
         return bool(self.trial.study.pruner.prune(self.view, stored_trial(self.trial)))  # type: ignore[arg-type]
+
+
+def refused_tell(exc: BaseException) -> bool:
+    """Whether ``study.optimize`` failed because the trial was already finished when it told the result.
+
+    Optuna 5.0's ``_run_trial`` raises ``ValueError("Cannot tell a FAIL trial.")`` from its tell, and then,
+    in its ``finally``, an ``AssertionError("Should not reach.")`` with that ValueError as context.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ValueError) and str(seen).startswith("Cannot tell a "):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -30,6 +30,7 @@ from search.early_stopping import EarlyStopping
 from search.epoch_decision import decide_epoch
 from search.failures import (
     TrialFailed,
+    TrialTakenOver,
     arm_timeout,
     disarm_timeout,
     failure_reason,
@@ -40,6 +41,7 @@ from search.optuna_adapter import PruningTrial, stored_trial
 from search.progress import Progress
 from search.publish import on_trial_end
 from search.resume import find_resume, last_path, retried_trials, save_resume, trial_dir
+from search.storage_retry import StorageUnavailable
 from search.tracking import Tracker, TrialRun, delete_resume, fetch_resume, run_url
 from search.workers import identity, retry
 
@@ -290,7 +292,40 @@ class TrialSession:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        """Exceptions propagate (None): the table maps each to a recorded state, never swallows one."""
+        """Exceptions propagate (None): the table maps each to a recorded state, never swallows one.
+
+        Two ends are not this worker's to record: the storage stopped answering (``StorageUnavailable``), or
+        another worker already failed the trial as stale and retried it (Optuna refuses to update a finished
+        trial). Then only the MLflow run is ended, KILLED, and the Optuna trial is left as it is."""
+        if isinstance(exc, StorageUnavailable):
+            self._abandon("storage_lost")
+            return
+        try:
+            if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
+                raise exc
+            self._exit(exc)
+        except optuna.exceptions.UpdateFinishedTrialError as finished:
+            self._abandon("taken_over")
+            if isinstance(exc, KeyboardInterrupt):
+                return
+            raise TrialTakenOver(f"trial {self.trial.number} was taken over by another worker") from finished
+
+    def _abandon(self, reason: str) -> None:
+        """End the MLflow run KILLED without touching the Optuna trial (see ``__exit__``). Never raises."""
+        if self._alarm:
+            disarm_timeout()
+            self._alarm = False
+        if reason == "taken_over":
+            log.warning("trial %s was failed and retried by another worker while this one ran it (its heartbeat was "
+                        "missing for longer than study.grace_period, e.g. a network partition); this worker drops "
+                        "its result and ends its MLflow run KILLED", self.trial.number)
+        try:
+            if self.run is not None:
+                self.run.finish("FAIL", {"hpo.reason": reason}, killed=True)
+        except Exception as error:  # noqa: BLE001 - the tracking server may be out of reach too
+            log.warning("trial %s: could not end its MLflow run: %s", self.trial.number, error)
+
+    def _exit(self, exc: BaseException | None) -> None:
         if exc is None:
             self._record("COMPLETE")
             return

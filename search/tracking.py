@@ -178,6 +178,11 @@ class Tracker:
             self.client.log_batch(run_id, tags=[RunTag("optuna.state", "FAIL"), RunTag("hpo.reason", reason)])
             self.client.set_terminated(run_id, "KILLED")
 
+    def mark_taken_over(self, run_id: str) -> None:
+        """A trial this worker finished that another worker had already failed and retried: KILLED, not its result."""
+        self.client.log_batch(run_id, tags=[RunTag("optuna.state", "FAIL"), RunTag("hpo.reason", "taken_over")])
+        self.client.set_terminated(run_id, "KILLED")
+
     def start_trial(
         self, parent_id: str, trial_number: int, params: Mapping[str, Any], resolved: Mapping[str, Any]
     ) -> TrialRun:
