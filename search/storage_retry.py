@@ -1,9 +1,10 @@
 """Storage calls that ride out a database restart or a short network partition, for a bounded time.
 
 A worker on another machine talks to PostgreSQL over the network; a database restart or a lost link must not
-turn into failed trials or a crashed worker if it lasts seconds. ``RetryingRDBStorage`` is Optuna's
-``RDBStorage`` with every storage call retried on connection errors (and only on those: a constraint or a
-finished-trial error is an answer, not an outage) for up to ``study.storage_retry_seconds``, with backoff.
+turn into failed trials or a crashed worker if it lasts seconds. ``RetryingRDBStorage`` (in
+search/optuna_adapter.py, as it wraps private methods too) is Optuna's ``RDBStorage`` with every call made
+through a ``Retrier``: retried on connection errors (and only on those: a constraint or a finished-trial
+error is an answer, not an outage) for up to ``study.storage_retry_seconds``, with backoff.
 After that it raises ``StorageUnavailable`` (exit 1, one paragraph); once it has given up, further calls fail
 at once until one succeeds, so a worker that lost its database stops in one window, not one per call.
 Heartbeats are never retried and never raise: a missed beat is skipped (the next one is due in seconds), so
@@ -20,16 +21,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar
-
-import optuna
-from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from typing import Any, TypeVar
 
 from search.errors import HpoError
 
 log = logging.getLogger("hpo")
-P = ParamSpec("P")
 R = TypeVar("R")
 # libpq: give up connecting after 10 s; on an open connection, fail when sent data stays unacknowledged for
 # 15 s (a pulled cable) or the idle peer stops answering keepalives.
@@ -82,7 +78,7 @@ class Retrier:
                         raise self._unavailable(exc) from exc
                     deadline = now + self.seconds
                     log.warning("%s does not answer (%s); retrying for up to %.0f s (study.storage_retry_seconds)",
-                                self.what, _first_line(exc), self.seconds)
+                                self.what, first_line(exc), self.seconds)
                 if now >= deadline:
                     with self._lock:
                         self._gave_up = True
@@ -99,80 +95,12 @@ class Retrier:
     def _unavailable(self, exc: BaseException) -> StorageUnavailable:
         return StorageUnavailable(
             f"{self.what} did not answer for {self.seconds:.0f} s (study.storage_retry_seconds): "
-            f"{_first_line(exc)}. The trial this worker was running will be failed by its missing heartbeat and "
+            f"{first_line(exc)}. The trial this worker was running will be failed by its missing heartbeat and "
             "retried by another worker; start this worker again once the database is reachable, or raise "
             "study.storage_retry_seconds to ride out longer outages."
         )
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc.__cause__ or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-Method = Callable[Concatenate["RetryingRDBStorage", P], R]
-
-
-def _retried(method: Method[P, R]) -> Method[P, R]:
-    def call(self: RetryingRDBStorage, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self.retrier.call(method, self, *args, **kwargs)
-
-    return call
-
-
-class RetryingRDBStorage(RDBStorage):
-    """``RDBStorage`` whose calls are retried through a ``Retrier`` (see the module docstring)."""
-
-    def __init__(self, url: str, retrier: Retrier, **kwargs: Any) -> None:
-        self.retrier = retrier
-        super().__init__(url, **kwargs)
-
-    create_new_study = _retried(RDBStorage.create_new_study)
-    delete_study = _retried(RDBStorage.delete_study)
-    set_study_user_attr = _retried(RDBStorage.set_study_user_attr)
-    set_study_system_attr = _retried(RDBStorage.set_study_system_attr)
-    get_study_id_from_name = _retried(RDBStorage.get_study_id_from_name)
-    get_study_name_from_id = _retried(RDBStorage.get_study_name_from_id)
-    get_study_directions = _retried(RDBStorage.get_study_directions)
-    get_study_user_attrs = _retried(RDBStorage.get_study_user_attrs)
-    get_study_system_attrs = _retried(RDBStorage.get_study_system_attrs)
-    get_all_studies = _retried(RDBStorage.get_all_studies)
-    create_new_trial = _retried(RDBStorage.create_new_trial)
-    set_trial_param = _retried(RDBStorage.set_trial_param)
-    get_trial_param = _retried(RDBStorage.get_trial_param)
-    get_trial_id_from_study_id_trial_number = _retried(RDBStorage.get_trial_id_from_study_id_trial_number)
-    set_trial_intermediate_value = _retried(RDBStorage.set_trial_intermediate_value)
-    set_trial_user_attr = _retried(RDBStorage.set_trial_user_attr)
-    set_trial_system_attr = _retried(RDBStorage.set_trial_system_attr)
-    get_trial_user_attrs = _retried(RDBStorage.get_trial_user_attrs)
-    get_trial_system_attrs = _retried(RDBStorage.get_trial_system_attrs)
-    get_trial = _retried(RDBStorage.get_trial)
-    get_all_trials = _retried(RDBStorage.get_all_trials)
-    _get_trials = _retried(RDBStorage._get_trials)
-    get_best_trial = _retried(RDBStorage.get_best_trial)
-    _get_stale_trial_ids = _retried(RDBStorage._get_stale_trial_ids)
-
-    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
-        attempts = [0]
-
-        def once() -> bool:
-            attempts[0] += 1
-            try:
-                return RDBStorage.set_trial_state_values(self, trial_id, state, values)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                # A retry after a commit whose answer was lost: only this worker completes or prunes its trial,
-                # so finding that state means the first attempt did it (FAIL may be another worker's).
-                mine = state in (TrialState.COMPLETE, TrialState.PRUNED)
-                if mine and attempts[0] > 1 and RDBStorage.get_trial(self, trial_id).state == state:
-                    return True
-                raise
-
-        return self.retrier.call(once)
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        try:
-            RDBStorage.record_heartbeat(self, trial_id)
-        except Exception as exc:
-            if not is_connection_error(exc):
-                raise
-            log.debug("heartbeat of trial %s skipped: %s", trial_id, _first_line(exc))

@@ -20,7 +20,8 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from search.errors import SettingsError, StorageError
-from search.storage_retry import POSTGRES_TIMEOUTS, Retrier, RetryingRDBStorage
+from search.optuna_adapter import RetryingRDBStorage
+from search.storage_retry import POSTGRES_TIMEOUTS, Retrier
 from search.workers import advisory_lock
 
 SQLITE = "sqlite:///"

@@ -44,6 +44,8 @@ class Relay:
 
     def down(self) -> None:
         if self.listener is not None:
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept(): close alone leaves it listening
             self.listener.close()
             self.listener = None
         for conn in self.conns:
