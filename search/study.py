@@ -229,14 +229,26 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
             ran += 1
         except TrialTakenOver:
             continue  # logged by the session; the trial's retry belongs to whoever took it over
-        except (ValueError, AssertionError) as exc:
-            if not (current and refused_tell(exc)):
+        except Exception as exc:
+            lost = _storage_lost(exc)
+            if lost is not None:  # Optuna's tell after a failed trial hit it again and raised something else
+                raise lost from None
+            if not (current and isinstance(exc, (ValueError, AssertionError)) and refused_tell(exc)):
                 raise
             _taken_over_at_the_end(opened, current[0])
         finally:
             lock.release()
     stopped = guard.last_reason if guard.in_a_row >= guard.limit else None
     return ran, stopped
+
+
+def _storage_lost(exc: BaseException) -> StorageUnavailable | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, StorageUnavailable):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _taken_over_at_the_end(opened: OpenStudy, trial: optuna.Trial) -> None:

@@ -232,3 +232,5 @@ def test_a_worker_stops_with_a_clear_message_when_the_database_stays_away(cluste
     assert "did not answer for 3 s (study.storage_retry_seconds)" in log and "Traceback" not in log
     trials = _trials(storage, study)
     assert [t.state for t in trials] == [TrialState.RUNNING]  # left to the heartbeat: another worker retries it
+    run = MlflowClient(cluster.mlflow_url).get_run(trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["hpo.reason"] == "storage_lost"
