@@ -52,6 +52,11 @@ class StudySection(Section):
     )
     heartbeat_interval: int = Field(default=10, ge=1)
     grace_period: int | None = Field(default=None, ge=1)
+    storage_retry_seconds: float = Field(
+        default=60.0, ge=0,
+        description="how long a worker retries a database storage call that fails on a lost connection (a "
+        "database restart, a network blip) before it stops with an error; 0: no retry.",
+    )
 
     @model_validator(mode="before")
     @classmethod

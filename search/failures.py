@@ -18,6 +18,13 @@ class TrialFailed(Exception):
     """A trial failed for a reason recorded on it; the study continues with the next trial."""
 
 
+class TrialTakenOver(BaseException):  # noqa: N818 - a signal like KeyboardInterrupt, not an error
+    """Another worker failed this trial (its heartbeat went stale) and retried it: this worker drops its result.
+
+    A BaseException so that Optuna's ``study.optimize`` does not catch it and try to tell the trial, which is
+    already finished and would be refused; ``search.study.run_trials`` catches it and goes on."""
+
+
 class TrialTimeout(Exception):
     """The trial ran past ``study.trial_timeout`` seconds."""
 

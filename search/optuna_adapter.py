@@ -3,19 +3,26 @@
 Checked against Optuna 5.0.0 (``CHECKED_AGAINST``; ``tests/search/test_optuna_adapter.py`` covers each
 function on a real SQLite storage). Public API is used wherever it exists: ``study.tell(...,
 skip_if_finished=True)``, ``RetryHeartbeatStaleTrialCallback``.
-What is left needs the storage itself: a live trial's stored record (to see which trials it retries) and
-an atomic "fail this RUNNING trial unless someone else finished it" with a reason attached first (also for
-the trials whose heartbeat stopped, which ``optuna.storages.fail_stale_trials`` fails without one).
+What is left needs the storage itself: a live trial's stored record (to see which trials it retries), an
+atomic "fail this RUNNING trial unless someone else finished it" with a reason attached first (also for the
+trials whose heartbeat stopped, which ``optuna.storages.fail_stale_trials`` fails without one), telling
+whether Optuna refused to tell a finished trial, and ``RDBStorage`` with its calls (private ones included:
+``_get_trials``, which Optuna's cache calls, and ``_get_stale_trial_ids``) retried on lost connections.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import optuna
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
+
+from search.storage_retry import Retrier, first_line, is_connection_error
 
 CHECKED_AGAINST = "5.0.0"
 
@@ -106,3 +113,88 @@ class PruningTrial:
 
     def should_prune(self) -> bool:
         return bool(self.trial.study.pruner.prune(self.view, stored_trial(self.trial)))  # type: ignore[arg-type]
+
+
+def refused_tell(exc: BaseException) -> bool:
+    """Whether ``study.optimize`` failed because the trial was already finished when it told the result.
+
+    Optuna 5.0's ``_run_trial`` raises ``ValueError("Cannot tell a FAIL trial.")`` from its tell, and then,
+    in its ``finally``, an ``AssertionError("Should not reach.")`` with that ValueError as context.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ValueError) and str(seen).startswith("Cannot tell a "):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+log = logging.getLogger("hpo")
+P = ParamSpec("P")
+R = TypeVar("R")
+Method = Callable[Concatenate["RetryingRDBStorage", P], R]
+
+
+def _retried(method: Method[P, R]) -> Method[P, R]:
+    def call(self: RetryingRDBStorage, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.retrier.call(method, self, *args, **kwargs)
+
+    return call
+
+
+class RetryingRDBStorage(RDBStorage):
+    """``RDBStorage`` whose calls are retried through a ``Retrier`` (see the module docstring)."""
+
+    def __init__(self, url: str, retrier: Retrier, **kwargs: Any) -> None:
+        self.retrier = retrier
+        super().__init__(url, **kwargs)
+
+    create_new_study = _retried(RDBStorage.create_new_study)
+    delete_study = _retried(RDBStorage.delete_study)
+    set_study_user_attr = _retried(RDBStorage.set_study_user_attr)
+    set_study_system_attr = _retried(RDBStorage.set_study_system_attr)
+    get_study_id_from_name = _retried(RDBStorage.get_study_id_from_name)
+    get_study_name_from_id = _retried(RDBStorage.get_study_name_from_id)
+    get_study_directions = _retried(RDBStorage.get_study_directions)
+    get_study_user_attrs = _retried(RDBStorage.get_study_user_attrs)
+    get_study_system_attrs = _retried(RDBStorage.get_study_system_attrs)
+    get_all_studies = _retried(RDBStorage.get_all_studies)
+    create_new_trial = _retried(RDBStorage.create_new_trial)
+    set_trial_param = _retried(RDBStorage.set_trial_param)
+    get_trial_param = _retried(RDBStorage.get_trial_param)
+    get_trial_id_from_study_id_trial_number = _retried(RDBStorage.get_trial_id_from_study_id_trial_number)
+    set_trial_intermediate_value = _retried(RDBStorage.set_trial_intermediate_value)
+    set_trial_user_attr = _retried(RDBStorage.set_trial_user_attr)
+    set_trial_system_attr = _retried(RDBStorage.set_trial_system_attr)
+    get_trial_user_attrs = _retried(RDBStorage.get_trial_user_attrs)
+    get_trial_system_attrs = _retried(RDBStorage.get_trial_system_attrs)
+    get_trial = _retried(RDBStorage.get_trial)
+    get_all_trials = _retried(RDBStorage.get_all_trials)
+    _get_trials = _retried(RDBStorage._get_trials)
+    get_best_trial = _retried(RDBStorage.get_best_trial)
+    _get_stale_trial_ids = _retried(RDBStorage._get_stale_trial_ids)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        attempts = [0]
+
+        def once() -> bool:
+            attempts[0] += 1
+            try:
+                return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # A retry after a commit whose answer was lost: only this worker completes or prunes its trial,
+                # so finding that state means the first attempt did it (FAIL may be another worker's).
+                mine = state in (TrialState.COMPLETE, TrialState.PRUNED)
+                if mine and attempts[0] > 1 and RDBStorage.get_trial(self, trial_id).state == state:
+                    return True
+                raise
+
+        return self.retrier.call(once)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            RDBStorage.record_heartbeat(self, trial_id)
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            log.debug("heartbeat of trial %s skipped: %s", trial_id, first_line(exc))

@@ -8,6 +8,7 @@ weights so far, so it goes on from the next epoch instead of starting again.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +31,31 @@ def last_path(checkpoint_root: Path, trial_number: int) -> Path:
     return trial_dir(checkpoint_root, trial_number) / LAST
 
 
-def find_resume(trial: optuna.Trial, checkpoint_root: Path) -> dict[str, Any] | None:
+def retried_trials(trial: optuna.Trial) -> list[int]:
+    """The numbers of the earlier attempts ``trial`` retries, oldest first (empty for a fresh trial)."""
+    return list(optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(stored_trial(trial)))
+
+
+def find_resume(trial: optuna.Trial, checkpoint_root: Path,
+                remote: Callable[[int], Path | None] | None = None) -> dict[str, Any] | None:
     """The newest readable last.pt of the trials ``trial`` retries (newest predecessor first), with the
-    number of the trial it came from under ``_from_trial``; None for a fresh trial."""
-    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(stored_trial(trial))
-    for number in reversed(history):
-        path = last_path(checkpoint_root, number)
-        if not path.exists():
-            continue
-        try:
-            state = load_checkpoint(path, key="training")
-        except HpoError as exc:
-            log.warning("trial %s: not resuming from %s: %s", trial.number, path, exc)
-            continue
-        state["_from_trial"] = number
-        return state
+    number of the trial it came from under ``_from_trial`` and where it was read under ``_source``; None for a
+    fresh trial. For each predecessor the local file comes first (the fast path on one machine), then
+    ``remote(number)``: that attempt's checkpoint fetched from the artifact store (it ran on another machine)."""
+    for number in reversed(retried_trials(trial)):
+        candidates = [last_path(checkpoint_root, number)]
+        if not candidates[0].exists():
+            fetched = remote(number) if remote is not None else None
+            candidates = [fetched] if fetched is not None else []
+        for path in candidates:
+            try:
+                state = load_checkpoint(path, key="training")
+            except HpoError as exc:
+                log.warning("trial %s: not resuming from %s: %s", trial.number, path, exc)
+                continue
+            state["_from_trial"] = number
+            state["_source"] = str(path)
+            return state
     return None
 
 

@@ -13,8 +13,9 @@ training loop's hook. The session is generic: it needs only a metrics dict per e
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +31,7 @@ from search.epoch_decision import decide_epoch
 from search.failures import (
     TrialDeadline,
     TrialFailed,
+    TrialTakenOver,
     drop_frames,
     failure_reason,
     is_out_of_memory,
@@ -38,8 +40,9 @@ from search.failures import (
 from search.optuna_adapter import PruningTrial, stored_trial
 from search.progress import Progress
 from search.publish import on_trial_end
-from search.resume import find_resume, last_path, save_resume, trial_dir
-from search.tracking import Tracker, TrialRun, run_url
+from search.resume import find_resume, last_path, retried_trials, save_resume, trial_dir
+from search.storage_retry import StorageUnavailable
+from search.tracking import Tracker, TrialRun, delete_resume, fetch_resume, run_url
 from search.workers import identity, retry
 
 log = logging.getLogger("hpo")
@@ -103,6 +106,7 @@ class TrialSession:
     _deadline: TrialDeadline | None = None
     _pruning: PruningTrial = field(init=False)  # report/should_prune, finished trials read at most every 10 s
     _last_saved: float = field(default_factory=time.monotonic)  # the trial's start, then the last last.pt
+    _earlier_runs: dict[int, str] = field(default_factory=dict)  # MLflow runs of the attempts this one retries
 
     @property
     def settings(self) -> Settings:
@@ -120,7 +124,10 @@ class TrialSession:
         self._pruning = PruningTrial(self.trial)
         self.stopper = build_stopper(self.settings)
         previous_run = self.trial.user_attrs.get(records.MLFLOW_RUN_ID)  # inherited by a retry from its predecessor
-        resume = find_resume(self.trial, self.ctx.checkpoint_root)
+        self._earlier_runs = self._runs_of(retried_trials(self.trial))
+        with tempfile.TemporaryDirectory(prefix="hpo-resume-") as fetched:
+            remote = self._fetcher(Path(fetched)) if self.ctx.tracker.is_server else None
+            resume = find_resume(self.trial, self.ctx.checkpoint_root, remote)
         self.run = self.ctx.tracker.start_trial(self.ctx.parent_run_id, self.trial.number, self.params, self.resolved)
         for key, value in {records.MLFLOW_RUN_ID: self.run.run_id, **identity()}.items():
             self.trial.set_user_attr(key, value)
@@ -132,6 +139,21 @@ class TrialSession:
             self._apply_resume(resume, previous_run)
         self._deadline = TrialDeadline(self.settings.study.trial_timeout)
         return self
+
+    def _runs_of(self, numbers: list[int]) -> dict[int, str]:
+        """The MLflow run ids of earlier attempts (by trial number), read from the storage once per retry."""
+        if not numbers:
+            return {}
+        trials = self.trial.study.get_trials(deepcopy=False)
+        return {t.number: str(t.user_attrs[records.MLFLOW_RUN_ID]) for t in trials
+                if t.number in numbers and t.user_attrs.get(records.MLFLOW_RUN_ID)}
+
+    def _fetcher(self, dest: Path) -> Callable[[int], Path | None]:
+        """An earlier attempt's resume checkpoint from the artifact store, for a retry on another machine."""
+        def fetch(number: int) -> Path | None:
+            run_id = self._earlier_runs.get(number)
+            return fetch_resume(self.ctx.tracker, run_id, dest / str(number)) if run_id else None
+        return fetch
 
     def _apply_resume(self, state: dict[str, Any], previous_run: str | None) -> None:
         assert self.stopper is not None and self.run is not None
@@ -148,9 +170,13 @@ class TrialSession:
         self.trial.set_user_attr(records.RESUMED_AT_EPOCH, epoch)
         for past, metrics in enumerate(history):
             self.run.log_epoch(past, metrics)
+        local = Path(state["_source"]).is_relative_to(self.ctx.checkpoint_root)
+        source = "local" if local else "artifact store"
         self.run.set_tags({"hpo.resumed_from_trial": self.resumed_from, "hpo.resumed_at_epoch": epoch,
-                           "hpo.resumed_from_run": state.get("mlflow_run_id") or previous_run or ""})
-        log.warning("trial %s resumes trial %s at epoch %s", self.trial.number, self.resumed_from, epoch)
+                           "hpo.resumed_from_run": state.get("mlflow_run_id") or previous_run or "",
+                           "hpo.resumed_from_checkpoint": source})
+        log.warning("trial %s resumes trial %s at epoch %s (checkpoint: %s)", self.trial.number, self.resumed_from,
+                    epoch, source)
 
     def _save_last(self, epoch: int, state: EpochState) -> None:
         """last.pt every ``checkpoint_every`` epochs, but no more often than ``checkpoint_every_seconds``: on a
@@ -165,6 +191,8 @@ class TrialSession:
         save_resume(self.last_path, epoch=epoch, training=state.state_dict(), stopper=self.stopper.state_dict(),
                     best_state=self.best_state, best_metrics=self.best_metrics, trial=self.trial.number,
                     run_id=self.run.run_id)
+        if self.ctx.tracker.is_server:  # no shared filesystem assumed: a retry elsewhere reads the artifact store
+            self.run.upload_resume(self.last_path, epoch)
         self._last_saved = time.monotonic()
 
     def on_epoch(self, epoch: int, metrics: dict[str, float], state: EpochState) -> bool:
@@ -257,13 +285,47 @@ class TrialSession:
             "hpo.reason": self.reason,
         }
         if self.run is not None:
-            self.run.finish(state, tags, metrics, killed=killed)
+            self.run.finish(state, tags, metrics, killed=killed)  # waits for a pending resume upload too
+            if state in ("COMPLETE", "PRUNED") and self.ctx.tracker.is_server:
+                delete_resume(self.ctx.tracker, [self.run.run_id, *self._earlier_runs.values()])
         on_trial_end(self, state)  # dashboard note and artifacts, fit diagnosis (never raises)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        """Exceptions propagate (None): the table maps each to a recorded state, never swallows one."""
+        """Exceptions propagate (None): the table maps each to a recorded state, never swallows one.
+
+        Two ends are not this worker's to record: the storage stopped answering (``StorageUnavailable``), or
+        another worker already failed the trial as stale and retried it (Optuna refuses to update a finished
+        trial). Then only the MLflow run is ended, KILLED, and the Optuna trial is left as it is."""
+        if isinstance(exc, StorageUnavailable):
+            self._abandon("storage_lost")
+            return
+        try:
+            if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
+                raise exc
+            self._exit(exc)
+        except optuna.exceptions.UpdateFinishedTrialError as finished:
+            self._abandon("taken_over")
+            if isinstance(exc, KeyboardInterrupt):
+                return
+            raise TrialTakenOver(f"trial {self.trial.number} was taken over by another worker") from finished
+
+    def _abandon(self, reason: str) -> None:
+        """End the MLflow run KILLED without touching the Optuna trial (see ``__exit__``). Never raises."""
+        if self._deadline is not None:
+            self._deadline.disarm()
+        if reason == "taken_over":
+            log.warning("trial %s was failed and retried by another worker while this one ran it (its heartbeat was "
+                        "missing for longer than study.grace_period, e.g. a network partition); this worker drops "
+                        "its result and ends its MLflow run KILLED", self.trial.number)
+        try:
+            if self.run is not None:
+                self.run.finish("FAIL", {"hpo.reason": reason}, killed=True)
+        except Exception as error:  # noqa: BLE001 - the tracking server may be out of reach too
+            log.warning("trial %s: could not end its MLflow run: %s", self.trial.number, error)
+
+    def _exit(self, exc: BaseException | None) -> None:
         if exc is None:
             self._record("COMPLETE")
             return

@@ -20,6 +20,8 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from search.errors import SettingsError, StorageError
+from search.optuna_adapter import RetryingRDBStorage
+from search.storage_retry import POSTGRES_TIMEOUTS, Retrier
 from search.workers import advisory_lock
 
 SQLITE = "sqlite:///"
@@ -67,13 +69,15 @@ def run_paths(run_dir: str | Path, study_name: str, storage: str | None = None,
 
 
 def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
-                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> optuna.storages.BaseStorage:
+                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+                 retry_seconds: float = 0.0) -> optuna.storages.BaseStorage:
     """Open an Optuna storage URL: sqlite/postgresql/mysql, ``memory``, or ``journal:PATH`` (a journal file).
 
     RDB storages get heartbeats (``heartbeat`` = (interval, grace period) in seconds) so a trial whose
     worker died on another machine is failed and retried by ``on_stale``. SQLite files are switched to
     WAL with a long busy timeout, so parallel workers and a dashboard reading the file do not fail with
-    "database is locked".
+    "database is locked". A database server's calls are retried for ``retry_seconds`` on connection errors
+    (search/storage_retry.py).
     """
     beats: dict[str, Any] = {}
     if heartbeat is not None:
@@ -93,7 +97,8 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
         if path is not None:
             enable_wal(path)
             return _create_rdb(url, beats, {"connect_args": {"timeout": 120}})
-        return _create_rdb(url, beats, {"pool_pre_ping": True})
+        engine = {"pool_pre_ping": True, **({"connect_args": POSTGRES_TIMEOUTS} if is_postgres(url) else {})}
+        return _create_rdb(url, beats, engine, Retrier(retry_seconds, f"the Optuna storage {redact(url)}"))
     except ModuleNotFoundError as exc:
         raise StorageError(
             f"the storage URL {redact(url)!r} needs the Python driver {exc.name!r}, which is not installed. "
@@ -109,13 +114,16 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
         ) from exc
 
 
-def _create_rdb(url: str, beats: dict[str, Any], engine: dict[str, Any]) -> optuna.storages.RDBStorage:
+def _create_rdb(url: str, beats: dict[str, Any], engine: dict[str, Any],
+                retrier: Retrier | None = None) -> optuna.storages.RDBStorage:
     """Open an RDB storage. Processes opening a new database together (workers, or `hpo status` while
     `hpo run` starts) would all try to create Optuna's tables (and PostgreSQL's enum types) at once and all
     but one fail; on PostgreSQL an advisory lock serialises that, elsewhere a lost race is retried."""
     import sqlalchemy.exc
 
     def create() -> optuna.storages.RDBStorage:
+        if retrier is not None:
+            return RetryingRDBStorage(url, retrier, engine_kwargs=engine, **beats)
         return optuna.storages.RDBStorage(url, engine_kwargs=engine, **beats)
 
     if is_postgres(url):

@@ -22,8 +22,8 @@ from optuna.trial import FrozenTrial, TrialState
 from search import records
 from search.config import Settings
 from search.errors import StorageError
-from search.failures import TrialFailed
-from search.optuna_adapter import fail_stale
+from search.failures import TrialFailed, TrialTakenOver
+from search.optuna_adapter import fail_stale, heartbeat_enabled, refused_tell, stored_trial
 from search.plugins import ObjectivePlugin, load_objective
 from search.progress import Progress
 from search.pruning import build_pruner
@@ -31,10 +31,11 @@ from search.publish import on_study_end
 from search.records import best_trial
 from search.samplers import build_sampler
 from search.session import StudyContext
+from search.storage_retry import StorageUnavailable
 from search.stores import RunPaths, open_storage
 from search.summary import counts
 from search.tracking import Tracker
-from search.workers import budget_lock, recover_local_orphans, retry
+from search.workers import BudgetLock, budget_lock, recover_local_orphans, retry
 
 
 def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -149,11 +150,12 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
         retry(study, trial)
 
     heartbeat = (settings.study.heartbeat_interval, settings.study.stale_after)
-    storage = open_storage(paths.storage_url, heartbeat=heartbeat, on_stale=on_stale)
+    storage = open_storage(paths.storage_url, heartbeat=heartbeat, on_stale=on_stale,
+                           retry_seconds=settings.study.storage_retry_seconds)
     tracker = holder["tracker"] = Tracker(paths.tracking_uri, settings.study.name, paths.artifacts)
     study = load_or_create_study(settings, storage)  # only once both stores answer
     paths.root.mkdir(parents=True, exist_ok=True)
-    lock = budget_lock(paths.storage_url, settings.study.name, paths.root)
+    lock = _budget_lock(settings, paths)
     lock.acquire()  # workers starting together must find, not each create, the parent run
     try:
         parent = tracker.parent_run(settings.study.name, _study_params(settings, n_trials),
@@ -168,6 +170,10 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
         progress.start(study)
     objective.attach(StudyContext(settings, tracker, parent, paths.checkpoints, progress))
     return OpenStudy(settings, paths, study, tracker, parent, objective)
+
+
+def _budget_lock(settings: Settings, paths: RunPaths) -> BudgetLock:
+    return budget_lock(paths.storage_url, settings.study.name, paths.root, settings.study.storage_retry_seconds)
 
 
 def mark_killed(tracker: Tracker, trial: FrozenTrial) -> None:
@@ -187,14 +193,17 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
     stopped after ``max_failures`` failures in a row).
     """
     study, settings = opened.study, opened.settings
-    lock = budget_lock(opened.paths.storage_url, settings.study.name, opened.paths.root)
+    lock = _budget_lock(opened.settings, opened.paths)
     guard = _FailureGuard(settings.study.max_failures)
     callbacks: list[Any] = [guard] + ([progress] if progress is not None else [])
     started = time.monotonic()
     ran = 0
 
+    current: list[optuna.Trial] = []
+
     def objective(trial: optuna.Trial) -> float:
         lock.release()  # the trial is RUNNING now, so other workers count it
+        current[:] = [trial]
         return float(opened.objective(trial))
 
     while guard.in_a_row < guard.limit:
@@ -205,15 +214,52 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
             recover_local_orphans(study, on_fail=lambda t: mark_killed(opened.tracker, t))
             fail_stale(study, "stale_heartbeat")
             c = counts(study)
-            if n_trials is not None and c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= n_trials:
-                break
+            finished = c["COMPLETE"] + c["PRUNED"]
+            if n_trials is not None and finished + c["RUNNING"] >= n_trials:
+                if finished >= n_trials or not heartbeat_enabled(study):
+                    break
+                # The rest of the budget is running on other workers: stay, to take a trial over if its worker
+                # dies or is cut off (its heartbeat stops), instead of leaving it to nobody.
+                lock.release()
+                time.sleep(settings.study.heartbeat_interval)
+                continue
             opened.tracker.reopen(opened.parent_run_id)  # another worker may have ended it while this one waited
             study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
             ran += 1
+        except TrialTakenOver:
+            continue  # logged by the session; the trial's retry belongs to whoever took it over
+        except Exception as exc:
+            lost = _storage_lost(exc)
+            if lost is not None:  # Optuna's tell after a failed trial hit it again and raised something else
+                raise lost from None
+            if not (current and isinstance(exc, (ValueError, AssertionError)) and refused_tell(exc)):
+                raise
+            _taken_over_at_the_end(opened, current[0])
         finally:
             lock.release()
     stopped = guard.last_reason if guard.in_a_row >= guard.limit else None
     return ran, stopped
+
+
+def _storage_lost(exc: BaseException) -> StorageUnavailable | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, StorageUnavailable):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _taken_over_at_the_end(opened: OpenStudy, trial: optuna.Trial) -> None:
+    """The trial ran to its end here, but another worker failed it as stale (this worker was cut off after its
+    last update) before Optuna could record the result: keep the other worker's decision, end the run KILLED."""
+    logging.getLogger("hpo").warning(
+        "trial %s was failed and retried by another worker while this one finished it (its heartbeat was missing "
+        "for longer than study.grace_period, e.g. a network partition); its result is dropped and its MLflow run "
+        "ended KILLED", trial.number)
+    run_id = stored_trial(trial).user_attrs.get(records.MLFLOW_RUN_ID)
+    if run_id:
+        opened.tracker.mark_taken_over(str(run_id))
 
 
 def run_study(settings: Settings, paths: RunPaths, n_trials: int | None = None, timeout: float | None = None,
@@ -233,7 +279,7 @@ def run_study(settings: Settings, paths: RunPaths, n_trials: int | None = None, 
 def finish_study(opened: OpenStudy, n_trials: int | None, register_model: bool = True) -> dict[str, float]:
     """Score the best trial on the test set and write the study's summaries, once, under the budget lock
     (several workers may finish at the same moment)."""
-    lock = budget_lock(opened.paths.storage_url, opened.settings.study.name, opened.paths.root)
+    lock = _budget_lock(opened.settings, opened.paths)
     lock.acquire()
     try:
         test_metrics = score_best(opened.study, opened.objective, opened.tracker, opened.parent_run_id)
@@ -254,6 +300,9 @@ def parent_lifetime(opened: OpenStudy, own: bool) -> Iterator[dict[str, str]]:
     except KeyboardInterrupt:
         outcome["status"] = "KILLED"
         raise
+    except StorageUnavailable:
+        own = False  # ending it needs the storage (a count of running trials): the other workers end it
+        raise
     except BaseException:
         outcome["status"] = "FAILED"
         raise
@@ -270,7 +319,7 @@ def end_parent(opened: OpenStudy, status: str) -> bool:
     ends it later. A worker that starts a trial sets it RUNNING again (``Tracker.reopen``), so the last one to
     stop decides the status. Returns whether it was ended. Never raises: the run's own outcome matters more.
     """
-    lock = budget_lock(opened.paths.storage_url, opened.settings.study.name, opened.paths.root)
+    lock = _budget_lock(opened.settings, opened.paths)
     try:
         lock.acquire()
         try:

@@ -8,11 +8,16 @@ with explicit run ids, never the global "active run", so several trials or worke
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import logging
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -77,7 +82,10 @@ class Tracker:
         try:
             experiment = self.client.get_experiment_by_name(experiment_name)
             if experiment is None:
-                location = artifact_root.resolve().as_uri() if artifact_root else None
+                # On a server, artifacts go where it says (proxied: ``mlflow-artifacts:/``), so every machine
+                # reads what another wrote; a local folder only for a local store.
+                local = artifact_root is not None and not self.is_server
+                location = artifact_root.resolve().as_uri() if local and artifact_root else None
                 try:
                     experiment_id = self.client.create_experiment(
                         experiment_name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
@@ -95,6 +103,11 @@ class Tracker:
                 "and reachable; or leave --tracking-uri out to use the run directory's mlflow.db."
             ) from exc
         self.experiment_id = experiment_id
+
+    @property
+    def is_server(self) -> bool:
+        """An MLflow tracking server (http/https): its artifact store is shared by every machine."""
+        return self.tracking_uri.startswith(("http://", "https://"))
 
     def parent_run(self, study_name: str, params: Mapping[str, Any], known_id: str | None = None) -> str:
         """The study's parent run, RUNNING: the one recorded on the study (reopened), or found by tag, or a new one.
@@ -165,6 +178,11 @@ class Tracker:
             self.client.log_batch(run_id, tags=[RunTag("optuna.state", "FAIL"), RunTag("hpo.reason", reason)])
             self.client.set_terminated(run_id, "KILLED")
 
+    def mark_taken_over(self, run_id: str) -> None:
+        """A trial this worker finished that another worker had already failed and retried: KILLED, not its result."""
+        self.client.log_batch(run_id, tags=[RunTag("optuna.state", "FAIL"), RunTag("hpo.reason", "taken_over")])
+        self.client.set_terminated(run_id, "KILLED")
+
     def start_trial(
         self, parent_id: str, trial_number: int, params: Mapping[str, Any], resolved: Mapping[str, Any]
     ) -> TrialRun:
@@ -227,6 +245,7 @@ class TrialRun:
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
+        self._remote: RemoteResume | None = None
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
@@ -237,12 +256,21 @@ class TrialRun:
         """Wait until every queued epoch is in the store; a failed write is a warning, not a failed trial."""
         for exc in _WRITER.flush():
             logging.getLogger(__name__).warning("run %s: an epoch's metrics were not logged: %s", self.run_id, exc)
+        for exc in _UPLOADS.flush():
+            logging.getLogger(__name__).warning("run %s: a resume checkpoint was not uploaded: %s", self.run_id, exc)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str = "checkpoints") -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def upload_resume(self, path: Path, epoch: int) -> bool:
+        """Queue ``path`` (the local last.pt, just written) for the artifact store; see ``RemoteResume``.
+        False, and nothing queued, while the previous upload of this run is still on its way."""
+        if self._remote is None:
+            self._remote = RemoteResume(self.client, self.run_id)
+        return self._remote.submit(path, epoch)
 
     def finish(
         self, state: str, tags: Mapping[str, Any], metrics: Mapping[str, float] | None = None, killed: bool = False
@@ -257,6 +285,105 @@ class TrialRun:
         )
         status = "KILLED" if killed else {"COMPLETE": "FINISHED", "PRUNED": "FINISHED"}.get(state, "FAILED")
         self.client.set_terminated(self.run_id, status)
+
+
+# --- Resume checkpoints in the artifact store: a retry on another machine, no shared filesystem -----------------
+
+RESUME_DIR = "resume"
+RESUME_POINTER = "latest.json"
+_UPLOADS = _BackgroundWriter()  # its own thread: a checkpoint upload must not hold up the epochs' metrics
+atexit.register(_UPLOADS.flush)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _artifact_repo(client: MlflowClient, run_id: str) -> Any:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
+
+
+class RemoteResume:
+    """A trial's resume checkpoint in its own MLflow run's artifacts (``resume/``), for a retry elsewhere.
+
+    A reader never loads half a checkpoint, whatever the artifact store guarantees (a proxied server's local
+    folder copies in place; an upload cut off by ``kill -9`` may leave a short file): every upload gets a new
+    name, ``resume/last-e<epoch>-<id>.pt``, never overwritten; only once it is stored is the small pointer
+    ``resume/latest.json`` (file, epoch, size, sha256) replaced, and then the older versions are deleted. The
+    reader follows the pointer and checks size and hash, so a cut-off upload or a torn pointer reads as "no
+    checkpoint here". Uploads run on their own background thread from a hard link of the local ``last.pt``
+    (``save_atomic`` replaces that file by rename, so the link stays the epoch it was); at most one is pending
+    per run, so they are never more frequent than the local checkpoints and never pile up.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self._pending = threading.Event()
+        self._stored: list[str] = []
+
+    def submit(self, path: Path, epoch: int) -> bool:
+        if self._pending.is_set():
+            return False
+        folder = Path(tempfile.mkdtemp(prefix="hpo-resume-"))
+        snapshot = folder / f"last-e{epoch:04d}-{uuid.uuid4().hex[:8]}.pt"
+        try:
+            os.link(path, snapshot)
+        except OSError:  # no hard links here (another filesystem): copy
+            shutil.copyfile(path, snapshot)
+        self._pending.set()
+        _UPLOADS.submit(self._upload, snapshot, epoch)
+        return True
+
+    def _upload(self, snapshot: Path, epoch: int) -> None:
+        try:
+            pointer = {"file": snapshot.name, "epoch": epoch, "size": snapshot.stat().st_size,
+                       "sha256": _sha256(snapshot)}
+            self.client.log_artifact(self.run_id, str(snapshot), RESUME_DIR)
+            self.client.log_dict(self.run_id, pointer, f"{RESUME_DIR}/{RESUME_POINTER}")  # written last
+            repo = _artifact_repo(self.client, self.run_id)
+            for old in self._stored:
+                repo.delete_artifacts(f"{RESUME_DIR}/{old}")
+            self._stored = [snapshot.name]
+        finally:
+            shutil.rmtree(snapshot.parent, ignore_errors=True)
+            self._pending.clear()
+
+
+def fetch_resume(tracker: Tracker, run_id: str, dest: Path) -> Path | None:
+    """The run's resume checkpoint downloaded into ``dest``, or None when it has none, or none that is whole."""
+    log = logging.getLogger(__name__)
+    try:
+        pointer_file = tracker.client.download_artifacts(run_id, f"{RESUME_DIR}/{RESUME_POINTER}", str(dest))
+        pointer = json.loads(Path(pointer_file).read_text())
+        name = str(pointer["file"])
+    except Exception as exc:  # noqa: BLE001 - no pointer (never uploaded, or removed) or a torn one: no checkpoint
+        log.debug("run %s: no resume checkpoint in the artifact store: %s", run_id, exc)
+        return None
+    try:
+        path = Path(tracker.client.download_artifacts(run_id, f"{RESUME_DIR}/{name}", str(dest)))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("run %s: the resume checkpoint %s could not be downloaded: %s", run_id, name, exc)
+        return None
+    if path.stat().st_size != pointer.get("size") or _sha256(path) != pointer.get("sha256"):
+        log.warning("run %s: the resume checkpoint %s is incomplete (size or sha256 differ); not used", run_id, name)
+        return None
+    return path
+
+
+def delete_resume(tracker: Tracker, run_ids: list[str]) -> None:
+    """Remove the runs' resume checkpoints (their trial finished: nothing will resume from them). Never raises."""
+    for run_id in run_ids:
+        try:
+            _artifact_repo(tracker.client, run_id).delete_artifacts(RESUME_DIR)
+        except Exception as exc:  # noqa: BLE001 - a leftover file must not fail a finished trial
+            logging.getLogger(__name__).warning("run %s: resume checkpoints not removed: %s", run_id, exc)
 
 
 # --- What users look at: UI links, metric curves, tags, files and models ----------------- ---------------------------

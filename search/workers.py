@@ -31,6 +31,7 @@ from filelock import FileLock
 from optuna.trial import FrozenTrial, TrialState
 
 from search.optuna_adapter import fail_running
+from search.storage_retry import POSTGRES_TIMEOUTS, Retrier, is_connection_error
 
 HOST = socket.gethostname()
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -126,29 +127,48 @@ def recover_older_than(study: optuna.Study, seconds: float,
 
 
 class _AdvisoryLock:
-    """A PostgreSQL advisory lock keyed by study name: one budget decision at a time across machines."""
+    """A PostgreSQL advisory lock keyed by study name: one budget decision at a time across machines.
 
-    def __init__(self, url: str, name: str) -> None:
+    Taking it is retried on connection errors like every storage call (``retrier``); a connection lost while
+    it is held took the lock with it (the server drops a session's advisory locks), so releasing it then is a
+    no-op, not an error."""
+
+    def __init__(self, url: str, name: str, retrier: Retrier | None = None) -> None:
         import sqlalchemy
 
-        self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                               connect_args=dict(POSTGRES_TIMEOUTS))
         self.key = int.from_bytes(hashlib.sha256(f"hpo:{name}".encode()).digest()[:8], "big", signed=True)
         self.conn: Any = None
+        self.retrier = retrier or Retrier(0, "the PostgreSQL budget lock")
 
-    def __enter__(self) -> _AdvisoryLock:
+    def _take(self) -> None:
         import sqlalchemy
 
-        self.conn = self.engine.connect()
-        self.conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+        conn = self.engine.connect()
+        try:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+
+    def __enter__(self) -> _AdvisoryLock:
+        self.retrier.call(self._take)
         return self
 
     def __exit__(self, *exc: object) -> None:
         import sqlalchemy
 
         if self.conn is not None:
-            self.conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
-            self.conn.close()
-            self.conn = None
+            conn, self.conn = self.conn, None
+            try:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            except Exception as error:
+                if not is_connection_error(error):
+                    raise
+            finally:
+                conn.close()
 
 
 def advisory_lock(url: str, name: str) -> AbstractContextManager[Any]:
@@ -173,9 +193,10 @@ class BudgetLock:
             self.inner.__exit__(None, None, None)
 
 
-def budget_lock(storage_url: str, study_name: str, run_root: Path) -> BudgetLock:
+def budget_lock(storage_url: str, study_name: str, run_root: Path, retry_seconds: float = 0.0) -> BudgetLock:
     if storage_url.startswith(("postgresql", "postgres")):
-        return BudgetLock(_AdvisoryLock(storage_url, study_name))
+        retrier = Retrier(retry_seconds, "the PostgreSQL budget lock")
+        return BudgetLock(_AdvisoryLock(storage_url, study_name, retrier))
     run_root.mkdir(parents=True, exist_ok=True)
     return BudgetLock(FileLock(str(run_root / f".{study_name}.budget.lock")))
 
