@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Container
+from contextlib import AbstractContextManager
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -43,6 +44,14 @@ def fail_running(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
         return bool(storage.set_trial_state_values(trial._trial_id, TrialState.FAIL))
     except RuntimeError:  # "has already finished and can not be updated"
         return False
+
+
+def heartbeat(trial: optuna.Trial) -> AbstractContextManager[object]:
+    """The heartbeat ``study.optimize`` keeps for the trial it runs (a no-op without heartbeats), for trials run
+    by ask and tell (trial packing), so other workers do not take them for stale."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(trial._trial_id, trial.study._storage)  # type: ignore[return-value]
 
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
