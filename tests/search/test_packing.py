@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -111,3 +113,45 @@ def test_an_objective_that_cannot_pack_runs_unpacked_with_a_note(tmp_path: Path)
     study = optuna.load_study(study_name="custom_loop", storage=f"sqlite:///{tmp_path / 'runs/custom_loop/optuna.db'}")
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) + [t.state for t in study.trials].count(
         TrialState.PRUNED) == 2 == len(study.trials)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_pack_then_run_again_resumes_every_member(tmp_path: Path) -> None:
+    from tests.search.test_recovery import LONG
+    from tests.search.workers_helpers import hpo_cmd, load
+
+    proc = subprocess.Popen(hpo_cmd("run", str(QUICKSTART), "--set", "study.name='k9pack'", *LONG, "--pack", "2",
+                                    "--quiet"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = tmp_path / "runs" / "k9pack" / "optuna.db"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:  # until both members have 4 epochs
+            try:
+                study = optuna.load_study(study_name="k9pack", storage=f"sqlite:///{db}") if db.exists() else None
+                trials = study.get_trials(deepcopy=False) if study is not None else []
+            except Exception:  # noqa: BLE001 - being created by the run
+                trials = []
+            if len(trials) == 2 and min(len(t.intermediate_values) for t in trials) >= 4:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    root = tmp_path / "runs" / "k9pack"
+    killed = load(root, "k9pack")[0].get_trials()
+    assert [t.state for t in killed] == [TrialState.RUNNING, TrialState.RUNNING]  # both members were in flight
+    assert all((root / "checkpoints" / f"trial-{t.number}" / "last.pt").exists() for t in killed)
+    again = hpo("run", str(QUICKSTART), "--set", "study.name='k9pack'", *LONG, "--pack", "2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    study, client = load(root, "k9pack")
+    trials = study.get_trials()
+    assert [t.state for t in trials[:2]] == [TrialState.FAIL, TrialState.FAIL]
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2 and len(trials) == 4
+    for first in trials[:2]:
+        retry = next(t for t in trials if t.system_attrs.get("failed_trial") == first.number)
+        assert retry.state == TrialState.COMPLETE and retry.params == first.params
+        assert retry.user_attrs["resumed_from_trial"] == first.number and retry.user_attrs["resumed_at_epoch"] >= 3
+        assert sorted(retry.intermediate_values) == list(range(12)) and retry.user_attrs["epochs_run"] == 12
+        steps = [m.step for m in client.get_metric_history(retry.user_attrs["mlflow_run_id"], "val_accuracy")]
+        assert sorted(steps) == list(range(12))  # the killed epochs copied over, then its own
