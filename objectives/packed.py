@@ -155,10 +155,11 @@ class PackedFit:
         self.shared = shared(cfg)
         self.max_epochs = max_epochs
         self.members: list[PackMember] = []
+        self.ready: list[PackMember] = []  # resumed after their last epoch: they leave at the next run_epoch
         self.packed: PackedCNN | None = None
 
     def __len__(self) -> int:
-        return len(self.members)
+        return len(self.members) + len(self.ready)
 
     def add(self, cfg: TrainConfig, on_epoch: OnEpoch | None = None, resume: dict[str, Any] | None = None,
             key: Any = None) -> PackMember:
@@ -171,7 +172,10 @@ class PackedFit:
             state.load_state_dict(resume)
         padding, flip = augmentation(cfg, self.data)
         member = PackMember(cfg, state, on_epoch, padding, flip, key)
-        self._regroup([*self.members, member])
+        if state.epoch + 1 >= self.max_epochs:  # `fit` would train no epoch either
+            self.ready.append(member)
+        else:
+            self._regroup([*self.members, member])
         return member
 
     def _regroup(self, members: list[PackMember]) -> None:
@@ -184,7 +188,9 @@ class PackedFit:
 
     def run_epoch(self) -> list[PackMember]:
         """One epoch of every member; returns (and drops from the pack) the members that left."""
-        assert self.packed is not None, "run_epoch on an empty pack"
+        ready, self.ready = self.ready, []
+        if self.packed is None:
+            return ready
         members = self.members
         lrs = [m.state.scheduler.start_epoch(m.state.epoch + 1) for m in members]
         start = time.perf_counter()
@@ -214,7 +220,7 @@ class PackedFit:
                 left.append(m)
         if left:
             self._regroup([m for m in members if m not in left])
-        return left
+        return ready + left
 
     def _train_epoch(self) -> list[float]:
         """One pass of every member over its own shuffled training set; mean loss per member."""

@@ -160,3 +160,18 @@ def test_configs_that_differ_in_shared_fields_are_refused() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         pack.add(TrainConfig(**{**SMALL, "batch_size": 64}))
     assert shared(TrainConfig(**SMALL, lr=0.1)) == shared(TrainConfig(**SMALL, lr=0.2))
+
+
+def test_a_member_resumed_after_its_last_epoch_trains_no_more() -> None:
+    cfg = TrainConfig(**SMALL)
+    saved: dict[str, Any] = {}
+
+    def keep(epoch: int, metrics: dict[str, float], state: TrainingState) -> bool:
+        saved["state"] = state.state_dict()
+        return False
+
+    fit(cfg, max_epochs=2, on_epoch=keep)
+    pack = PackedFit(cfg, max_epochs=2)
+    done = pack.add(cfg, resume=saved["state"])
+    assert len(pack) == 1 and pack.run_epoch() == [done] and len(pack) == 0
+    assert len(done.state.history) == 2  # as fit(..., resume=...) would: no third epoch

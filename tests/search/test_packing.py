@@ -155,3 +155,36 @@ def test_kill_9_mid_pack_then_run_again_resumes_every_member(tmp_path: Path) -> 
         assert sorted(retry.intermediate_values) == list(range(12)) and retry.user_attrs["epochs_run"] == 12
         steps = [m.step for m in client.get_metric_history(retry.user_attrs["mlflow_run_id"], "val_accuracy")]
         assert sorted(steps) == list(range(12))  # the killed epochs copied over, then its own
+
+
+@pytest.mark.slow
+def test_a_pack_out_of_memory_is_split_and_its_trials_retried_smaller(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU out-of-memory cannot be made on the CPU: the pack's training step raises torch's message for packs
+    of more than one member, as a GPU too small for the pack would."""
+    from objectives.packed import PackedFit
+    from search.stores import run_paths
+    from search.study import open_study, run_trials
+
+    real = PackedFit._train_epoch
+
+    def too_big(self: PackedFit) -> list[float]:
+        if len(self) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self)
+
+    monkeypatch.setattr(PackedFit, "_train_epoch", too_big)
+    settings = load_settings(QUICKSTART, ["study.pack=2", "study.max_epochs=2", "objective.device='cpu'",
+                                          "space.batch_size={type='categorical', choices=[128]}"])
+    opened = open_study(settings, run_paths(str(tmp_path), settings.study.name, None, None), 2)
+    run_trials(opened, 2, None)
+    trials = opened.study.get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.user_attrs["reason"] for t in failed] == ["out_of_memory"] * 2
+    assert [t.user_attrs["oom_pack_size"] for t in failed] == [2, 2]
+    assert [t.user_attrs["packed_with"] for t in failed] == [[0], [0, 1]]  # trial 1 joined trial 0's pack
+    retries = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(retries) == 2 and len(trials) == 4  # exactly the budget, retried one at a time
+    assert sorted(t.system_attrs["failed_trial"] for t in retries) == [0, 1]
+    for t in retries:
+        assert t.params == trials[t.system_attrs["failed_trial"]].params and t.user_attrs["packed_with"] == [t.number]
