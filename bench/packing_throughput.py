@@ -76,11 +76,13 @@ def compare(base: TrainConfig, ks: tuple[int, ...] = (1, 2, 4, 8), epochs: int =
     fit(base, 1)
     packed: dict[int, list[float]] = {k: [] for k in ks}
     sequential: dict[int, list[float]] = {k: [] for k in ks}
-    for _ in range(rounds):
+    for i in range(rounds):
         for k in ks:
             cfgs = members(base, k)
             packed[k].append(_images_per_second(cfgs, epochs, packed=True))
             sequential[k].append(_images_per_second(cfgs, epochs, packed=False))
+            print(f"  (round {i + 1}, K={k}: {packed[k][-1]:,.0f} packed vs {sequential[k][-1]:,.0f} sequential img/s)",
+                  file=sys.stderr, flush=True)
     one = statistics.median(v for k in ks for v in sequential[k])  # sequential images/s does not depend on K
     rows = []
     for k in ks:
