@@ -147,6 +147,9 @@ class CNNPack:
         self.done.update({m.key: m for m in left if m.error is None})
         return [(m.key, m.error) for m in left]
 
+    def remove(self, key: int) -> None:
+        self.fit.remove(key)
+
     def take(self, key: int) -> tuple[dict[str, Any], Any]:
         member = self.done.pop(key)
         result = self.fit.result(member)

@@ -178,6 +178,11 @@ class PackedFit:
             self._regroup([*self.members, member])
         return member
 
+    def remove(self, key: Any) -> None:
+        """Take the member with `key` out of the pack (the caller ends its trial); the others go on unchanged."""
+        self.ready = [m for m in self.ready if m.key != key]
+        self._regroup([m for m in self.members if m.key != key])
+
     def _regroup(self, members: list[PackMember]) -> None:
         """Pack `members` afresh: the old pack's statistics go back into its members first. Parameters and
         optimiser state are the members' own and are not touched."""

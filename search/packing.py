@@ -10,6 +10,8 @@ run, checkpoints (``last.pt`` for resume, ``best.pt``) and user attributes, exac
 A member that is pruned, stops early or ends leaves its pack at once (the pack shrinks), and its slot is
 refilled with a new trial of the same pack key when the budget allows (``study.enqueue_trial`` with those
 params; the sampler chooses the rest), so packing never spends an epoch a trial alone would not.
+``study.trial_timeout`` is checked per member between epochs (one process alarm cannot time K trials): a
+member past it leaves its pack and fails with reason ``trial_timeout``.
 A pack that runs out of memory fails its members with reason ``out_of_memory``, records ``oom_pack_size`` on
 them, re-enqueues them (they resume from ``last.pt``) and this worker packs at most half as many from then on.
 
@@ -24,14 +26,14 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import records
-from search.failures import TrialFailed, is_out_of_memory, release_memory
+from search.failures import TrialFailed, TrialTimeout, disarm_timeout, is_out_of_memory, release_memory
 from search.optuna_adapter import heartbeat, heartbeat_enabled, stored_trial
 from search.session import TrialSession
 from search.space import suggest
@@ -55,6 +57,9 @@ class Pack(Protocol):
 
     def take(self, key: int) -> tuple[dict[str, Any], Any]:
         """A member that left without error: (its checkpoint dict without weights, its model)."""
+
+    def remove(self, key: int) -> None:
+        """Take a member out before it is done (it ran past trial_timeout); the others go on unchanged."""
 
     def __len__(self) -> int: ...
 
@@ -86,6 +91,7 @@ class Member:
     session: TrialSession
     beat: contextlib.ExitStack
     fixed: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
 
 
 class PackRunner:
@@ -169,6 +175,9 @@ class PackRunner:
         session = ctx.trial(trial, params, pack.resolved(params))
         try:
             session.__enter__()
+            if session._alarm:  # one process alarm cannot time K trials: the runner checks each between epochs
+                disarm_timeout()
+                session._alarm = False
             together = [n for n, m in self.members.items() if group_key(m.fixed) == key] + [trial.number]
             trial.set_user_attr(records.PACKED_WITH, together)
             pack.add(trial.number, params, session.on_epoch, session.resume_training)
@@ -278,3 +287,8 @@ class PackRunner:
             fixed = self.members[number].fixed
             self._end(number, error)
             self.refill.append(fixed)
+        limit = self.opened.settings.study.trial_timeout
+        for number, member in list(self.members.items()):
+            if limit and group_key(member.fixed) == key and time.monotonic() - member.started > limit:
+                pack.remove(number)
+                self._end(number, TrialTimeout("the trial ran past study.trial_timeout"))

@@ -188,3 +188,20 @@ def test_a_pack_out_of_memory_is_split_and_its_trials_retried_smaller(tmp_path: 
     assert sorted(t.system_attrs["failed_trial"] for t in retries) == [0, 1]
     for t in retries:
         assert t.params == trials[t.system_attrs["failed_trial"]].params and t.user_attrs["packed_with"] == [t.number]
+
+
+@pytest.mark.slow
+def test_trial_timeout_fails_each_packed_member_past_it(tmp_path: Path) -> None:
+    from search.stores import run_paths
+    from search.study import open_study, run_trials
+
+    settings = load_settings(QUICKSTART, ["study.pack=2", "study.max_epochs=3", "study.trial_timeout=0.001",
+                                          "study.max_failures=2", "objective.device='cpu'",
+                                          "space.batch_size={type='categorical', choices=[128]}"])
+    opened = open_study(settings, run_paths(str(tmp_path), settings.study.name, None, None), 2)
+    ran, stopped = run_trials(opened, 2, None)
+    trials = opened.study.get_trials()
+    assert stopped == "trial_timeout" and len(trials) == 2
+    for t in trials:
+        assert t.state == TrialState.FAIL and t.user_attrs["reason"] == "trial_timeout"
+        assert t.user_attrs["epochs_run"] == 1 and sorted(t.user_attrs["packed_with"]) in ([0], [0, 1])
