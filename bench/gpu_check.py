@@ -12,7 +12,9 @@ Run it through `bench/gpu_check.sh` (which prints the torch/CUDA/GPU versions fi
    on-disk cache, in /tmp, makes this cheaper on a machine that compiled the same model before) and for a
    second trial (what later trials of a worker pay);
 4. trials as processes: 1, 2 and 4 concurrent `fit` processes on the one device, images/s summed;
-5. packing: not implemented yet (issue 11 section 2), printed as such;
+5. packing: images per second of K = 1, 2, 4, 8 trials packed into one grouped network against the same K
+   trials one after another (bench/packing_throughput.py), interleaved, for the quickstart CNN (digits, widths
+   32-64) and the CIFAR-shaped CNN of section 2;
 6. study: `hpo run studies/cifar10.toml` end to end on the synthetic CIFAR-sized data, 4 trials x 2 epochs;
    its exit code and trial states.
 
@@ -269,6 +271,26 @@ def processes_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, 
     return {"runs": runs}, "; ".join(parts) + f" (summed over the processes, {sizes.process_epochs} epoch(s) each)"
 
 
+# --- 5. trial packing ---------------------------------------------------------------------------------------------
+
+PACK_TARGET = 3.0  # issue 11: packing >= 3x the images/s of one trial at a time, quickstart CNN, H100-class GPU
+
+
+def packing_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    from bench.packing_throughput import compare, describe, quickstart_config
+
+    rounds = 2 if sizes.device == "cuda" else 1
+    quick = compare(quickstart_config(sizes.device), rounds=rounds)
+    cifar = compare(train_config(sizes), rounds=rounds)
+    best = max(r["ratio_vs_one"] for r in quick)
+    target = ""
+    if sizes.device == "cuda":
+        target = (f" [issue 11 target on an H100-class GPU >= {PACK_TARGET:.0f}x one trial at a time, quickstart CNN: "
+                  f"{'met' if best >= PACK_TARGET else 'not met'}, {best:.2f}x]")
+    line = f"quickstart CNN: {describe(quick)} | CIFAR-shaped CNN: {describe(cifar)}{target}"
+    return {"quickstart": quick, "cifar": cifar}, line
+
+
 # --- 6. a study end to end ------------------------------------------------------------------------------------
 
 
@@ -349,6 +371,7 @@ def main() -> int:
         ("epoch", "epoch", epoch_section),
         ("compile", "compile", compile_section),
         ("processes", "trials as processes", processes_section),
+        ("packing", "packing K=1,2,4,8", packing_section),
     ]
     results: dict[str, Any] = {"sizes": asdict(sizes)}
     lines: list[tuple[str, str]] = []
@@ -362,7 +385,6 @@ def main() -> int:
             text, failed = f"FAILED {type(exc).__name__}: {exc}", True
         lines.append((label, text))
         print(f"gpu_check: {label}: {text}", flush=True)
-    lines.append(("packing K=1,2,4,8", "not implemented yet (issue 11 section 2)"))
     print("gpu_check: study ...", flush=True)
     try:
         results["study"], text = study_section(sizes, results)

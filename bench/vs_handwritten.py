@@ -17,6 +17,7 @@ the script, like Optuna's example, returns its last epoch's accuracy while hpo r
 
     python bench/vs_handwritten.py                           # 3 seeds, quickstart's 12 trials x 20 epochs
     python bench/vs_handwritten.py --seeds 1 --trials 30
+    python bench/vs_handwritten.py --pack 4                  # hpo with trial packing
 """
 
 from __future__ import annotations
@@ -135,9 +136,11 @@ def handwritten_cmd(seed: int, trials: int, epochs: int, out: Path) -> list[str]
             str(epochs), "--seed", str(seed), "--out", str(out)]
 
 
-def hpo_cmd(seed: int, trials: int, epochs: int, run_dir: Path) -> list[str]:
+def hpo_cmd(seed: int, trials: int, epochs: int, run_dir: Path, pack: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "search.cli", "run", str(QUICKSTART), "--set", f"sampler.seed={seed}",
            "--trials", str(trials), "--run-dir", str(run_dir), "--quiet"]
+    if pack is not None:
+        cmd += ["--pack", str(pack)]
     if epochs != load_settings(QUICKSTART).study.max_epochs:
         cmd += ["--set", f"study.max_epochs={epochs}"]
     return cmd
@@ -168,6 +171,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=qs.study.max_epochs)
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the untimed 1-trial x 1-epoch run of each side before the timed ones")
+    parser.add_argument("--pack", type=int, help="hpo's --pack K (default: the study file's study.pack)")
     parser.add_argument("--keep", type=Path, help="keep both sides' study folders and logs here")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -183,7 +187,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     if args.warmup:  # file caches and first-use costs land here, not on whichever side is timed first
         run(handwritten_cmd(0, 1, 1, root / "warmup-handwritten"), root / "warmup-handwritten.log")
-        run(hpo_cmd(0, 1, 1, root / "warmup-hpo"), root / "warmup-hpo.log")
+        run(hpo_cmd(0, 1, 1, root / "warmup-hpo", args.pack), root / "warmup-hpo.log")
     results: list[dict[str, Any]] = []
     for i in range(args.seeds):
         seed = args.first_seed + i
@@ -192,7 +196,7 @@ def main() -> None:
         sides: dict[str, Side] = {}
         for name in order:
             if name == "hpo":
-                wall = run(hpo_cmd(seed, args.trials, args.epochs, hpo_dir), root / f"hpo-{seed}.log")
+                wall = run(hpo_cmd(seed, args.trials, args.epochs, hpo_dir, args.pack), root / f"hpo-{seed}.log")
                 sides[name] = read_study(hpo_dir / "quickstart" / "optuna.db", "quickstart", wall)
             else:
                 wall = run(handwritten_cmd(seed, args.trials, args.epochs, hand_dir), root / f"handwritten-{seed}.log")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from objectives.data import DataSplits
@@ -45,6 +47,33 @@ def conv_block(in_channels: int, out_channels: int, activation: str) -> nn.Seque
     )
 
 
+def dropout_with(x: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
+    """Inverted dropout whose mask comes from `generator` (the global generator when None): a trial's masks
+    then depend on its own seed only, so it draws the same masks trained alone or packed with others."""
+    if p == 0.0:
+        return x
+    if generator is None:
+        return F.dropout(x, p, training=True)
+    keep = torch.empty(x.shape, device=generator.device).bernoulli_(1.0 - p, generator=generator).to(x.device)
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
+class GeneratorDropout(nn.Dropout):
+    """`nn.Dropout` (same state_dict: none) that draws its masks from `generator` once training sets one."""
+
+    generator: torch.Generator | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout_with(x, self.p, self.generator) if self.training else x
+
+
+def use_generator(model: nn.Module, generator: torch.Generator) -> None:
+    """Make every `GeneratorDropout` in `model` draw from `generator` (the training loop's own)."""
+    for module in model.modules():
+        if isinstance(module, GeneratorDropout):
+            module.generator = generator
+
+
 class CNN(nn.Module):
     """Stages of conv blocks, each followed by a 2x2 max-pool unless that would shrink the map below 2x2;
     then global average pooling, dropout and a linear classifier."""
@@ -71,7 +100,7 @@ class CNN(nn.Module):
                 size //= 2
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = GeneratorDropout(dropout)
         self.classifier = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

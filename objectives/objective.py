@@ -7,15 +7,17 @@ The training loop itself stays free of Optuna and MLflow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from objectives.data import DataSplits, load_data
 from objectives.errors import BadDataError, DatasetNotFoundError, ModelError
 from objectives.networks import build_network, check_network
+from objectives.packed import SHARED_FIELDS, PackedFit, PackMember, packable
 from objectives.runtime import resolve_runtime
 from objectives.serving import data_record, load_classifier
 from objectives.settings import TrainConfig
-from objectives.train import METRIC_KEYS, evaluate, fit, spec_for
+from objectives.train import METRIC_KEYS, FitResult, evaluate, fit, spec_for
 from search.checkpoint import load_checkpoint
 from search.config import Settings
 from search.errors import HpoError
@@ -83,9 +85,17 @@ class CNNObjective:
         cfg = self.config_for(params)
         with self.ctx.trial(trial, params, cfg.model_dump(mode="json")) as session:
             result = fit(cfg, self.settings.study.max_epochs, session.on_epoch, resume=session.resume_training)
-            checkpoint = {"model_spec": result.spec, "settings": cfg.model_dump(mode="json"),
-                          "data": data_record(result.data)}
-            return session.complete(checkpoint, model=result.model)
+            return session.complete(checkpoint_record(cfg, result), model=result.model)
+
+    def pack_key(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The sampled params that trials of one pack must share (batch size, architecture, ...); None for a
+        model that cannot be packed (torchvision, the user's own, compile = true)."""
+        if not packable(self.config_for(params)):
+            return None
+        return {name: value for name, value in params.items() if name in SHARED_FIELDS}
+
+    def open_pack(self, params: dict[str, Any]) -> CNNPack:
+        return CNNPack(self, self.config_for(params))
 
     def test_score(self, checkpoint_path: str) -> dict[str, float]:
         """Accuracy of a saved checkpoint on the held-out test split (used once, for the best trial)."""
@@ -106,3 +116,41 @@ class CNNObjective:
             return load_classifier(checkpoint_path)
         except DatasetNotFoundError as exc:
             raise DataError(str(exc)) from exc
+
+
+def checkpoint_record(cfg: TrainConfig, result: FitResult) -> dict[str, Any]:
+    """A trial's checkpoint without its weights (the session adds those): the same for packed trials."""
+    return {"model_spec": result.spec, "settings": cfg.model_dump(mode="json"), "data": data_record(result.data)}
+
+
+class CNNPack:
+    """Trials of the CNN objective trained together (``objectives.packed.PackedFit``), keyed by trial number:
+    what ``search.packing.PackRunner`` drives."""
+
+    def __init__(self, objective: CNNObjective, cfg: TrainConfig) -> None:
+        self.objective = objective
+        self.fit = PackedFit(cfg, objective.settings.study.max_epochs)
+        self.done: dict[int, PackMember] = {}
+
+    def __len__(self) -> int:
+        return len(self.fit)
+
+    def resolved(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self.objective.config_for(params).model_dump(mode="json")
+
+    def add(self, key: int, params: dict[str, Any], on_epoch: Callable[..., bool],
+            resume: dict[str, Any] | None) -> None:
+        self.fit.add(self.objective.config_for(params), on_epoch, resume, key=key)
+
+    def run_epoch(self) -> list[tuple[int, Exception | None]]:
+        left = self.fit.run_epoch()
+        self.done.update({m.key: m for m in left if m.error is None})
+        return [(m.key, m.error) for m in left]
+
+    def remove(self, key: int) -> None:
+        self.fit.remove(key)
+
+    def take(self, key: int) -> tuple[dict[str, Any], Any]:
+        member = self.done.pop(key)
+        result = self.fit.result(member)
+        return checkpoint_record(member.cfg, result), result.model

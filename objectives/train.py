@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from objectives.augment import augment_batch, default_crop_padding
 from objectives.data import DataSplits, batch_indices, load_data
+from objectives.model import use_generator
 from objectives.networks import build_network, network_spec
 from objectives.runtime import Runtime, resolve_runtime, seed_everything
 from objectives.schedule import EpochSchedule
@@ -128,6 +129,30 @@ def spec_for(cfg: TrainConfig, data: DataSplits) -> dict[str, Any]:
                         image_size=data.image_size, class_names=data.class_names)
 
 
+def new_state(cfg: TrainConfig, data: DataSplits, runtime: Runtime, max_epochs: int) -> TrainingState:
+    """A fresh model, optimiser, schedule and generator for `cfg`: the weights come from the global generator
+    seeded with `cfg.seed` just before they are built, and every later random draw (batches, augmentation,
+    dropout masks) from the state's own generator, so a trial trains the same alone or in a pack."""
+    seed_everything(cfg.seed)
+    spec = spec_for(cfg, data)
+    model = build_network(spec).to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model, runtime.device)
+    generator = torch.Generator(device=runtime.device if runtime.device.type == "cuda" else "cpu")
+    generator.manual_seed(cfg.seed)
+    use_generator(model, generator)
+    return TrainingState(model, optimizer, EpochSchedule(optimizer, cfg, max_epochs), generator, spec)
+
+
+def augmentation(cfg: TrainConfig, data: DataSplits) -> tuple[int, bool]:
+    """(crop padding, flip) for `cfg` on `data`: the data set's defaults unless set; (0, False) with augment off."""
+    if not cfg.augment:
+        return 0, False
+    padding = cfg.crop_padding if cfg.crop_padding is not None else default_crop_padding(data.image_size)
+    return padding, cfg.flip if cfg.flip is not None else data.flip_ok
+
+
 def fit(
     cfg: TrainConfig, max_epochs: int, on_epoch: OnEpoch | None = None, *, resume: dict[str, Any] | None = None
 ) -> FitResult:
@@ -139,24 +164,13 @@ def fit(
     train_loss is reported, not raised: the caller decides what it means.
     """
     runtime = resolve_runtime(cfg.device)
-    seed_everything(cfg.seed)
     data = load_data(cfg, runtime.device)
-    spec = spec_for(cfg, data)
-    model = build_network(spec).to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    state = new_state(cfg, data, runtime, max_epochs)
+    model, optimizer, generator = state.model, state.optimizer, state.generator
     forward: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
-    optimizer = build_optimizer(cfg, model, runtime.device)
-    generator = torch.Generator(device=runtime.device if runtime.device.type == "cuda" else "cpu")
-    generator.manual_seed(cfg.seed)
-    state = TrainingState(model, optimizer, EpochSchedule(optimizer, cfg, max_epochs), generator, spec)
     if resume is not None:
         state.load_state_dict(resume)
-
-    padding = cfg.crop_padding if cfg.crop_padding is not None else default_crop_padding(data.image_size)
-    flip = cfg.flip if cfg.flip is not None else data.flip_ok
-    if not cfg.augment:
-        padding, flip = 0, False
+    padding, flip = augmentation(cfg, data)
 
     stopped = False
     for epoch in range(state.epoch + 1, max_epochs):
@@ -181,7 +195,7 @@ def fit(
         if on_epoch is not None and on_epoch(epoch, metrics, state):
             stopped = True
             break
-    return FitResult(model, state.epoch + 1, state.history, stopped, data, spec)
+    return FitResult(model, state.epoch + 1, state.history, stopped, data, state.spec)
 
 
 def _train_epoch(
@@ -251,7 +265,11 @@ def evaluate(
         loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
         preds.append(logits.argmax(dim=1))
     model.train(was_training)
-    pred = torch.cat(preds)
+    return scores(loss_sum, torch.cat(preds), y, num_classes)
+
+
+def scores(loss_sum: Tensor, pred: Tensor, y: Tensor, num_classes: int | None) -> dict[str, float]:
+    """Mean loss, accuracy and macro F1 from the summed cross-entropy and the predicted classes of (x, y)."""
     k = num_classes if num_classes is not None else int(max(y.max(), pred.max())) + 1
     confusion = torch.bincount(y * k + pred, minlength=k * k).reshape(k, k).double()
     true_pos = confusion.diagonal()

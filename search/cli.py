@@ -81,6 +81,11 @@ def _parallel(p: argparse.ArgumentParser) -> None:
                    help="concurrent trials per GPU (small CNNs leave a big GPU mostly idle; default 1)")
 
 
+def _pack(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pack", type=int, metavar="K",
+                   help="train K trials together as one packed model (sets study.pack; 1: one at a time)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpo", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, metavar="S", help="stop starting new trials after S seconds")
     run.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     _parallel(run)
+    _pack(run)
 
     worker = sub.add_parser(
         "worker", help="join a study as one worker (one per machine or GPU; see README 'Several machines')",
@@ -106,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--timeout", type=float, metavar="S", help="stop starting new trials after S seconds")
     worker.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     worker.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch in this worker")
+    _pack(worker)
     worker.add_argument("--no-finish", action="store_true", help=argparse.SUPPRESS)  # set by `hpo run --workers`
 
     recover = sub.add_parser(
@@ -192,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> list[str]:
     """The --set overrides, with --study-name as one more."""
     overrides = list(args.overrides)
+    if getattr(args, "pack", None) is not None:
+        overrides.append(f"study.pack={args.pack}")
     if args.study_name:
         overrides.append(f"study.name={json.dumps(args.study_name)}")
     return overrides

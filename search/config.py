@@ -51,6 +51,11 @@ class StudySection(Section):
         "checkpoint_every epochs. Short epochs then cost nothing; a crash loses at most this much training.",
     )
     heartbeat_interval: int = Field(default=10, ge=1)
+    pack: int = Field(
+        default=1, ge=1, le=64,
+        description="Trials trained together as one packed model (trial packing; objectives that cannot pack run "
+        "them one at a time); 1: one trial at a time. See README 'Trial packing'.",
+    )
     grace_period: int | None = Field(default=None, ge=1)
     storage_retry_seconds: float = Field(
         default=60.0, ge=0,

@@ -69,7 +69,7 @@ def worker_command(args: argparse.Namespace, n_trials: int | None, threads: int 
            "--no-finish"]
     for flag, value in (("--storage", args.storage), ("--tracking-uri", args.tracking_uri),
                         ("--study-name", args.study_name), ("--trials", n_trials),
-                        ("--timeout", args.timeout), ("--threads", threads)):
+                        ("--timeout", args.timeout), ("--threads", threads), ("--pack", getattr(args, "pack", None))):
         if value is not None:
             cmd += [flag, str(value)]
     for override in args.overrides:

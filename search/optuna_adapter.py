@@ -16,6 +16,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Container
+from contextlib import AbstractContextManager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import optuna
@@ -67,6 +68,14 @@ def fail_stale(study: optuna.Study, reason: str) -> list[int]:
         if callback is not None:
             callback(study, storage.get_trial(t._trial_id))
     return [t.number for t in failed]
+
+
+def heartbeat(trial: optuna.Trial) -> AbstractContextManager[object]:
+    """The heartbeat ``study.optimize`` keeps for the trial it runs (a no-op without heartbeats), for trials run
+    by ask and tell (trial packing), so other workers do not take them for stale."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(trial._trial_id, trial.study._storage)  # type: ignore[return-value]
 
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

@@ -26,7 +26,9 @@ class ObjectivePlugin(Protocol):
     """What an objective class offers the search machinery: the one thing ``search/`` relies on.
 
     The search side never imports an objective; it finds the class by name (``load_objective``) and uses
-    only these members. Everything about a particular model or data set stays behind them.
+    only these members. Everything about a particular model or data set stays behind them. Optional: trial
+    packing's ``pack_key`` and ``open_pack`` (``search.packing.PackingObjective``); without them ``--pack``
+    runs the objective's trials one at a time.
     """
 
     config_model: type[BaseModel]

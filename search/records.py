@@ -27,10 +27,12 @@ REASON = "reason"  # completed | pruned | nan_loss | early_stopped:<why> | out_o
 RESUMED_FROM_TRIAL = "resumed_from_trial"
 RESUMED_AT_EPOCH = "resumed_at_epoch"
 OOM_BATCH_SIZE = "oom_batch_size"
+PACKED_WITH = "packed_with"  # trial packing: the trial numbers in its pack when it joined, itself included
+OOM_PACK_SIZE = "oom_pack_size"  # trial packing: the pack ran out of memory at this size; retried in a smaller one
 FIT_DIAGNOSIS = "fit_diagnosis"
 REPLAYED_FROM = "replayed_from"  # replays (hpo compare --replay): the source trial
 REPLAY_SECONDS = "replay_seconds"  # replays: the recorded seconds of the epochs replayed
-OWN_PER_ATTEMPT = (PRUNED_EPOCH, STOPPED_EPOCH, CHECKPOINT, BEST_EPOCH)  # a retry must not inherit these
+OWN_PER_ATTEMPT = (PRUNED_EPOCH, STOPPED_EPOCH, CHECKPOINT, BEST_EPOCH, PACKED_WITH)  # a retry must not inherit these
 
 # --- study attributes ---------------------------------------------------------------------------------------
 PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run

@@ -32,12 +32,16 @@ SAMPLERS: dict[str, SamplerKind] = {
 }
 
 
-def build_sampler(cfg: Any, space: Any) -> optuna.samplers.BaseSampler:
+def build_sampler(cfg: Any, space: Any, pack: int = 1) -> optuna.samplers.BaseSampler:
     """The ``[sampler]`` section's sampler (``cfg``: a validated SamplerSection; ``space``: the SpaceSection,
-    whose values the grid sampler walks)."""
+    whose values the grid sampler walks). With ``pack`` > 1, TPE lies that the trials still running scored
+    worst (``constant_liar``, Optuna 5's default, set explicitly so packing never depends on a default), so K
+    trials asked together do not all land on one point."""
     from search.space import grid_space  # space.py reads config.py, which reads this table
 
     given: Mapping[str, Any] = cfg.model_dump(exclude_none=True, exclude={"name"})
     if "seed" in cfg.model_fields and cfg.seed is None:
         given = {**given, "seed": None}  # an explicit "no seed" is a choice, not a missing option
+    if cfg.name == "tpe" and pack > 1:
+        given = {**given, "constant_liar": True}
     return SAMPLERS[cfg.name].make(dict(given), grid_space(space) if cfg.name == "grid" else {})

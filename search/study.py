@@ -24,6 +24,7 @@ from search.config import Settings
 from search.errors import StorageError
 from search.failures import TrialFailed, TrialTakenOver
 from search.optuna_adapter import fail_stale, heartbeat_enabled, refused_tell, stored_trial
+from search.packing import PackRunner, can_pack
 from search.plugins import ObjectivePlugin, load_objective
 from search.progress import Progress
 from search.pruning import build_pruner
@@ -45,7 +46,8 @@ def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorag
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if name in existing:
         study = optuna.load_study(study_name=name, storage=storage, sampler=build_sampler(settings.sampler,
-                                  settings.space), pruner=build_pruner(settings.pruner, settings.study.max_epochs))
+                                  settings.space, settings.study.pack),
+                                  pruner=build_pruner(settings.pruner, settings.study.max_epochs))
         old = study.user_attrs.get(records.FINGERPRINT)
         if study.direction.name.lower() != settings.study.direction or (old and old != fingerprint):
             diffs = _differences(old or {"direction": study.direction.name.lower()}, fingerprint)
@@ -57,7 +59,7 @@ def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorag
         return study
     study = optuna.create_study(
         study_name=name, storage=storage, direction=settings.study.direction, load_if_exists=True,
-        sampler=build_sampler(settings.sampler, settings.space),
+        sampler=build_sampler(settings.sampler, settings.space, settings.study.pack),
         pruner=build_pruner(settings.pruner, settings.study.max_epochs),
     )
     if records.FINGERPRINT not in study.user_attrs:
@@ -132,6 +134,7 @@ class OpenStudy:
     tracker: Tracker
     parent_run_id: str
     objective: ObjectivePlugin
+    ctx: StudyContext | None = None  # what the objective was attached with (trial packing opens sessions in it)
 
 
 def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
@@ -168,8 +171,9 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
         lock.release()
     if progress is not None:
         progress.start(study)
-    objective.attach(StudyContext(settings, tracker, parent, paths.checkpoints, progress))
-    return OpenStudy(settings, paths, study, tracker, parent, objective)
+    ctx = StudyContext(settings, tracker, parent, paths.checkpoints, progress)
+    objective.attach(ctx)
+    return OpenStudy(settings, paths, study, tracker, parent, objective, ctx)
 
 
 def _budget_lock(settings: Settings, paths: RunPaths) -> BudgetLock:
@@ -198,6 +202,14 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
     callbacks: list[Any] = [guard] + ([progress] if progress is not None else [])
     started = time.monotonic()
     ran = 0
+    if settings.study.pack > 1:
+        if can_pack(opened.objective):
+            runner = PackRunner(opened, n_trials, timeout, settings.study.pack, lock, callbacks,
+                                should_stop=lambda: guard.in_a_row >= guard.limit)
+            ran = runner.run()
+            return ran, guard.last_reason if guard.in_a_row >= guard.limit else None
+        print(f"note: study.pack = {settings.study.pack}, but objective {settings.objective_name!r} cannot pack "
+              "trials; running them one at a time", file=sys.stderr)
 
     current: list[optuna.Trial] = []
 

@@ -59,7 +59,13 @@ def test_cpu_smoke_runs_every_section_and_prints_its_figures() -> None:
     one, two, four = figure(rf"^1: ({NUMBER}) img/s \(1\.00x\); 2: ({NUMBER}) img/s \({NUMBER}x\); "
                             rf"4: ({NUMBER}) img/s", s["trials as processes"])
     assert min(one, two, four) > 0
-    assert s["packing K=1,2,4,8"] == "not implemented yet (issue 11 section 2)"
+    quick, cifar = s["packing K=1,2,4,8"].split(" | ")
+    for text, name in ((quick, "quickstart CNN"), (cifar, "CIFAR-shaped CNN")):
+        assert text.startswith(f"{name}: K=1: ")
+        for k in (1, 2, 4, 8):
+            packed, sequential, ratio = figure(rf"K={k}: ({NUMBER}) img/s packed vs ({NUMBER}) sequential "
+                                               rf"\(({NUMBER})x\)", text)
+            assert packed > 0 and sequential > 0 and ratio == pytest.approx(packed / sequential, rel=0.1, abs=0.01)
     assert s["study"].startswith("exit 0, 2 trials finished (2 COMPLETE, 0 PRUNED, 0 FAIL), best val_accuracy ")
     figure(rf"^({NUMBER}) s \(limit 120 s\)", s["total"])
     assert s["result"] == "ok"

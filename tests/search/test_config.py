@@ -146,7 +146,7 @@ def test_unknown_key_in_study_lists_study_keys(tmp_path: Path) -> None:
         "study.n_trails: unknown key",
         "allowed here: checkpoint_every, checkpoint_every_seconds, direction, grace_period, heartbeat_interval, "
         "max_epochs, max_failures, "
-        "metric, n_trials, name, storage_retry_seconds, timeout, trial_timeout",
+        "metric, n_trials, name, pack, storage_retry_seconds, timeout, trial_timeout",
     )
 
 

@@ -1,0 +1,294 @@
+"""Trial packing on the search side: K trials asked together and trained as packs, each still its own trial.
+
+``study.pack = K`` (``--pack K``) makes a worker hold up to K trials at once. They are asked one by one under
+the budget lock (so the budget stays exact across workers) with TPE's ``constant_liar`` on (see
+``search/samplers.py``), then grouped by what their members must share (``pack_key``: for the CNN, its batch
+size and architecture); each group is one pack, trained one epoch at a time, round robin. Every member opens
+its own ``TrialSession``: its own report/should_prune through ``decide_epoch``, early stopping, MLflow child
+run, checkpoints (``last.pt`` for resume, ``best.pt``) and user attributes, exactly as an unpacked trial.
+
+A member that is pruned, stops early or ends leaves its pack at once (the pack shrinks), and its slot is
+refilled with a new trial of the same pack key when the budget allows (``study.enqueue_trial`` with those
+params; the sampler chooses the rest), so packing never spends an epoch a trial alone would not.
+``study.trial_timeout`` is checked per member between epochs (one process alarm cannot time K trials): a
+member past it leaves its pack and fails with reason ``trial_timeout``.
+A pack that runs out of memory fails its members with reason ``out_of_memory``, records ``oom_pack_size`` on
+them, re-enqueues them (they resume from ``last.pt``) and this worker packs at most half as many from then on.
+
+The objective takes part through two optional methods (``PackingObjective``); an objective without them runs
+its trials one at a time, with a one-line note.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search import records
+from search.failures import TrialFailed, TrialTimeout, disarm_timeout, is_out_of_memory, release_memory
+from search.optuna_adapter import heartbeat, heartbeat_enabled, stored_trial
+from search.session import TrialSession
+from search.space import suggest
+from search.summary import counts
+from search.workers import BudgetLock, recover_local_orphans, retry
+
+OnEpoch = Callable[[int, dict[str, float], Any], bool]
+
+
+class Pack(Protocol):
+    """Trials of one objective trained together (``objectives.objective.CNNPack``)."""
+
+    def resolved(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The full training settings for ``params`` (what a trial's MLflow run records)."""
+
+    def add(self, key: int, params: dict[str, Any], on_epoch: OnEpoch, resume: dict[str, Any] | None) -> None:
+        """A new member, trained from the next epoch on; ``on_epoch`` is its session's hook."""
+
+    def run_epoch(self) -> list[tuple[int, Exception | None]]:
+        """Train every member one epoch; the members that left: (key, what its hook raised, or None)."""
+
+    def take(self, key: int) -> tuple[dict[str, Any], Any]:
+        """A member that left without error: (its checkpoint dict without weights, its model)."""
+
+    def remove(self, key: int) -> None:
+        """Take a member out before it is done (it ran past trial_timeout); the others go on unchanged."""
+
+    def __len__(self) -> int: ...
+
+
+@runtime_checkable
+class PackingObjective(Protocol):
+    """The optional part of the objective plugin protocol (``search/plugins.py``) that packing needs."""
+
+    def pack_key(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The sampled params members of one pack must share (for the CNN: batch size, architecture); None
+        when a trial with these params cannot be packed (then it runs alone)."""
+
+    def open_pack(self, params: dict[str, Any]) -> Pack:
+        """An empty pack for trials whose pack key is ``pack_key(params)``."""
+
+
+def can_pack(objective: object) -> bool:
+    return isinstance(objective, PackingObjective)
+
+
+def group_key(fixed: dict[str, Any]) -> str:
+    """A hashable form of a pack key."""
+    return repr(sorted(fixed.items()))
+
+
+@dataclass
+class Member:
+    trial: optuna.Trial
+    session: TrialSession
+    beat: contextlib.ExitStack
+    fixed: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+
+
+class PackRunner:
+    """One worker's packs. ``ask`` starts trials under the budget lock; ``run`` trains them until the budget,
+    the timeout or ``max_failures`` failures in a row stop it."""
+
+    def __init__(self, opened: Any, n_trials: int | None, timeout: float | None, size: int, lock: BudgetLock,
+                 callbacks: list[Callable[[optuna.Study, FrozenTrial], None]], should_stop: Callable[[], bool]) -> None:
+        self.opened = opened
+        self.study: optuna.Study = opened.study
+        self.objective: PackingObjective = opened.objective
+        self.n_trials = n_trials
+        self.timeout = timeout
+        self.size = size
+        self.lock = lock
+        self.callbacks = callbacks
+        self.should_stop = should_stop
+        self.started = time.monotonic()
+        self.packs: dict[str, Pack] = {}
+        self.members: dict[int, Member] = {}
+        self.refill: list[dict[str, Any]] = []  # pack keys of slots freed by members that left
+        self.ran = 0
+        self.noted_alone = False
+
+    # --- starting trials -----------------------------------------------------------------------------------------
+
+    def _may_start(self) -> bool:
+        timed_out = self.timeout is not None and time.monotonic() - self.started >= self.timeout
+        return not timed_out and not self.should_stop()
+
+    def ask(self, fixed: dict[str, Any] | None) -> tuple[optuna.Trial, dict[str, Any]] | None:
+        """A new RUNNING trial with its sampled params, or None when the budget is met. ``fixed``: params to
+        enqueue for it (a refill of a pack's slot), unless a waiting trial (a retry) comes first."""
+        study, opened = self.study, self.opened
+        self.lock.acquire()
+        try:
+            recover_local_orphans(study, on_fail=self._mark_killed)
+            if heartbeat_enabled(study):
+                optuna.storages.fail_stale_trials(study)
+            c = counts(study)
+            if self.n_trials is not None and c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= self.n_trials:
+                return None
+            opened.tracker.reopen(opened.parent_run_id)
+            if fixed and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                study.enqueue_trial(fixed)
+            with warnings.catch_warnings():  # "heartbeat ... with Study.optimize": the runner keeps it itself
+                warnings.simplefilter("ignore", UserWarning)
+                trial = study.ask()  # RUNNING now: other workers count it
+        finally:
+            self.lock.release()
+        return trial, suggest(trial, opened.settings.space)
+
+    def _mark_killed(self, trial: FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(records.MLFLOW_RUN_ID)
+        if run_id:
+            self.opened.tracker.end_orphan(run_id)
+
+    def fill(self) -> None:
+        """Ask trials until this worker holds ``size`` of them (refilling freed slots first) or none may start."""
+        while len(self.members) < self.size and self._may_start():
+            fixed_hint = self.refill.pop(0) if self.refill else None
+            asked = self.ask(fixed_hint)
+            if asked is None:
+                self.refill.clear()
+                return
+            trial, params = asked
+            fixed = self.objective.pack_key(params)
+            if fixed is None:
+                self._run_alone(trial)
+                continue
+            self._join(trial, params, fixed)
+
+    def _join(self, trial: optuna.Trial, params: dict[str, Any], fixed: dict[str, Any]) -> None:
+        key = group_key(fixed)
+        pack = self.packs.get(key)
+        if pack is None:
+            pack = self.packs[key] = self.objective.open_pack(params)
+        ctx = self.opened.ctx
+        beat = contextlib.ExitStack()
+        beat.enter_context(heartbeat(trial))
+        session = ctx.trial(trial, params, pack.resolved(params))
+        try:
+            session.__enter__()
+            if session._alarm:  # one process alarm cannot time K trials: the runner checks each between epochs
+                disarm_timeout()
+                session._alarm = False
+            together = [n for n, m in self.members.items() if group_key(m.fixed) == key] + [trial.number]
+            trial.set_user_attr(records.PACKED_WITH, together)
+            pack.add(trial.number, params, session.on_epoch, session.resume_training)
+        except Exception as exc:  # noqa: BLE001 - a config the pack refuses fails this trial only
+            self.members[trial.number] = Member(trial, session, beat, fixed)
+            self._end(trial.number, exc)
+            return
+        self.members[trial.number] = Member(trial, session, beat, fixed)
+
+    def _run_alone(self, trial: optuna.Trial) -> None:
+        """A trial that cannot be packed, run through the objective as ``study.optimize`` would run it."""
+        if not self.noted_alone:
+            print(f"note: study.pack = {self.size}: this trial's model cannot be packed; such trials run one at a "
+                  "time", file=sys.stderr)
+            self.noted_alone = True
+        with heartbeat(trial):
+            try:
+                value = float(self.opened.objective(trial))
+            except optuna.TrialPruned:
+                self._tell(trial, state=TrialState.PRUNED)
+            except TrialFailed:
+                self._tell(trial, state=TrialState.FAIL)
+            except BaseException:
+                self._tell(trial, state=TrialState.FAIL)
+                raise
+            else:
+                self._tell(trial, value)
+
+    # --- ending trials -------------------------------------------------------------------------------------------
+
+    def _tell(self, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None) -> None:
+        frozen = self.study.tell(trial, value, state=state, skip_if_finished=True)
+        self.ran += 1
+        for callback in self.callbacks:
+            callback(self.study, frozen)
+
+    def _end(self, number: int, error: BaseException | None, oom_pack: int = 0) -> None:
+        """Finish one member's trial: COMPLETE with its value, PRUNED, or FAIL (retried after an OOM or Ctrl-C)."""
+        member = self.members.pop(number)
+        trial, session = member.trial, member.session
+        try:
+            if error is None:
+                pack = self.packs[group_key(member.fixed)]
+                try:
+                    checkpoint, model = pack.take(number)
+                    value = session.complete(checkpoint, model=model)
+                except Exception as exc:  # noqa: BLE001 - failing to save fails this trial, as unpacked
+                    error = exc
+                else:
+                    session.__exit__(None, None, None)
+                    self._tell(trial, value)
+                    return
+            if isinstance(error, optuna.TrialPruned):
+                session.__exit__(type(error), error, error.__traceback__)
+                self._tell(trial, state=TrialState.PRUNED)
+                return
+            if oom_pack:
+                trial.set_user_attr(records.OOM_PACK_SIZE, oom_pack)
+            with contextlib.suppress(TrialFailed):  # a KeyboardInterrupt is re-enqueued in there
+                session.__exit__(type(error), error, error.__traceback__)
+            self._tell(trial, state=TrialState.FAIL)
+            if oom_pack:
+                retry(self.study, stored_trial(trial))  # resumes from its last.pt in a smaller pack
+        finally:
+            member.beat.close()
+
+    def _drop_empty(self) -> None:
+        for key in [k for k, pack in self.packs.items() if not len(pack)]:
+            del self.packs[key]
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train packs until no trial is left to run; returns the trials this worker finished."""
+        try:
+            self.fill()
+            while self.members:
+                for key in list(self.packs):
+                    self._epoch(key)
+                self._drop_empty()
+                self.fill()
+        except BaseException as exc:  # Ctrl-C or SIGTERM: every open trial is failed and re-enqueued
+            for number in list(self.members):
+                self._end(number, exc)
+            raise
+        return self.ran
+
+    def _epoch(self, key: str) -> None:
+        pack = self.packs[key]
+        if not len(pack):
+            return
+        try:
+            left = pack.run_epoch()
+        except Exception as exc:  # noqa: BLE001 - the pack itself failed (out of memory, a bug): all its members
+            numbers = [n for n, m in self.members.items() if group_key(m.fixed) == key]
+            oom = is_out_of_memory(exc) and len(numbers) > 1
+            del self.packs[key]
+            for number in numbers:
+                self._end(number, exc, oom_pack=len(numbers) if oom else 0)
+            if oom:
+                release_memory()
+                self.size = max(1, len(numbers) // 2)
+                print(f"note: a pack of {len(numbers)} trials ran out of memory; its trials are retried in packs of "
+                      f"at most {self.size}", file=sys.stderr)
+            return
+        for number, error in left:
+            fixed = self.members[number].fixed
+            self._end(number, error)
+            self.refill.append(fixed)
+        limit = self.opened.settings.study.trial_timeout
+        for number, member in list(self.members.items()):
+            if limit and group_key(member.fixed) == key and time.monotonic() - member.started > limit:
+                pack.remove(number)
+                self._end(number, TrialTimeout("the trial ran past study.trial_timeout"))
