@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Container
+from concurrent.futures import Executor
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -89,3 +91,21 @@ class PruningTrial:
 
     def should_prune(self) -> bool:
         return bool(self.trial.study.pruner.prune(self.view, stored_trial(self.trial)))  # type: ignore[arg-type]
+
+
+def grpc_proxy_server(storage: optuna.storages.BaseStorage, thread_pool: Executor) -> Any:
+    """A gRPC server (not started, no port yet) with Optuna's storage proxy service for ``storage``.
+
+    ``optuna.storages.run_grpc_proxy_server`` builds the same server but starts it itself, on a fixed port,
+    with no room for another service; `hpo storage-proxy` adds its lock service and may listen on port 0.
+    Keepalive pings let the server notice a worker whose machine went away, so its lock is released.
+    """
+    import grpc
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.servicer import OptunaStorageProxyService
+
+    server = grpc.server(thread_pool, options=[("grpc.keepalive_time_ms", 20_000),
+                                               ("grpc.keepalive_timeout_ms", 10_000)])
+    api_pb2_grpc.add_StorageServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        OptunaStorageProxyService(storage), server)
+    return server

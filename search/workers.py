@@ -9,7 +9,8 @@ Three mechanisms keep the budget exact and nothing lost when workers run in para
 * **Budget lock.** A worker starts a trial only while holding a lock, after checking that
   ``finished + running < n_trials``; the lock is released once the new trial is RUNNING (and therefore
   counted). So N workers never overshoot the budget. On one machine the lock is a file next to the
-  results; on PostgreSQL it is an advisory lock in the database, shared by every machine.
+  results; on PostgreSQL it is an advisory lock in the database, shared by every machine; behind an
+  `hpo storage-proxy` (grpc://) it is held in the proxy (search/proxy.py).
 * **Retry.** Failed-because-interrupted trials are re-enqueued with Optuna's
   ``RetryHeartbeatStaleTrialCallback`` (same params, inherited intermediate values), and the retry
   resumes from the predecessor's ``last.pt``.
@@ -168,6 +169,10 @@ class BudgetLock:
 def budget_lock(storage_url: str, study_name: str, run_root: Path) -> BudgetLock:
     if storage_url.startswith(("postgresql", "postgres")):
         return BudgetLock(_AdvisoryLock(storage_url, study_name))
+    if storage_url.startswith("grpc://"):  # held in `hpo storage-proxy`, shared by every worker behind it
+        from search.proxy import ProxyLock
+
+        return BudgetLock(ProxyLock(storage_url, study_name))
     run_root.mkdir(parents=True, exist_ok=True)
     return BudgetLock(FileLock(str(run_root / f".{study_name}.budget.lock")))
 
