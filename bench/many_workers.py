@@ -219,10 +219,11 @@ def main() -> None:
                 r = one_run(mode, workers, args.trials, db_url, admin, database, (kept, extra))
                 results.append(r)
                 errs = "; ".join(sorted(set(r["worker_errors"])))[:200]
+                errors = f"{len(r['worker_errors'])}{': ' + errs if errs else ''}"
                 print(f"| {mode} | {workers} | {r['trials_per_s']} | {r['wall_s']} | {r['finished']} "
                       f"({'yes' if r['exact'] else 'NO'}) | {r['failed']} | {r['max_connections_db']} | "
                       f"{r['max_connections_server']} | {r['max_lock_waiters']} ({r['mean_lock_waiters']}) | "
-                      f"{r['share_of_samples_with_lock_waits']:.0%} | {len(r['worker_errors'])}{': ' + errs if errs else ''} |",
+                      f"{r['share_of_samples_with_lock_waits']:.0%} | {errors} |",
                       flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "results": results}, indent=2, default=str))

@@ -73,7 +73,7 @@ def open_proxy(url: str, timeout: float = READY_TIMEOUT_S) -> Any:
 
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         try:
-            channel.unary_unary(PING_METHOD)(b"", timeout=timeout, wait_for_ready=True)
+            channel.unary_unary(PING_METHOD)(b"", timeout=timeout)
         except grpc.RpcError as exc:
             raise _unreachable(url, exc) from exc
     return GrpcStorageProxy(host=host, port=port)
@@ -87,7 +87,7 @@ def _unreachable(url: str, exc: Any) -> StorageError:
                             "`hpo storage-proxy`, so it has no budget lock and parallel workers could run more trials "
                             "than the budget. Start it with `hpo storage-proxy --storage DATABASE_URL --host HOST "
                             "--port PORT` instead.")
-    return StorageError(f"--storage {url}: no storage proxy answered there within {READY_TIMEOUT_S:.0f} s. Start one "
+    return StorageError(f"--storage {url}: no storage proxy answered there ({code.name if code else exc}). Start one "
                         "with `hpo storage-proxy --storage DATABASE_URL --host 0.0.0.0 --port PORT` on a machine that "
                         "reaches the database, check the host and port in the URL and that no firewall is in the way; "
                         "or give the database URL itself as --storage.")
@@ -157,18 +157,19 @@ class _Locks:
             lock.release()
 
 
-def serve(storage_url: str, host: str, port: int, threads: int = DEFAULT_THREADS) -> int:
-    """Serve ``storage_url`` on HOST:PORT until interrupted; prints the address it listens on (port 0: a free one)."""
+def build_server(storage_url: str, host: str, port: int, threads: int = DEFAULT_THREADS) -> tuple[Any, int]:
+    """The proxy's gRPC server, started, and the port it listens on (``port`` 0: a free one)."""
     grpc = _grpc()
     import optuna
 
     from search.optuna_adapter import grpc_proxy_server
-    from search.stores import open_storage, redact
+    from search.stores import PROXY_POOL, open_storage
 
     if is_grpc(storage_url):
         raise SettingsError(f"--storage {storage_url}: the proxy needs the database itself (postgresql://..., "
                             "mysql+pymysql://... or sqlite:///...), not another proxy.")
-    storage = optuna.storages.get_storage(open_storage(storage_url, pool=(4, 8)))  # cached reads, as Optuna advises
+    # get_storage adds Optuna's in-process cache of finished trials, as Optuna advises for its proxy
+    storage = optuna.storages.get_storage(open_storage(storage_url, pool=PROXY_POOL))
     locks = _Locks(storage_url)
     server = grpc_proxy_server(storage, ThreadPoolExecutor(max_workers=threads))
     handlers = {
@@ -176,11 +177,22 @@ def serve(storage_url: str, host: str, port: int, threads: int = DEFAULT_THREADS
         "Ping": grpc.unary_unary_rpc_method_handler(lambda request, context: b"hpo"),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("hpo.Locks", handlers),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
     if not bound:
         raise SettingsError(f"--host {host} --port {port}: cannot listen there (in use, or not an address of this "
                             "machine); pick another port, or --port 0 for a free one.")
     server.start()
+    return server, bound
+
+
+def serve(storage_url: str, host: str, port: int, threads: int = DEFAULT_THREADS) -> int:
+    """Serve ``storage_url`` on HOST:PORT until interrupted; prints the address it listens on."""
+    from search.stores import redact
+
+    server, bound = build_server(storage_url, host, port, threads)
     print(f"storage proxy for {redact(storage_url)} listening on grpc://{host}:{bound} ({threads} threads); workers "
           f"use --storage grpc://{host}:{bound}. Ctrl-C stops it.", file=sys.stderr, flush=True)
     try:

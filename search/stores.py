@@ -29,6 +29,7 @@ SQLITE_READ_TIMEOUT_S = 60
 # moments (the heartbeat thread's beat), closed again after use. SQLAlchemy's default (5 kept, 10 more) let 64
 # light workers hold over 100 connections, PostgreSQL's default limit (BENCHMARKS.md section 10).
 WORKER_POOL = (1, 2)
+PROXY_POOL = (4, 8)  # `hpo storage-proxy`: one process serving every worker's calls from its threads
 
 
 def sqlite_url(path: Path) -> str:

@@ -144,6 +144,39 @@ class _AdvisoryLock:
             self.conn = None
 
 
+class _HostThenAdvisory:
+    """The advisory lock, taken only by the worker that holds this machine's file lock for the same study.
+
+    Waiting for ``pg_advisory_lock`` holds a database connection, so N waiting workers held N connections on
+    top of their pools (64 light workers: over PostgreSQL's default 100). Workers on one machine queue on a
+    local file lock instead, and at most one per machine waits in the database.
+    """
+
+    def __init__(self, url: str, name: str) -> None:
+        import tempfile
+
+        key = hashlib.sha256(f"{url}\n{name}".encode()).hexdigest()[:16]
+        folder = Path(tempfile.gettempdir()) / f"hpo-locks-{os.getuid()}"
+        folder.mkdir(exist_ok=True)
+        self.host = FileLock(str(folder / f"{key}.lock"))
+        self.database = _AdvisoryLock(url, name)
+
+    def __enter__(self) -> _HostThenAdvisory:
+        self.host.acquire()
+        try:
+            self.database.__enter__()
+        except BaseException:
+            self.host.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.database.__exit__(*exc)
+        finally:
+            self.host.release()
+
+
 def advisory_lock(url: str, name: str) -> AbstractContextManager[Any]:
     """A PostgreSQL advisory lock named ``name``, shared by every process that can reach the database."""
     return _AdvisoryLock(url, name)
@@ -168,7 +201,7 @@ class BudgetLock:
 
 def budget_lock(storage_url: str, study_name: str, run_root: Path) -> BudgetLock:
     if storage_url.startswith(("postgresql", "postgres")):
-        return BudgetLock(_AdvisoryLock(storage_url, study_name))
+        return BudgetLock(_HostThenAdvisory(storage_url, study_name))
     if storage_url.startswith("grpc://"):  # held in `hpo storage-proxy`, shared by every worker behind it
         from search.proxy import ProxyLock
 
