@@ -17,7 +17,7 @@ waiting on a lock, ungranted locks. After the run the study is read back through
 must be exactly ``--trials``, none RUNNING.
 
     python bench/many_workers.py                                   # 8, 32, 64 workers; direct and proxy
-    python bench/many_workers.py --workers 8,32,64 --modes direct --pool 5,10   # SQLAlchemy's default pool
+    python bench/many_workers.py --modes before,direct,proxy       # also the lock and pool as they were
     python bench/many_workers.py --workers 4 --trials 16           # a smoke run (tests/bench/test_many_workers.py)
 """
 
@@ -42,20 +42,22 @@ sys.path.insert(0, str(REPO))
 STEPS = 5
 
 
-def child(url: str, study_name: str, n_trials: int, pool: tuple[int, int], folder: Path) -> None:
-    """One light worker: the loop of search.study.run_trials around a trivial objective; prints its trial count."""
+def child(url: str, study_name: str, n_trials: int, pool: tuple[int, int], folder: Path, before: bool) -> None:
+    """One light worker: the loop of search.study.run_trials around a trivial objective; prints its trial count
+    and the seconds it waited for the budget lock. ``before``: the lock as it was before this bench (the advisory
+    lock alone, each waiting worker holding a connection)."""
     import optuna
 
     from search.optuna_adapter import heartbeat_enabled
     from search.stores import open_storage
-    from search.workers import budget_lock, identity, recover_local_orphans
+    from search.workers import BudgetLock, _AdvisoryLock, budget_lock, identity, recover_local_orphans
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     storage = open_storage(url, heartbeat=(10, 60), pool=pool)  # hpo's defaults: heartbeat every 10 s, grace 60 s
     study = optuna.load_study(study_name=study_name, storage=storage,
                               sampler=optuna.samplers.TPESampler(n_startup_trials=10, seed=os.getpid()),
                               pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
-    lock = budget_lock(url, study_name, folder)
+    lock = BudgetLock(_AdvisoryLock(url, study_name)) if before else budget_lock(url, study_name, folder)
     me = identity()
 
     def objective(trial: optuna.Trial) -> float:
@@ -76,9 +78,13 @@ def child(url: str, study_name: str, n_trials: int, pool: tuple[int, int], folde
     (folder / f"ready-{os.getpid()}").touch()
     while not (folder / "go").exists():
         time.sleep(0.05)
-    ran = 0
+    ran = acquired = 0
+    waited = 0.0
     while True:
+        t0 = time.perf_counter()
         lock.acquire()
+        waited += time.perf_counter() - t0
+        acquired += 1
         try:
             recover_local_orphans(study)
             if heartbeat_enabled(study):
@@ -90,7 +96,7 @@ def child(url: str, study_name: str, n_trials: int, pool: tuple[int, int], folde
             ran += 1
         finally:
             lock.release()
-    print(json.dumps({"ran": ran}), flush=True)
+    print(json.dumps({"ran": ran, "lock_wait_s": waited, "acquired": acquired}), flush=True)
 
 
 class Sampler(threading.Thread):
@@ -147,12 +153,15 @@ def one_run(mode: str, workers: int, trials: int, db_url: str, admin_url: str, d
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = f"many-{mode}-{workers}-{int(time.time())}"
+    before = mode == "before"
+    pool = (5, 10) if before else pool
     optuna.create_study(study_name=name, storage=open_storage(db_url), direction="maximize")
     proxy, url = start_proxy(db_url) if mode == "proxy" else (None, db_url)
     errors: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        cmd = [sys.executable, str(Path(__file__)), "--child", url, name, str(trials), f"{pool[0]},{pool[1]}", tmp]
+        cmd = [sys.executable, str(Path(__file__)), "--child", url, name, str(trials), f"{pool[0]},{pool[1]}", tmp,
+               "before" if before else "now"]
         procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(workers)]
         while len(list(folder.glob("ready-*"))) < workers and all(p.poll() is None for p in procs):
@@ -161,13 +170,16 @@ def one_run(mode: str, workers: int, trials: int, db_url: str, admin_url: str, d
         sampler.start()
         started = time.perf_counter()
         (folder / "go").touch()
-        ran = 0
+        ran = acquired = 0
+        waited = 0.0
         for p in procs:
             out, err = p.communicate()
             if p.returncode != 0:
                 errors.append((err.strip().splitlines() or [f"exit {p.returncode}"])[-1])
             else:
-                ran += json.loads(out.strip().splitlines()[-1])["ran"]
+                report = json.loads(out.strip().splitlines()[-1])
+                ran, acquired = ran + report["ran"], acquired + report["acquired"]
+                waited += report["lock_wait_s"]
         wall = time.perf_counter() - started
         sampler.stop.set()
         sampler.join()
@@ -180,22 +192,26 @@ def one_run(mode: str, workers: int, trials: int, db_url: str, admin_url: str, d
     return {"mode": mode, "workers": workers, "trials": trials, "wall_s": round(wall, 2),
             "trials_per_s": round(finished / wall, 1), "finished": finished, "ran_by_workers": ran,
             "exact": finished == trials and states.count("RUNNING") == 0, "running": states.count("RUNNING"),
-            "failed": states.count("FAIL"), "worker_errors": errors, **sampler.summary()}
+            "failed": states.count("FAIL"), "worker_errors": errors,
+            "budget_lock_wait_ms_mean": round(1000 * waited / max(1, acquired), 1),
+            "budget_lock_wait_share": round(waited / max(1e-9, wall * (workers - len(errors))), 2), **sampler.summary()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", default="8,32,64")
-    p.add_argument("--modes", default="direct,proxy", help="direct, proxy, or both (comma-separated)")
+    p.add_argument("--modes", default="direct,proxy",
+                   help="comma-separated: direct, proxy, before (direct with SQLAlchemy's default pool and the "
+                        "advisory lock alone, as before this bench)")
     p.add_argument("--trials", type=int, default=256, help="finished trials each run must end with (default 256)")
     p.add_argument("--pool", default="1,2", help="workers' SQLAlchemy pool: kept,extra (default hpo's 1,2)")
     p.add_argument("--json", metavar="PATH")
-    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        url, name, trials, pool, folder = args.child
+        url, name, trials, pool, folder, version = args.child
         kept, extra = (int(x) for x in pool.split(","))
-        child(url, name, int(trials), (kept, extra), Path(folder))
+        child(url, name, int(trials), (kept, extra), Path(folder), version == "before")
         return
     from bench.service_overhead import postgres
     from bench.trial_throughput import machine
@@ -212,10 +228,11 @@ def main() -> None:
         print(f"database {database} (dropped at the end); {args.trials} trials per run; workers' pool {kept}+{extra}",
               flush=True)
         print("| mode | workers | trials/s | wall s | finished (exact?) | failed | max conns db | max conns server "
-              "| lock waiters max (mean) | samples with waits | errors |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
-        for mode in args.modes.split(","):
-            for workers in (int(w) for w in args.workers.split(",")):
+              "| PG lock waiters max (mean) | samples with PG lock waits | budget-lock wait per trial start "
+              "| workers' time in that wait | errors |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+        for workers in (int(w) for w in args.workers.split(",")):
+            for mode in args.modes.split(","):  # the modes side by side at each count, so load drift hits both
                 r = one_run(mode, workers, args.trials, db_url, admin, database, (kept, extra))
                 results.append(r)
                 errs = "; ".join(sorted(set(r["worker_errors"])))[:200]
@@ -223,7 +240,8 @@ def main() -> None:
                 print(f"| {mode} | {workers} | {r['trials_per_s']} | {r['wall_s']} | {r['finished']} "
                       f"({'yes' if r['exact'] else 'NO'}) | {r['failed']} | {r['max_connections_db']} | "
                       f"{r['max_connections_server']} | {r['max_lock_waiters']} ({r['mean_lock_waiters']}) | "
-                      f"{r['share_of_samples_with_lock_waits']:.0%} | {errors} |",
+                      f"{r['share_of_samples_with_lock_waits']:.0%} | {r['budget_lock_wait_ms_mean']} ms | "
+                      f"{r['budget_lock_wait_share']:.0%} | {errors} |",
                       flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "results": results}, indent=2, default=str))
