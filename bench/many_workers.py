@@ -9,7 +9,8 @@ MLflow (about 850 MB and 3 s per process here), which 64 processes on a 2-core, 
 the storage and lock traffic per trial are the same.
 
 For each mode and worker count: a fresh study in one throwaway database (created on the server and dropped
-at the end), every worker started and connected before the clock starts, then ``--trials`` trials to finish.
+at the end), every worker started and connected before the clock starts (connections are sampled from
+before the first worker starts), then ``--trials`` trials to finish.
 Modes: ``direct`` (each worker connects to PostgreSQL) and ``proxy`` (an `hpo storage-proxy` in front of the
 database; workers use ``grpc://``). While the workers run, pg_stat_activity and pg_locks are sampled every
 0.2 s: connections to the database (and to the whole server, whose limit is max_connections), sessions
@@ -100,13 +101,16 @@ def child(url: str, study_name: str, n_trials: int, pool: tuple[int, int], folde
 
 
 class Sampler(threading.Thread):
-    """pg_stat_activity and pg_locks every 0.2 s while the workers run."""
+    """pg_stat_activity and pg_locks every 0.2 s from before the workers start until they have all exited."""
 
     def __init__(self, admin_url: str, database: str) -> None:
         super().__init__(daemon=True)
         import sqlalchemy
 
-        self.engine = sqlalchemy.create_engine(admin_url, poolclass=sqlalchemy.pool.NullPool)
+        # autocommit: PostgreSQL keeps one snapshot of pg_stat_activity per transaction, so a sampler inside one
+        # transaction would see the same list of sessions every time
+        self.engine = sqlalchemy.create_engine(admin_url, poolclass=sqlalchemy.pool.NullPool,
+                                               isolation_level="AUTOCOMMIT")
         self.database = database
         self.stop = threading.Event()
         self.rows: list[tuple[int, int, int, int]] = []
@@ -158,6 +162,8 @@ def one_run(mode: str, workers: int, trials: int, db_url: str, admin_url: str, d
     optuna.create_study(study_name=name, storage=open_storage(db_url), direction="maximize")
     proxy, url = start_proxy(db_url) if mode == "proxy" else (None, db_url)
     errors: list[str] = []
+    sampler = Sampler(admin_url, database)  # connected before the workers, so a full server cannot keep it out
+    sampler.start()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         cmd = [sys.executable, str(Path(__file__)), "--child", url, name, str(trials), f"{pool[0]},{pool[1]}", tmp,
@@ -166,8 +172,6 @@ def one_run(mode: str, workers: int, trials: int, db_url: str, admin_url: str, d
                  for _ in range(workers)]
         while len(list(folder.glob("ready-*"))) < workers and all(p.poll() is None for p in procs):
             time.sleep(0.1)
-        sampler = Sampler(admin_url, database)
-        sampler.start()
         started = time.perf_counter()
         (folder / "go").touch()
         ran = acquired = 0
