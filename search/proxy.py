@@ -147,7 +147,7 @@ class _Locks:
             if not context.add_callback(done.set):  # already cancelled
                 return
             if is_postgres(self.storage_url):
-                with advisory_lock(self.storage_url, name):
+                with advisory_lock(self.storage_url, name, per_machine=False):  # the thread lock queues
                     yield b"held"
                     done.wait()
             else:

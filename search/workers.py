@@ -148,8 +148,9 @@ class _HostThenAdvisory:
     """The advisory lock, taken only by the worker that holds this machine's file lock for the same study.
 
     Waiting for ``pg_advisory_lock`` holds a database connection, so N waiting workers held N connections on
-    top of their pools (64 light workers: over PostgreSQL's default 100). Workers on one machine queue on a
-    local file lock instead, and at most one per machine waits in the database.
+    top of their pools (64 light workers: over PostgreSQL's default 100), for the budget lock and for the
+    schema lock when they open the storage together. Workers on one machine queue on a local file lock
+    instead, and at most one per machine waits in the database.
     """
 
     def __init__(self, url: str, name: str) -> None:
@@ -177,9 +178,10 @@ class _HostThenAdvisory:
             self.host.release()
 
 
-def advisory_lock(url: str, name: str) -> AbstractContextManager[Any]:
-    """A PostgreSQL advisory lock named ``name``, shared by every process that can reach the database."""
-    return _AdvisoryLock(url, name)
+def advisory_lock(url: str, name: str, per_machine: bool = True) -> AbstractContextManager[Any]:
+    """A PostgreSQL advisory lock named ``name``, shared by every process that can reach the database; with
+    ``per_machine``, processes on one machine queue for it on a local file first (``_HostThenAdvisory``)."""
+    return _HostThenAdvisory(url, name) if per_machine else _AdvisoryLock(url, name)
 
 
 class BudgetLock:
@@ -201,7 +203,7 @@ class BudgetLock:
 
 def budget_lock(storage_url: str, study_name: str, run_root: Path) -> BudgetLock:
     if storage_url.startswith(("postgresql", "postgres")):
-        return BudgetLock(_HostThenAdvisory(storage_url, study_name))
+        return BudgetLock(advisory_lock(storage_url, study_name))
     if storage_url.startswith("grpc://"):  # held in `hpo storage-proxy`, shared by every worker behind it
         from search.proxy import ProxyLock
 
