@@ -341,11 +341,12 @@ def _proxy_note(url: str) -> None:
 
 def cmd_storage_proxy(args: argparse.Namespace) -> int:
     from search.preflight import check_storage_url
-    from search.proxy import DEFAULT_THREADS, serve
+    from search.proxy import DEFAULT_THREADS, is_grpc, serve
 
     if not 0 <= args.proxy_port <= 65535:
         raise SettingsError(f"--port {args.proxy_port}: a TCP port is a number from 1 to 65535, or 0 for a free one.")
-    check_storage_url(args.storage)
+    if not is_grpc(args.storage):  # serve() refuses a proxy in front of a proxy
+        check_storage_url(args.storage)
     return serve(args.storage, args.host, args.proxy_port, args.threads or DEFAULT_THREADS)
 
 

@@ -157,6 +157,21 @@ class _Locks:
             lock.release()
 
 
+def _check_port(host: str, port: int) -> None:
+    """A port already taken is refused here in one paragraph, before gRPC logs its own lines about it."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise SettingsError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); pick another "
+                            "port, or --port 0 for a free one.") from exc
+
+
 def build_server(storage_url: str, host: str, port: int, threads: int = DEFAULT_THREADS) -> tuple[Any, int]:
     """The proxy's gRPC server, started, and the port it listens on (``port`` 0: a free one)."""
     grpc = _grpc()
@@ -168,6 +183,7 @@ def build_server(storage_url: str, host: str, port: int, threads: int = DEFAULT_
     if is_grpc(storage_url):
         raise SettingsError(f"--storage {storage_url}: the proxy needs the database itself (postgresql://..., "
                             "mysql+pymysql://... or sqlite:///...), not another proxy.")
+    _check_port(host, port)
     # get_storage adds Optuna's in-process cache of finished trials, as Optuna advises for its proxy
     storage = optuna.storages.get_storage(open_storage(storage_url, pool=PROXY_POOL))
     locks = _Locks(storage_url)

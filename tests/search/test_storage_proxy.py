@@ -175,3 +175,18 @@ def test_a_worker_pointed_at_no_proxy_exits_2_with_one_paragraph(tmp_path: Path)
     assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
     assert "no storage proxy answered there" in out.stderr and "hpo storage-proxy" in out.stderr
     assert not (tmp_path / "runs").exists()  # nothing created
+
+
+def test_storage_proxy_refuses_a_taken_port_and_a_proxy_behind_a_proxy(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = hpo("storage-proxy", "--storage", f"sqlite:///{tmp_path / 'o.db'}", "--port", str(port), cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert f"--port {port}: cannot listen there" in out.stderr and "--port 0 for a free one" in out.stderr
+    out = hpo("storage-proxy", "--storage", "grpc://127.0.0.1:13000", "--port", "0", cwd=tmp_path)
+    assert out.returncode == 2 and "needs the database itself" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "o.db").exists()
