@@ -125,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--older-than", type=float, default=3600, metavar="S",
                          help="age in seconds past which a RUNNING trial counts as stale (default 3600)")
 
+    proxy = sub.add_parser(
+        "storage-proxy", help="serve a database storage to many workers over gRPC (workers use --storage grpc://...)",
+        description="Optuna's gRPC storage proxy with hpo's budget lock: workers given --storage grpc://HOST:PORT "
+                    "talk to this one process, which alone holds connections to the database (see README 'Several "
+                    "machines'). Needs grpcio (pip install 'hpo-service[grpc]').")
+    proxy.add_argument("--storage", required=True, metavar="URL",
+                       help="the database: postgresql://..., mysql+pymysql://... or sqlite:///PATH")
+    proxy.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no authentication!)")
+    proxy.add_argument("--port", dest="proxy_port", type=int, default=13000,
+                       help="port (default 13000; 0: a free one, printed)")
+    proxy.add_argument("--threads", type=int, metavar="N", help="server threads; each waiting worker holds one, so "
+                       "more than the number of workers (default 512)")
+
     status = sub.add_parser("status", help="table of a study's trials and its best trial")
     _common(status, file_required=False)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -268,6 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     paths = run_paths(args.run_dir, settings.study.name, args.storage, args.tracking_uri)
     _check_destinations(args)
+    _proxy_note(paths.storage_url)
     n_trials = args.trials if args.trials is not None else settings.study.n_trials
     plan = plan_workers(args.workers, args.gpus, args.trials_per_gpu)
     epochs, timeout = settings.study.max_epochs, args.timeout if args.timeout is not None else settings.study.timeout
@@ -316,6 +330,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     paths = run_paths(args.run_dir, settings.study.name, args.storage, args.tracking_uri)
     _check_destinations(args)
+    _proxy_note(paths.storage_url)
     n_trials = args.trials if args.trials is not None else settings.study.n_trials
     with _progress(args, settings, n_trials) as progress:
         result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress,
@@ -326,6 +341,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
               f"{result.stopped_by_failures}", file=sys.stderr)
         return 1
     return 0
+
+
+def _proxy_note(url: str) -> None:
+    """Workers behind a storage proxy have no heartbeat: say so, once, as they start."""
+    from search.proxy import WORKER_NOTE, is_grpc
+
+    if is_grpc(url):
+        print("note: " + WORKER_NOTE.format(url=url), file=sys.stderr)
+
+
+def cmd_storage_proxy(args: argparse.Namespace) -> int:
+    from search.preflight import check_storage_url
+    from search.proxy import DEFAULT_THREADS, is_grpc, serve
+
+    if not 0 <= args.proxy_port <= 65535:
+        raise SettingsError(f"--port {args.proxy_port}: a TCP port is a number from 1 to 65535, or 0 for a free one.")
+    if not is_grpc(args.storage):  # serve() refuses a proxy in front of a proxy
+        check_storage_url(args.storage)
+    return serve(args.storage, args.host, args.proxy_port, args.threads or DEFAULT_THREADS)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -511,6 +545,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "recover": cmd_recover, "status": cmd_status, "best": cmd_best,
+            "storage-proxy": cmd_storage_proxy,
             "dashboard": cmd_dashboard, "ui": cmd_ui,
             "report": cmd_report, "export": cmd_export}
 

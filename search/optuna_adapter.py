@@ -16,6 +16,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Container
+from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -207,3 +208,21 @@ class RetryingRDBStorage(RDBStorage):
             if not is_connection_error(exc):
                 raise
             log.debug("heartbeat of trial %s skipped: %s", trial_id, first_line(exc))
+
+
+def grpc_proxy_server(storage: optuna.storages.BaseStorage, thread_pool: Executor) -> Any:
+    """A gRPC server (not started, no port yet) with Optuna's storage proxy service for ``storage``.
+
+    ``optuna.storages.run_grpc_proxy_server`` builds the same server but starts it itself, on a fixed port,
+    with no room for another service; `hpo storage-proxy` adds its lock service and may listen on port 0.
+    Keepalive pings let the server notice a worker whose machine went away, so its lock is released.
+    """
+    import grpc
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.servicer import OptunaStorageProxyService
+
+    server = grpc.server(thread_pool, options=[("grpc.keepalive_time_ms", 20_000),
+                                               ("grpc.keepalive_timeout_ms", 10_000)])
+    api_pb2_grpc.add_StorageServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        OptunaStorageProxyService(storage), server)
+    return server

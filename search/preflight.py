@@ -113,13 +113,19 @@ def check_storage_url(url: str) -> None:
     scheme. A database server is asked once, so a missing database or a wrong password is named here."""
     if url == "memory" or url.startswith("journal:"):
         return
+    if url.startswith("grpc://"):
+        from search.proxy import open_proxy
+
+        open_proxy(url).close()  # a one-paragraph error when no hpo storage proxy answers there
+        return
     scheme = urlsplit(url).scheme.lower()
     base = scheme.split("+", 1)[0]
     if base not in STORAGE_SCHEMES:
         what = f"its scheme {scheme!r} is not a database Optuna can use" if scheme else "it has no scheme"
         raise SettingsError(f"--storage {url}: {what}. Write sqlite:///PATH/optuna.db, "
-                            "postgresql://USER:PASSWORD@HOST:5432/DB, mysql+pymysql://... or journal:PATH; or "
-                            "leave --storage out to use the run directory's optuna.db.")
+                            "postgresql://USER:PASSWORD@HOST:5432/DB, mysql+pymysql://..., journal:PATH or "
+                            "grpc://HOST:PORT (an `hpo storage-proxy`); or leave --storage out to use the run "
+                            "directory's optuna.db.")
     if base == "sqlite":
         if sqlite_path(url) is None:
             raise SettingsError(f"--storage {url}: an SQLite URL has three slashes and a path, "

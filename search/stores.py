@@ -19,13 +19,19 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from search.errors import SettingsError, StorageError
+from search.errors import HpoError, SettingsError, StorageError
 from search.optuna_adapter import RetryingRDBStorage
 from search.storage_retry import POSTGRES_TIMEOUTS, Retrier
 from search.workers import advisory_lock
 
 SQLITE = "sqlite:///"
+GRPC = "grpc://"
 SQLITE_READ_TIMEOUT_S = 60
+# A worker's connections to a database server: 1 kept open (its trials are one thread) and up to 2 more at busy
+# moments (the heartbeat thread's beat), closed again after use. SQLAlchemy's default (5 kept, 10 more) let 64
+# light workers hold over 100 connections, PostgreSQL's default limit (BENCHMARKS.md section 10).
+WORKER_POOL = (1, 2)
+PROXY_POOL = (4, 8)  # `hpo storage-proxy`: one process serving every worker's calls from its threads
 
 
 def sqlite_url(path: Path) -> str:
@@ -70,14 +76,16 @@ def run_paths(run_dir: str | Path, study_name: str, storage: str | None = None,
 
 def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
                  on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-                 retry_seconds: float = 0.0) -> optuna.storages.BaseStorage:
-    """Open an Optuna storage URL: sqlite/postgresql/mysql, ``memory``, or ``journal:PATH`` (a journal file).
+                 retry_seconds: float = 0.0, pool: tuple[int, int] = WORKER_POOL) -> optuna.storages.BaseStorage:
+    """Open an Optuna storage URL: sqlite/postgresql/mysql, ``memory``, ``journal:PATH`` (a journal file), or
+    ``grpc://HOST:PORT`` (an `hpo storage-proxy`, search/proxy.py; it has no heartbeats).
 
     RDB storages get heartbeats (``heartbeat`` = (interval, grace period) in seconds) so a trial whose
     worker died on another machine is failed and retried by ``on_stale``. SQLite files are switched to
     WAL with a long busy timeout, so parallel workers and a dashboard reading the file do not fail with
     "database is locked". A database server's calls are retried for ``retry_seconds`` on connection errors
-    (search/storage_retry.py).
+    (search/storage_retry.py), and its connections come from a small pool, ``pool`` = (kept open, extra at
+    busy moments): see ``WORKER_POOL``.
     """
     beats: dict[str, Any] = {}
     if heartbeat is not None:
@@ -86,6 +94,11 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
     try:
         if url == "memory":
             return optuna.storages.InMemoryStorage()
+        if url.startswith(GRPC):
+            from search.proxy import open_proxy
+
+            storage: optuna.storages.BaseStorage = open_proxy(url)
+            return storage
         if url.startswith("journal:"):
             journal = Path(url.removeprefix("journal:").removeprefix("//"))
             journal.parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +110,11 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
         if path is not None:
             enable_wal(path)
             return _create_rdb(url, beats, {"connect_args": {"timeout": 120}})
-        engine = {"pool_pre_ping": True, **({"connect_args": POSTGRES_TIMEOUTS} if is_postgres(url) else {})}
+        engine = {"pool_pre_ping": True, "pool_size": pool[0], "max_overflow": pool[1], "pool_timeout": 120,
+                  **({"connect_args": POSTGRES_TIMEOUTS} if is_postgres(url) else {})}
         return _create_rdb(url, beats, engine, Retrier(retry_seconds, f"the Optuna storage {redact(url)}"))
+    except HpoError:
+        raise
     except ModuleNotFoundError as exc:
         raise StorageError(
             f"the storage URL {redact(url)!r} needs the Python driver {exc.name!r}, which is not installed. "

@@ -9,7 +9,8 @@ Three mechanisms keep the budget exact and nothing lost when workers run in para
 * **Budget lock.** A worker starts a trial only while holding a lock, after checking that
   ``finished + running < n_trials``; the lock is released once the new trial is RUNNING (and therefore
   counted). So N workers never overshoot the budget. On one machine the lock is a file next to the
-  results; on PostgreSQL it is an advisory lock in the database, shared by every machine.
+  results; on PostgreSQL it is an advisory lock in the database, shared by every machine; behind an
+  `hpo storage-proxy` (grpc://) it is held in the proxy (search/proxy.py).
 * **Retry.** Failed-because-interrupted trials are re-enqueued with Optuna's
   ``RetryHeartbeatStaleTrialCallback`` (same params, inherited intermediate values), and the retry
   resumes from the predecessor's ``last.pt``.
@@ -171,9 +172,46 @@ class _AdvisoryLock:
                 conn.close()
 
 
-def advisory_lock(url: str, name: str) -> AbstractContextManager[Any]:
-    """A PostgreSQL advisory lock named ``name``, shared by every process that can reach the database."""
-    return _AdvisoryLock(url, name)
+class _HostThenAdvisory:
+    """The advisory lock, taken only by the worker that holds this machine's file lock for the same study.
+
+    Waiting for ``pg_advisory_lock`` holds a database connection, so N waiting workers held N connections on
+    top of their pools (64 light workers: over PostgreSQL's default 100), for the budget lock and for the
+    schema lock when they open the storage together. Workers on one machine queue on a local file lock
+    instead, and at most one per machine waits in the database.
+    """
+
+    def __init__(self, url: str, name: str, retrier: Retrier | None = None) -> None:
+        import tempfile
+
+        key = hashlib.sha256(f"{url}\n{name}".encode()).hexdigest()[:16]
+        folder = Path(tempfile.gettempdir()) / f"hpo-locks-{os.getuid()}"
+        folder.mkdir(exist_ok=True)
+        self.host = FileLock(str(folder / f"{key}.lock"))
+        self.database = _AdvisoryLock(url, name, retrier)
+
+    def __enter__(self) -> _HostThenAdvisory:
+        self.host.acquire()
+        try:
+            self.database.__enter__()
+        except BaseException:
+            self.host.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.database.__exit__(*exc)
+        finally:
+            self.host.release()
+
+
+def advisory_lock(url: str, name: str, per_machine: bool = True,
+                  retrier: Retrier | None = None) -> AbstractContextManager[Any]:
+    """A PostgreSQL advisory lock named ``name``, shared by every process that can reach the database; with
+    ``per_machine``, processes on one machine queue for it on a local file first (``_HostThenAdvisory``).
+    Taking it is retried on connection errors through ``retrier`` (none by default)."""
+    return _HostThenAdvisory(url, name, retrier) if per_machine else _AdvisoryLock(url, name, retrier)
 
 
 class BudgetLock:
@@ -196,7 +234,11 @@ class BudgetLock:
 def budget_lock(storage_url: str, study_name: str, run_root: Path, retry_seconds: float = 0.0) -> BudgetLock:
     if storage_url.startswith(("postgresql", "postgres")):
         retrier = Retrier(retry_seconds, "the PostgreSQL budget lock")
-        return BudgetLock(_AdvisoryLock(storage_url, study_name, retrier))
+        return BudgetLock(advisory_lock(storage_url, study_name, retrier=retrier))
+    if storage_url.startswith("grpc://"):  # held in `hpo storage-proxy`, shared by every worker behind it
+        from search.proxy import ProxyLock
+
+        return BudgetLock(ProxyLock(storage_url, study_name))
     run_root.mkdir(parents=True, exist_ok=True)
     return BudgetLock(FileLock(str(run_root / f".{study_name}.budget.lock")))
 
