@@ -553,10 +553,16 @@ COMMANDS = {"run": cmd_run, "worker": cmd_worker, "recover": cmd_recover, "statu
 def _terminate(signum: int, frame: FrameType | None) -> None:
     """SIGTERM (a scheduler stopping the job) ends the current trial like Ctrl-C: FAIL, re-enqueued. Only the first
     SIGTERM or Ctrl-C counts; later ones are ignored, as they would cut short the recording of the interrupted trial
-    (a terminal's Ctrl-C reaches `hpo run --workers` and its workers, which the command then stops with SIGTERM)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    (a terminal's Ctrl-C reaches `hpo run --workers` and its workers, which the command then stops with SIGTERM).
+    Ignored by a Python handler that does nothing, not SIG_IGN: a signal already caught but not yet handled when
+    SIG_IGN is set makes Python raise "OSError: Signal 15 ignored due to race condition"."""
+    signal.signal(signal.SIGINT, _ignore)
+    signal.signal(signal.SIGTERM, _ignore)
     raise KeyboardInterrupt
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """A signal after the first SIGTERM or Ctrl-C (see ``_terminate``)."""
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

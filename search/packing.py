@@ -33,7 +33,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import records
-from search.failures import TrialFailed, TrialTimeout, disarm_timeout, is_out_of_memory, release_memory
+from search.failures import TrialFailed, TrialTimeout, is_out_of_memory, release_memory
 from search.optuna_adapter import heartbeat, heartbeat_enabled, stored_trial
 from search.session import TrialSession
 from search.space import suggest
@@ -175,9 +175,8 @@ class PackRunner:
         session = ctx.trial(trial, params, pack.resolved(params))
         try:
             session.__enter__()
-            if session._alarm:  # one process alarm cannot time K trials: the runner checks each between epochs
-                disarm_timeout()
-                session._alarm = False
+            if session._deadline is not None:  # one process alarm cannot time K trials: each is checked per epoch
+                session._deadline.disarm()
             together = [n for n, m in self.members.items() if group_key(m.fixed) == key] + [trial.number]
             trial.set_user_attr(records.PACKED_WITH, together)
             pack.add(trial.number, params, session.on_epoch, session.resume_training)

@@ -62,7 +62,7 @@ class Postgres:
     def start(self) -> None:
         cmd = ["runuser", "-u", "postgres", "--", str(self.bin / "postgres"), "-D", str(self.data),
                "-c", f"listen_addresses={self.host.address}", "-c", "port=5432",
-               "-c", f"unix_socket_directories={self.dir}", "-c", "fsync=off", "-c", "max_connections=60"]
+               "-c", f"unix_socket_directories={self.dir}", "-c", "fsync=off", "-c", "max_connections=100"]
         self.log.touch()
         os.chown(self.log, self.user.pw_uid, self.user.pw_gid)
         self.proc = self.net.start(self.host, cmd, log=self.log)
