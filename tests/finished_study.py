@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.mlflow_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "studies" / "quickstart.toml"
@@ -41,12 +42,6 @@ def finished_study(factory: pytest.TempPathFactory) -> Path:
         assert done.returncode == 0, done.stderr
         _MADE["work"] = work
     return _MADE["work"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:

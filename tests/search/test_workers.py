@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -19,6 +18,7 @@ from search.launch import plan_workers
 from search.stores import run_paths
 from search.study import run_study
 from search.workers import HOST, identity, recover_local_orphans
+from tests.mlflow_server import free_port, wait_http
 from tests.search.workers_helpers import QUICKSTART, child_runs, hpo_cmd, load, postgres_database
 
 SMALL = ["--set", "study.max_epochs=2", "--set", "objective.widths=[8,16]"]
@@ -119,17 +119,11 @@ def test_four_workers_on_sqlite_finish_exactly_forty_trials(tmp_path: Path) -> N
     assert parent.status == "FINISHED" and parent.end_time >= max(r.info.end_time for r in runs)  # ended last
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_four_workers_on_postgresql_with_an_mlflow_server(tmp_path: Path) -> None:
     """Workers as on several machines: a PostgreSQL study and an `mlflow server` backed by PostgreSQL."""
     with postgres_database() as optuna_url, postgres_database() as mlflow_url:
-        port = _free_port()
+        port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow_url, "--host", "127.0.0.1",
              "--port", str(port), "--artifacts-destination", str(tmp_path / "mlartifacts"), "--workers", "1"],
@@ -137,7 +131,7 @@ def test_four_workers_on_postgresql_with_an_mlflow_server(tmp_path: Path) -> Non
         )
         try:
             uri = f"http://127.0.0.1:{port}"
-            _wait_http(uri + "/health", 120)
+            wait_http(uri + "/health", 120)
             common = ["--storage", optuna_url, "--tracking-uri", uri, "--set", "study.name='pg'", *SMALL,
                       "--trials", "12", "--quiet"]
             env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -165,21 +159,6 @@ def test_four_workers_on_postgresql_with_an_mlflow_server(tmp_path: Path) -> Non
         finally:
             server.terminate()
             server.wait(timeout=30)
-
-
-def _wait_http(url: str, seconds: float) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def test_workers_opening_a_new_postgresql_storage_at_once_all_succeed() -> None:
