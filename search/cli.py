@@ -363,8 +363,7 @@ def cmd_storage_proxy(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from search.study import mark_killed
-    from search.tracking import Tracker
+    from search.tracking import Tracker, mark_killed
     from search.workers import recover_older_than
 
     study, paths = _open_existing(args)

@@ -38,6 +38,7 @@ from search.optuna_adapter import heartbeat, heartbeat_enabled, stored_trial
 from search.session import TrialSession
 from search.space import suggest
 from search.summary import counts
+from search.tracking import mark_killed
 from search.workers import BudgetLock, recover_local_orphans, retry
 
 OnEpoch = Callable[[int, dict[str, float], Any], bool]
@@ -128,7 +129,7 @@ class PackRunner:
         study, opened = self.study, self.opened
         self.lock.acquire()
         try:
-            recover_local_orphans(study, on_fail=self._mark_killed)
+            recover_local_orphans(study, on_fail=lambda t: mark_killed(self.opened.tracker, t))
             if heartbeat_enabled(study):
                 optuna.storages.fail_stale_trials(study)
             c = counts(study)
@@ -143,11 +144,6 @@ class PackRunner:
         finally:
             self.lock.release()
         return trial, suggest(trial, opened.settings.space)
-
-    def _mark_killed(self, trial: FrozenTrial) -> None:
-        run_id = trial.user_attrs.get(records.MLFLOW_RUN_ID)
-        if run_id:
-            self.opened.tracker.end_orphan(run_id)
 
     def fill(self) -> None:
         """Ask trials until this worker holds ``size`` of them (refilling freed slots first) or none may start."""

@@ -35,7 +35,7 @@ from search.session import StudyContext
 from search.storage_retry import StorageUnavailable
 from search.stores import RunPaths, open_storage
 from search.summary import counts
-from search.tracking import Tracker
+from search.tracking import Tracker, mark_killed
 from search.workers import BudgetLock, budget_lock, recover_local_orphans, retry
 
 
@@ -178,13 +178,6 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
 
 def _budget_lock(settings: Settings, paths: RunPaths) -> BudgetLock:
     return budget_lock(paths.storage_url, settings.study.name, paths.root, settings.study.storage_retry_seconds)
-
-
-def mark_killed(tracker: Tracker, trial: FrozenTrial) -> None:
-    """An orphaned trial's MLflow run must not stay RUNNING: end it KILLED with the reason."""
-    run_id = trial.user_attrs.get(records.MLFLOW_RUN_ID)
-    if run_id:
-        tracker.end_orphan(run_id)
 
 
 def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,

@@ -20,10 +20,14 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from search import records
 from search.errors import TrackingError
 from search.stores import sqlite_path
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -506,3 +510,10 @@ def save_model(model: Any, example: Any, out: Path) -> None:
     x, signature = _signature(model, example)
     mlflow.pytorch.save_model(model, str(out), input_example=x, signature=signature,
                               pip_requirements=_requirements(), metadata=_metadata(model))
+
+
+def mark_killed(tracker: Tracker, trial: FrozenTrial) -> None:
+    """An orphaned trial's MLflow run must not stay RUNNING: end it KILLED with the reason."""
+    run_id = trial.user_attrs.get(records.MLFLOW_RUN_ID)
+    if run_id:
+        tracker.end_orphan(run_id)
