@@ -35,6 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search import records
 from search.failures import TrialFailed, TrialTimeout, is_out_of_memory, release_memory
 from search.optuna_adapter import heartbeat, heartbeat_enabled, stored_trial
+from search.samplers import seed_next_trial
 from search.session import TrialSession
 from search.space import suggest
 from search.summary import counts
@@ -138,6 +139,8 @@ class PackRunner:
             opened.tracker.reopen(opened.parent_run_id)
             if fixed and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 study.enqueue_trial(fixed)
+            settings = opened.settings
+            seed_next_trial(study, settings.sampler, settings.space, settings.study.pack)
             with warnings.catch_warnings():  # "heartbeat ... with Study.optimize": the runner keeps it itself
                 warnings.simplefilter("ignore", UserWarning)
                 trial = study.ask()  # RUNNING now: other workers count it

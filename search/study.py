@@ -30,7 +30,7 @@ from search.progress import Progress
 from search.pruning import build_pruner
 from search.publish import on_study_end
 from search.records import best_trial
-from search.samplers import build_sampler
+from search.samplers import build_sampler, seed_next_trial
 from search.session import StudyContext
 from search.storage_retry import StorageUnavailable
 from search.stores import RunPaths, open_storage
@@ -229,6 +229,7 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
                 time.sleep(settings.study.heartbeat_interval)
                 continue
             opened.tracker.reopen(opened.parent_run_id)  # another worker may have ended it while this one waited
+            seed_next_trial(study, settings.sampler, settings.space, settings.study.pack)
             study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
             ran += 1
         except TrialTakenOver:
