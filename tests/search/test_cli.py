@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -257,3 +258,21 @@ def test_workers_that_exit_are_not_reported_as_failed_trials(
     assert code == 1
     assert "worker process(es) 1 of 2 exited with an error" in err
     assert "failed trials in a row" not in err
+
+
+def test_exit_now_keeps_what_a_normal_exit_does(tmp_path: Path) -> None:
+    """`hpo` skips the interpreter's teardown (seconds with torch loaded), but not atexit handlers, threads that are
+    not daemons, buffered output or the exit code."""
+    script = (
+        "import atexit, sys, threading, time\n"
+        "from search.cli import exit_now\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "threading.Thread(target=lambda: (time.sleep(0.3), print('thread finished'))).start()\n"
+        "print('buffered', end='')\n"
+        "sys.stderr.write('to stderr')\n"
+        "exit_now(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert done.stdout == "bufferedthread finished\natexit ran\n"  # the order of a normal exit: threads, then atexit
+    assert done.stderr == "to stderr"
