@@ -24,9 +24,11 @@ OUTCOME_COLORS = {"completed": "#2a9d8f", "early stopped": "#457b9d", "pruned": 
 log = logging.getLogger(__name__)
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, fit: bool = True) -> Path:
+    """``fit``: let tight_layout place the axes (one extra draw); a figure laid out by hand skips it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if fit:
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     if fig.canvas.manager is not None:  # made by pyplot (Optuna's plots): free it
         import matplotlib.pyplot as plt
@@ -36,7 +38,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def trial_curves_png(history: Mapping[str, Sequence[float]], title: str, path: Path) -> Path:
-    """Loss (train and val) and validation accuracy against epoch, side by side."""
+    """Loss (train and val) and validation accuracy against epoch, side by side. Drawn once per trial, so laid
+    out by hand: tight_layout's extra draw made it 0.11 s instead of 0.07 s."""
     fig = Figure(figsize=(8, 3))  # no pyplot: trials may end in several threads at once
     left, right = fig.subplots(1, 2)
     for key, style in (("train_loss", "-"), ("val_loss", "-")):
@@ -54,7 +57,8 @@ def trial_curves_png(history: Mapping[str, Sequence[float]], title: str, path: P
     right.set_xlabel("epoch")
     right.set_ylabel("accuracy")
     fig.suptitle(title)
-    return _save(fig, path)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.86, wspace=0.28)
+    return _save(fig, path, fit=False)
 
 
 def epochs_by_outcome_png(trials: Sequence[FrozenTrial], max_epochs: int, path: Path) -> Path:

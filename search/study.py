@@ -224,9 +224,10 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
                 if finished >= n_trials or not heartbeat_enabled(study):
                     break
                 # The rest of the budget is running on other workers: stay, to take a trial over if its worker
-                # dies or is cut off (its heartbeat stops), instead of leaving it to nobody.
+                # dies or is cut off (its heartbeat stops), instead of leaving it to nobody. Look again every
+                # second, not every heartbeat interval: this process should exit as soon as the last trial ends.
                 lock.release()
-                time.sleep(settings.study.heartbeat_interval)
+                time.sleep(min(1.0, settings.study.heartbeat_interval))
                 continue
             opened.tracker.reopen(opened.parent_run_id)  # another worker may have ended it while this one waited
             seed_next_trial(study, settings.sampler, settings.space, settings.study.pack)
