@@ -15,12 +15,16 @@ class Runtime:
     """Where tensors live and how the forward pass is run there.
 
     `autocast_dtype` is None for plain fp32 (CPU, MPS); bf16 on CUDA needs no loss scaling.
-    `channels_last` is the memory format convolutions are fastest in on tensor-core GPUs.
+    `channels_last` is the memory format convolutions are fastest in on tensor-core GPUs; on the CPU it makes
+    max-pooling about 10x and BatchNorm about 3x faster on small feature maps (a digits training step 1.5-1.8x).
+    `fused_optimizer`: one kernel for the whole optimiser step (CUDA and CPU; a quarter of the CPU step time of
+    the per-parameter loop on the quickstart CNN).
     """
 
     device: torch.device
     autocast_dtype: torch.dtype | None
     channels_last: bool
+    fused_optimizer: bool = False
 
     def autocast(self) -> AbstractContextManager[object]:
         """Context for forward passes: mixed precision where the device benefits, a no-op elsewhere."""
@@ -47,13 +51,13 @@ def resolve_runtime(device: str) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 matmuls; cuDNN convolutions use TF32 by default
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return Runtime(torch.device("cuda"), autocast_dtype=dtype, channels_last=True)
+        return Runtime(torch.device("cuda"), autocast_dtype=dtype, channels_last=True, fused_optimizer=True)
     if device == "mps":
         if not _mps_available():
             raise ValueError("device = 'mps' was requested but torch sees no Apple GPU; use 'auto' or 'cpu'")
         return Runtime(torch.device("mps"), autocast_dtype=None, channels_last=False)
     if device == "cpu":
-        return Runtime(torch.device("cpu"), autocast_dtype=None, channels_last=False)
+        return Runtime(torch.device("cpu"), autocast_dtype=None, channels_last=True, fused_optimizer=True)
     raise ValueError(f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'mps'")
 
 

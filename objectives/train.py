@@ -93,7 +93,7 @@ class FitResult:
     spec: dict[str, Any]
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model: nn.Module, runtime: Runtime) -> torch.optim.Optimizer:
     """AdamW or SGD with two param groups: weight decay on weights, none on biases and norm parameters.
 
     Decay is decoupled from the gradient for both: AdamW does it itself; for SGD the group carries
@@ -108,7 +108,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) ->
         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "sgd_decoupled_wd": 0.0,
          "name": "no_decay"},
     ]
-    fused = True if device.type == "cuda" else None
+    fused = True if runtime.fused_optimizer else None
     if sgd:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
@@ -138,7 +138,7 @@ def new_state(cfg: TrainConfig, data: DataSplits, runtime: Runtime, max_epochs: 
     model = build_network(spec).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model, runtime.device)
+    optimizer = build_optimizer(cfg, model, runtime)
     generator = torch.Generator(device=runtime.device if runtime.device.type == "cuda" else "cpu")
     generator.manual_seed(cfg.seed)
     use_generator(model, generator)

@@ -10,10 +10,10 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 needs_cuda = pytest.mark.gpu  # deselected without CUDA (tests/services.py)
 
 
-def test_cpu_is_plain_fp32() -> None:
+def test_cpu_is_fp32_channels_last_with_a_fused_optimizer() -> None:
     rt = resolve_runtime("cpu")
     assert rt.device == torch.device("cpu")
-    assert rt.autocast_dtype is None and rt.channels_last is False
+    assert rt.autocast_dtype is None and rt.channels_last is True and rt.fused_optimizer is True
     ctx = rt.autocast()
     assert isinstance(ctx, contextlib.nullcontext)
     with ctx:

@@ -155,7 +155,7 @@ def test_grad_clip_is_applied_every_step(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_nesterov_sgd_is_configured() -> None:
     cfg = TrainConfig(optimizer="sgd", momentum=0.8, nesterov=True, lr=0.1, weight_decay=1e-3)
-    opt = build_optimizer(cfg, nn.Linear(3, 2), torch.device("cpu"))
+    opt = build_optimizer(cfg, nn.Linear(3, 2), resolve_runtime("cpu"))
     assert isinstance(opt, torch.optim.SGD)
     assert all(g["nesterov"] and g["momentum"] == 0.8 and g["lr"] == 0.1 for g in opt.param_groups)
 
@@ -163,7 +163,7 @@ def test_nesterov_sgd_is_configured() -> None:
 def test_sgd_weight_decay_is_decoupled_from_the_gradient() -> None:
     cfg = TrainConfig(optimizer="sgd", momentum=0.9, nesterov=True, lr=0.1, weight_decay=0.01)
     layer = nn.Linear(3, 2)
-    opt = build_optimizer(cfg, layer, torch.device("cpu"))
+    opt = build_optimizer(cfg, layer, resolve_runtime("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.0 and decay["sgd_decoupled_wd"] == 0.01
     weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
@@ -179,7 +179,7 @@ def test_sgd_weight_decay_is_decoupled_from_the_gradient() -> None:
 def test_biases_and_norm_params_are_not_decayed() -> None:
     cfg = TrainConfig(weight_decay=0.1)
     model = build_model(model_spec(cfg, load_data(cfg, CPU.device)))
-    opt = build_optimizer(cfg, model, torch.device("cpu"))
+    opt = build_optimizer(cfg, model, resolve_runtime("cpu"))
     decay, no_decay = opt.param_groups
     assert (decay["name"], decay["weight_decay"], no_decay["name"], no_decay["weight_decay"]) == (
         "decay",
