@@ -18,6 +18,7 @@ the script, like Optuna's example, returns its last epoch's accuracy while hpo r
     python bench/vs_handwritten.py                           # 3 seeds, quickstart's 12 trials x 20 epochs
     python bench/vs_handwritten.py --seeds 1 --trials 30
     python bench/vs_handwritten.py --pack 4                  # hpo with trial packing
+    python bench/vs_handwritten.py --trials 30 --workers 2 --handwritten-threads 2   # each side using both cores
 """
 
 from __future__ import annotations
@@ -119,9 +120,9 @@ def read_study(storage: Path, name: str, wall_s: float) -> Side:
                 trials_span_s=(max(ends) - min(starts)).total_seconds() if starts and ends else float("nan"))
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Wall seconds of ``cmd`` as a fresh process on one thread; its output goes to ``log``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def run(cmd: list[str], log: Path, threads: int = 1) -> float:
+    """Wall seconds of ``cmd`` as a fresh process with ``threads`` torch threads; its output goes to ``log``."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
     with log.open("w") as out:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -136,11 +137,14 @@ def handwritten_cmd(seed: int, trials: int, epochs: int, out: Path) -> list[str]
             str(epochs), "--seed", str(seed), "--out", str(out)]
 
 
-def hpo_cmd(seed: int, trials: int, epochs: int, run_dir: Path, pack: int | None = None) -> list[str]:
+def hpo_cmd(seed: int, trials: int, epochs: int, run_dir: Path, pack: int | None = None,
+            workers: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "search.cli", "run", str(QUICKSTART), "--set", f"sampler.seed={seed}",
            "--trials", str(trials), "--run-dir", str(run_dir), "--quiet"]
     if pack is not None:
         cmd += ["--pack", str(pack)]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
     if epochs != load_settings(QUICKSTART).study.max_epochs:
         cmd += ["--set", f"study.max_epochs={epochs}"]
     return cmd
@@ -172,6 +176,9 @@ def main() -> None:
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the untimed 1-trial x 1-epoch run of each side before the timed ones")
     parser.add_argument("--pack", type=int, help="hpo's --pack K (default: the study file's study.pack)")
+    parser.add_argument("--workers", type=int, help="hpo's --workers N (worker processes, one thread each on 2 cores)")
+    parser.add_argument("--handwritten-threads", type=int, default=1,
+                        help="torch threads of the hand-written script (default 1; 2 = torch's default on 2 cores)")
     parser.add_argument("--keep", type=Path, help="keep both sides' study folders and logs here")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -186,8 +193,9 @@ def main() -> None:
     root = args.keep or Path(tmp.name)
     root.mkdir(parents=True, exist_ok=True)
     if args.warmup:  # file caches and first-use costs land here, not on whichever side is timed first
-        run(handwritten_cmd(0, 1, 1, root / "warmup-handwritten"), root / "warmup-handwritten.log")
-        run(hpo_cmd(0, 1, 1, root / "warmup-hpo", args.pack), root / "warmup-hpo.log")
+        run(handwritten_cmd(0, 1, 1, root / "warmup-handwritten"), root / "warmup-handwritten.log",
+            args.handwritten_threads)
+        run(hpo_cmd(0, 1, 1, root / "warmup-hpo", args.pack, args.workers), root / "warmup-hpo.log")
     results: list[dict[str, Any]] = []
     for i in range(args.seeds):
         seed = args.first_seed + i
@@ -196,10 +204,12 @@ def main() -> None:
         sides: dict[str, Side] = {}
         for name in order:
             if name == "hpo":
-                wall = run(hpo_cmd(seed, args.trials, args.epochs, hpo_dir, args.pack), root / f"hpo-{seed}.log")
+                wall = run(hpo_cmd(seed, args.trials, args.epochs, hpo_dir, args.pack, args.workers),
+                           root / f"hpo-{seed}.log")
                 sides[name] = read_study(hpo_dir / "quickstart" / "optuna.db", "quickstart", wall)
             else:
-                wall = run(handwritten_cmd(seed, args.trials, args.epochs, hand_dir), root / f"handwritten-{seed}.log")
+                wall = run(handwritten_cmd(seed, args.trials, args.epochs, hand_dir), root / f"handwritten-{seed}.log",
+                           args.handwritten_threads)
                 sides[name] = read_study(hand_dir / "optuna.db", f"handwritten-seed{seed}", wall)
         print(f"\nseed {seed} ({order[0]} first)")
         print(line("hand-written", sides["hand-written"]))
