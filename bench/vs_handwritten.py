@@ -50,14 +50,16 @@ DIFFERENCES = """\
 same on both sides: the digits split (objectives.data.load_data), the CNN (objectives.networks, widths 32-64),
   the 4 hyperparameters and ranges, TPE (seed S, 4 startup trials), MedianPruner (3 startup trials, 2 warm-up
   steps), max epochs, AdamW + cosine schedule over max_epochs, Optuna study in SQLite, MLflow runs in SQLite,
-  one fresh process each with OMP_NUM_THREADS=1, start-up and imports counted in the wall time.
+  one fresh process each (OMP_NUM_THREADS=1 unless --handwritten-threads / --workers say otherwise), start-up
+  and imports counted in the wall time.
 what differs (each is part of what the side is):
   hpo stops a trial early inside it (patience 4, min_delta 0.002 on val_accuracy) and returns its best epoch's
     accuracy (restore_best); the script trains every unpruned trial to max_epochs and returns the last epoch's.
   hpo trains from one normalised tensor with index slices; the script uses a DataLoader over TensorDatasets.
+  hpo's runtime trains channels_last with a fused AdamW step on the CPU; the script NCHW with torch's AdamW.
   hpo logs 7 metrics per epoch in one MLflow call; the script 3 metrics, one log_metric call each.
-  hpo also writes last.pt every epoch and best.pt per trial, curve PNGs and notes for the dashboard, and at the
-    end scores the best trial on the test split and logs it; the script does none of that.
+  hpo also writes last.pt (at most every 30 s) and best.pt per trial, curve PNGs and notes for the dashboard, at the
+    end scores the best trial on the test split and logs the model; the script does none of that.
   hpo applies weight decay to weights only (not biases or BatchNorm); the script to all parameters, as
     torch.optim.AdamW(model.parameters()) does. hpo seeds every trial alike (objective seed 0); the script
     seeds torch once per process with S."""
