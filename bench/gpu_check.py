@@ -7,7 +7,7 @@ Run it through `bench/gpu_check.sh` (which prints the torch/CUDA/GPU versions fi
 2. epoch: seconds per epoch, training images per second and peak GPU memory of the shipped CIFAR-10 CNN
    (studies/cifar10.toml's objective: widths 64-128-256, 2 blocks per stage, SGD) on synthetic data of
    CIFAR-10's real size (45k train / 5k val, 3x32x32, 10 classes), with the precision and memory format
-   objectives/runtime.py chooses (bf16 autocast and channels_last on a CUDA GPU);
+   objectives/runtime.py chooses (bf16 autocast and channels_last on a CUDA GPU, fp32 channels_last on the CPU);
 3. compile: the same with `compile = true`, for the first trial in the process (which compiles; Inductor's
    on-disk cache, in /tmp, makes this cheaper on a machine that compiled the same model before) and for a
    second trial (what later trials of a worker pay);

@@ -51,7 +51,7 @@ def test_cpu_smoke_runs_every_section_and_prints_its_figures() -> None:
     passed, skipped, selected = figure(r"^(\d+) passed, 0 failed, (\d+) skipped \((\d+) selected", s["gpu tests"])
     assert passed + skipped == selected
     epoch_s, images_s = figure(rf"^({NUMBER}) s/epoch \(first {NUMBER} s\), ({NUMBER}) img/s training, peak memory "
-                               r"n/a; fp32, contiguous", s["epoch"])
+                               r"n/a; fp32, channels_last", s["epoch"])
     assert epoch_s > 0 and images_s > 0
     off, on, speedup, _ = figure(rf"^off ({NUMBER}) s/epoch, on ({NUMBER}) s/epoch \(({NUMBER})x\), ({NUMBER}) img/s",
                                  s["compile"])
