@@ -2,9 +2,11 @@
 
 Each epoch, a trial's session (search/session.py) queues the metrics for MLflow (asynchronous logging),
 updates early stopping, copies the best weights when they improve, reports to Optuna and asks the pruner
-(finished trials read at most every 10 s), and writes the resumable last.pt checkpoint at most every
-``checkpoint_every_seconds``. Each part is also timed the way the previous version did it (synchronous
-log_batch, a pruner that reads every finished trial, last.pt every epoch), side by side. This script
+(on the trial as the session knows it, finished trials read at most every 10 s), and writes the resumable
+last.pt checkpoint at most every ``checkpoint_every_seconds``. Each part is also timed the way the previous
+versions did it (synchronous log_batch, a pruner given the running trial read back from the storage, one that
+reads every finished trial too, last.pt every epoch), side by side. On SQLite the report is also timed on a
+second study file whose connections use ``PRAGMA synchronous=NORMAL`` (no fsync per commit), for comparison. This script
 times that hook (``TrialSession.on_epoch``, the real one, with a real model and optimiser state) and each
 part of it on its own, for SQLite and, when a server answers, PostgreSQL storage, in a study that already
 holds finished trials (so the pruner has a median to compute).
@@ -44,7 +46,7 @@ from objectives.settings import TrainConfig  # noqa: E402
 from objectives.train import TrainingState, fit  # noqa: E402
 from search.checkpoint import save_atomic  # noqa: E402
 from search.config import load_settings  # noqa: E402
-from search.optuna_adapter import PruningTrial  # noqa: E402
+from search.optuna_adapter import PruningTrial, stored_trial  # noqa: E402
 from search.session import StudyContext  # noqa: E402
 from search.stores import open_storage  # noqa: E402
 from search.study import load_or_create_study  # noqa: E402
@@ -130,18 +132,25 @@ def measure_backend(label: str, storage_url: str, work: Path, state: TrainingSta
     trial = study.ask()
     run = tracker.start_trial(parent, trial.number, {"lr": 1e-3}, {})
     pruning = PruningTrial(trial)
-    parts: dict[str, list[float]] = {k: [] for k in ("report", "should_prune_cached", "should_prune_uncached",
+    normal = sync_normal_trial(work, label, settings) if label == "sqlite" else None
+    parts: dict[str, list[float]] = {k: [] for k in ("report", "report_synchronous_normal", "should_prune_local",
+                                                     "should_prune_read_back", "should_prune_uncached",
                                                      "mlflow_log_batch_async",
                                                      "mlflow_log_batch_sync", "mlflow_one_call_per_metric",
                                                      "best_weights_copy", "last_checkpoint")}
     for epoch in range(args.epochs * args.trials):
         metrics = epoch_metrics(epoch)
         ta = time.perf_counter()
-        trial.report(metrics["val_accuracy"], epoch)
+        pruning.report(metrics["val_accuracy"], epoch)  # Optuna's trial.report, and the value kept locally
+        tn = time.perf_counter()
+        if normal is not None:
+            normal.report(metrics["val_accuracy"], epoch)
         tb = time.perf_counter()
-        pruning.should_prune()  # what the session does: finished trials read at most every 10 s
+        pruning.should_prune()  # what the session does: the local trial, finished trials read at most every 10 s
+        tr = time.perf_counter()
+        trial.study.pruner.prune(pruning.view, stored_trial(trial))  # the previous version: the trial read back
         t0 = time.perf_counter()
-        trial.should_prune()  # the previous version: every finished trial read again
+        trial.should_prune()  # the one before: every finished trial read again
         t1 = time.perf_counter()
         run.log_epoch(epoch, metrics)  # what the session does: queued, written by MLflow's background thread
         t2 = time.perf_counter()
@@ -156,14 +165,27 @@ def measure_backend(label: str, storage_url: str, work: Path, state: TrainingSta
         t4 = time.perf_counter()
         save_atomic({"training": state.state_dict(), "epoch": epoch}, work / f"last-{label}.pt")
         t5 = time.perf_counter()
-        spans = ((ta, tb), (tb, t0), (t0, t1), (t1, t2), (t2, t2b), (t2b, t3), (t3, t4), (t4, t5))
+        spans = ((ta, tn), (tn, tb), (tb, tr), (tr, t0), (t0, t1), (t1, t2), (t2, t2b), (t2b, t3), (t3, t4), (t4, t5))
         for key, (a, b) in zip(parts, spans, strict=True):
-            parts[key].append(b - a)
+            if normal is not None or key != "report_synchronous_normal":
+                parts[key].append(b - a)
     run.flush()
     study.tell(trial, 0.9)
-    return {"backend": label, "hook": ms(hook), "parts": {k: ms(v) for k, v in parts.items()},
+    return {"backend": label, "hook": ms(hook), "parts": {k: ms(v) for k, v in parts.items() if v},
             "mlflow_calls_per_epoch": statistics.median(calls_per_epoch),
             "checkpoint_bytes": (work / f"last-{label}.pt").stat().st_size}
+
+
+def sync_normal_trial(work: Path, label: str, settings: Any) -> optuna.Trial:
+    """A trial in a second SQLite study file (WAL, as ``open_storage`` sets it) whose connections commit with
+    ``synchronous=NORMAL``: durable when the process is killed, not when the machine loses power."""
+    import sqlalchemy
+
+    storage = open_storage(f"sqlite:///{work / f'optuna-normal-{label}.db'}")
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    sqlalchemy.event.listen(storage.engine, "connect", lambda conn, _: conn.execute("PRAGMA synchronous=NORMAL"))
+    storage.engine.dispose()
+    return load_or_create_study(settings, storage).ask()
 
 
 @contextmanager

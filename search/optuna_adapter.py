@@ -87,10 +87,12 @@ class FinishedTrialsCache:
     seconds. Optuna's pruners read every finished trial at every ``should_prune`` (on SQLite a few ms a
     call); finished trials change only when another worker finishes one, so a trial of one worker sees
     exactly what an uncached read gives, and one of several workers sees finished trials up to ``ttl`` late.
-    Reads that include unfinished states, and everything else, go to the study itself."""
+    Reads that include unfinished states, and everything else, go to the study itself; a pruner's writes go to
+    ``storage`` (default: the study's)."""
 
-    def __init__(self, study: optuna.Study, ttl: float) -> None:
+    def __init__(self, study: optuna.Study, ttl: float, storage: object | None = None) -> None:
         self._study = study
+        self._storage = storage or study._storage
         self._ttl = ttl
         self._finished: list[FrozenTrial] = []
         self._read_at = -float("inf")
@@ -109,20 +111,48 @@ class FinishedTrialsCache:
         return copy.deepcopy(chosen) if deepcopy else chosen
 
 
+class OwnSystemAttrs:
+    """A storage whose writes of one trial's system attrs also land in ``attrs`` (the session's copy of them);
+    every call goes to ``storage``. Successive Halving (and Hyperband through it) writes its ``completed_rung_*``
+    attrs through ``study._storage`` while it decides, and reads them back from the trial it is given."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int, attrs: dict[str, Any]) -> None:
+        self._storage = storage
+        self._trial_id = trial_id
+        self._attrs = attrs
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._storage, name)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._storage.set_trial_system_attr(trial_id, key, value)
+        if trial_id == self._trial_id:
+            self._attrs[key] = value
+
+
 class PruningTrial:
-    """``optuna.Trial.report`` and ``should_prune`` as the per-epoch decision calls them, with the pruner
-    reading finished trials through a ``FinishedTrialsCache`` (``Trial.should_prune`` is these same two
-    lines on the study itself)."""
+    """``optuna.Trial.report`` and ``should_prune`` as the per-epoch decision calls them, with no read of the
+    running trial per epoch (a ``get_trial`` was most of a decision's cost on SQLite; Optuna's own
+    ``Trial.should_prune`` reads the trial's system attrs whenever the pruner looks at them).
+
+    The pruner gets the trial as this worker knows it: read from the storage once, at the start (params,
+    inherited intermediate values, system attrs), then each reported value added locally after Optuna wrote it.
+    Only this worker reports for its trial, and the only system attrs written while it runs are the pruners' own
+    (through ``OwnSystemAttrs``), so the pruner sees what a fresh read would give. Finished trials come through a
+    ``FinishedTrialsCache``."""
 
     def __init__(self, trial: optuna.Trial, ttl: float = 10.0) -> None:
         self.trial = trial
-        self.view = FinishedTrialsCache(trial.study, ttl)
+        self.local = copy.deepcopy(stored_trial(trial))  # in memory, get_trial gives the storage's own object
+        own = OwnSystemAttrs(trial.study._storage, trial._trial_id, self.local.system_attrs)
+        self.view = FinishedTrialsCache(trial.study, ttl, own)
 
     def report(self, value: float, step: int) -> None:
-        self.trial.report(value, step)
+        self.trial.report(value, step)  # the storage's write (a step already reported is ignored, as here)
+        self.local.intermediate_values.setdefault(int(step), float(value))
 
     def should_prune(self) -> bool:
-        return bool(self.trial.study.pruner.prune(self.view, stored_trial(self.trial)))  # type: ignore[arg-type]
+        return bool(self.trial.study.pruner.prune(self.view, self.local))  # type: ignore[arg-type]
 
 
 def refused_tell(exc: BaseException) -> bool:

@@ -104,7 +104,7 @@ class TrialSession:
     resume_training: dict[str, Any] | None = None
     resumed_from: int | None = None
     _deadline: TrialDeadline | None = None
-    _pruning: PruningTrial = field(init=False)  # report/should_prune, finished trials read at most every 10 s
+    _pruning: PruningTrial = field(init=False)  # report/should_prune, no per-epoch storage read for the decision
     _last_saved: float = field(default_factory=time.monotonic)  # the trial's start, then the last last.pt
     _earlier_runs: dict[int, str] = field(default_factory=dict)  # MLflow runs of the attempts this one retries
 

@@ -3,9 +3,11 @@ of it fails here first, by name."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -110,3 +112,115 @@ def test_pruner_reads_finished_trials_once_per_ttl(tmp_path: Path, monkeypatch) 
     running = cache.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     assert [t.number for t in running] == [1]  # unfinished states always come from the storage
     assert cache.direction == study.direction  # everything else is the study's
+
+
+# --- PruningTrial: the pruner's decision on the locally kept trial is Optuna's own, for every pruner ---------------
+
+CURVES = [  # maximize; 8 epochs each, hand-made: improving, flat, declining, late blooming, a NaN
+    [0.50, 0.60, 0.70, 0.75, 0.80, 0.82, 0.84, 0.85],
+    [0.55, 0.58, 0.60, 0.62, 0.63, 0.64, 0.64, 0.65],
+    [0.30, 0.35, 0.40, 0.45, 0.50, 0.55, 0.60, 0.65],
+    [0.70, 0.72, 0.71, 0.70, 0.69, 0.68, 0.67, 0.66],
+    [0.20, 0.25, 0.30, 0.85, 0.88, 0.90, 0.91, 0.92],
+    [0.60, 0.65, 0.70, 0.74, 0.78, 0.81, 0.83, 0.86],
+    [0.45, 0.44, 0.43, 0.42, 0.41, 0.40, 0.39, 0.38],
+    [0.62, 0.66, math.nan, 0.75, 0.80, 0.83, 0.85, 0.87],
+    [0.58, 0.64, 0.69, 0.73, 0.77, 0.80, 0.82, 0.84],
+    [0.66, 0.71, 0.76, 0.80, 0.84, 0.87, 0.89, 0.90],
+    [0.35, 0.50, 0.65, 0.70, 0.72, 0.74, 0.76, 0.78],
+    [0.64, 0.70, 0.75, 0.79, 0.82, 0.86, 0.88, 0.91],
+]
+TWIN_PRUNERS: list[dict[str, Any]] = [
+    {"name": "none"},
+    {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
+    {"name": "median_carry_forward", "n_startup_trials": 2},
+    {"name": "percentile", "percentile": 40.0, "n_startup_trials": 2},
+    {"name": "successive_halving", "min_resource": 1, "reduction_factor": 2},
+    {"name": "successive_halving"},  # min_resource "auto": estimated from the completed trials
+    {"name": "hyperband", "min_resource": 1, "reduction_factor": 2},
+    {"name": "threshold", "lower": 0.42, "n_warmup_steps": 1},
+    {"name": "patient", "patience": 1, "n_startup_trials": 2},
+    {"name": "wilcoxon", "p_threshold": 0.2},
+]
+
+
+def test_every_pruner_the_project_offers_is_checked_against_optunas_own_decision() -> None:
+    from search.pruning import PRUNERS
+
+    assert {p["name"] for p in TWIN_PRUNERS} == set(PRUNERS)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Wilcoxon warns about the NaN curve, on both sides alike
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize("options", TWIN_PRUNERS, ids=lambda o: "-".join(map(str, o.values())))
+def test_local_decision_is_optunas_at_every_step(options: dict[str, Any], tmp_path: Path) -> None:
+    """Two SQLite studies of the same name (Hyperband's brackets follow it) with the same pruner settings: one
+    decides through PruningTrial, the twin through Optuna's own ``trial.should_prune()``; a trial ends PRUNED at
+    its first True, else COMPLETE. Every decision, and every trial's stored record, must be the same."""
+    from search.config import PrunerSection
+    from search.optuna_adapter import PruningTrial
+    from search.pruning import build_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    studies = [optuna.create_study(study_name="twin", direction="maximize",
+                                   storage=f"sqlite:///{tmp_path / f'{side}.db'}",
+                                   pruner=build_pruner(PrunerSection(**options), len(CURVES[0])))
+               for side in ("local", "optuna")]
+    decisions: dict[str, list[list[bool]]] = {"local": [], "optuna": []}
+    for curve in CURVES:
+        local, twin = PruningTrial(studies[0].ask()), studies[1].ask()
+        for side in decisions.values():
+            side.append([])
+        for step, value in enumerate(curve):
+            local.report(value, step)
+            twin.report(value, step)
+            decisions["local"][-1].append(local.should_prune())
+            decisions["optuna"][-1].append(bool(twin.should_prune()))
+            if decisions["optuna"][-1][-1]:
+                break
+        for study, trial in zip(studies, (local.trial, twin), strict=True):
+            if decisions["optuna"][-1][-1]:
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial, curve[-1])
+    assert decisions["local"] == decisions["optuna"]
+    pruned = [i for i, d in enumerate(decisions["optuna"]) if d[-1]]
+    assert (pruned == []) == (options["name"] == "none"), pruned  # the comparison covers pruned trials
+    records = [[(t.state, t.intermediate_values, t.system_attrs) for t in s.trials] for s in studies]
+    assert repr(records[0]) == repr(records[1])  # the same values (NaN too) and rung attrs stored on both sides
+    if options["name"] in ("successive_halving", "hyperband"):
+        assert any("completed_rung_1" in t.system_attrs for t in studies[0].trials)  # past the first rung
+
+
+def test_pruning_trial_reads_the_running_trial_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trial is read from the storage when the session starts (values reported before it included), never
+    again; what it reports still lands in the storage at once."""
+    from search.optuna_adapter import PruningTrial
+
+    study = optuna.create_study(storage=storage(tmp_path, heartbeat=False), direction="maximize",
+                                pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2))
+    first = study.ask()
+    for step, value in enumerate([0.5, 0.6, 0.7]):
+        first.report(value, step)
+        assert not first.should_prune()  # writes its completed_rung_0 (0.6) and _1 (0.7)
+    study.tell(first, 0.7)
+    trial = study.ask()
+    trial.report(0.25, 0)  # e.g. inherited by a retry: in the storage before the session starts
+    live = PruningTrial(trial)
+    reads: list[str] = []
+    cls = type(study._storage)
+
+    def counted(name: str) -> Any:
+        real = getattr(cls, name)
+        return lambda self, *args: reads.append(name) or real(self, *args)
+
+    for name in ("get_trial", "get_trial_system_attrs"):
+        monkeypatch.setattr(cls, name, counted(name))
+    live.report(0.375, 1)
+    assert live.should_prune() is True  # rung 0 at epoch 1: 0.375 below trial 0's 0.6
+    assert live.local.intermediate_values == {0: 0.25, 1: 0.375}
+    assert live.local.system_attrs["completed_rung_0"] == 0.375
+    assert reads == []
+    monkeypatch.undo()
+    stored = stored_trial(trial)
+    assert stored.intermediate_values == {0: 0.25, 1: 0.375} and stored.system_attrs["completed_rung_0"] == 0.375
