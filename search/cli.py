@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -623,6 +624,19 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: finished trials are saved; run the same command again to resume the study.",
               file=sys.stderr)
         return 130
+    finally:
+        if argv is None:  # the process itself, about to exit (tests pass argv and go on)
+            _before_exit()
+
+
+def _before_exit() -> None:
+    """Close the Optuna storages, then freeze every object: Python's garbage collections at exit would walk all
+    that torch, mlflow and optuna made, about 3 s (BENCHMARKS.md section 8), only to free memory the exit frees."""
+    if "search.stores" in sys.modules:  # a command that opened no storage has not imported it
+        from search.stores import close_storages
+
+        close_storages()
+    gc.freeze()
 
 
 if __name__ == "__main__":
