@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -43,6 +44,8 @@ Results go to RUN_DIR/STUDY_NAME/ (default runs/<name>/): optuna.db (Optuna stor
 mlartifacts/ (MLflow), checkpoints/trial-N/best.pt. Every command that reads a study takes the same
 --run-dir/--storage/--tracking-uri options as `hpo run`.
 """
+
+_own_process = False  # main() runs as the `hpo` process itself, which exits after it (tests pass argv and go on)
 
 EXAMPLES_RUN = """\
 examples:
@@ -272,14 +275,31 @@ def _open_existing(args: argparse.Namespace) -> tuple[optuna.Study, RunPaths]:
         raise SettingsError(f"the storage {paths.storage_url} has no study named {name!r}.") from exc
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from search.launch import plan_workers, run_parallel
-    from search.records import best_trial
-    from search.stores import run_paths
-    from search.study import run_study
-    from search.summary import counts, epochs_spent, study_table
+@contextlib.contextmanager
+def _loading() -> Iterator[None]:
+    """No garbage collection while torch, mlflow, optuna and the objective load: each full one walks every object
+    loaded so far, 7 of them and about 1.2 s for `hpo run` (BENCHMARKS.md section 8). Loading leaves little garbage.
+    In the `hpo` process what was loaded is then frozen, so the collections of the run that follows skip it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if _own_process:
+            gc.freeze()
+        if enabled:
+            gc.enable()
 
-    settings = _settings(args)
+
+def cmd_run(args: argparse.Namespace) -> int:
+    with _loading():
+        from search.launch import plan_workers, run_parallel
+        from search.records import best_trial
+        from search.stores import run_paths
+        from search.study import run_study
+        from search.summary import counts, epochs_spent, study_table
+
+        settings = _settings(args)
     paths = run_paths(args.run_dir, settings.study.name, args.storage, args.tracking_uri)
     _check_destinations(args)
     _proxy_note(paths.storage_url)
@@ -323,12 +343,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from search.stores import run_paths
-    from search.study import run_study
-    from search.workers import set_threads
+    with _loading():
+        from search.stores import run_paths
+        from search.study import run_study
+        from search.workers import set_threads
 
-    set_threads(args.threads)
-    settings = _settings(args)
+        set_threads(args.threads)
+        settings = _settings(args)
     paths = run_paths(args.run_dir, settings.study.name, args.storage, args.tracking_uri)
     _check_destinations(args)
     _proxy_note(paths.storage_url)
@@ -608,8 +629,10 @@ def _check_destinations(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _own_process
     from search.preflight import check_options
 
+    _own_process = argv is None
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
@@ -624,6 +647,19 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: finished trials are saved; run the same command again to resume the study.",
               file=sys.stderr)
         return 130
+    finally:
+        if _own_process:
+            _before_exit()
+
+
+def _before_exit() -> None:
+    """Close the Optuna storages, then freeze every object: Python's garbage collections at exit would walk all
+    that torch, mlflow and optuna made, about 3 s (BENCHMARKS.md section 8), only to free memory the exit frees."""
+    if "search.stores" in sys.modules:  # a command that opened no storage has not imported it
+        from search.stores import close_storages
+
+        close_storages()
+    gc.freeze()
 
 
 def exit_now(code: int) -> NoReturn:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ SQLITE_READ_TIMEOUT_S = 60
 # light workers hold over 100 connections, PostgreSQL's default limit (BENCHMARKS.md section 10).
 WORKER_POOL = (1, 2)
 PROXY_POOL = (4, 8)  # `hpo storage-proxy`: one process serving every worker's calls from its threads
+_OPENED: weakref.WeakSet[optuna.storages.RDBStorage] = weakref.WeakSet()  # for close_storages
 
 
 def sqlite_url(path: Path) -> str:
@@ -138,9 +140,13 @@ def _create_rdb(url: str, beats: dict[str, Any], engine: dict[str, Any],
     import sqlalchemy.exc
 
     def create() -> optuna.storages.RDBStorage:
+        storage: optuna.storages.RDBStorage
         if retrier is not None:
-            return RetryingRDBStorage(url, retrier, engine_kwargs=engine, **beats)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **beats)
+            storage = RetryingRDBStorage(url, retrier, engine_kwargs=engine, **beats)
+        else:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **beats)
+        _OPENED.add(storage)
+        return storage
 
     if is_postgres(url):
         with advisory_lock(url, "schema"):
@@ -179,5 +185,18 @@ def open_for_reading(url: str) -> optuna.storages.BaseStorage:
     if not path.is_file():
         raise SettingsError(f"no results here yet: {path} does not exist. Run `hpo run FILE` first, or pass "
                             "the --run-dir/--storage it used.")
-    return optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True,
-                                      engine_kwargs={"connect_args": {"timeout": SQLITE_READ_TIMEOUT_S}})
+    storage = optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True,
+                                         engine_kwargs={"connect_args": {"timeout": SQLITE_READ_TIMEOUT_S}})
+    _OPENED.add(storage)
+    return storage
+
+
+def close_storages() -> None:
+    """Close the connections of every RDB storage this process opened; SQLite folds its WAL file back into the
+    database file on the last close. For the end of the `hpo` process, which leaves its objects to the exit
+    without a last garbage collection (search/cli.py ``main``), so nothing else would close them. Never raises:
+    the command's own outcome stands."""
+    for storage in list(_OPENED):
+        with contextlib.suppress(Exception):  # e.g. a database server already gone: nothing left to close
+            storage.remove_session()
+            storage.engine.dispose()

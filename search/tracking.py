@@ -8,12 +8,14 @@ with explicit run ids, never the global "active run", so several trials or worke
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import queue
 import shutil
+import sqlite3
 import tempfile
 import threading
 import time
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from search import records
 from search.errors import TrackingError
-from search.stores import sqlite_path
+from search.stores import sqlite_path, sqlite_url
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
@@ -80,6 +82,7 @@ class Tracker:
         db = sqlite_path(tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
+            copy_empty_store(db)
         if tracking_uri.startswith(("http://", "https://")):
             probe_server(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -195,6 +198,47 @@ class Tracker:
         extra = {k: v for k, v in resolved.items() if k not in params or params[k] != v}
         self.client.log_batch(run.info.run_id, params=_params(params) + _params(extra, "config."))
         return TrialRun(self.client, run.info.run_id)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpo"
+
+
+def empty_store() -> Path:
+    """An empty, fully migrated MLflow SQLite store, made once per MLflow schema in the user's cache
+    (``~/.cache/hpo``, or ``$XDG_CACHE_HOME/hpo``): MLflow makes a store by running its alembic migrations,
+    3 to 6 s for every new run directory (BENCHMARKS.md section 8), where a copy of this one takes milliseconds.
+    It has no experiment: MLflow adds its Default one when it opens a copy, as it does in a store it made."""
+    import mlflow
+
+    migrations = sorted(os.listdir(Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"))
+    schema = hashlib.sha256("\n".join(migrations).encode()).hexdigest()[:12]
+    path = _cache_dir() / f"mlflow-{mlflow.__version__}-{schema}.db"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        made = Path(tmp) / "empty.db"
+        MlflowClient(tracking_uri=sqlite_url(made)).search_experiments()  # MLflow creates and migrates it
+        with contextlib.closing(sqlite3.connect(made)) as conn, conn:
+            conn.execute("DELETE FROM experiments WHERE experiment_id = 0")  # MLflow adds it again where a copy opens
+        os.replace(made, path)  # whole or not at all: processes making it at once each replace it with a good one
+    return path
+
+
+def copy_empty_store(db: Path) -> None:
+    """Create a missing SQLite tracking store ``db`` as a copy of ``empty_store()``. Never raises: where the
+    cache cannot be written or the copy fails, ``db`` stays missing and MLflow creates it the slow way."""
+    if db.exists():
+        return
+    part = db.with_name(f".{db.name}.{os.getpid()}.part")
+    try:
+        shutil.copyfile(empty_store(), part)
+        os.link(part, db)  # never over a store another process created meanwhile (FileExistsError)
+    except Exception as exc:  # noqa: BLE001 - MLflow makes the store itself
+        logging.getLogger(__name__).debug("no copy of an empty MLflow store for %s: %s", db, exc)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 class _BackgroundWriter:

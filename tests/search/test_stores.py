@@ -8,7 +8,16 @@ import optuna
 import pytest
 
 from search.errors import SettingsError
-from search.stores import is_postgres, open_for_reading, open_storage, redact, run_paths, sqlite_path, sqlite_url
+from search.stores import (
+    close_storages,
+    is_postgres,
+    open_for_reading,
+    open_storage,
+    redact,
+    run_paths,
+    sqlite_path,
+    sqlite_url,
+)
 
 
 def test_sqlite_urls_round_trip_and_other_schemes_have_no_path(tmp_path: Path) -> None:
@@ -43,3 +52,19 @@ def test_sqlite_storage_is_opened_in_wal_mode_and_read_without_creating(tmp_path
     optuna.create_study(study_name="s", storage=open_storage(url))
     assert (tmp_path / "o.db-wal").exists() or (tmp_path / "o.db").read_bytes()[18:20] == b"\x02\x02"  # WAL
     assert [s.study_name for s in optuna.get_all_study_summaries(open_for_reading(url))] == ["s"]
+
+
+def test_close_storages_leaves_each_sqlite_storage_whole_in_its_file(tmp_path: Path) -> None:
+    """What `hpo` does before it exits without a last garbage collection: SQLite folds the WAL back in."""
+    writer = open_storage(sqlite_url(tmp_path / "optuna.db"))
+    study = optuna.create_study(study_name="s", storage=writer)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    reader = open_for_reading(sqlite_url(tmp_path / "optuna.db"))
+    assert len(optuna.load_study(study_name="s", storage=reader).trials) == 2
+    assert (tmp_path / "optuna.db-wal").exists()  # both still open: the trials may be in the WAL only
+    close_storages()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optuna.db"]
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "optuna.db").write_bytes((tmp_path / "optuna.db").read_bytes())
+    assert len(optuna.load_study(study_name="s", storage=sqlite_url(copy / "optuna.db")).trials) == 2
