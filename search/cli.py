@@ -653,18 +653,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _before_exit() -> None:
-    """Close the Optuna storages, then freeze every object: Python's garbage collections at exit would walk all
-    that torch, mlflow and optuna made, about 3 s (BENCHMARKS.md section 8), only to free memory the exit frees."""
+    """Close the Optuna storages: SQLite folds its WAL file back into optuna.db on the last close, and
+    ``exit_now`` leaves no garbage collection or teardown that would close them (copying optuna.db alone
+    would otherwise miss the latest trials)."""
     if "search.stores" in sys.modules:  # a command that opened no storage has not imported it
         from search.stores import close_storages
 
         close_storages()
-    gc.freeze()
 
 
 def exit_now(code: int) -> NoReturn:
-    """Exit as ``sys.exit`` would, minus the interpreter's teardown of every module, which costs 2-3 s here once
-    torch (its CUDA build) and mlflow are loaded: after every command, and in every worker process. What a
+    """Exit as ``sys.exit`` would, minus the interpreter's teardown (its garbage collections over everything
+    torch, mlflow and optuna made, and every module's cleanup), 2-3 s here: after every command, and in every
+    worker process. ``main`` has closed the Optuna storages (``_before_exit``). What a
     normal exit does that matters still happens first, in its order: threads that are not daemons run to their
     end, then atexit handlers (queued MLflow writes, logging), then the standard streams are flushed."""
     for thread in threading.enumerate():

@@ -1,4 +1,4 @@
-"""The `hpo` process skips Python's garbage collections at exit (search/cli.py ``_before_exit``): it must still
+"""The `hpo` process skips Python's teardown at exit (search/cli.py ``exit_now``, after ``_before_exit``): it must still
 leave whole stores behind, each one file that can be copied alone."""
 
 from __future__ import annotations
