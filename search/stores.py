@@ -155,7 +155,11 @@ def _create_rdb(url: str, beats: dict[str, Any], engine: dict[str, Any],
         try:
             return create()
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            time.sleep(0.5 * (attempt + 1))
+            pass
+        except sqlalchemy.exc.OperationalError as exc:  # SQLite: "table studies already exists"
+            if "already exists" not in str(exc):
+                raise
+        time.sleep(0.5 * (attempt + 1))
     return create()
 
 
