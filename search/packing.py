@@ -195,9 +195,11 @@ class PackRunner:
             together = [n for n, m in self.members.items() if group_key(m.fixed) == key] + [trial.number]
             trial.set_user_attr(records.PACKED_WITH, together)
             pack.add(trial.number, params, session.on_epoch, session.resume_training)
-        except Exception as exc:  # noqa: BLE001 - a config the pack refuses fails this trial only
+        except BaseException as exc:
             self.members[trial.number] = member
-            self._end(trial.number, exc)
+            if not isinstance(exc, Exception):
+                raise  # Ctrl-C or SIGTERM: ``run`` ends this trial with the others (interrupted, re-enqueued)
+            self._end(trial.number, exc)  # a config the pack refuses fails this trial only
             return
         self.members[trial.number] = member
 
