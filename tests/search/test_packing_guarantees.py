@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,9 @@ def test_stopping_hpo_run_pack_fails_requeues_every_member_and_the_next_run_resu
 def test_a_stale_trial_is_failed_with_its_reason_and_retried_before_a_pack_starts(tmp_path: Path) -> None:
     settings, opened = _open(tmp_path, "study.max_epochs=2", "study.heartbeat_interval=1", "study.grace_period=3")
     study = opened.study
-    lost = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)})
+    with warnings.catch_warnings():  # "heartbeat ... with Study.optimize": this trial's worker is the test
+        warnings.simplefilter("ignore", UserWarning)
+        lost = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)})
     with heartbeat(lost):  # one heartbeat, then none: its worker was cut off
         pass
     time.sleep(3.5)  # past the grace period
