@@ -19,7 +19,8 @@ cannot time K trials separately). An epoch it cuts short fails the members past 
 ``trial_timeout``; the others fail with reason ``pack_interrupted`` and are re-enqueued (they resume from
 ``last.pt``), as Ctrl-C does. Between epochs a member past its deadline leaves its pack and fails alone.
 Ctrl-C and SIGTERM fail every open member with reason ``interrupted``, end its MLflow run KILLED and re-enqueue
-it, as for an unpacked trial.
+it, as for an unpacked trial. A storage that stops answering (``StorageUnavailable``) stops the worker and ends
+every member's MLflow run KILLED (``storage_lost``), leaving the Optuna trials to the other workers.
 A pack that runs out of memory fails its members with reason ``out_of_memory``, records ``oom_pack_size`` on
 them, re-enqueues them (they resume from ``last.pt``) and this worker packs at most half as many from then on.
 
@@ -55,6 +56,7 @@ from search.failures import (
 from search.optuna_adapter import heartbeat, stored_trial
 from search.session import TrialSession
 from search.space import suggest
+from search.storage_retry import StorageUnavailable
 from search.study import OpenStudy, Step, claim_slot, taken_over_at_the_end
 from search.workers import BudgetLock, retry
 
@@ -244,6 +246,9 @@ class PackRunner:
         member = self.members.pop(number)
         trial, session = member.trial, member.session
         try:
+            if isinstance(error, StorageUnavailable):  # not this worker's to record: only its MLflow run ends, KILLED
+                session.__exit__(type(error), error, error.__traceback__)
+                return
             if error is None:
                 pack = self.packs[group_key(member.fixed)]
                 try:
@@ -285,7 +290,7 @@ class PackRunner:
                     self._epoch(key)
                 self._drop_empty()
                 self.fill()
-        except BaseException as exc:  # Ctrl-C or SIGTERM: every open trial is failed and re-enqueued
+        except BaseException as exc:  # Ctrl-C, SIGTERM (each open trial failed, re-enqueued), a lost storage, a bug
             for number in list(self.members):
                 self._end(number, exc)
             raise
@@ -330,6 +335,8 @@ class PackRunner:
         for number, error in left:
             fixed = self.members[number].fixed
             self._end(number, error)
+            if isinstance(error, StorageUnavailable):
+                raise error  # the worker stops, as unpacked; ``run`` ends the other members' runs likewise
             self.refill.append(fixed)
 
     def _cut_short(self, key: str) -> None:

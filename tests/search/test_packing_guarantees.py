@@ -169,6 +169,30 @@ def test_a_member_taken_over_by_another_worker_is_dropped_and_its_retry_resumes(
     assert run.info.status == "KILLED" and run.data.tags["hpo.reason"] == "taken_over"
 
 
+def test_a_storage_that_stops_answering_stops_the_worker_and_ends_every_members_run_killed(
+        tmp_path: Path, patched_epochs: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.storage_retry import StorageUnavailable
+
+    def storage_goes_away(call: int, pack: Any) -> bool:
+        if call == 2:  # epoch 1 of both members: reporting it finds the storage gone (its retries spent)
+            def report(self: optuna.Trial, value: float, step: int) -> None:
+                raise StorageUnavailable("the Optuna storage did not answer for 0 s")
+            monkeypatch.setattr(optuna.Trial, "report", report)
+        return False
+
+    patched_epochs.append(storage_goes_away)
+    settings, opened = _open(tmp_path, "study.max_epochs=3")
+    with pytest.raises(StorageUnavailable):
+        run_trials(opened, 2, None)
+    monkeypatch.undo()
+    trials = opened.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.RUNNING] * 2  # not this worker's to record: others fail them
+    client = opened.tracker.client
+    for t in trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["hpo.reason"] == "storage_lost"
+
+
 def test_ctrl_c_then_an_epoch_past_a_members_trial_timeout_is_cut_short(tmp_path: Path,
                                                                         patched_epochs: list[Any]) -> None:
     """Ctrl-C in epoch 1 of trials 0 and 1 re-enqueues both (as trials 2 and 3, resuming from epoch 1). The next run,
