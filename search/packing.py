@@ -272,6 +272,10 @@ class PackRunner:
                 retry(self.study, stored_trial(trial))  # resumes from its last.pt in a smaller pack
         except TrialTakenOver:
             return  # logged by the session, its MLflow run ended KILLED; the retry belongs to whoever took it over
+        except KeyboardInterrupt:
+            if error is None or isinstance(error, optuna.TrialPruned):  # Ctrl-C while its end was being recorded:
+                self.members[number] = member  # ``run`` ends it with the others (interrupted, re-enqueued)
+            raise
         finally:
             member.beat.close()
 

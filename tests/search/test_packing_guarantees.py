@@ -103,6 +103,25 @@ def test_stopping_hpo_run_pack_fails_requeues_every_member_and_the_next_run_resu
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FINISHED"
 
 
+def test_ctrl_c_while_a_member_saves_its_result_interrupts_it_too(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.session import TrialSession
+
+    def complete(self: TrialSession, checkpoint: dict[str, Any], model: Any = None) -> float:
+        raise KeyboardInterrupt  # as if Ctrl-C came while best.pt was written
+
+    monkeypatch.setattr(TrialSession, "complete", complete)
+    settings, opened = _open(tmp_path, "study.max_epochs=2")
+    with pytest.raises(KeyboardInterrupt):
+        run_trials(opened, 2, None)
+    trials = opened.study.get_trials()
+    assert [(t.state, t.user_attrs["reason"]) for t in trials[:2]] == [(TrialState.FAIL, "interrupted")] * 2
+    assert sorted(t.system_attrs["failed_trial"] for t in trials[2:]) == [0, 1]
+    assert {t.state for t in trials[2:]} == {TrialState.WAITING}
+    client = opened.tracker.client
+    assert {client.get_run(t.user_attrs["mlflow_run_id"]).info.status for t in trials[:2]} == {"KILLED"}
+
+
 def test_a_stale_trial_is_failed_with_its_reason_and_retried_before_a_pack_starts(tmp_path: Path) -> None:
     settings, opened = _open(tmp_path, "study.max_epochs=2", "study.heartbeat_interval=1", "study.grace_period=3")
     study = opened.study
