@@ -122,21 +122,25 @@ def test_ctrl_c_while_a_member_saves_its_result_interrupts_it_too(tmp_path: Path
     assert {client.get_run(t.user_attrs["mlflow_run_id"]).info.status for t in trials[:2]} == {"KILLED"}
 
 
-def test_a_stale_trial_is_failed_with_its_reason_and_retried_before_a_pack_starts(tmp_path: Path) -> None:
-    settings, opened = _open(tmp_path, "study.max_epochs=2", "study.heartbeat_interval=1", "study.grace_period=3")
+def test_a_packing_worker_waits_for_a_trial_running_elsewhere_and_takes_it_over_when_it_goes_stale(
+        tmp_path: Path) -> None:
+    """Another worker holds trial 0 and stops beating (cut off). Budget 2: this worker runs trial 1, then, the rest
+    of the budget running elsewhere, stays instead of exiting; once trial 0 is stale it is failed with its reason
+    and re-enqueued, and this worker runs the retry: the budget is met."""
+    settings, opened = _open(tmp_path, "study.max_epochs=2", "study.heartbeat_interval=1", "study.grace_period=5")
     study = opened.study
     with warnings.catch_warnings():  # "heartbeat ... with Study.optimize": this trial's worker is the test
         warnings.simplefilter("ignore", UserWarning)
         lost = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)})
     with heartbeat(lost):  # one heartbeat, then none: its worker was cut off
         pass
-    time.sleep(3.5)  # past the grace period
     run_trials(opened, 2, None)
     trials = study.get_trials()
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["reason"] == "stale_heartbeat"
-    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
-    assert retry.state == TrialState.COMPLETE and retry.params["lr"] == trials[0].params["lr"]
-    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2 and len(trials) == 3
+    assert trials[1].state == TrialState.COMPLETE and trials[1].user_attrs["packed_with"] == [1]
+    retry = trials[2]
+    assert retry.system_attrs["failed_trial"] == 0 and retry.state == TrialState.COMPLETE
+    assert retry.params["lr"] == trials[0].params["lr"] and len(trials) == 3
 
 
 @pytest.fixture
