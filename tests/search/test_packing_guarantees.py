@@ -192,6 +192,31 @@ def test_a_member_taken_over_by_another_worker_is_dropped_and_its_retry_resumes(
     assert run.info.status == "KILLED" and run.data.tags["hpo.reason"] == "taken_over"
 
 
+def test_a_member_taken_over_after_it_recorded_its_result_keeps_the_other_workers_decision(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This worker finished trial 0 (its MLflow run COMPLETE) but, cut off, was failed as stale by another worker
+    before it could tell Optuna: the other worker's FAIL and retry stand, and trial 0's run is ended KILLED."""
+    from search.session import TrialSession
+
+    settings, opened = _open(tmp_path, "study.max_epochs=2")
+    real = TrialSession.__exit__
+
+    def exit_then_taken_over(self: TrialSession, *exc: Any) -> None:
+        real(self, *exc)
+        if self.trial.number == 0 and exc[0] is None:
+            other = optuna.load_study(study_name=settings.study.name, storage=opened.paths.storage_url)
+            assert fail_and_retry(other, other.trials[0], "stale_heartbeat", lambda t: mark_killed(opened.tracker, t))
+
+    monkeypatch.setattr(TrialSession, "__exit__", exit_then_taken_over)
+    ran, stopped = run_trials(opened, 2, None)
+    trials = opened.study.get_trials()
+    assert ran == 2 and stopped is None and len(trials) == 3  # trial 1 and the retry; trial 0 is not counted
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["reason"] == "stale_heartbeat"
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2 and trials[2].system_attrs["failed_trial"] == 0
+    run = opened.tracker.client.get_run(trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["hpo.reason"] == "taken_over"
+
+
 def test_a_storage_that_stops_answering_stops_the_worker_and_ends_every_members_run_killed(
         tmp_path: Path, patched_epochs: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
     from search.storage_retry import StorageUnavailable
