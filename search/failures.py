@@ -29,16 +29,31 @@ class TrialTimeout(Exception):
     """The trial ran past ``study.trial_timeout`` seconds."""
 
 
-def _on_alarm(signum: int, frame: Any) -> None:
-    raise TrialTimeout("the trial ran past study.trial_timeout")
+class TrialInterrupted(Exception):
+    """The trial was stopped from outside before its end, for ``reason``, and will resume: it is recorded as
+    Ctrl-C records it (FAIL, its MLflow run KILLED, re-enqueued with its params), with that reason. Trial packing
+    raises it for the members of a pack whose epoch was cut short by another member's ``trial_timeout``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
-def arm_timeout(seconds: float | None) -> bool:
-    """Raise TrialTimeout in the main thread after ``seconds``; False (nothing armed) off the main thread,
+class EpochCutShort(BaseException):  # noqa: N818 - a signal like KeyboardInterrupt, not an error
+    """A pack's alarm (``search/packing.py``): its earliest member's ``trial_timeout`` passed inside an epoch. A
+    BaseException, so that no member's hook takes it for its own failure."""
+
+
+def arm_timeout(seconds: float | None, error: type[BaseException] = TrialTimeout) -> bool:
+    """Raise ``error`` in the main thread after ``seconds``; False (nothing armed) off the main thread,
     where signals cannot be delivered, or without a timeout."""
     if not seconds or threading.current_thread() is not threading.main_thread():
         return False
-    signal.signal(signal.SIGALRM, _on_alarm)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise error("the trial ran past study.trial_timeout")
+
+    signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     return True
 

@@ -10,8 +10,17 @@ run, checkpoints (``last.pt`` for resume, ``best.pt``) and user attributes, exac
 A member that is pruned, stops early or ends leaves its pack at once (the pack shrinks), and its slot is
 refilled with a new trial of the same pack key when the budget allows (``study.enqueue_trial`` with those
 params; the sampler chooses the rest), so packing never spends an epoch a trial alone would not.
-``study.trial_timeout`` is checked per member between epochs (one process alarm cannot time K trials): a
-member past it leaves its pack and fails with reason ``trial_timeout``.
+Before each trial is asked, ``search.study.claim_slot`` fails and re-enqueues the trials of dead or cut-off
+workers, as for unpacked trials. A member that another worker failed as stale while this one trained it (its
+heartbeat was missing too long) is dropped here, its MLflow run ended KILLED: the retry is the other worker's.
+
+``study.trial_timeout``: one process alarm per pack epoch, set for its earliest member's deadline (one alarm
+cannot time K trials separately). An epoch it cuts short fails the members past their deadline with reason
+``trial_timeout``; the others fail with reason ``pack_interrupted`` and are re-enqueued (they resume from
+``last.pt``), as Ctrl-C does. Between epochs a member past its deadline leaves its pack and fails alone.
+Ctrl-C and SIGTERM fail every open member with reason ``interrupted``, end its MLflow run KILLED and re-enqueue
+it, as for an unpacked trial. A storage that stops answering (``StorageUnavailable``) stops the worker and ends
+every member's MLflow run KILLED (``storage_lost``), leaving the Optuna trials to the other workers.
 A pack that runs out of memory fails its members with reason ``out_of_memory``, records ``oom_pack_size`` on
 them, re-enqueues them (they resume from ``last.pt``) and this worker packs at most half as many from then on.
 
@@ -26,21 +35,31 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import records
-from search.failures import TrialFailed, TrialTimeout, is_out_of_memory, release_memory
-from search.optuna_adapter import heartbeat, heartbeat_enabled, stored_trial
+from search.failures import (
+    EpochCutShort,
+    TrialFailed,
+    TrialInterrupted,
+    TrialTakenOver,
+    TrialTimeout,
+    arm_timeout,
+    disarm_timeout,
+    is_out_of_memory,
+    release_memory,
+)
+from search.optuna_adapter import heartbeat, stored_trial
 from search.samplers import seed_next_trial
 from search.session import TrialSession
 from search.space import suggest
-from search.summary import counts
-from search.tracking import mark_killed
-from search.workers import BudgetLock, recover_local_orphans, retry
+from search.storage_retry import StorageUnavailable
+from search.study import OpenStudy, Step, claim_slot, taken_over_at_the_end
+from search.workers import BudgetLock, retry
 
 OnEpoch = Callable[[int, dict[str, float], Any], bool]
 
@@ -93,17 +112,18 @@ class Member:
     session: TrialSession
     beat: contextlib.ExitStack
     fixed: dict[str, Any]
-    started: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # when its trial_timeout ends (time.monotonic)
 
 
 class PackRunner:
     """One worker's packs. ``ask`` starts trials under the budget lock; ``run`` trains them until the budget,
     the timeout or ``max_failures`` failures in a row stop it."""
 
-    def __init__(self, opened: Any, n_trials: int | None, timeout: float | None, size: int, lock: BudgetLock,
+    def __init__(self, opened: OpenStudy, n_trials: int | None, timeout: float | None, size: int, lock: BudgetLock,
                  callbacks: list[Callable[[optuna.Study, FrozenTrial], None]], should_stop: Callable[[], bool]) -> None:
         self.opened = opened
         self.study: optuna.Study = opened.study
+        assert isinstance(opened.objective, PackingObjective)
         self.objective: PackingObjective = opened.objective
         self.n_trials = n_trials
         self.timeout = timeout
@@ -124,19 +144,16 @@ class PackRunner:
         timed_out = self.timeout is not None and time.monotonic() - self.started >= self.timeout
         return not timed_out and not self.should_stop()
 
-    def ask(self, fixed: dict[str, Any] | None) -> tuple[optuna.Trial, dict[str, Any]] | None:
-        """A new RUNNING trial with its sampled params, or None when the budget is met. ``fixed``: params to
-        enqueue for it (a refill of a pack's slot), unless a waiting trial (a retry) comes first."""
+    def ask(self, fixed: dict[str, Any] | None) -> tuple[optuna.Trial, dict[str, Any]] | Step:
+        """A new RUNNING trial with its sampled params, or what ``claim_slot`` said instead ("wait", "stop").
+        ``fixed``: params to enqueue for it (a refill of a pack's slot), unless a waiting trial (a retry) comes
+        first."""
         study, opened = self.study, self.opened
         self.lock.acquire()
         try:
-            recover_local_orphans(study, on_fail=lambda t: mark_killed(self.opened.tracker, t))
-            if heartbeat_enabled(study):
-                optuna.storages.fail_stale_trials(study)
-            c = counts(study)
-            if self.n_trials is not None and c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= self.n_trials:
-                return None
-            opened.tracker.reopen(opened.parent_run_id)
+            step = claim_slot(opened, self.n_trials)
+            if step != "start":
+                return step
             if fixed and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 study.enqueue_trial(fixed)
             settings = opened.settings
@@ -153,7 +170,10 @@ class PackRunner:
         while len(self.members) < self.size and self._may_start():
             fixed_hint = self.refill.pop(0) if self.refill else None
             asked = self.ask(fixed_hint)
-            if asked is None:
+            if asked == "wait" and not self.members:  # the rest of the budget runs elsewhere: stay to take over
+                time.sleep(min(1.0, self.opened.settings.study.heartbeat_interval))
+                continue
+            if isinstance(asked, str):
                 self.refill.clear()
                 return
             trial, params = asked
@@ -169,21 +189,24 @@ class PackRunner:
         if pack is None:
             pack = self.packs[key] = self.objective.open_pack(params)
         ctx = self.opened.ctx
+        assert ctx is not None
         beat = contextlib.ExitStack()
         beat.enter_context(heartbeat(trial))
         session = ctx.trial(trial, params, pack.resolved(params))
+        member = Member(trial, session, beat, fixed)
         try:
             session.__enter__()
-            if session._deadline is not None:  # one process alarm cannot time K trials: each is checked per epoch
-                session._deadline.disarm()
+            member.deadline = session.take_deadline()  # the pack's alarm times it (see _epoch)
             together = [n for n, m in self.members.items() if group_key(m.fixed) == key] + [trial.number]
             trial.set_user_attr(records.PACKED_WITH, together)
             pack.add(trial.number, params, session.on_epoch, session.resume_training)
-        except Exception as exc:  # noqa: BLE001 - a config the pack refuses fails this trial only
-            self.members[trial.number] = Member(trial, session, beat, fixed)
-            self._end(trial.number, exc)
+        except BaseException as exc:
+            self.members[trial.number] = member
+            if not isinstance(exc, Exception):
+                raise  # Ctrl-C or SIGTERM: ``run`` ends this trial with the others (interrupted, re-enqueued)
+            self._end(trial.number, exc)  # a config the pack refuses fails this trial only
             return
-        self.members[trial.number] = Member(trial, session, beat, fixed)
+        self.members[trial.number] = member
 
     def _run_alone(self, trial: optuna.Trial) -> None:
         """A trial that cannot be packed, run through the objective as ``study.optimize`` would run it."""
@@ -194,6 +217,8 @@ class PackRunner:
         with heartbeat(trial):
             try:
                 value = float(self.opened.objective(trial))
+            except TrialTakenOver:
+                return  # logged by the session; the trial's retry belongs to whoever took it over
             except optuna.TrialPruned:
                 self._tell(trial, state=TrialState.PRUNED)
             except TrialFailed:
@@ -206,17 +231,27 @@ class PackRunner:
 
     # --- ending trials -------------------------------------------------------------------------------------------
 
-    def _tell(self, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None) -> None:
+    def _tell(self, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None) -> bool:
+        """Record the trial's end in Optuna; False when another worker had failed it as stale first (then its
+        MLflow run is ended KILLED, as ``run_trials`` does)."""
         frozen = self.study.tell(trial, value, state=state, skip_if_finished=True)
+        if frozen.state != (state or TrialState.COMPLETE):
+            taken_over_at_the_end(self.opened, trial)
+            return False
         self.ran += 1
         for callback in self.callbacks:
             callback(self.study, frozen)
+        return True
 
     def _end(self, number: int, error: BaseException | None, oom_pack: int = 0) -> None:
-        """Finish one member's trial: COMPLETE with its value, PRUNED, or FAIL (retried after an OOM or Ctrl-C)."""
+        """Finish one member's trial: COMPLETE with its value, PRUNED, or FAIL (retried after an OOM, Ctrl-C or
+        a pack epoch cut short), unless another worker took it over."""
         member = self.members.pop(number)
         trial, session = member.trial, member.session
         try:
+            if isinstance(error, StorageUnavailable):  # not this worker's to record: only its MLflow run ends, KILLED
+                session.__exit__(type(error), error, error.__traceback__)
+                return
             if error is None:
                 pack = self.packs[group_key(member.fixed)]
                 try:
@@ -234,11 +269,16 @@ class PackRunner:
                 return
             if oom_pack:
                 trial.set_user_attr(records.OOM_PACK_SIZE, oom_pack)
-            with contextlib.suppress(TrialFailed):  # a KeyboardInterrupt is re-enqueued in there
+            with contextlib.suppress(TrialFailed):  # KeyboardInterrupt, TrialInterrupted are re-enqueued in there
                 session.__exit__(type(error), error, error.__traceback__)
-            self._tell(trial, state=TrialState.FAIL)
-            if oom_pack:
+            if self._tell(trial, state=TrialState.FAIL) and oom_pack:
                 retry(self.study, stored_trial(trial))  # resumes from its last.pt in a smaller pack
+        except TrialTakenOver:
+            return  # logged by the session, its MLflow run ended KILLED; the retry belongs to whoever took it over
+        except KeyboardInterrupt:
+            if error is None or isinstance(error, optuna.TrialPruned):  # Ctrl-C while its end was being recorded:
+                self.members[number] = member  # ``run`` ends it with the others (interrupted, re-enqueued)
+            raise
         finally:
             member.beat.close()
 
@@ -257,20 +297,38 @@ class PackRunner:
                     self._epoch(key)
                 self._drop_empty()
                 self.fill()
-        except BaseException as exc:  # Ctrl-C or SIGTERM: every open trial is failed and re-enqueued
+        except BaseException as exc:  # Ctrl-C, SIGTERM (each open trial failed, re-enqueued), a lost storage, a bug
             for number in list(self.members):
                 self._end(number, exc)
             raise
         return self.ran
 
+    def _numbers(self, key: str) -> list[int]:
+        return [n for n, m in self.members.items() if group_key(m.fixed) == key]
+
     def _epoch(self, key: str) -> None:
         pack = self.packs[key]
+        now = time.monotonic()
+        for number in self._numbers(key):  # past its trial_timeout between two epochs: it leaves alone
+            deadline = self.members[number].deadline
+            if deadline is not None and now >= deadline:
+                pack.remove(number)
+                self._end(number, TrialTimeout("the trial ran past study.trial_timeout"))
         if not len(pack):
             return
+        deadlines = [d for n in self._numbers(key) if (d := self.members[n].deadline) is not None]
         try:
-            left = pack.run_epoch()
+            armed = bool(deadlines) and arm_timeout(max(min(deadlines) - time.monotonic(), 1e-3), EpochCutShort)
+            try:
+                left = pack.run_epoch()
+            finally:
+                if armed:
+                    disarm_timeout()
+        except EpochCutShort:
+            self._cut_short(key)
+            return
         except Exception as exc:  # noqa: BLE001 - the pack itself failed (out of memory, a bug): all its members
-            numbers = [n for n, m in self.members.items() if group_key(m.fixed) == key]
+            numbers = self._numbers(key)
             oom = is_out_of_memory(exc) and len(numbers) > 1
             del self.packs[key]
             for number in numbers:
@@ -284,9 +342,20 @@ class PackRunner:
         for number, error in left:
             fixed = self.members[number].fixed
             self._end(number, error)
+            if isinstance(error, StorageUnavailable):
+                raise error  # the worker stops, as unpacked; ``run`` ends the other members' runs likewise
             self.refill.append(fixed)
-        limit = self.opened.settings.study.trial_timeout
-        for number, member in list(self.members.items()):
-            if limit and group_key(member.fixed) == key and time.monotonic() - member.started > limit:
-                pack.remove(number)
+
+    def _cut_short(self, key: str) -> None:
+        """The pack's alarm went off inside an epoch: the members past their deadline fail (``trial_timeout``),
+        the others are interrupted and re-enqueued (``pack_interrupted``); the half-trained pack is dropped."""
+        numbers = self._numbers(key)
+        del self.packs[key]
+        deadlines = {n: self.members[n].deadline for n in numbers}
+        due = max(time.monotonic(), min((d for d in deadlines.values() if d is not None), default=0.0))
+        for number in numbers:
+            deadline = deadlines[number]
+            if deadline is not None and deadline <= due:
                 self._end(number, TrialTimeout("the trial ran past study.trial_timeout"))
+            else:
+                self._end(number, TrialInterrupted("pack_interrupted"))

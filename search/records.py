@@ -24,7 +24,8 @@ PRUNED_EPOCH = "pruned_epoch"
 STOPPED_EPOCH = "stopped_epoch"
 EARLY_STOPPED = "early_stopped"
 REASON = "reason"  # completed | pruned | nan_loss | early_stopped:<why> | out_of_memory | trial_timeout | interrupted
-#   | worker_died | stale_heartbeat | stale_recovered | error: ...  (MLflow hpo.reason also: taken_over, storage_lost)
+#   | pack_interrupted (trial packing: another member's trial_timeout cut the pack's epoch short) | worker_died
+#   | stale_heartbeat | stale_recovered | error: ...  (MLflow hpo.reason also: taken_over, storage_lost)
 RESUMED_FROM_TRIAL = "resumed_from_trial"
 RESUMED_AT_EPOCH = "resumed_at_epoch"
 OOM_BATCH_SIZE = "oom_batch_size"

@@ -7,7 +7,8 @@ training loop's hook. The session is generic: it needs only a metrics dict per e
 * returns normally -> COMPLETE (``early_stopped`` says whether early stopping ended it),
 * ``optuna.TrialPruned`` -> PRUNED (by the pruner, or by a non-finite loss: reason ``nan_loss``),
 * out of memory or any other error -> FAIL, re-raised as ``TrialFailed`` so the study goes on,
-* KeyboardInterrupt -> FAIL in Optuna, KILLED in MLflow, re-raised so the run stops.
+* KeyboardInterrupt -> FAIL in Optuna, KILLED in MLflow, re-enqueued, re-raised so the run stops
+  (``TrialInterrupted``: the same with its own reason, and the run goes on).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from search.epoch_decision import decide_epoch
 from search.failures import (
     TrialDeadline,
     TrialFailed,
+    TrialInterrupted,
     TrialTakenOver,
     drop_frames,
     failure_reason,
@@ -139,6 +141,15 @@ class TrialSession:
             self._apply_resume(resume, previous_run)
         self._deadline = TrialDeadline(self.settings.study.trial_timeout)
         return self
+
+    def take_deadline(self) -> float | None:
+        """Turn this trial's process alarm off and return when its ``trial_timeout`` ends (``time.monotonic``;
+        None without one): the caller times it instead. Trial packing does, with one alarm for a pack's members
+        (one process alarm cannot time K trials). The check at the end of every epoch stays."""
+        if self._deadline is None:
+            return None
+        self._deadline.disarm()
+        return self._deadline.ends
 
     def _runs_of(self, numbers: list[int]) -> dict[int, str]:
         """The MLflow run ids of earlier attempts (by trial number), read from the storage once per retry."""
@@ -332,10 +343,10 @@ class TrialSession:
         if isinstance(exc, optuna.TrialPruned):
             self._record("PRUNED")
             return
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, (KeyboardInterrupt, TrialInterrupted)):
             # FAIL in Optuna (it marks interrupted trials so), KILLED in MLflow, and re-enqueued with the
             # same params: the next `hpo run` resumes it from last.pt.
-            self.reason = "interrupted"
+            self.reason = exc.reason if isinstance(exc, TrialInterrupted) else "interrupted"
             self._record("FAIL", killed=True)
             retry(self.trial.study, stored_trial(self.trial))
             return

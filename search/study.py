@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -24,7 +24,6 @@ from search.config import Settings
 from search.errors import StorageError
 from search.failures import TrialFailed, TrialTakenOver
 from search.optuna_adapter import fail_stale, heartbeat_enabled, refused_tell, stored_trial
-from search.packing import PackRunner, can_pack
 from search.plugins import ObjectivePlugin, load_objective
 from search.progress import Progress
 from search.pruning import build_pruner
@@ -180,15 +179,38 @@ def _budget_lock(settings: Settings, paths: RunPaths) -> BudgetLock:
     return budget_lock(paths.storage_url, settings.study.name, paths.root, settings.study.storage_retry_seconds)
 
 
+Step = Literal["start", "wait", "stop"]
+
+
+def claim_slot(opened: OpenStudy, n_trials: int | None) -> Step:
+    """What a worker holding the budget lock does next, before it starts a trial (both trial loops ask here).
+
+    The trials of dead or cut-off workers are failed and re-enqueued first: orphans of this machine's dead
+    workers (reason ``worker_died``) and trials whose heartbeat went stale (``stale_heartbeat``). Then "start"
+    only if ``finished + running < n_trials``; "wait" while the rest of the budget is running on other workers
+    and heartbeats are on (to take a trial over if its worker dies or is cut off, instead of leaving it to
+    nobody); else "stop".
+    """
+    study = opened.study
+    recover_local_orphans(study, on_fail=lambda t: mark_killed(opened.tracker, t))
+    fail_stale(study, "stale_heartbeat")
+    c = counts(study)
+    finished = c["COMPLETE"] + c["PRUNED"]
+    if n_trials is not None and finished + c["RUNNING"] >= n_trials:
+        return "stop" if finished >= n_trials or not heartbeat_enabled(study) else "wait"
+    opened.tracker.reopen(opened.parent_run_id)  # another worker may have ended it while this one waited
+    return "start"
+
+
 def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
                progress: Progress | None = None) -> tuple[int, str | None]:
     """Run trials until ``n_trials`` are finished in the storage (all workers together) or time is up.
 
-    Each trial is started under the budget lock (see search/workers.py): orphans of dead local workers
-    and stale trials are failed and re-enqueued first, then the trial starts only if
-    ``finished + running < n_trials``. Returns (trials this worker ran, last failure reason if the study
-    stopped after ``max_failures`` failures in a row).
+    Each trial is started under the budget lock (see search/workers.py) once ``claim_slot`` says so. Returns
+    (trials this worker ran, last failure reason if the study stopped after ``max_failures`` failures in a row).
     """
+    from search.packing import PackRunner, can_pack  # packing builds on this module (claim_slot, taken_over...)
+
     study, settings = opened.study, opened.settings
     lock = _budget_lock(opened.settings, opened.paths)
     guard = _FailureGuard(settings.study.max_failures)
@@ -216,20 +238,13 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
             break
         lock.acquire()
         try:
-            recover_local_orphans(study, on_fail=lambda t: mark_killed(opened.tracker, t))
-            fail_stale(study, "stale_heartbeat")
-            c = counts(study)
-            finished = c["COMPLETE"] + c["PRUNED"]
-            if n_trials is not None and finished + c["RUNNING"] >= n_trials:
-                if finished >= n_trials or not heartbeat_enabled(study):
-                    break
-                # The rest of the budget is running on other workers: stay, to take a trial over if its worker
-                # dies or is cut off (its heartbeat stops), instead of leaving it to nobody. Look again every
-                # second, not every heartbeat interval: this process should exit as soon as the last trial ends.
+            step = claim_slot(opened, n_trials)
+            if step == "stop":
+                break
+            if step == "wait":  # look again every second, not every heartbeat interval: exit soon after the last trial
                 lock.release()
                 time.sleep(min(1.0, settings.study.heartbeat_interval))
                 continue
-            opened.tracker.reopen(opened.parent_run_id)  # another worker may have ended it while this one waited
             seed_next_trial(study, settings.sampler, settings.space, settings.study.pack)
             study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
             ran += 1
@@ -241,7 +256,7 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
                 raise lost from None
             if not (current and isinstance(exc, (ValueError, AssertionError)) and refused_tell(exc)):
                 raise
-            _taken_over_at_the_end(opened, current[0])
+            taken_over_at_the_end(opened, current[0])
         finally:
             lock.release()
     stopped = guard.last_reason if guard.in_a_row >= guard.limit else None
@@ -257,7 +272,7 @@ def _storage_lost(exc: BaseException) -> StorageUnavailable | None:
     return None
 
 
-def _taken_over_at_the_end(opened: OpenStudy, trial: optuna.Trial) -> None:
+def taken_over_at_the_end(opened: OpenStudy, trial: optuna.Trial) -> None:
     """The trial ran to its end here, but another worker failed it as stale (this worker was cut off after its
     last update) before Optuna could record the result: keep the other worker's decision, end the run KILLED."""
     logging.getLogger("hpo").warning(
