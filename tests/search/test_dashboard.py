@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -50,8 +51,7 @@ def test_dashboard_follows_a_running_study_without_locking_its_sqlite_storage(tm
         stop.set()
         for t in pollers:
             t.join(timeout=60)
-        with urllib.request.urlopen(server.url + "/api/studies/1?after=0", timeout=60) as response:
-            final = json.load(response)
+        final = _settled_trials(server.url + "/api/studies/1?after=0", 4)
     finally:
         stop.set()
         if second is not None and second.poll() is None:
@@ -67,7 +67,21 @@ def test_dashboard_follows_a_running_study_without_locking_its_sqlite_storage(tm
     # or a count going back
     assert any(during for _, during in reads), "no read of the dashboard came back while the study ran"
     assert counts[0] >= 1 and counts == sorted(counts) and counts[-1] <= 4
-    assert len(final["trials"]) == 4
+    assert len(final) == 4 and {t["state"] for t in final} <= {"Complete", "Pruned"}
+
+
+def _settled_trials(url: str, n: int) -> list[dict[str, object]]:
+    """The trials the dashboard lists once the run has ended. optuna-dashboard keeps a study's trials for 2-10 s
+    (its in-memory cache), and `hpo` exits within a second of its last trial: read until it lists ``n`` trials,
+    all finished, or a minute has passed, as a person reloading the page would."""
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            trials: list[dict[str, object]] = json.load(response)["trials"]
+        settled = len(trials) == n and all(t["state"] in ("Complete", "Pruned", "Fail") for t in trials)
+        if settled or time.monotonic() > deadline:
+            return trials
+        time.sleep(1.0)
 
 
 def test_dashboard_on_a_storage_alone_serves_every_study_with_its_artifacts(tmp_path_factory: pytest.TempPathFactory,
