@@ -99,12 +99,13 @@ def handwritten_fit(cfg: TrainConfig, data: DataSplits, epochs: int, device: tor
     cpu = lambda t: t.to("cpu")  # noqa: E731 - the hand-written script keeps its data set on the CPU
     padding = cfg.crop_padding if cfg.crop_padding is not None else default_crop_padding(data.image_size)
     flip = cfg.flip if cfg.flip is not None else data.flip_ok
-    train = AugmentedImages(cpu(data.train_x), cpu(data.train_y), padding if cfg.augment else 0,
-                            flip and cfg.augment)
+    train = AugmentedImages(cpu(data.inputs(data.train_x)), cpu(data.train_y), padding if cfg.augment else 0,
+                            flip and cfg.augment)  # normalised once up front (the data set stores raw images)
     pin = device.type == "cuda"
     loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, pin_memory=pin,
                         persistent_workers=workers > 0)
-    val_loader = DataLoader(TensorDataset(cpu(data.val_x), cpu(data.val_y)), batch_size=cfg.eval_batch_size,
+    val = TensorDataset(cpu(data.inputs(data.val_x)), cpu(data.val_y))
+    val_loader = DataLoader(val, batch_size=cfg.eval_batch_size,
                             pin_memory=pin)
     model = build_model(model_spec(cfg, data)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

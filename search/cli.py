@@ -668,6 +668,8 @@ def exit_now(code: int) -> NoReturn:
     worker process. ``main`` has closed the Optuna storages (``_before_exit``). What a
     normal exit does that matters still happens first, in its order: threads that are not daemons run to their
     end, then atexit handlers (queued MLflow writes, logging), then the standard streams are flushed."""
+    if sys.getprofile() is not None:  # `python -m cProfile -m search.cli ...` writes its stats after we return
+        sys.exit(code)
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
