@@ -30,7 +30,9 @@ def _pointer(client: MlflowClient, run_id: str, dest: Path) -> dict | None:
 
 
 def _wait_for_upload(proc: subprocess.Popen, storage: str, client: MlflowClient, tmp: Path) -> optuna.Study:
-    """Until trial 0 has 4 epochs and its run holds a resume checkpoint in the artifact store."""
+    """Until trial 0's run holds a resume checkpoint of epoch 3 or later in the artifact store. (Not "until it has
+    reported 4 epochs": the upload of an epoch's checkpoint lands after its report, so a kill right after the
+    4th report can leave the pointer at epoch 2.)"""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -39,7 +41,8 @@ def _wait_for_upload(proc: subprocess.Popen, storage: str, client: MlflowClient,
         except Exception:  # noqa: BLE001 - study not created yet
             trials = []
         run_id = trials[0].user_attrs.get("mlflow_run_id") if trials else None
-        if run_id and len(trials[0].intermediate_values) >= 4 and _pointer(client, run_id, tmp / "peek") is not None:
+        pointer = _pointer(client, run_id, tmp / "peek") if run_id else None
+        if pointer is not None and pointer["epoch"] >= 3:
             return study
         time.sleep(0.2)
     proc.kill()
