@@ -54,11 +54,10 @@ from search.failures import (
     release_memory,
 )
 from search.optuna_adapter import heartbeat, stored_trial
-from search.samplers import seed_next_trial
 from search.session import TrialSession
 from search.space import suggest
 from search.storage_retry import StorageUnavailable
-from search.study import OpenStudy, Step, claim_slot, taken_over_at_the_end
+from search.study import OpenStudy, Step, claim_slot, taken_over_at_the_end, wait_to_take_over
 from search.workers import BudgetLock, retry
 
 OnEpoch = Callable[[int, dict[str, float], Any], bool]
@@ -156,8 +155,6 @@ class PackRunner:
                 return step
             if fixed and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 study.enqueue_trial(fixed)
-            settings = opened.settings
-            seed_next_trial(study, settings.sampler, settings.space, settings.study.pack)
             with warnings.catch_warnings():  # "heartbeat ... with Study.optimize": the runner keeps it itself
                 warnings.simplefilter("ignore", UserWarning)
                 trial = study.ask()  # RUNNING now: other workers count it
@@ -171,7 +168,7 @@ class PackRunner:
             fixed_hint = self.refill.pop(0) if self.refill else None
             asked = self.ask(fixed_hint)
             if asked == "wait" and not self.members:  # the rest of the budget runs elsewhere: stay to take over
-                time.sleep(min(1.0, self.opened.settings.study.heartbeat_interval))
+                wait_to_take_over(self.opened.settings)
                 continue
             if isinstance(asked, str):
                 self.refill.clear()

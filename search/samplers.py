@@ -43,12 +43,12 @@ def trial_seed(seed: int, number: int) -> int:
     return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
-def seed_next_trial(study: optuna.Study, cfg: Any, space: Any, pack: int = 1) -> None:
-    """Give ``study`` a sampler seeded for the trial it will ask next. Call under the budget lock, just before
-    the ask, so the next trial number (the count of trials so far) is this worker's alone. No-op unseeded."""
+def seed_next_trial(study: optuna.Study, cfg: Any, space: Any, pack: int, number: int) -> None:
+    """Give ``study`` a sampler seeded for trial ``number``, the one it asks next (the count of trials so far,
+    ``search.study.claim_slot`` passes it under the budget lock, so it is this worker's alone). No-op unseeded."""
     if getattr(cfg, "seed", None) is None:
         return
-    study.sampler = build_sampler(cfg, space, pack, number=len(study.get_trials(deepcopy=False)))
+    study.sampler = build_sampler(cfg, space, pack, number=number)
 
 
 def build_sampler(cfg: Any, space: Any, pack: int = 1, number: int | None = None) -> optuna.samplers.BaseSampler:

@@ -189,9 +189,10 @@ def claim_slot(opened: OpenStudy, n_trials: int | None) -> Step:
     workers (reason ``worker_died``) and trials whose heartbeat went stale (``stale_heartbeat``). Then "start"
     only if ``finished + running < n_trials``; "wait" while the rest of the budget is running on other workers
     and heartbeats are on (to take a trial over if its worker dies or is cut off, instead of leaving it to
-    nobody); else "stop".
+    nobody); else "stop". On "start" the study's sampler is seeded for the trial about to be asked
+    (``search.samplers.seed_next_trial``).
     """
-    study = opened.study
+    study, settings = opened.study, opened.settings
     recover_local_orphans(study, on_fail=lambda t: mark_killed(opened.tracker, t))
     fail_stale(study, "stale_heartbeat")
     c = counts(study)
@@ -199,7 +200,14 @@ def claim_slot(opened: OpenStudy, n_trials: int | None) -> Step:
     if n_trials is not None and finished + c["RUNNING"] >= n_trials:
         return "stop" if finished >= n_trials or not heartbeat_enabled(study) else "wait"
     opened.tracker.reopen(opened.parent_run_id)  # another worker may have ended it while this one waited
+    seed_next_trial(study, settings.sampler, settings.space, settings.study.pack, number=sum(c.values()))
     return "start"
+
+
+def wait_to_take_over(settings: Settings) -> None:
+    """After ``claim_slot`` said "wait": look again in a second, not a whole heartbeat interval, so that this
+    worker exits soon after the last trial ends."""
+    time.sleep(min(1.0, settings.study.heartbeat_interval))
 
 
 def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
@@ -241,11 +249,10 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
             step = claim_slot(opened, n_trials)
             if step == "stop":
                 break
-            if step == "wait":  # look again every second, not every heartbeat interval: exit soon after the last trial
+            if step == "wait":
                 lock.release()
-                time.sleep(min(1.0, settings.study.heartbeat_interval))
+                wait_to_take_over(settings)
                 continue
-            seed_next_trial(study, settings.sampler, settings.space, settings.study.pack)
             study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
             ran += 1
         except TrialTakenOver:

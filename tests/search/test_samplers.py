@@ -32,7 +32,7 @@ def _process(url: str, cfg: SamplerSection, space: SpaceSection = SPACE) -> optu
 
 def _trial(study: optuna.Study, cfg: SamplerSection, space: SpaceSection = SPACE,
            tell: bool = True) -> tuple[optuna.Trial, dict[str, Any]]:
-    seed_next_trial(study, cfg, space)
+    seed_next_trial(study, cfg, space, 1, number=len(study.get_trials(deepcopy=False)))  # as claim_slot does
     trial = study.ask()
     params = suggest(trial, space)
     if tell:
@@ -85,7 +85,7 @@ def test_an_unseeded_study_keeps_its_sampler(tmp_path: Path) -> None:
     cfg = SamplerSection(name="tpe", seed=None)
     study = _process(_new(tmp_path, "u.db"), cfg)
     sampler = study.sampler
-    seed_next_trial(study, cfg, SPACE)
+    seed_next_trial(study, cfg, SPACE, 1, number=0)
     assert study.sampler is sampler
 
 
