@@ -647,27 +647,19 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: finished trials are saved; run the same command again to resume the study.",
               file=sys.stderr)
         return 130
-    finally:
-        if _own_process:
-            _before_exit()
-
-
-def _before_exit() -> None:
-    """Close the Optuna storages: SQLite folds its WAL file back into optuna.db on the last close, and
-    ``exit_now`` leaves no garbage collection or teardown that would close them (copying optuna.db alone
-    would otherwise miss the latest trials)."""
-    if "search.stores" in sys.modules:  # a command that opened no storage has not imported it
-        from search.stores import close_storages
-
-        close_storages()
 
 
 def exit_now(code: int) -> NoReturn:
     """Exit as ``sys.exit`` would, minus the interpreter's teardown (its garbage collections over everything
     torch, mlflow and optuna made, and every module's cleanup), 2-3 s here: after every command, and in every
-    worker process. ``main`` has closed the Optuna storages (``_before_exit``). What a
-    normal exit does that matters still happens first, in its order: threads that are not daemons run to their
-    end, then atexit handlers (queued MLflow writes, logging), then the standard streams are flushed."""
+    worker process. The Optuna storages are closed first: SQLite folds its WAL file back into optuna.db on the
+    last close, which no teardown would do now (copying optuna.db alone would miss the latest trials). What a
+    normal exit does that matters still happens, in its order: threads that are not daemons run to their end,
+    then atexit handlers (queued MLflow writes, logging), then the standard streams are flushed."""
+    if "search.stores" in sys.modules:  # a command that opened no storage has not imported it
+        from search.stores import close_storages
+
+        close_storages()
     if sys.getprofile() is not None:  # `python -m cProfile -m search.cli ...` writes its stats after we return
         sys.exit(code)
     for thread in threading.enumerate():

@@ -198,7 +198,7 @@ def open_for_reading(url: str) -> optuna.storages.BaseStorage:
 def close_storages() -> None:
     """Close the connections of every RDB storage this process opened; SQLite folds its WAL file back into the
     database file on the last close. For the end of the `hpo` process, which leaves its objects to the exit
-    without a last garbage collection (search/cli.py ``main``), so nothing else would close them. Never raises:
+    without a last garbage collection (search/cli.py ``exit_now``), so nothing else would close them. Never raises:
     the command's own outcome stands."""
     for storage in list(_OPENED):
         with contextlib.suppress(Exception):  # e.g. a database server already gone: nothing left to close

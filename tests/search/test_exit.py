@@ -1,5 +1,5 @@
-"""The `hpo` process skips Python's teardown at exit (search/cli.py ``exit_now``, after ``_before_exit``): it must still
-leave whole stores behind, each one file that can be copied alone."""
+"""The `hpo` process skips Python's teardown at exit (search/cli.py ``exit_now``, which closes the storages
+first): it must still leave whole stores behind, each one file that can be copied alone."""
 
 from __future__ import annotations
 
