@@ -36,9 +36,10 @@ from objectives.train import (
     FitResult,
     OnEpoch,
     TrainingState,
-    apply_decoupled_decay,
     augmentation,
+    epoch_metrics,
     new_state,
+    optimizer_step,
     scores,
 )
 
@@ -209,9 +210,7 @@ class PackedFit:
         for m, loss, val, lr in zip(members, losses, vals, lrs, strict=True):
             epoch = m.state.epoch + 1
             m.state.scheduler.end_epoch(epoch, val["loss"])
-            metrics = {"train_loss": loss, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                       "val_f1": val["f1"], "lr": lr, "epoch_seconds": epoch_seconds,
-                       "images_per_second": n / train_seconds}
+            metrics = epoch_metrics(loss, val, lr, epoch_seconds, n / train_seconds)
             m.state.epoch = epoch
             m.state.history.append(metrics)
             stop = False
@@ -257,11 +256,7 @@ class PackedFit:
                 m.state.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             for m in members:
-                if m.cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(m.state.model.parameters(), m.cfg.grad_clip)
-                m.state.optimizer.step()
-                if m.cfg.optimizer == "sgd":
-                    apply_decoupled_decay(m.state.optimizer)
+                optimizer_step(m.cfg, m.state.model, m.state.optimizer)
             totals += losses.detach() * len(batches[0])
         return (totals / n).tolist()
 

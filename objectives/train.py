@@ -181,21 +181,29 @@ def fit(
         val = evaluate(forward, data.val_x, data.val_y, runtime, cfg.eval_batch_size, data.num_classes, data.inputs)
         epoch_seconds = time.perf_counter() - start
         state.scheduler.end_epoch(epoch, val["loss"])
-        metrics = {
-            "train_loss": train_loss,
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "val_f1": val["f1"],
-            "lr": lr,
-            "epoch_seconds": epoch_seconds,
-            "images_per_second": len(data.train_y) / train_seconds,
-        }
+        metrics = epoch_metrics(train_loss, val, lr, epoch_seconds, len(data.train_y) / train_seconds)
         state.epoch = epoch
         state.history.append(metrics)
         if on_epoch is not None and on_epoch(epoch, metrics, state):
             stopped = True
             break
     return FitResult(model, state.epoch + 1, state.history, stopped, data, state.spec)
+
+
+def epoch_metrics(train_loss: float, val: dict[str, float], lr: float, epoch_seconds: float,
+                  images_per_second: float) -> dict[str, float]:
+    """One epoch's METRIC_KEYS, as `fit` and a pack (objectives/packed.py) report them to the hook."""
+    return {"train_loss": train_loss, "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
+            "lr": lr, "epoch_seconds": epoch_seconds, "images_per_second": images_per_second}
+
+
+def optimizer_step(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A training step's update once the gradients are in: clip (when set), step, SGD's decoupled decay."""
+    if cfg.grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    if cfg.optimizer == "sgd":
+        apply_decoupled_decay(optimizer)
 
 
 def _train_epoch(
@@ -224,11 +232,7 @@ def _train_epoch(
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        if cfg.optimizer == "sgd":
-            apply_decoupled_decay(optimizer)
+        optimizer_step(cfg, model, optimizer)
         total += loss.detach() * len(idx)
     return (total / n).item()
 
