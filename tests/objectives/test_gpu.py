@@ -1,0 +1,90 @@
+"""The CUDA path of training, on a real GPU: data on the device, bf16, channels_last, the fused optimiser,
+streamed data, packing and checkpoints. Marked ``gpu``: deselected without CUDA; bench/gpu_check.sh runs them."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from objectives.packed import fit_packed
+from objectives.settings import TrainConfig
+from objectives.train import TrainingState, fit
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda"  # a name, so the same tests can be tried on the CPU by hand: DEVICE = "cpu"
+DIGITS = {"train_subset": 1024, "widths": (16, 32), "batch_size": 64, "lr": 3e-3}
+
+
+def _cfg(**extra: Any) -> TrainConfig:
+    return TrainConfig(**{"device": DEVICE, **DIGITS, **extra})
+
+
+def _learned(history: list[dict[str, float]]) -> None:
+    """Every loss finite, and the last accuracy far above chance (10 digit classes)."""
+    assert all(math.isfinite(m["train_loss"]) and math.isfinite(m["val_loss"]) for m in history), history
+    assert history[-1]["val_accuracy"] > 0.6, history
+
+
+def test_a_trial_trains_on_the_gpu_with_its_data_there_in_bf16_channels_last_and_a_fused_step() -> None:
+    seen: dict[str, Any] = {}
+
+    def look(epoch: int, metrics: dict[str, float], state: TrainingState) -> bool:
+        conv = next(m for m in state.model.modules() if isinstance(m, torch.nn.Conv2d))
+        seen["channels_last"] = conv.weight.is_contiguous(memory_format=torch.channels_last)
+        seen["fused"] = all(g.get("fused") for g in state.optimizer.param_groups)
+        return False
+
+    result = fit(_cfg(), 4, look)
+    assert result.data.placement == "device"
+    assert result.data.train_x.device.type == DEVICE and result.data.train_y.device.type == DEVICE
+    assert next(result.model.parameters()).device.type == DEVICE
+    assert seen == {"channels_last": True, "fused": True}
+    _learned(result.history)
+
+
+def test_streamed_data_stays_in_pinned_host_memory_and_trains_as_well() -> None:
+    result = fit(_cfg(data_placement="stream"), 4)
+    assert result.data.placement == "stream"
+    assert result.data.train_x.device.type == "cpu" and result.data.train_y.device.type == DEVICE
+    _learned(result.history)
+
+
+def test_a_gpu_checkpoint_saved_and_loaded_like_last_pt_resumes_the_trial() -> None:
+    """`last.pt` of a GPU trial, through torch.save/torch.load(weights_only=True), continues where it stopped."""
+    saved: dict[str, bytes] = {}
+
+    def keep(epoch: int, metrics: dict[str, float], state: TrainingState) -> bool:
+        if epoch == 1:
+            buffer = io.BytesIO()
+            torch.save(state.state_dict(), buffer)
+            saved["last.pt"] = buffer.getvalue()
+        return False
+
+    whole = fit(_cfg(seed=3), 4, keep)
+    checkpoint = torch.load(io.BytesIO(saved["last.pt"]), weights_only=True)
+    resumed = fit(_cfg(seed=3), 4, resume=checkpoint)
+    assert resumed.epochs_run == 4 and resumed.history[:2] == whole.history[:2]
+    _learned(resumed.history)
+    # cuDNN's autotuned kernels and bf16 need not repeat bit for bit: the resumed curve follows the same course
+    assert resumed.history[-1]["val_accuracy"] == pytest.approx(whole.history[-1]["val_accuracy"], abs=0.1)
+
+
+def test_packed_members_learn_on_the_gpu_as_they_do_alone() -> None:
+    cfgs = [_cfg(seed=1), _cfg(seed=2, lr=1e-3, dropout=0.2), _cfg(seed=4, weight_decay=1e-3)]
+    packed = fit_packed(cfgs, 3)
+    alone = fit(cfgs[0], 3)
+    for result in packed:
+        assert next(result.model.parameters()).device.type == DEVICE
+        _learned(result.history)
+    # bf16 and grouped convolutions round differently from plain ones: the same course, not the same bits
+    assert packed[0].history[-1]["val_accuracy"] == pytest.approx(alone.history[-1]["val_accuracy"], abs=0.1)
+    assert packed[0].history[0]["train_loss"] == pytest.approx(alone.history[0]["train_loss"], rel=0.1)
+
+
+def test_compiled_training_on_the_gpu_learns() -> None:
+    result = fit(_cfg(compile=True), 3)
+    _learned(result.history)
