@@ -72,7 +72,8 @@ def compare(base: TrainConfig, ks: tuple[int, ...] = (1, 2, 4, 8), epochs: int =
     """Per K: median packed and sequential images/s over `rounds` interleaved rounds, and their ratio.
     `ratio_vs_one` compares packed K against one trial at a time (K = 1 sequential)."""
     load_data(base, resolve_runtime(base.device).device)  # made and placed once, outside the timings
-    fit_packed(members(base, 2), 1)  # warm-up: allocator, kernels, autotuning
+    for k in ks:  # warm-up: allocator, kernels, and cuDNN's autotuning for each K's grouped-convolution shapes
+        fit_packed(members(base, k), 1)
     fit(base, 1)
     packed: dict[int, list[float]] = {k: [] for k in ks}
     sequential: dict[int, list[float]] = {k: [] for k in ks}

@@ -62,7 +62,7 @@ class DataSplits:
 
     def inputs(self, x: Tensor) -> Tensor:
         """A batch of stored images (wherever they live) -> float32, normalised, on the training device."""
-        if x.device != self.device:
+        if x.device.type == "cpu" and self.device.type != "cpu":  # streamed: "cuda" and "cuda:0" are one place
             if self.device.type == "cuda":
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)

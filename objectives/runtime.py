@@ -51,7 +51,9 @@ def resolve_runtime(device: str) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 matmuls; cuDNN convolutions use TF32 by default
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return Runtime(torch.device("cuda"), autocast_dtype=dtype, channels_last=True, fused_optimizer=True)
+        # With its index: tensors report "cuda:0", and torch.device("cuda") != torch.device("cuda:0").
+        here = torch.device("cuda", torch.cuda.current_device())
+        return Runtime(here, autocast_dtype=dtype, channels_last=True, fused_optimizer=True)
     if device == "mps":
         if not _mps_available():
             raise ValueError("device = 'mps' was requested but torch sees no Apple GPU; use 'auto' or 'cpu'")

@@ -37,9 +37,9 @@ def test_a_real_cuda_out_of_memory_fails_with_its_reason_frees_the_memory_and_th
         release_memory()
         assert torch.cuda.memory_allocated() <= before + (16 << 20)  # nothing of the failed trial is left
 
-        small = fit(TrainConfig(device="cuda", train_subset=512, widths=(16, 32), batch_size=64), 2)
+        small = fit(TrainConfig(device="cuda", train_subset=1024, widths=(16, 32), batch_size=64, lr=3e-3), 4)
         assert all(math.isfinite(m["train_loss"]) for m in small.history)
-        assert small.history[-1]["val_accuracy"] > 0.3
+        assert small.history[-1]["val_accuracy"] > 0.6  # 10 digit classes: far above chance
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         clear_data_cache()
