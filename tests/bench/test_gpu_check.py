@@ -69,3 +69,17 @@ def test_cpu_smoke_runs_every_section_and_prints_its_figures() -> None:
     assert s["study"].startswith("exit 0, 2 trials finished (2 COMPLETE, 0 PRUNED, 0 FAIL), best val_accuracy ")
     figure(rf"^({NUMBER}) s \(limit 120 s\)", s["total"])
     assert s["result"] == "ok"
+
+
+def test_profile_epoch_cpu_smoke_counts_the_models_arithmetic_and_lists_its_operators() -> None:
+    done = subprocess.run([sys.executable, "bench/profile_epoch.py", "--cpu-smoke", "--rows", "5"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    images, rate = figure(rf"one epoch under the profiler: {NUMBER} s wall \({NUMBER} s as fit counts it\), "
+                          rf"(\d+) training images, ({NUMBER}) img/s", out)
+    assert images == 512 and rate > 0
+    # the smoke CNN (widths 8-16, 1 block each, 3x32x32): forward + backward of its two convolutions, counted
+    gflop, _ = figure(rf"model: ({NUMBER}) GFLOP per training image \(forward \+ backward\) -> ({NUMBER}) TFLOP/s", out)
+    assert 0.001 < gflop < 0.01
+    assert "aten::" in out.split("TFLOP/s achieved while training", 1)[1]  # the operator table follows
