@@ -34,7 +34,7 @@ import contextlib
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -58,7 +58,7 @@ from search.session import TrialSession
 from search.space import suggest
 from search.storage_retry import StorageUnavailable
 from search.study import OpenStudy, Step, claim_slot, taken_over_at_the_end, wait_to_take_over
-from search.workers import BudgetLock, retry
+from search.workers import BudgetLock, fail_and_retry, retry
 
 OnEpoch = Callable[[int, dict[str, float], Any], bool]
 
@@ -160,7 +160,22 @@ class PackRunner:
                 trial = study.ask()  # RUNNING now: other workers count it
         finally:
             self.lock.release()
-        return trial, suggest(trial, opened.settings.space)
+        with self._unclaimed_on_error(trial):
+            return trial, suggest(trial, opened.settings.space)
+
+    @contextlib.contextmanager
+    def _unclaimed_on_error(self, trial: optuna.Trial) -> Iterator[None]:
+        """Between ``study.ask`` and the trial's session taking it over (a member of a pack, or the objective
+        alone), nobody would end a RUNNING trial that an error, Ctrl-C or SIGTERM leaves behind: it would hold
+        a slot of the budget for ever. Fail it (reason ``interrupted``) and enqueue its retry here; a trial
+        that its session already ended, or that joined ``members`` (``run`` ends those), is left as it is."""
+        try:
+            yield
+        except BaseException:
+            if trial.number not in self.members:
+                with contextlib.suppress(Exception):  # the storage may be what failed: the error below says so
+                    fail_and_retry(self.study, stored_trial(trial), "interrupted")
+            raise
 
     def fill(self) -> None:
         """Ask trials until this worker holds ``size`` of them (refilling freed slots first) or none may start."""
@@ -174,11 +189,12 @@ class PackRunner:
                 self.refill.clear()
                 return
             trial, params = asked
-            fixed = self.objective.pack_key(params)
-            if fixed is None:
-                self._run_alone(trial)
-                continue
-            self._join(trial, params, fixed)
+            with self._unclaimed_on_error(trial):
+                fixed = self.objective.pack_key(params)
+                if fixed is None:
+                    self._run_alone(trial)
+                    continue
+                self._join(trial, params, fixed)
 
     def _join(self, trial: optuna.Trial, params: dict[str, Any], fixed: dict[str, Any]) -> None:
         key = group_key(fixed)
@@ -188,8 +204,12 @@ class PackRunner:
         ctx = self.opened.ctx
         assert ctx is not None
         beat = contextlib.ExitStack()
-        beat.enter_context(heartbeat(trial))
-        session = ctx.trial(trial, params, pack.resolved(params))
+        try:
+            beat.enter_context(heartbeat(trial))
+            session = ctx.trial(trial, params, pack.resolved(params))
+        except BaseException:
+            beat.close()
+            raise  # ``fill`` fails and retries the trial
         member = Member(trial, session, beat, fixed)
         try:
             session.__enter__()

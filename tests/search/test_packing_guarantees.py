@@ -122,6 +122,49 @@ def test_ctrl_c_while_a_member_saves_its_result_interrupts_it_too(tmp_path: Path
     assert {client.get_run(t.user_attrs["mlflow_run_id"]).info.status for t in trials[:2]} == {"KILLED"}
 
 
+@pytest.mark.parametrize("where", ["suggest", "session"])
+def test_ctrl_c_between_ask_and_joining_a_pack_fails_and_requeues_that_trial_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Trial 1 is asked while trial 0 already sits in the pack; Ctrl-C comes before trial 1 is a member (while
+    its params are sampled, or while its session is made). Without a guard it stayed RUNNING for ever, holding
+    a slot of the budget; now it ends as a member does: FAIL, reason interrupted, its retry enqueued."""
+    import search.packing
+    from search.session import StudyContext
+
+    asked: list[int] = []
+    if where == "suggest":
+        real_suggest = search.packing.suggest
+
+        def suggest(trial: optuna.Trial, space: Any) -> dict[str, Any]:
+            asked.append(trial.number)
+            if len(asked) == 2:
+                raise KeyboardInterrupt
+            return real_suggest(trial, space)
+
+        monkeypatch.setattr(search.packing, "suggest", suggest)
+    else:
+        real_trial = StudyContext.trial
+
+        def trial_session(self: StudyContext, trial: optuna.Trial, *args: Any) -> Any:
+            asked.append(trial.number)
+            if len(asked) == 2:
+                raise KeyboardInterrupt
+            return real_trial(self, trial, *args)
+
+        monkeypatch.setattr(StudyContext, "trial", trial_session)
+    settings, opened = _open(tmp_path, "study.max_epochs=2")
+    with pytest.raises(KeyboardInterrupt):
+        run_trials(opened, 2, None)
+    assert asked == [0, 1]
+    trials = opened.study.get_trials()
+    assert [(t.number, t.state, t.user_attrs.get("reason")) for t in trials[:2]] == [
+        (0, TrialState.FAIL, "interrupted"), (1, TrialState.FAIL, "interrupted")]
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert sorted(t.system_attrs["failed_trial"] for t in trials[2:]) == [0, 1]
+    assert {t.state for t in trials[2:]} == {TrialState.WAITING}
+    assert trials[2 + [t.system_attrs["failed_trial"] for t in trials[2:]].index(1)].params == trials[1].params
+
+
 def test_a_packing_worker_waits_for_a_trial_running_elsewhere_and_takes_it_over_when_it_goes_stale(
         tmp_path: Path) -> None:
     """Another worker holds trial 0 and stops beating (cut off). Budget 2: this worker runs trial 1, then, the rest
