@@ -103,6 +103,51 @@ def test_stopping_hpo_run_pack_fails_requeues_every_member_and_the_next_run_resu
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FINISHED"
 
 
+def test_ctrl_c_to_hpo_run_workers_2_pack_2_fails_and_requeues_every_member_of_both_workers_and_a_rerun_resumes(
+        tmp_path: Path) -> None:
+    """`--workers 2 --pack 2`: two worker processes each hold a pack of two trials. Ctrl-C to `hpo run` (it
+    passes SIGTERM on to its workers) ends all four as one worker ends its pack; the same command again runs
+    exactly the four retries, each resumed from its own last.pt, and nothing new."""
+    name = "workerspack"
+    args = ("run", str(QUICKSTART), "--set", f"study.name='{name}'", *LONG[:-2], "--trials", "4", "--workers", "2",
+            "--pack", "2", "--set", "space.batch_size={type='categorical', choices=[128]}")
+    proc = subprocess.Popen(hpo_cmd(*args, "--quiet"), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    root = tmp_path / "runs" / name
+
+    def all_four_have_two_epochs(trials: list[FrozenTrial]) -> bool:
+        return sum(t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2 for t in trials) == 4
+
+    wait_for(proc, root / "optuna.db", name, all_four_have_two_epochs)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    study, client = load(root, name)
+    trials = {t.number: t for t in study.get_trials()}
+    stopped = [trials[n] for n in range(4)]
+    assert all(t.state == TrialState.FAIL and t.user_attrs["reason"] == "interrupted" for t in stopped), stopped
+    by_worker: dict[int, list[FrozenTrial]] = {}
+    for t in stopped:
+        by_worker.setdefault(t.user_attrs["pid"], []).append(t)
+        assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert [len(pair) for pair in by_worker.values()] == [2, 2]  # two workers, one pack of two each
+    for pair in by_worker.values():  # "packed_with": the pack's members when each joined
+        assert {n for t in pair for n in t.user_attrs["packed_with"]} == {t.number for t in pair}
+    waiting = [t for t in trials.values() if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == [0, 1, 2, 3] and len(trials) == 8
+
+    again = hpo(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    study, _ = load(root, name)
+    trials = {t.number: t for t in study.get_trials()}
+    done = [t for t in trials.values() if t.state == TrialState.COMPLETE]
+    assert len(done) == 4 and len(trials) == 8  # exactly the budget: the four retries, nothing new
+    assert sorted(t.user_attrs["resumed_from_trial"] for t in done) == [0, 1, 2, 3]
+    for t in done:
+        assert t.params == trials[t.user_attrs["resumed_from_trial"]].params
+        assert t.user_attrs["resumed_at_epoch"] >= 1 and t.user_attrs["epochs_run"] == 12
+
+
 def test_ctrl_c_while_a_member_saves_its_result_interrupts_it_too(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from search.session import TrialSession
