@@ -167,7 +167,10 @@ def fit(
     data = load_data(cfg, runtime.device)
     state = new_state(cfg, data, runtime, max_epochs)
     model, optimizer, generator = state.model, state.optimizer, state.generator
-    forward: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
+    # dynamic=False: one static graph per batch shape (full, the last partial batch, evaluation). The default
+    # recompiled the model for dynamic shapes at the first partial batch and trained on that graph from then on:
+    # on the CPU 33 s of compiling instead of 19 s and 3% slower epochs (BENCHMARKS.md section 9).
+    forward: nn.Module = torch.compile(model, dynamic=False) if cfg.compile else model  # type: ignore[assignment]
     if resume is not None:
         state.load_state_dict(resume)
     padding, flip = augmentation(cfg, data)

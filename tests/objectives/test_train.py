@@ -1,4 +1,5 @@
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -263,3 +264,24 @@ def test_training_code_never_imports_optuna_or_mlflow() -> None:
         "bad = [m for m in ('optuna', 'mlflow') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_curve_with_one_static_graph_per_batch_shape() -> None:
+    """`compile = true`: the same curve as eager (to float tolerance: the compiled kernels fuse and round
+    differently), and no graph compiled for dynamic shapes (the last partial batch gets its own static graph)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = {**SMALL, "train_subset": 200, "batch_size": 64, "seed": 3}  # 3 full batches and one of 8
+    eager = fit(TrainConfig(**cfg), 2)
+    compiled = fit(TrainConfig(**cfg, compile=True), 2)
+    for a, b in zip(eager.history, compiled.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+    assert counters["stats"]["unique_graphs"] >= 3  # training at 64 and at 8, evaluation
+    # the classifier's matmuls, named by their sizes: a graph for dynamic shapes names a symbol (aten.mm_s77_...)
+    matmuls = set(counters["aten_mm_info"])
+    assert {"aten.addmm_64_10_16", "aten.addmm_8_10_16"} <= matmuls, matmuls
+    assert not [name for name in matmuls if re.search(r"_s\d+", name)], matmuls
