@@ -168,8 +168,8 @@ def fit(
     state = new_state(cfg, data, runtime, max_epochs)
     model, optimizer, generator = state.model, state.optimizer, state.generator
     # dynamic=False: one static graph per batch shape (full, the last partial batch, evaluation). The default
-    # recompiled the model for dynamic shapes at the first partial batch and trained on that graph from then on:
-    # on the CPU 33 s of compiling instead of 19 s and 3% slower epochs (BENCHMARKS.md section 9).
+    # recompiled the model for dynamic shapes at the first partial batch, a graph whose guards accept every
+    # batch size: on the CPU 33 s of compiling instead of 19 s, epochs no faster (BENCHMARKS.md section 9).
     forward: nn.Module = torch.compile(model, dynamic=False) if cfg.compile else model  # type: ignore[assignment]
     if resume is not None:
         state.load_state_dict(resume)
