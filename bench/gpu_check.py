@@ -15,7 +15,9 @@ Run it through `bench/gpu_check.sh` (which prints the torch/CUDA/GPU versions fi
 5. packing: images per second of K = 1, 2, 4, 8 trials packed into one grouped network against the same K
    trials one after another (bench/packing_throughput.py), interleaved, for the quickstart CNN (digits, widths
    32-64) and the CIFAR-shaped CNN of section 2;
-6. study: `hpo run studies/cifar10.toml` end to end on the synthetic CIFAR-sized data, 4 trials x 2 epochs;
+6. epoch profile: the section-2 epoch under torch.profiler (bench/profile_epoch.py): GPU kernel time against the
+   epoch's wall time (the GPU or the host is the limit), FLOPs per image and the arithmetic rate;
+7. study: `hpo run studies/cifar10.toml` end to end on the synthetic CIFAR-sized data, 4 trials x 2 epochs;
    its exit code and trial states.
 
 A section that fails prints FAILED with the reason; the others still run and the exit code is 1.
@@ -291,7 +293,19 @@ def packing_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, An
     return {"quickstart": quick, "cifar": cifar}, line
 
 
-# --- 6. a study end to end ------------------------------------------------------------------------------------
+# --- 6. where an epoch goes ---------------------------------------------------------------------------------------
+
+
+def profile_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    from bench.profile_epoch import describe, measure
+
+    r = measure(train_config(sizes))
+    for text in r.pop("table").splitlines()[:14]:
+        print(f"  | {text}")
+    return r, describe(r) + " (bench/profile_epoch.py)"
+
+
+# --- 7. a study end to end ------------------------------------------------------------------------------------
 
 
 def study_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -372,6 +386,7 @@ def main() -> int:
         ("compile", "compile", compile_section),
         ("processes", "trials as processes", processes_section),
         ("packing", "packing K=1,2,4,8", packing_section),
+        ("profile", "epoch profile", profile_section),
     ]
     results: dict[str, Any] = {"sizes": asdict(sizes)}
     lines: list[tuple[str, str]] = []

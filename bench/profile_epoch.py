@@ -1,6 +1,6 @@
 """Where a training epoch of the CIFAR-shaped CNN spends its time on a GPU: the share of the wall time the GPU is
-busy, the kernels that take it, and the model's arithmetic rate against the chip's. Tells whether an epoch is
-bound by the GPU's arithmetic, its memory traffic, or the host launching kernels (the cure differs).
+busy, the kernels that take it, and the model's arithmetic rate. Tells whether an epoch is bound by the GPU's
+kernels or by the host launching them (the cure differs). bench/gpu_check.sh prints its summary line too.
 
     python bench/profile_epoch.py               # CUDA GPU: studies/cifar10.toml's CNN, batch 512, CIFAR-sized data
     python bench/profile_epoch.py --cpu-smoke   # anywhere: tiny sizes, to keep the script working
@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -19,62 +20,70 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_check import CPU_SMOKE, GPU, train_config  # noqa: E402
-from objectives.train import fit  # noqa: E402
+from objectives.data import load_data  # noqa: E402
+from objectives.runtime import resolve_runtime  # noqa: E402
+from objectives.settings import TrainConfig  # noqa: E402
+from objectives.train import fit, new_state  # noqa: E402
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu-smoke", action="store_true")
-    parser.add_argument("--rows", type=int, default=15, help="kernels listed (default 15)")
-    args = parser.parse_args()
-    sizes = CPU_SMOKE if args.cpu_smoke else GPU
-    cfg = train_config(sizes)
-    cuda = sizes.device == "cuda"
-    fit(cfg, 1)  # warm-up: data on the device, cuDNN autotuning
-
-    counted: dict[str, float] = {}
-
-
-
-    # FLOPs of one training step (forward + backward) on one batch, counted by torch's dispatcher
-    from objectives.data import load_data
-    from objectives.runtime import resolve_runtime
-    from objectives.train import new_state
-
+def flop_per_image(cfg: TrainConfig) -> float:
+    """Forward + backward FLOPs of one training batch, per image, as torch's dispatcher counts them."""
     runtime = resolve_runtime(cfg.device)
     data = load_data(cfg, runtime.device)
     state = new_state(cfg, data, runtime, 1)
     x = data.inputs(data.train_x[: cfg.batch_size]).contiguous(memory_format=torch.channels_last)
     with FlopCounterMode(display=False) as flops, runtime.autocast():
         state.model(x).float().sum().backward()
-    counted["flop_per_image"] = flops.get_total_flops() / cfg.batch_size
+    return flops.get_total_flops() / len(x)
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+def measure(cfg: TrainConfig, rows: int = 15) -> dict[str, Any]:
+    """One warm-up epoch, then one epoch under torch.profiler: wall time, kernel time, rates, the top operators."""
+    cuda = resolve_runtime(cfg.device).device.type == "cuda"
+    fit(cfg, 1)  # warm-up: data on the device, cuDNN autotuning
+    per_image = flop_per_image(cfg)
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         result = fit(cfg, 1)
         if cuda:
             torch.cuda.synchronize()
     wall = time.perf_counter() - start
     m = result.history[-1]
-    images = len(result.data.train_y)
-    events = [e for e in prof.key_averages() if cuda and e.device_type.name == "CUDA"] if cuda else []
-    busy = sum(e.self_device_time_total for e in events) / 1e6 if cuda else float("nan")
-    rate = counted["flop_per_image"] * m["images_per_second"] / 1e12
-    print(f"one epoch under the profiler: {wall:.3f} s wall ({m['epoch_seconds']:.3f} s as fit counts it), "
-          f"{images} training images, {m['images_per_second']:,.0f} img/s")
-    print(f"model: {counted['flop_per_image'] / 1e9:.3f} GFLOP per training image (forward + backward) -> "
-          f"{rate:.1f} TFLOP/s achieved while training")
-    if cuda:
-        print(f"GPU kernels busy {busy:.3f} s of {wall:.3f} s ({100 * busy / wall:.0f}%): below ~80% the host "
-              "(Python, kernel launches) is the limit, not the GPU")
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60)
-    else:
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60)
-    print(table)
+    averages = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e6 if cuda else None
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return {"wall_s": wall, "fit_epoch_s": m["epoch_seconds"], "images": len(result.data.train_y),
+            "images_per_s": m["images_per_second"], "gflop_per_image": per_image / 1e9,
+            "tflop_per_s": per_image * m["images_per_second"] / 1e12, "kernel_s": busy,
+            "table": averages.table(sort_by=sort, row_limit=rows, max_name_column_width=60)}
+
+
+def describe(r: dict[str, Any]) -> str:
+    busy = "" if r["kernel_s"] is None else (f"GPU kernels busy {r['kernel_s']:.3f} s of the profiled epoch's "
+                                             f"{r['wall_s']:.3f} s ({100 * r['kernel_s'] / r['wall_s']:.0f}%); ")
+    return (f"{busy}model {r['gflop_per_image']:.3f} GFLOP per training image, {r['tflop_per_s']:.1f} TFLOP/s at "
+            f"{r['images_per_s']:,.0f} img/s under the profiler")
+
+
+def main() -> int:
+    from bench.gpu_check import CPU_SMOKE, GPU, train_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true")
+    parser.add_argument("--rows", type=int, default=15, help="operators listed (default 15)")
+    args = parser.parse_args()
+    r = measure(train_config(CPU_SMOKE if args.cpu_smoke else GPU), args.rows)
+    print(f"one epoch under the profiler: {r['wall_s']:.3f} s wall ({r['fit_epoch_s']:.3f} s as fit counts it), "
+          f"{r['images']} training images, {r['images_per_s']:,.0f} img/s")
+    print(f"model: {r['gflop_per_image']:.3f} GFLOP per training image (forward + backward) -> "
+          f"{r['tflop_per_s']:.1f} TFLOP/s achieved while training")
+    if r["kernel_s"] is not None:
+        share = 100 * r["kernel_s"] / r["wall_s"]
+        print(f"GPU kernels busy {r['kernel_s']:.3f} s of {r['wall_s']:.3f} s ({share:.0f}%): kernel time near an "
+              "unprofiled epoch's time means the GPU is the limit; far below, the host")
+    print(r["table"])
     return 0
 
 

@@ -46,8 +46,8 @@ def test_cpu_smoke_runs_every_section_and_prints_its_figures() -> None:
     assert re.match(r"python \S+, torch \S+, CUDA \S+, cuDNN \S+, GPU ", out), out.splitlines()[0]
 
     s = summary_lines(out)
-    assert list(s) == ["gpu tests", "epoch", "compile", "trials as processes", "packing K=1,2,4,8", "study", "total",
-                       "result"]
+    assert list(s) == ["gpu tests", "epoch", "compile", "trials as processes", "packing K=1,2,4,8", "epoch profile",
+                       "study", "total", "result"]
     passed, skipped, selected = figure(r"^(\d+) passed, 0 failed, (\d+) skipped \((\d+) selected", s["gpu tests"])
     assert passed + skipped == selected
     epoch_s, images_s = figure(rf"^({NUMBER}) s/epoch \(first {NUMBER} s\), ({NUMBER}) img/s training, peak memory "
@@ -66,6 +66,9 @@ def test_cpu_smoke_runs_every_section_and_prints_its_figures() -> None:
             packed, sequential, ratio = figure(rf"K={k}: ({NUMBER}) img/s packed vs ({NUMBER}) sequential "
                                                rf"\(({NUMBER})x\)", text)
             assert packed > 0 and sequential > 0 and ratio == pytest.approx(packed / sequential, rel=0.1, abs=0.01)
+    gflop, tflops, _ = figure(rf"^model ({NUMBER}) GFLOP per training image, ({NUMBER}) TFLOP/s at ({NUMBER}) img/s",
+                              s["epoch profile"])
+    assert 0.001 < gflop < 0.01 and tflops >= 0  # the smoke CNN: two small convolutions (no kernel time on the CPU)
     assert s["study"].startswith("exit 0, 2 trials finished (2 COMPLETE, 0 PRUNED, 0 FAIL), best val_accuracy ")
     figure(rf"^({NUMBER}) s \(limit 120 s\)", s["total"])
     assert s["result"] == "ok"
