@@ -18,6 +18,7 @@ Three mechanisms keep the budget exact and nothing lost when workers run in para
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import socket
@@ -50,6 +51,9 @@ def _stat(pid: int) -> tuple[str, str]:
 def _start_ticks(pid: int) -> str:
     """The process start time in clock ticks (Linux), so a reused pid is not taken for the old worker."""
     return _stat(pid)[1]
+
+
+IDENTITY_KEYS = ("host", "pid", "pid_start")
 
 
 def identity() -> dict[str, Any]:
@@ -86,10 +90,16 @@ def is_local_orphan(trial: FrozenTrial) -> bool:
 
 
 def retry(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Enqueue a copy of ``trial`` (same params, its intermediate values) that a worker will resume."""
+    """Enqueue a copy of ``trial`` (same params, its intermediate values) that a worker will resume.
+
+    The copy leaves out the failed trial's worker identity (``identity()``'s keys): a worker takes the retry
+    RUNNING some time before its session writes its own, and meanwhile another worker's ``claim_slot`` would
+    take the dead worker's pid for the retry's and fail it again as ``worker_died``, retry after retry."""
+    anonymous = copy.copy(trial)  # shallow: only its user_attrs are replaced
+    anonymous.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in IDENTITY_KEYS}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, trial)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, anonymous)
 
 
 def fail_and_retry(study: optuna.Study, trial: FrozenTrial, reason: str,

@@ -103,14 +103,20 @@ def test_stopping_hpo_run_pack_fails_requeues_every_member_and_the_next_run_resu
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FINISHED"
 
 
+EPOCHS = 100
+
+
 def test_ctrl_c_to_hpo_run_workers_2_pack_2_fails_and_requeues_every_member_of_both_workers_and_a_rerun_resumes(
         tmp_path: Path) -> None:
     """`--workers 2 --pack 2`: two worker processes each hold a pack of two trials. Ctrl-C to `hpo run` (it
     passes SIGTERM on to its workers) ends all four as one worker ends its pack; the same command again runs
     exactly the four retries, each resumed from its own last.pt, and nothing new."""
     name = "workerspack"
-    args = ("run", str(QUICKSTART), "--set", f"study.name='{name}'", *LONG[:-2], "--trials", "4", "--workers", "2",
-            "--pack", "2", "--set", "space.batch_size={type='categorical', choices=[128]}")
+    # 100 epochs: a worker's pack must still be running when the other worker's has begun (the two processes
+    # start seconds apart on a loaded machine), and neither may finish its pack and take the other's trials
+    args = ("run", str(QUICKSTART), "--set", f"study.name='{name}'", *LONG[:-2], "--set", f"study.max_epochs={EPOCHS}",
+            "--trials", "4", "--workers", "2", "--pack", "2",
+            "--set", "space.batch_size={type='categorical', choices=[128]}")
     proc = subprocess.Popen(hpo_cmd(*args, "--quiet"), cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     root = tmp_path / "runs" / name
@@ -145,7 +151,7 @@ def test_ctrl_c_to_hpo_run_workers_2_pack_2_fails_and_requeues_every_member_of_b
     assert sorted(t.user_attrs["resumed_from_trial"] for t in done) == [0, 1, 2, 3]
     for t in done:
         assert t.params == trials[t.user_attrs["resumed_from_trial"]].params
-        assert t.user_attrs["resumed_at_epoch"] >= 1 and t.user_attrs["epochs_run"] == 12
+        assert t.user_attrs["resumed_at_epoch"] >= 1 and t.user_attrs["epochs_run"] == EPOCHS
 
 
 def test_ctrl_c_while_a_member_saves_its_result_interrupts_it_too(tmp_path: Path,

@@ -65,6 +65,14 @@ def test_local_orphan_is_failed_and_retried_with_same_params() -> None:
     assert retry.params == trials[0].params and retry.intermediate_values == {0: 0.5}
     assert retry.system_attrs["failed_trial"] == 0
 
+    # The retry does not carry the dead worker's identity: taken RUNNING by another worker, whose session has not
+    # written its own yet, it is not that dead worker's orphan (it was, and was failed again, retry after retry)
+    assert not {"host", "pid", "pid_start"} & set(retry.user_attrs)
+    taken = study.ask()
+    assert taken.number == 3 and study.get_trials()[3].state == TrialState.RUNNING
+    assert recover_local_orphans(study) == []
+    assert study.get_trials()[3].state == TrialState.RUNNING
+
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "journal", "postgresql"])
 def test_study_runs_to_exact_budget_on_every_storage(kind: str, tmp_path: Path) -> None:
