@@ -1,14 +1,14 @@
 """PNG plots drawn with matplotlib (Agg: no display, no browser), for MLflow artifacts and the dashboard.
 
-Study plots are Optuna's matplotlib visualizations plus the "epochs spent per trial, by outcome" bar chart;
-a trial plot shows its train/val loss and validation accuracy per epoch.
+Study plots are Optuna's matplotlib visualizations plus the "epochs spent per trial, by outcome" bar chart. A
+trial's own curves, drawn as each trial ends, are Pillow's (search/curves_png.py): matplotlib cost too much there.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,41 +24,15 @@ OUTCOME_COLORS = {"completed": "#2a9d8f", "early stopped": "#457b9d", "pruned": 
 log = logging.getLogger(__name__)
 
 
-def _save(fig: Any, path: Path, fit: bool = True) -> Path:
-    """``fit``: let tight_layout place the axes (one extra draw); a figure laid out by hand skips it."""
+def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if fit:
-        fig.tight_layout()
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
     if fig.canvas.manager is not None:  # made by pyplot (Optuna's plots): free it
         import matplotlib.pyplot as plt
 
         plt.close(fig)
     return path
-
-
-def trial_curves_png(history: Mapping[str, Sequence[float]], title: str, path: Path) -> Path:
-    """Loss (train and val) and validation accuracy against epoch, side by side. Drawn once per trial, so laid
-    out by hand: tight_layout's extra draw made it 0.11 s instead of 0.07 s."""
-    fig = Figure(figsize=(8, 3))  # no pyplot: trials may end in several threads at once
-    left, right = fig.subplots(1, 2)
-    for key, style in (("train_loss", "-"), ("val_loss", "-")):
-        values = list(history.get(key, []))
-        if values:
-            left.plot(range(len(values)), values, style, marker=".", label=key)
-    left.set_xlabel("epoch")
-    left.set_ylabel("loss")
-    if left.lines:
-        left.legend()
-    acc = list(history.get("val_accuracy", []))
-    if acc:
-        right.plot(range(len(acc)), acc, marker=".", color="#2a9d8f", label="val_accuracy")
-        right.legend()
-    right.set_xlabel("epoch")
-    right.set_ylabel("accuracy")
-    fig.suptitle(title)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.86, wspace=0.28)
-    return _save(fig, path, fit=False)
 
 
 def epochs_by_outcome_png(trials: Sequence[FrozenTrial], max_epochs: int, path: Path) -> Path:

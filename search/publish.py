@@ -19,6 +19,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from search import records
 from search.config import Settings
+from search.curves_png import trial_curves_png
 from search.diagnosis import diagnose
 from search.notes import study_note, trial_note
 from search.plugins import ExportUnsupported, ObjectivePlugin
@@ -54,7 +55,6 @@ def on_trial_end(session: Any, state: str) -> None:
 def _trial_end(session: Any, state: str) -> None:
     from optuna_dashboard import save_note  # imported late: it costs seconds, and only runs need it
 
-    from search.plots import trial_curves_png
 
     trial, ctx, run = session.trial, session.ctx, session.run
     if run is None or session.reason == "interrupted":  # Ctrl-C: stop now, publish nothing
