@@ -31,7 +31,9 @@ def flop_per_image(cfg: TrainConfig) -> float:
     runtime = resolve_runtime(cfg.device)
     data = load_data(cfg, runtime.device)
     state = new_state(cfg, data, runtime, 1)
-    x = data.inputs(data.train_x[: cfg.batch_size]).contiguous(memory_format=torch.channels_last)
+    x = data.inputs(data.train_x[: cfg.batch_size])
+    if runtime.channels_last:  # as the training loop feeds it
+        x = x.contiguous(memory_format=torch.channels_last)
     with FlopCounterMode(display=False) as flops, runtime.autocast():
         state.model(x).float().sum().backward()
     return flops.get_total_flops() / len(x)

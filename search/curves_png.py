@@ -27,10 +27,6 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _label(value: float) -> str:
-    return f"{value:.3g}"
-
-
 def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series: dict[str, list[float]],
            y_name: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> None:
     """One panel: frame, three y ticks, the epoch axis, each series as a line with points, and a legend."""
@@ -52,7 +48,7 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series: di
         value = lo + pad + (hi - lo - 2 * pad) * i / 2
         y = at(0, value)[1]
         draw.line([(x0 + 1, y), (x1 - 1, y)], fill=GRID)
-        draw.text((x0 - 4, y), _label(value), fill=TEXT, font=font, anchor="rm")
+        draw.text((x0 - 4, y), f"{value:.3g}", fill=TEXT, font=font, anchor="rm")
     for epoch in sorted({0, last // 2, last} if epochs > 1 else {0}):
         x = at(epoch, lo)[0]
         draw.line([(x, y1), (x, y1 + 4)], fill=AXIS)

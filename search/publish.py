@@ -55,7 +55,6 @@ def on_trial_end(session: Any, state: str) -> None:
 def _trial_end(session: Any, state: str) -> None:
     from optuna_dashboard import save_note  # imported late: it costs seconds, and only runs need it
 
-
     trial, ctx, run = session.trial, session.ctx, session.run
     if run is None or session.reason == "interrupted":  # Ctrl-C: stop now, publish nothing
         return

@@ -53,12 +53,12 @@ def _start_ticks(pid: int) -> str:
     return _stat(pid)[1]
 
 
-IDENTITY_KEYS = ("host", "pid", "pid_start")
+IDENTITY_KEYS = ("host", "pid", "pid_start")  # what identity() records; a retry leaves them out
 
 
 def identity() -> dict[str, Any]:
     pid = os.getpid()
-    return {"host": HOST, "pid": pid, "pid_start": _start_ticks(pid)}
+    return dict(zip(IDENTITY_KEYS, (HOST, pid, _start_ticks(pid)), strict=True))
 
 
 def is_alive(pid: int, start: str = "") -> bool:
