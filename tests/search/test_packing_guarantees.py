@@ -50,6 +50,24 @@ def _both_have(epochs: int) -> Any:
     return ready
 
 
+def _rerun_runs_exactly_the_retries(args: tuple[str, ...], tmp_path: Path, root: Path, name: str,
+                                    retried: list[int]) -> tuple[optuna.Study, Any, list[FrozenTrial]]:
+    """The same command again, after the trials ``retried`` (numbers 0..n-1) were interrupted: it completes
+    exactly their n retries and nothing new, each resumed (past epoch 0) with the params of the trial it
+    retries. Returns the study, the MLflow client and the completed trials."""
+    again = hpo(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    study, client = load(root, name)
+    trials = {t.number: t for t in study.get_trials()}
+    done = [t for t in trials.values() if t.state == TrialState.COMPLETE]
+    assert len(done) == len(retried) and len(trials) == 2 * len(retried)  # exactly the budget, nothing new
+    assert sorted(t.user_attrs["resumed_from_trial"] for t in done) == retried
+    for t in done:
+        assert t.params == trials[t.user_attrs["resumed_from_trial"]].params
+        assert t.user_attrs["resumed_at_epoch"] >= 1
+    return study, client, done
+
+
 @pytest.mark.parametrize(("how", "resume"), [("sigterm", False), ("ctrl-c", True)])
 def test_stopping_hpo_run_pack_fails_requeues_every_member_and_the_next_run_resumes_them(
         tmp_path: Path, how: str, resume: bool) -> None:
@@ -86,17 +104,9 @@ def test_stopping_hpo_run_pack_fails_requeues_every_member_and_the_next_run_resu
     if not resume:
         return
 
-    again = hpo(*args, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    study, client = load(root, name)
-    trials = {t.number: t for t in study.get_trials()}
-    done = [t for t in trials.values() if t.state == TrialState.COMPLETE]
-    assert len(done) == 2 and len(trials) == 4  # exactly the budget: the two retries, nothing new
-    assert sorted(t.user_attrs["resumed_from_trial"] for t in done) == [0, 1]
+    study, client, done = _rerun_runs_exactly_the_retries(args, tmp_path, root, name, retried=[0, 1])
     assert sorted(done[0].user_attrs["packed_with"] + done[1].user_attrs["packed_with"]) == [2, 2, 3]  # one pack
     for t in done:
-        assert t.params == trials[t.user_attrs["resumed_from_trial"]].params
-        assert t.user_attrs["resumed_at_epoch"] >= 1
         assert sorted(t.intermediate_values) == list(range(12)) and t.user_attrs["epochs_run"] == 12
         steps = [m.step for m in client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_accuracy")]
         assert sorted(steps) == list(range(12))
@@ -142,16 +152,8 @@ def test_ctrl_c_to_hpo_run_workers_2_pack_2_fails_and_requeues_every_member_of_b
     waiting = [t for t in trials.values() if t.state == TrialState.WAITING]
     assert sorted(t.system_attrs["failed_trial"] for t in waiting) == [0, 1, 2, 3] and len(trials) == 8
 
-    again = hpo(*args, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    study, _ = load(root, name)
-    trials = {t.number: t for t in study.get_trials()}
-    done = [t for t in trials.values() if t.state == TrialState.COMPLETE]
-    assert len(done) == 4 and len(trials) == 8  # exactly the budget: the four retries, nothing new
-    assert sorted(t.user_attrs["resumed_from_trial"] for t in done) == [0, 1, 2, 3]
-    for t in done:
-        assert t.params == trials[t.user_attrs["resumed_from_trial"]].params
-        assert t.user_attrs["resumed_at_epoch"] >= 1 and t.user_attrs["epochs_run"] == EPOCHS
+    _, _, done = _rerun_runs_exactly_the_retries(args, tmp_path, root, name, retried=[0, 1, 2, 3])
+    assert all(t.user_attrs["epochs_run"] == EPOCHS for t in done)
 
 
 def test_ctrl_c_while_a_member_saves_its_result_interrupts_it_too(tmp_path: Path,
