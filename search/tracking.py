@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from search import records
 from search.errors import TrackingError
+from search.metric_queue import MetricQueue
 from search.stores import sqlite_path, sqlite_url
 
 if TYPE_CHECKING:
@@ -242,10 +243,11 @@ def copy_empty_store(db: Path) -> None:
 
 
 class _BackgroundWriter:
-    """One daemon thread per process that makes queued MLflow calls in order, so training never waits for the
-    tracking store. MLflow's own asynchronous logging (``log_batch(synchronous=False)``) was tried first: it
-    starts a queue per run and ``set_terminated`` joins its threads, about 1 s per trial (BENCHMARKS
-    section 2), more than the logging it takes off short trials."""
+    """One daemon thread per process that makes queued MLflow calls in order (resume checkpoint uploads), so
+    training never waits for the artifact store. For epoch metrics, MLflow's own asynchronous logging
+    (``log_batch(synchronous=False)``) was tried first: it starts a queue per run and ``set_terminated`` joins
+    its threads, about 1 s per trial (BENCHMARKS section 2), more than the logging it takes off short trials;
+    they go through a ``MetricQueue``."""
 
     def __init__(self) -> None:
         self._queue: queue.Queue[tuple[Callable[..., object], tuple[Any, ...]]] = queue.Queue()
@@ -277,17 +279,17 @@ class _BackgroundWriter:
                 self._queue.task_done()
 
 
-_WRITER = _BackgroundWriter()
-atexit.register(_WRITER.flush)
+_METRICS = MetricQueue()
+atexit.register(_METRICS.flush)
 
 
 class TrialRun:
     """One trial's child run: per-epoch metrics in one call each, a checkpoint, a final state.
 
-    Epoch metrics are queued for a background thread (``_BackgroundWriter``), so training does not wait for
-    the tracking store. ``flush`` waits for everything queued; ``finish`` (every way a trial ends: complete,
-    pruned, failed, interrupted) flushes first. A killed process can lose queued epochs of its run; its retry
-    copies the resumed history anew.
+    Epoch metrics are queued for a background thread (``MetricQueue``: held up to 2 s and merged, so a short
+    trial's epochs take one call), and training does not wait for the tracking store. ``flush`` waits for
+    everything queued; ``finish`` (every way a trial ends: complete, pruned, failed, interrupted) flushes
+    first. A killed process can lose queued epochs of its run; its retry copies the resumed history anew.
     """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
@@ -298,11 +300,14 @@ class TrialRun:
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
-        _WRITER.submit(self.client.log_batch, self.run_id, batch)
+        _METRICS.put(self.run_id, batch, self._write_metrics)
+
+    def _write_metrics(self, run_id: str, metrics: list[Metric]) -> None:
+        self.client.log_batch(run_id, metrics=metrics)
 
     def flush(self) -> None:
         """Wait until every queued epoch is in the store; a failed write is a warning, not a failed trial."""
-        for exc in _WRITER.flush():
+        for exc in _METRICS.flush():
             logging.getLogger(__name__).warning("run %s: an epoch's metrics were not logged: %s", self.run_id, exc)
         for exc in _UPLOADS.flush():
             logging.getLogger(__name__).warning("run %s: a resume checkpoint was not uploaded: %s", self.run_id, exc)
@@ -339,7 +344,7 @@ class TrialRun:
 
 RESUME_DIR = "resume"
 RESUME_POINTER = "latest.json"
-_UPLOADS = _BackgroundWriter()  # its own thread: a checkpoint upload must not hold up the epochs' metrics
+_UPLOADS = _BackgroundWriter()  # a thread of its own: a checkpoint upload must not hold up the epochs' metrics
 atexit.register(_UPLOADS.flush)
 
 

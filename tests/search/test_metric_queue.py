@@ -1,0 +1,104 @@
+"""The epoch-metrics queue (search/metric_queue.py): merged per run, in order, within its interval, chunked to
+MLflow's per-call limit, flushed on demand; and through ``TrialRun``, every epoch in a real MLflow store."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.metric_queue import MetricQueue
+from search.stores import sqlite_url
+from search.tracking import Tracker
+
+
+class Recorder:
+    """A write function that keeps every call it gets (run id, items), as the store would receive them."""
+
+    def __init__(self, fail_on: object = None) -> None:
+        self.calls: list[tuple[str, list[object]]] = []
+        self.fail_on = fail_on
+        self.lock = threading.Lock()
+
+    def __call__(self, run_id: str, items: list[object]) -> None:
+        if self.fail_on in items:
+            raise RuntimeError(f"store refused {self.fail_on}")
+        with self.lock:
+            self.calls.append((run_id, list(items)))
+
+
+def test_items_within_the_interval_are_written_at_flush_in_one_call_per_run_in_order() -> None:
+    q, write = MetricQueue(interval=60.0), Recorder()
+    for epoch in range(5):
+        q.put("a", [f"a{epoch}x", f"a{epoch}y"], write)
+        q.put("b", [f"b{epoch}"], write)
+    time.sleep(0.2)
+    assert write.calls == []  # held: the interval has not passed
+    assert q.flush() == []
+    assert write.calls == [("a", [f"a{e}{k}" for e in range(5) for k in "xy"]), ("b", [f"b{e}" for e in range(5)])]
+    assert q.flush() == [] and len(write.calls) == 2  # nothing left to write
+
+
+def test_items_are_written_without_a_flush_once_the_interval_has_passed() -> None:
+    q, write = MetricQueue(interval=0.05), Recorder()
+    q.put("a", [1, 2], write)
+    deadline = time.monotonic() + 5
+    while not write.calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert write.calls == [("a", [1, 2])]
+    q.put("a", [3], write)  # the next item waits its own interval, then goes alone
+    assert q.flush() == []
+    assert write.calls == [("a", [1, 2]), ("a", [3])]
+
+
+def test_a_run_s_items_are_split_into_calls_of_at_most_per_call() -> None:
+    q, write = MetricQueue(interval=60.0, per_call=2), Recorder()
+    q.put("a", [1, 2, 3], write)
+    q.put("a", [4, 5], write)
+    q.flush()
+    assert write.calls == [("a", [1, 2]), ("a", [3, 4]), ("a", [5])]
+
+
+def test_a_failed_write_is_reported_at_the_next_flush_and_the_writer_goes_on() -> None:
+    q, write = MetricQueue(interval=60.0, per_call=1), Recorder(fail_on="bad")
+    q.put("a", ["ok", "bad", "after"], write)
+    errors = q.flush()
+    assert [str(e) for e in errors] == ["store refused bad"]
+    assert write.calls == [("a", ["ok"]), ("a", ["after"])]
+    q.put("a", ["later"], write)
+    assert q.flush() == []  # errors are handed over once
+    assert write.calls[-1] == ("a", ["later"])
+
+
+@pytest.mark.parametrize(("interval", "per_call"), [(-1.0, 10), (1.0, 0)])
+def test_impossible_settings_are_refused(interval: float, per_call: int) -> None:
+    with pytest.raises(ValueError, match="interval must be >= 0 and per_call >= 1"):
+        MetricQueue(interval=interval, per_call=per_call)
+
+
+def test_a_trial_s_epochs_reach_the_store_in_one_call_and_all_of_them(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = sqlite_url(tmp_path / "mlflow.db")
+    tracker = Tracker(uri, "quickstart", tmp_path / "mlartifacts")
+    parent = tracker.parent_run("quickstart", {"n_trials": 1})
+    trial = tracker.start_trial(parent, 0, {"lr": 0.01}, {"lr": 0.01})
+    calls: list[int] = []
+    real = trial.client.log_batch
+
+    def counted(run_id: str, metrics: object = (), params: object = (), tags: object = ()) -> None:
+        calls.append(len(list(metrics)))  # type: ignore[call-overload]
+        real(run_id, metrics=metrics, params=params, tags=tags)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trial.client, "log_batch", counted)
+    for epoch in range(12):
+        trial.log_epoch(epoch, {"val_accuracy": epoch / 100, "train_loss": 1 - epoch / 100})
+    trial.finish("COMPLETE", {"hpo.reason": "completed"}, {"epochs_run": 12.0})
+    assert calls[0] == 24  # the 12 epochs x 2 metrics in one call, then the final metrics and tags
+    history = MlflowClient(tracking_uri=uri).get_metric_history(trial.run_id, "val_accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(e, e / 100) for e in range(12)]
+    run = MlflowClient(tracking_uri=uri).get_run(trial.run_id)
+    assert run.data.metrics["train_loss"] == pytest.approx(0.89)  # the latest step's value
+    assert run.info.status == "FINISHED"
