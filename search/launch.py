@@ -1,8 +1,10 @@
 """`hpo run --workers N`: N worker processes on one machine, one study, GPUs assigned round-robin.
 
-Each worker is a plain `hpo worker` process (so what runs on one machine is what runs on many); this
-module only decides who gets which GPU and how many CPU threads, starts them, shows their progress from
-the storage, and stops them cleanly on Ctrl-C or SIGTERM.
+Each worker runs `hpo worker` (so what runs on one machine is what runs on many); this module only decides
+who gets which GPU and how many CPU threads, starts them, shows their progress from the storage, and stops
+them cleanly on Ctrl-C or SIGTERM. CPU workers on Linux are forked from this process once it has loaded
+torch, mlflow, optuna and the data, before it opens any store: each saves the ~5 s of imports and loading
+that a new process pays (BENCHMARKS.md section 6). GPU workers are new processes: CUDA cannot cross a fork.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
+from typing import NoReturn, Protocol
 
 from search.config import Settings
 from search.errors import SettingsError
+from search.plugins import load_objective
 from search.preflight import check_gpus
 from search.progress import Progress
-from search.stores import RunPaths
+from search.proxy import is_grpc
+from search.stores import RunPaths, close_storages, open_for_reading
 from search.study import OpenStudy, RunResult, finish_study, open_study, parent_lifetime
 
 
@@ -77,29 +83,140 @@ def worker_command(args: argparse.Namespace, n_trials: int | None, threads: int 
     return cmd
 
 
-def run_parallel(settings: Settings, paths: RunPaths, args: argparse.Namespace, plan: WorkerPlan,
-                 n_trials: int | None, progress: Progress | None) -> RunResult:
-    """Create the study and parent run once, start the workers, follow the storage until they exit."""
-    opened = open_study(settings, paths, n_trials)
-    with parent_lifetime(opened, own=True) as outcome:  # the workers run with --no-finish: this process ends it
-        result = _follow_workers(opened, args, plan, n_trials, progress)
-        outcome["status"] = "FAILED" if result.stopped_by_failures or result.workers_failed else "FINISHED"
-    return result
+class Worker(Protocol):
+    """What the launcher needs of a worker process (``subprocess.Popen`` has it; so does ``ForkedWorker``)."""
+
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
 
 
-def _follow_workers(opened: OpenStudy, args: argparse.Namespace, plan: WorkerPlan, n_trials: int | None,
-                    progress: Progress | None) -> RunResult:
-    study, paths = opened.study, opened.paths
-    if progress is not None:
-        progress.start(study)
-    before = {t.number for t in study.get_trials(deepcopy=False)}
-    shown = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-    procs = []
+class ForkedWorker:
+    """A worker forked from the launcher: the child runs ``hpo worker`` with ``argv`` (what a new process would
+    run) on the modules and data the launcher has loaded, then exits without returning here."""
+
+    def __init__(self, argv: list[str]) -> None:
+        sys.stdout.flush()  # or the child would write the launcher's buffered output again
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _run_forked(argv)
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+
+def _run_forked(argv: list[str]) -> NoReturn:
+    code = 1
+    try:
+        from search import cli
+
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # as PYTHONUNBUFFERED does
+        sys.argv = [sys.argv[0], *argv]
+        cli.entry()  # exits through cli.exit_now
+    except SystemExit as exc:  # exit_now under a profiler
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - what an uncaught exception prints in a new process
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def forks_workers(plan: WorkerPlan, storage_url: str) -> bool:
+    """Fork CPU workers on Linux; not for GPUs (CUDA), elsewhere (macOS forks badly), or behind a storage proxy
+    (gRPC's threads do not survive a fork)."""
+    return sys.platform == "linux" and all(g is None for g in plan.workers) and not is_grpc(storage_url)
+
+
+def existing_trials(paths: RunPaths, study_name: str) -> set[int]:
+    """The study's trial numbers now (none before it exists), read through a storage closed again at once: a
+    forked worker must inherit no open connection."""
+    import optuna
+
+    try:
+        storage = open_for_reading(paths.storage_url)
+    except SettingsError:  # no SQLite file yet
+        return set()
+    try:
+        return {t.number for t in optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)}
+    except KeyError:  # no such study yet
+        return set()
+    finally:
+        close_storages()
+
+
+def start_workers(args: argparse.Namespace, plan: WorkerPlan, n_trials: int | None, fork: bool) -> list[Worker]:
+    cmd = worker_command(args, n_trials, plan.threads)
+    if fork:
+        return [ForkedWorker(cmd[3:]) for _ in plan.workers]
+    procs: list[Worker] = []
     for gpu in plan.workers:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
-        procs.append(subprocess.Popen(worker_command(args, n_trials, plan.threads), env=env))
+        procs.append(subprocess.Popen(cmd, env=env))
+    return procs
+
+
+def stop_workers(procs: list[Worker]) -> None:
+    """SIGTERM to every worker still running (each ends its trials as interrupted), then wait for all."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.wait()
+
+
+def run_parallel(settings: Settings, paths: RunPaths, args: argparse.Namespace, plan: WorkerPlan,
+                 n_trials: int | None, progress: Progress | None) -> RunResult:
+    """Start the workers and open (or create) the study and its parent run; follow the storage until the
+    workers exit; end the study. Forked workers start first, once the data is loaded (bad data fails here,
+    before any worker starts), and the launcher opens the stores beside them, as workers started together do."""
+    if forks_workers(plan, paths.storage_url):
+        load_objective(settings.objective_name)(settings).prepare()
+        before = existing_trials(paths, settings.study.name)
+        procs = start_workers(args, plan, n_trials, fork=True)
+        try:
+            opened = open_study(settings, paths, n_trials)
+        except BaseException:
+            stop_workers(procs)
+            raise
+    else:
+        opened = open_study(settings, paths, n_trials)
+        before = {t.number for t in opened.study.get_trials(deepcopy=False)}
+        procs = start_workers(args, plan, n_trials, fork=False)
+    with parent_lifetime(opened, own=True) as outcome:  # the workers run with --no-finish: this process ends it
+        result = _follow_workers(opened, procs, before, n_trials, progress)
+        outcome["status"] = "FAILED" if result.stopped_by_failures or result.workers_failed else "FINISHED"
+    return result
+
+
+def _follow_workers(opened: OpenStudy, procs: list[Worker], before: set[int], n_trials: int | None,
+                    progress: Progress | None) -> RunResult:
+    study, paths = opened.study, opened.paths
+    if progress is not None:
+        progress.start(study)
+    shown = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number in before}
     try:
         while True:
             done = all(p.poll() is not None for p in procs)
@@ -112,11 +229,7 @@ def _follow_workers(opened: OpenStudy, args: argparse.Namespace, plan: WorkerPla
                 break
             time.sleep(1.0)
     except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait()
+        stop_workers(procs)
         raise
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     test_metrics = finish_study(opened, n_trials)

@@ -18,9 +18,13 @@ from pathlib import Path
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
+from search.launch import WorkerPlan, forks_workers
 from search.workers import is_alive
 from tests.search.failure_helpers import faulty_study, wait_for
 from tests.search.workers_helpers import child_runs, hpo, hpo_cmd, load
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "studies" / "quickstart.toml"
 
 pytestmark = pytest.mark.slow
 
@@ -129,3 +133,42 @@ def test_a_killed_worker_not_yet_reaped_is_dead() -> None:
     _wait_dead(proc.pid)  # exited; not reaped, since nothing has waited for it yet
     assert Path(f"/proc/{proc.pid}").exists() and not is_alive(proc.pid)
     proc.wait()
+
+
+def test_cpu_workers_are_forked_on_linux_only_without_gpus_or_a_storage_proxy() -> None:
+    cpu, gpu = WorkerPlan((None, None), 1), WorkerPlan(("0", "1"), None)
+    assert forks_workers(cpu, "sqlite:///runs/optuna.db") is (sys.platform == "linux")
+    assert forks_workers(cpu, "postgresql://u@h/db") is (sys.platform == "linux")
+    assert forks_workers(gpu, "sqlite:///runs/optuna.db") is False  # CUDA cannot cross a fork
+    assert forks_workers(cpu, "grpc://127.0.0.1:50051") is False  # nor gRPC's threads
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only")
+def test_a_forked_worker_runs_hpo_worker_and_its_exit_status_is_the_worker_s(tmp_path: Path) -> None:
+    """The child runs `hpo worker ARGS` and exits with its code (2 for a missing study file, said once); a worker
+    killed by a signal reads as minus that signal, as subprocess gives it."""
+    script = (
+        "import signal\n"
+        "from search.launch import ForkedWorker\n"
+        "missing = ForkedWorker(['worker', 'no-such-study.toml'])\n"
+        "print(missing.wait(), missing.poll())\n"
+        f"killed = ForkedWorker(['worker', {str(QUICKSTART)!r}, '--run-dir', 'runs', '--quiet'])\n"
+        "killed.send_signal(signal.SIGKILL)\n"
+        "print(killed.wait())\n"
+        "print('launcher goes on')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["2 2", str(-signal.SIGKILL), "launcher goes on"]
+    assert done.stderr.count("study file 'no-such-study.toml' does not exist") == 1
+
+
+def test_bad_data_fails_once_in_the_launcher_before_any_worker_starts_or_store_exists(tmp_path: Path) -> None:
+    study = tmp_path / "bad.toml"
+    study.write_text(QUICKSTART.read_text().replace('dataset = "digits"', 'dataset = "folder"\ndata_dir = "nowhere"'))
+    done = hpo("run", str(study), "--workers", "2", "--run-dir", str(tmp_path / "runs"), cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("error:") == 1 and "does not exist or is not a folder" in done.stderr
+    assert "worker done" not in done.stderr and "data digits" not in done.stderr
+    assert not (tmp_path / "runs" / "quickstart").exists()  # no Optuna or MLflow store was created
