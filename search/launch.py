@@ -217,17 +217,20 @@ def _follow_workers(opened: OpenStudy, procs: list[Worker], before: set[int], n_
     if progress is not None:
         progress.start(study)
     shown = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number in before}
+    read_at = 0.0
     try:
-        while True:
+        while True:  # the workers' exits seen within 0.1 s, so the study ends then; the storage read once a second
             done = all(p.poll() is not None for p in procs)
-            for trial in study.get_trials(deepcopy=False):
-                if trial.state.is_finished() and trial.number not in shown:
-                    shown.add(trial.number)
-                    if progress is not None:
-                        progress(study, trial)
+            if done or time.monotonic() - read_at >= 1.0:
+                read_at = time.monotonic()
+                for trial in study.get_trials(deepcopy=False):
+                    if trial.state.is_finished() and trial.number not in shown:
+                        shown.add(trial.number)
+                        if progress is not None:
+                            progress(study, trial)
             if done:
                 break
-            time.sleep(1.0)
+            time.sleep(0.1)
     except KeyboardInterrupt:
         stop_workers(procs)
         raise
