@@ -27,6 +27,7 @@ from search.progress import Progress
 from search.proxy import is_grpc
 from search.stores import RunPaths, close_storages, open_for_reading
 from search.study import OpenStudy, RunResult, finish_study, open_study, parent_lifetime
+from search.tracking import warm_model_logging
 
 
 @dataclass(frozen=True)
@@ -217,10 +218,14 @@ def _follow_workers(opened: OpenStudy, procs: list[Worker], before: set[int], n_
     if progress is not None:
         progress.start(study)
     shown = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number in before}
-    read_at = 0.0
+    read_at, warmed, cores = 0.0, False, os.cpu_count() or 1
     try:
         while True:  # the workers' exits seen within 0.1 s, so the study ends then; the storage read once a second
-            done = all(p.poll() is not None for p in procs)
+            running = sum(p.poll() is None for p in procs)
+            done = running == 0
+            if not warmed and 0 < running < cores:  # a core is free: take the end's model logging set-up off it
+                warm_model_logging()
+                warmed = True
             if done or time.monotonic() - read_at >= 1.0:
                 read_at = time.monotonic()
                 for trial in study.get_trials(deepcopy=False):
