@@ -3,7 +3,8 @@
 Checked against Optuna 5.0.0 (``CHECKED_AGAINST``; ``tests/search/test_optuna_adapter.py`` covers each
 function on a real SQLite storage). Public API is used wherever it exists: ``study.tell(...,
 skip_if_finished=True)``, ``RetryHeartbeatStaleTrialCallback``.
-What is left needs the storage itself: a live trial's stored record (to see which trials it retries), an
+What is left needs the storage itself: a live trial's stored record (to see which trials it retries), several
+user attrs written in one transaction, an
 atomic "fail this RUNNING trial unless someone else finished it" with a reason attached first (also for the
 trials whose heartbeat stopped, which ``optuna.storages.fail_stale_trials`` fails without one), telling
 whether Optuna refused to tell a finished trial, and ``RDBStorage`` with its calls (private ones included:
@@ -15,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -32,6 +33,32 @@ CHECKED_AGAINST = "5.0.0"
 def stored_trial(trial: optuna.Trial) -> FrozenTrial:
     """The storage's record of a live trial (system attrs included, which ``optuna.Trial`` does not expose)."""
     return trial.study._storage.get_trial(trial._trial_id)
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
+    """``trial.set_user_attr`` for each of ``attrs``, in one transaction on an RDB storage instead of a commit each
+    (about 2 ms a commit on SQLite, more over a network; a trial sets about ten as it starts and ends). Optuna's
+    own per-attr write does the work, so a finished trial is refused alike; other storages get one call each."""
+    storage = trial.study._storage
+    backend = getattr(storage, "_backend", storage)  # Optuna wraps an RDB storage in its _CachedStorage
+    if isinstance(backend, RDBStorage):
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        def write() -> None:
+            with _create_scoped_session(backend.scoped_session, True) as session:
+                for key, value in attrs.items():
+                    backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel,
+                                                           trial._trial_id, key, value)
+
+        if isinstance(backend, RetryingRDBStorage):
+            backend.retrier.call(write)
+        else:
+            write()
+    else:
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial._trial_id, key, value)
+    trial._cached_frozen_trial.user_attrs.update(attrs)  # what Trial.set_user_attr does after its write
 
 
 def heartbeat_enabled(study: optuna.Study) -> bool:

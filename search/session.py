@@ -39,7 +39,7 @@ from search.failures import (
     is_out_of_memory,
     release_memory,
 )
-from search.optuna_adapter import PruningTrial, stored_trial
+from search.optuna_adapter import PruningTrial, set_user_attrs, stored_trial
 from search.progress import Progress
 from search.publish import on_trial_end
 from search.resume import find_resume, last_path, retried_trials, save_resume, trial_dir
@@ -131,12 +131,10 @@ class TrialSession:
             remote = self._fetcher(Path(fetched)) if self.ctx.tracker.is_server else None
             resume = find_resume(self.trial, self.ctx.checkpoint_root, remote)
         self.run = self.ctx.tracker.start_trial(self.ctx.parent_run_id, self.trial.number, self.params, self.resolved)
-        for key, value in {records.MLFLOW_RUN_ID: self.run.run_id, **identity()}.items():
-            self.trial.set_user_attr(key, value)
-        self.trial.set_user_attr(records.MLFLOW_RUN_URL, run_url(self.ctx.tracker, self.run.run_id))
-        for key in records.OWN_PER_ATTEMPT:
-            if key in self.trial.user_attrs:  # a retry inherits its predecessor's attrs; these must be its own
-                self.trial.set_user_attr(key, None)
+        # A retry inherits its predecessor's attrs; these must be its own.
+        inherited = {key: None for key in records.OWN_PER_ATTEMPT if key in self.trial.user_attrs}
+        set_user_attrs(self.trial, {**inherited, records.MLFLOW_RUN_ID: self.run.run_id, **identity(),
+                                    records.MLFLOW_RUN_URL: run_url(self.ctx.tracker, self.run.run_id)})
         if resume is not None:
             self._apply_resume(resume, previous_run)
         self._deadline = TrialDeadline(self.settings.study.trial_timeout)
@@ -177,8 +175,7 @@ class TrialSession:
         self.epochs_run = len(history)
         self.last_metrics = dict(history[-1]) if history else {}
         epoch = self.epochs_run
-        self.trial.set_user_attr(records.RESUMED_FROM_TRIAL, self.resumed_from)
-        self.trial.set_user_attr(records.RESUMED_AT_EPOCH, epoch)
+        set_user_attrs(self.trial, {records.RESUMED_FROM_TRIAL: self.resumed_from, records.RESUMED_AT_EPOCH: epoch})
         for past, metrics in enumerate(history):
             self.run.log_epoch(past, metrics)
         local = Path(state["_source"]).is_relative_to(self.ctx.checkpoint_root)
@@ -265,8 +262,7 @@ class TrialSession:
             self.checkpoint_dir / "best.pt",
         )
         self.run.log_artifact(path)  # type: ignore[union-attr]
-        self.trial.set_user_attr(records.CHECKPOINT, str(path.resolve()))
-        self.trial.set_user_attr(records.BEST_EPOCH, best_epoch)
+        set_user_attrs(self.trial, {records.CHECKPOINT: str(path.resolve()), records.BEST_EPOCH: best_epoch})
         return float(final[self.settings.study.metric])
 
     def _record(self, state: str, killed: bool = False) -> None:
@@ -281,8 +277,7 @@ class TrialSession:
             attrs[records.PRUNED_EPOCH] = stopped
         if self.early_stopped:
             attrs[records.STOPPED_EPOCH] = stopped
-        for key, value in attrs.items():
-            self.trial.set_user_attr(key, value)
+        set_user_attrs(self.trial, attrs)
         final = self._final_metrics() if state == "COMPLETE" else {}
         metrics = {"epochs_run": float(self.epochs_run)}
         metric = self.settings.study.metric

@@ -13,7 +13,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.optuna_adapter import CHECKED_AGAINST, fail_running, fail_stale, heartbeat_enabled, stored_trial
+from search.optuna_adapter import (
+    CHECKED_AGAINST,
+    fail_running,
+    fail_stale,
+    heartbeat_enabled,
+    set_user_attrs,
+    stored_trial,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,6 +37,35 @@ def test_stored_trial_is_the_live_trials_record(tmp_path: Path) -> None:
     trial.set_user_attr("k", "v")
     frozen = stored_trial(trial)
     assert (frozen.number, frozen.state, frozen.user_attrs) == (1, TrialState.RUNNING, {"k": "v"})
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_set_user_attrs_is_set_user_attr_for_each_in_one_commit(kind: str, tmp_path: Path) -> None:
+    """The same stored and cached attrs as one ``set_user_attr`` per key (an existing one overwritten), written in
+    one transaction on an RDB storage; a finished trial is refused as ``set_user_attr`` refuses it."""
+    store = storage(tmp_path, heartbeat=False) if kind == "sqlite" else optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=store)
+    one_by_one, together = study.ask(), study.ask()
+    attrs = {"mlflow_run_id": "abc", "pid": 41, "best_epoch": None, "nested": {"a": [1, 2]}}
+    for trial in (one_by_one, together):
+        trial.set_user_attr("pid", 7)  # inherited, overwritten below
+    commits: list[int] = []
+    if kind == "sqlite":
+        import sqlalchemy.event
+
+        sqlalchemy.event.listen(store.engine, "commit", lambda conn: commits.append(1))
+    for key, value in attrs.items():
+        one_by_one.set_user_attr(key, value)
+    written_one_by_one = len(commits)
+    set_user_attrs(together, attrs)
+    if kind == "sqlite":
+        assert (written_one_by_one, len(commits) - written_one_by_one) == (4, 1)
+    assert together.user_attrs == one_by_one.user_attrs == attrs  # the trial's cached copy
+    assert stored_trial(together).user_attrs == stored_trial(one_by_one).user_attrs == attrs
+    study.tell(together, 1.0)
+    with pytest.raises(RuntimeError, match="finished"):
+        set_user_attrs(together, {"late": 1})
+    assert "late" not in stored_trial(together).user_attrs
 
 
 def test_heartbeat_enabled_follows_the_storage(tmp_path: Path) -> None:
