@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -143,10 +144,13 @@ def _run_forked(argv: list[str]) -> NoReturn:
         os._exit(code)
 
 
-def forks_workers(plan: WorkerPlan, storage_url: str) -> bool:
-    """Fork CPU workers on Linux; not for GPUs (CUDA), elsewhere (macOS forks badly), or behind a storage proxy
-    (gRPC's threads do not survive a fork)."""
-    return sys.platform == "linux" and all(g is None for g in plan.workers) and not is_grpc(storage_url)
+def forks_workers(plan: WorkerPlan, storage_url: str, threads: int | None = None) -> bool:
+    """Fork CPU workers on Linux; not for GPUs (CUDA), elsewhere (macOS forks badly), behind a storage proxy
+    (gRPC's threads do not survive a fork), or from a process running other ``threads`` than its main one (a
+    fork copies the locks they hold: `hpo run` called as a library, not the `hpo` command)."""
+    threads = threading.active_count() if threads is None else threads
+    return (sys.platform == "linux" and all(g is None for g in plan.workers) and not is_grpc(storage_url)
+            and threads == 1)
 
 
 def existing_trials(paths: RunPaths, study_name: str) -> set[int]:

@@ -63,6 +63,10 @@ def _start(tmp_path: Path, name: str, trials: int) -> tuple[Path, subprocess.Pop
 def test_stopping_two_workers_fails_and_requeues_both_trials_and_the_next_run_resumes_them(
         tmp_path: Path, how: str, resume: bool) -> None:
     study_file, proc, held = _start(tmp_path, how, trials=2)
+    if sys.platform == "linux":  # forked from `hpo run`, not started as `hpo worker`: the launcher's command line
+        for trial in held:
+            argv = Path(f"/proc/{trial.user_attrs['pid']}/cmdline").read_bytes().split(b"\0")
+            assert b"run" in argv and b"worker" not in argv, argv
     if how == "sigterm":  # a scheduler stopping the job signals the command it started
         proc.send_signal(signal.SIGTERM)
     else:  # Ctrl-C in a terminal signals the whole foreground process group: the command and its workers
@@ -135,12 +139,13 @@ def test_a_killed_worker_not_yet_reaped_is_dead() -> None:
     proc.wait()
 
 
-def test_cpu_workers_are_forked_on_linux_only_without_gpus_or_a_storage_proxy() -> None:
+def test_cpu_workers_are_forked_on_linux_only_without_gpus_a_storage_proxy_or_other_threads() -> None:
     cpu, gpu = WorkerPlan((None, None), 1), WorkerPlan(("0", "1"), None)
-    assert forks_workers(cpu, "sqlite:///runs/optuna.db") is (sys.platform == "linux")
-    assert forks_workers(cpu, "postgresql://u@h/db") is (sys.platform == "linux")
-    assert forks_workers(gpu, "sqlite:///runs/optuna.db") is False  # CUDA cannot cross a fork
-    assert forks_workers(cpu, "grpc://127.0.0.1:50051") is False  # nor gRPC's threads
+    assert forks_workers(cpu, "sqlite:///runs/optuna.db", threads=1) is (sys.platform == "linux")
+    assert forks_workers(cpu, "postgresql://u@h/db", threads=1) is (sys.platform == "linux")
+    assert forks_workers(gpu, "sqlite:///runs/optuna.db", threads=1) is False  # CUDA cannot cross a fork
+    assert forks_workers(cpu, "grpc://127.0.0.1:50051", threads=1) is False  # nor gRPC's threads
+    assert forks_workers(cpu, "sqlite:///runs/optuna.db", threads=2) is False  # nor locks other threads hold
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only")
