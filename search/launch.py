@@ -131,8 +131,16 @@ class ForkedWorker:
 def _run_forked(argv: list[str]) -> NoReturn:
     code = 1
     try:
+        import random
+
+        import numpy as np
+        import torch
+
         from search import cli
 
+        random.seed()  # fresh random states, as a new process has, not the launcher's copied into every worker
+        np.random.seed()
+        torch.seed()
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # as PYTHONUNBUFFERED does
         sys.argv = [sys.argv[0], *argv]
         cli.entry()  # exits through cli.exit_now
@@ -171,15 +179,21 @@ def existing_trials(paths: RunPaths, study_name: str) -> set[int]:
 
 
 def start_workers(args: argparse.Namespace, plan: WorkerPlan, n_trials: int | None, fork: bool) -> list[Worker]:
+    """One worker per plan entry; if one cannot be started (a process limit), those already started are stopped."""
     cmd = worker_command(args, n_trials, plan.threads)
-    if fork:
-        return [ForkedWorker(cmd[3:]) for _ in plan.workers]
     procs: list[Worker] = []
-    for gpu in plan.workers:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-        procs.append(subprocess.Popen(cmd, env=env))
+    try:
+        for gpu in plan.workers:
+            if fork:
+                procs.append(ForkedWorker(cmd[3:]))
+                continue
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            procs.append(subprocess.Popen(cmd, env=env))
+    except BaseException:
+        stop_workers(procs)
+        raise
     return procs
 
 

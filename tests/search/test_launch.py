@@ -177,3 +177,27 @@ def test_bad_data_fails_once_in_the_launcher_before_any_worker_starts_or_store_e
     assert done.stderr.count("error:") == 1 and "does not exist or is not a folder" in done.stderr
     assert "worker done" not in done.stderr and "data digits" not in done.stderr
     assert not (tmp_path / "runs" / "quickstart").exists()  # no Optuna or MLflow store was created
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only")
+def test_forked_workers_draw_fresh_random_states_not_the_launcher_s(tmp_path: Path) -> None:
+    """Each child starts as a new process would, with its own random states (Python's, numpy's, torch's), not a
+    copy of the launcher's: two workers must not draw the same retry jitter or unseeded samples."""
+    script = (
+        "import random, numpy, torch\n"
+        "import search.cli\n"
+        "from search.launch import ForkedWorker\n"
+        "def draw():\n"
+        "    print(random.random(), numpy.random.random(), torch.rand(1).item(), flush=True)\n"
+        "    search.cli.exit_now(0)\n"
+        "search.cli.entry = draw\n"
+        "random.seed(0); numpy.random.seed(0); torch.manual_seed(0)\n"
+        "for worker in [ForkedWorker([]), ForkedWorker([])]:\n"
+        "    assert worker.wait() == 0\n"
+        "print(random.random(), numpy.random.random(), torch.rand(1).item())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 0, done.stderr
+    first, second, launcher = (line.split() for line in done.stdout.splitlines())
+    assert all(a != b and a != c and b != c for a, b, c in zip(first, second, launcher, strict=True))
