@@ -57,7 +57,11 @@ class MetricQueue:
             self._cond.notify_all()
             try:
                 while self._pending or self._writing:
-                    self._cond.wait()
+                    if self._thread is None or not self._thread.is_alive():  # never wait on a writer that died
+                        batch, self._pending, self._writing = self._pending, {}, False
+                        self._errors.extend(self._write(batch))
+                        break
+                    self._cond.wait(0.5)
             finally:
                 self._flushes -= 1
             errors, self._errors = self._errors, []

@@ -73,6 +73,18 @@ def test_a_failed_write_is_reported_at_the_next_flush_and_the_writer_goes_on() -
     assert write.calls[-1] == ("a", ["later"])
 
 
+def test_a_flush_never_waits_on_a_writer_thread_that_died() -> None:
+    q, write = MetricQueue(interval=60.0), Recorder()
+    q.put("a", [1], write)
+    q.flush()
+    q._thread = threading.Thread(target=lambda: None)  # what a writer killed by an error outside a write leaves
+    q._thread.start()
+    q._thread.join()
+    q._pending["a"] = (write, [2, 3])  # queued after it died
+    assert q.flush() == []
+    assert write.calls == [("a", [1]), ("a", [2, 3])]  # written by the flushing thread itself
+
+
 @pytest.mark.parametrize(("interval", "per_call"), [(-1.0, 10), (1.0, 0)])
 def test_impossible_settings_are_refused(interval: float, per_call: int) -> None:
     with pytest.raises(ValueError, match="interval must be >= 0 and per_call >= 1"):
