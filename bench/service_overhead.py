@@ -1,6 +1,6 @@
 """Per-epoch cost of the service around training, in milliseconds and as a share of an epoch.
 
-Each epoch, a trial's session (search/session.py) queues the metrics for MLflow (asynchronous logging),
+Each epoch, a trial's session (search/session.py) queues the metrics for MLflow (search/metric_queue.py),
 updates early stopping, copies the best weights when they improve, reports to Optuna and asks the pruner
 (on the trial as the session knows it, finished trials read at most every 10 s), and writes the resumable
 last.pt checkpoint at most every ``checkpoint_every_seconds``. Each part is also timed the way the previous
@@ -135,7 +135,7 @@ def measure_backend(label: str, storage_url: str, work: Path, state: TrainingSta
     normal = sync_normal_trial(work, label, settings) if label == "sqlite" else None
     parts: dict[str, list[float]] = {k: [] for k in ("report", "report_synchronous_normal", "should_prune_local",
                                                      "should_prune_read_back", "should_prune_uncached",
-                                                     "mlflow_log_batch_async",
+                                                     "mlflow_metrics_queued",
                                                      "mlflow_log_batch_sync", "mlflow_one_call_per_metric",
                                                      "best_weights_copy", "last_checkpoint")}
     for epoch in range(args.epochs * args.trials):
@@ -152,7 +152,7 @@ def measure_backend(label: str, storage_url: str, work: Path, state: TrainingSta
         t0 = time.perf_counter()
         trial.should_prune()  # the one before: every finished trial read again
         t1 = time.perf_counter()
-        run.log_epoch(epoch, metrics)  # what the session does: queued, written by MLflow's background thread
+        run.log_epoch(epoch, metrics)  # what the session does: queued, written merged by a background thread
         t2 = time.perf_counter()
         now = int(time.time() * 1000)
         tracker.client.log_batch(run.run_id, metrics=[Metric(f"sync_{k}", float(v), now, epoch)
