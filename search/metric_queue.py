@@ -50,6 +50,12 @@ class MetricQueue:
             self._pending.setdefault(run_id, (write, []))[1].extend(items)
             self._cond.notify_all()
 
+    def take(self, run_id: str) -> list[Any]:
+        """Remove and return the run's queued items, for a caller that writes them itself (a trial's last call)."""
+        with self._cond:
+            entry = self._pending.pop(run_id, None)
+        return entry[1] if entry else []
+
     def flush(self) -> list[BaseException]:
         """Write everything queued now and wait until it is written; the errors raised since the last flush."""
         with self._cond:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from search import records
 from search.errors import TrackingError
-from search.metric_queue import MetricQueue
+from search.metric_queue import MAX_PER_CALL, MetricQueue
 from search.stores import sqlite_path, sqlite_url
 
 if TYPE_CHECKING:
@@ -328,14 +328,18 @@ class TrialRun:
     def finish(
         self, state: str, tags: Mapping[str, Any], metrics: Mapping[str, float] | None = None, killed: bool = False
     ) -> None:
-        """Record the final Optuna state; FINISHED for COMPLETE and PRUNED, FAILED (or KILLED) otherwise."""
-        self.flush()
+        """Record the final Optuna state; FINISHED for COMPLETE and PRUNED, FAILED (or KILLED) otherwise. The
+        run's queued epochs go in the same call as the final metrics and tags when they fit in one."""
+        epochs = _METRICS.take(self.run_id)
+        self.flush()  # the run's epochs already on their way, and anything else queued
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
-            tags=[RunTag("optuna.state", state)] + [RunTag(k, str(v)) for k, v in tags.items()],
-        )
+        final = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+        labels = [RunTag("optuna.state", state)] + [RunTag(k, str(v)) for k, v in tags.items()]
+        if len(epochs) + len(final) + len(labels) > MAX_PER_CALL:
+            for start in range(0, len(epochs), MAX_PER_CALL):
+                self._write_metrics(self.run_id, epochs[start:start + MAX_PER_CALL])
+            epochs = []
+        self.client.log_batch(self.run_id, metrics=epochs + final, tags=labels)
         status = "KILLED" if killed else {"COMPLETE": "FINISHED", "PRUNED": "FINISHED"}.get(state, "FAILED")
         self.client.set_terminated(self.run_id, status)
 

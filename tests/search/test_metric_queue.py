@@ -1,5 +1,6 @@
 """The epoch-metrics queue (search/metric_queue.py): merged per run, in order, within its interval, chunked to
-MLflow's per-call limit, flushed on demand; and through ``TrialRun``, every epoch in a real MLflow store."""
+MLflow's per-call limit, flushed on demand; and through ``TrialRun``, every epoch in a real MLflow store, sent
+with the trial's final state."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from search import tracking
 from search.metric_queue import MetricQueue
 from search.stores import sqlite_url
-from search.tracking import Tracker
+from search.tracking import Tracker, TrialRun
 
 
 class Recorder:
@@ -91,8 +93,19 @@ def test_impossible_settings_are_refused(interval: float, per_call: int) -> None
         MetricQueue(interval=interval, per_call=per_call)
 
 
-def test_a_trial_s_epochs_reach_the_store_in_one_call_and_all_of_them(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_take_removes_one_run_s_items_and_leaves_the_others() -> None:
+    q, write = MetricQueue(interval=60.0), Recorder()
+    q.put("a", [1, 2], write)
+    q.put("b", [3], write)
+    assert q.take("a") == [1, 2] and q.take("a") == [] and q.take("nobody") == []
+    q.flush()
+    assert write.calls == [("b", [3])]
+
+
+def counted_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, TrialRun, list[int]]:
+    """A trial's run in a real SQLite store whose client counts the metrics of each log_batch call; the queue
+    holds for 10 minutes, so no write happens before the trial's end however slow the machine."""
+    monkeypatch.setattr(tracking, "_METRICS", MetricQueue(interval=600.0))
     uri = sqlite_url(tmp_path / "mlflow.db")
     tracker = Tracker(uri, "quickstart", tmp_path / "mlartifacts")
     parent = tracker.parent_run("quickstart", {"n_trials": 1})
@@ -105,12 +118,30 @@ def test_a_trial_s_epochs_reach_the_store_in_one_call_and_all_of_them(tmp_path: 
         real(run_id, metrics=metrics, params=params, tags=tags)  # type: ignore[arg-type]
 
     monkeypatch.setattr(trial.client, "log_batch", counted)
+    return uri, trial, calls
+
+
+def test_a_trial_s_epochs_reach_the_store_with_its_final_state_in_one_call(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    uri, trial, calls = counted_trial(tmp_path, monkeypatch)
     for epoch in range(12):
         trial.log_epoch(epoch, {"val_accuracy": epoch / 100, "train_loss": 1 - epoch / 100})
     trial.finish("COMPLETE", {"hpo.reason": "completed"}, {"epochs_run": 12.0})
-    assert calls[0] == 24  # the 12 epochs x 2 metrics in one call, then the final metrics and tags
+    assert calls == [24 + 1]  # the 12 epochs x 2 metrics and the final metric, with the tags
     history = MlflowClient(tracking_uri=uri).get_metric_history(trial.run_id, "val_accuracy")
     assert sorted((m.step, m.value) for m in history) == [(e, e / 100) for e in range(12)]
     run = MlflowClient(tracking_uri=uri).get_run(trial.run_id)
     assert run.data.metrics["train_loss"] == pytest.approx(0.89)  # the latest step's value
+    assert run.data.metrics["epochs_run"] == 12.0 and run.data.tags["optuna.state"] == "COMPLETE"
     assert run.info.status == "FINISHED"
+
+
+def test_more_queued_epochs_than_one_call_takes_go_in_calls_of_mlflow_s_limit(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    uri, trial, calls = counted_trial(tmp_path, monkeypatch)
+    for epoch in range(600):
+        trial.log_epoch(epoch, {"val_accuracy": epoch / 1000, "train_loss": 1.0})
+    trial.finish("PRUNED", {"hpo.reason": "pruned"})
+    assert calls == [1000, 200, 0]  # the 1,200 epoch metrics in calls of at most 1,000, then the tags alone
+    history = MlflowClient(tracking_uri=uri).get_metric_history(trial.run_id, "val_accuracy")
+    assert len(history) == 600 and max(m.step for m in history) == 599
