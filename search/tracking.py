@@ -284,12 +284,13 @@ atexit.register(_METRICS.flush)
 
 
 class TrialRun:
-    """One trial's child run: per-epoch metrics in one call each, a checkpoint, a final state.
+    """One trial's child run: per-epoch metrics, a checkpoint, a final state.
 
-    Epoch metrics are queued for a background thread (``MetricQueue``: held up to 2 s and merged, so a short
-    trial's epochs take one call), and training does not wait for the tracking store. ``flush`` waits for
-    everything queued; ``finish`` (every way a trial ends: complete, pruned, failed, interrupted) flushes
-    first. A killed process can lose queued epochs of its run; its retry copies the resumed history anew.
+    Epoch metrics are queued for a background thread (``MetricQueue``: held up to 2 s and merged per run), so
+    training does not wait for the tracking store. ``flush`` waits for everything queued; ``finish`` (every way
+    a trial ends: complete, pruned, failed, interrupted) sends the run's queued epochs with its final state, so
+    a short trial's epochs take no call of their own. A killed process can lose queued epochs of its run; its
+    retry copies the resumed history anew.
     """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
