@@ -6,9 +6,9 @@ skip_if_finished=True)``, ``RetryHeartbeatStaleTrialCallback``.
 What is left needs the storage itself: a live trial's stored record (to see which trials it retries), several
 user attrs written in one transaction, an atomic "fail this RUNNING trial unless someone else finished it" with
 a reason attached first (also for the trials whose heartbeat stopped, which ``optuna.storages.fail_stale_trials``
-fails without one), telling
-whether Optuna refused to tell a finished trial, and ``RDBStorage`` with its calls (private ones included:
-``_get_trials``, which Optuna's cache calls, and ``_get_stale_trial_ids``) retried on lost connections.
+fails without one), telling whether Optuna refused to tell a finished trial, and ``RDBStorage`` with its calls
+(private ones included: ``_get_trials``, which Optuna's cache calls, and ``_get_stale_trial_ids``) retried on
+lost connections.
 """
 
 from __future__ import annotations
