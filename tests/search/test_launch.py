@@ -8,6 +8,8 @@ trial's end."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -18,10 +20,11 @@ from pathlib import Path
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from search.launch import WorkerPlan, forks_workers
+from search.launch import WorkerPlan, existing_trials, forks_workers
+from search.stores import run_paths
 from search.workers import is_alive
 from tests.search.failure_helpers import faulty_study, wait_for
-from tests.search.workers_helpers import child_runs, hpo, hpo_cmd, load
+from tests.search.workers_helpers import child_runs, hpo, hpo_cmd, load, postgres_database
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "studies" / "quickstart.toml"
@@ -201,3 +204,45 @@ def test_forked_workers_draw_fresh_random_states_not_the_launcher_s(tmp_path: Pa
     assert done.returncode == 0, done.stderr
     first, second, launcher = (line.split() for line in done.stdout.splitlines())
     assert all(a != b and a != c and b != c for a, b, c in zip(first, second, launcher, strict=True))
+
+
+def _open_files(name: str) -> list[str]:
+    """This process's open file descriptors that point at a file called ``name``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(name):
+                found.append(fd)
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_the_trials_before_the_fork_are_read_through_a_storage_closed_again(tmp_path: Path) -> None:
+    """What `hpo run --workers` reads before it forks: the study's trial numbers (none before the file or the
+    study exists), and no connection to the database left open for the workers to inherit."""
+    import optuna
+
+    paths = run_paths(str(tmp_path / "runs"), "s", None, None)
+    assert existing_trials(paths, "s") == set()  # no optuna.db yet
+    paths.root.mkdir(parents=True)
+    study = optuna.create_study(study_name="other", storage=paths.storage_url)
+    assert existing_trials(paths, "s") == set()  # no such study yet
+    study = optuna.create_study(study_name="s", storage=paths.storage_url)
+    for _ in range(3):
+        study.tell(study.ask(), 1.0)
+    del study
+    gc.collect()  # Optuna's own storage objects above close their connections here
+    assert not _open_files("optuna.db")
+    assert existing_trials(paths, "s") == {0, 1, 2}
+    assert not _open_files("optuna.db")  # the read left nothing open
+
+
+def test_the_trials_before_the_fork_on_postgresql(tmp_path: Path) -> None:
+    import optuna
+
+    with postgres_database() as url:
+        paths = run_paths(str(tmp_path / "runs"), "s", url, None)
+        assert existing_trials(paths, "s") == set()
+        study = optuna.create_study(study_name="s", storage=url)
+        study.tell(study.ask(), 1.0)
+        assert existing_trials(paths, "s") == {0}
