@@ -26,9 +26,9 @@ from search.plugins import load_objective
 from search.preflight import check_gpus
 from search.progress import Progress
 from search.proxy import is_grpc
-from search.stores import RunPaths, close_storages, open_for_reading
-from search.study import OpenStudy, RunResult, finish_study, open_study, parent_lifetime
-from search.tracking import warm_model_logging
+from search.stores import RunPaths, close_storages, open_storage, sqlite_path
+from search.study import OpenStudy, RunResult, finish_study, load_or_create_study, open_study, parent_lifetime
+from search.tracking import copy_empty_store, warm_model_logging
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,8 @@ def _run_forked(argv: list[str]) -> NoReturn:
         cli.entry()  # exits through cli.exit_now
     except SystemExit as exc:  # exit_now under a profiler
         code = exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:  # stopped before its command took over the signals: nothing of its own to end
+        code = 130
     except BaseException:  # noqa: BLE001 - what an uncaught exception prints in a new process
         traceback.print_exc()
     finally:
@@ -161,21 +163,22 @@ def forks_workers(plan: WorkerPlan, storage_url: str, threads: int | None = None
             and threads == 1)
 
 
-def existing_trials(paths: RunPaths, study_name: str) -> set[int]:
-    """The study's trial numbers now (none before it exists), read through a storage closed again at once: a
-    forked worker must inherit no open connection."""
-    import optuna
-
+def create_stores_first(settings: Settings, paths: RunPaths) -> set[int]:
+    """Before the fork: create the study in its storage (or check the one there), and a local MLflow store's
+    file; return the study's trial numbers. The forked workers and this process then open stores that exist, as
+    they did when this process opened its own first (several processes making a new SQLite file at once can fail
+    with "database is locked"); a study made by an incompatible study file fails here, once. The Optuna storage
+    is closed again and MLflow's is only copied into place, so a forked worker inherits no open connection."""
+    storage = open_storage(paths.storage_url, retry_seconds=settings.study.storage_retry_seconds)
     try:
-        storage = open_for_reading(paths.storage_url)
-    except SettingsError:  # no SQLite file yet
-        return set()
-    try:
-        return {t.number for t in optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)}
-    except KeyError:  # no such study yet
-        return set()
+        before = {t.number for t in load_or_create_study(settings, storage).get_trials(deepcopy=False)}
     finally:
         close_storages()
+    db = sqlite_path(paths.tracking_uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        copy_empty_store(db)
+    return before
 
 
 def start_workers(args: argparse.Namespace, plan: WorkerPlan, n_trials: int | None, fork: bool) -> list[Worker]:
@@ -209,11 +212,12 @@ def stop_workers(procs: list[Worker]) -> None:
 def run_parallel(settings: Settings, paths: RunPaths, args: argparse.Namespace, plan: WorkerPlan,
                  n_trials: int | None, progress: Progress | None) -> RunResult:
     """Start the workers and open (or create) the study and its parent run; follow the storage until the
-    workers exit; end the study. Forked workers start first, once the data is loaded (bad data fails here,
-    before any worker starts), and the launcher opens the stores beside them, as workers started together do."""
+    workers exit; end the study. Forked workers start once the data is loaded and the stores exist (bad data
+    or an incompatible study fails here, before any worker starts), and the launcher opens the stores beside
+    them, as workers started together do."""
     if forks_workers(plan, paths.storage_url):
         load_objective(settings.objective_name)(settings).prepare()
-        before = existing_trials(paths, settings.study.name)
+        before = create_stores_first(settings, paths)
         procs = start_workers(args, plan, n_trials, fork=True)
         try:
             opened = open_study(settings, paths, n_trials)

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from search.launch import WorkerPlan, existing_trials, forks_workers
+from search.config import Settings, load_settings
+from search.errors import StorageError
+from search.launch import WorkerPlan, create_stores_first, forks_workers
 from search.stores import run_paths
 from search.workers import is_alive
 from tests.search.failure_helpers import faulty_study, wait_for
@@ -206,43 +208,53 @@ def test_forked_workers_draw_fresh_random_states_not_the_launcher_s(tmp_path: Pa
     assert all(a != b and a != c and b != c for a, b, c in zip(first, second, launcher, strict=True))
 
 
-def _open_files(name: str) -> list[str]:
-    """This process's open file descriptors that point at a file called ``name``."""
+def _open_files(path: Path) -> list[str]:
+    """This process's open file descriptors that point at ``path``."""
     found = []
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{fd}").endswith(name):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
                 found.append(fd)
     return found
 
 
+def _settings(name: str, direction: str = "maximize") -> Settings:
+    return load_settings(QUICKSTART, [f"study.name={name!r}", f"study.direction={direction!r}"])
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-def test_the_trials_before_the_fork_are_read_through_a_storage_closed_again(tmp_path: Path) -> None:
-    """What `hpo run --workers` reads before it forks: the study's trial numbers (none before the file or the
-    study exists), and no connection to the database left open for the workers to inherit."""
+def test_before_the_fork_the_stores_exist_and_no_connection_is_left_open(tmp_path: Path) -> None:
+    """What `hpo run --workers` does before it forks: the study created (or found) with its trial numbers read,
+    the MLflow store's file in place, and no connection to either database left for the workers to inherit."""
     import optuna
 
-    paths = run_paths(str(tmp_path / "runs"), "s", None, None)
-    assert existing_trials(paths, "s") == set()  # no optuna.db yet
-    paths.root.mkdir(parents=True)
-    study = optuna.create_study(study_name="other", storage=paths.storage_url)
-    assert existing_trials(paths, "s") == set()  # no such study yet
-    study = optuna.create_study(study_name="s", storage=paths.storage_url)
+    paths = run_paths(str(tmp_path / "runs"), "s")
+    assert create_stores_first(_settings("s"), paths) == set()  # nothing there yet: both stores made
+    assert paths.root.joinpath("optuna.db").is_file() and paths.root.joinpath("mlflow.db").is_file()
+    assert not _open_files(paths.root / "optuna.db") and not _open_files(paths.root / "mlflow.db")
+    study = optuna.load_study(study_name="s", storage=paths.storage_url)
+    assert study.user_attrs["hpo.fingerprint"]  # created as `hpo run` creates it
     for _ in range(3):
         study.tell(study.ask(), 1.0)
     del study
-    gc.collect()  # Optuna's own storage objects above close their connections here
-    assert not _open_files("optuna.db")
-    assert existing_trials(paths, "s") == {0, 1, 2}
-    assert not _open_files("optuna.db")  # the read left nothing open
+    gc.collect()  # Optuna's storage object above closes its connections here
+    assert create_stores_first(_settings("s"), paths) == {0, 1, 2}
+    assert not _open_files(paths.root / "optuna.db") and not _open_files(paths.root / "mlflow.db")  # nothing left
 
 
-def test_the_trials_before_the_fork_on_postgresql(tmp_path: Path) -> None:
+def test_before_the_fork_a_study_from_another_study_file_fails_once(tmp_path: Path) -> None:
+    paths = run_paths(str(tmp_path / "runs"), "s")
+    create_stores_first(_settings("s"), paths)
+    with pytest.raises(StorageError, match="already exists in this storage with a different"):
+        create_stores_first(_settings("s", direction="minimize"), paths)
+
+
+def test_before_the_fork_on_postgresql(tmp_path: Path) -> None:
     import optuna
 
     with postgres_database() as url:
-        paths = run_paths(str(tmp_path / "runs"), "s", url, None)
-        assert existing_trials(paths, "s") == set()
-        study = optuna.create_study(study_name="s", storage=url)
+        paths = run_paths(str(tmp_path / "runs"), "s", url)
+        assert create_stores_first(_settings("s"), paths) == set()
+        study = optuna.load_study(study_name="s", storage=url)
         study.tell(study.ask(), 1.0)
-        assert existing_trials(paths, "s") == {0}
+        assert create_stores_first(_settings("s"), paths) == {0}
