@@ -26,9 +26,9 @@ from search.plugins import load_objective
 from search.preflight import check_gpus
 from search.progress import Progress
 from search.proxy import is_grpc
-from search.stores import RunPaths, close_storages, open_storage, sqlite_path
+from search.stores import RunPaths, close_storages, open_storage
 from search.study import OpenStudy, RunResult, finish_study, load_or_create_study, open_study, parent_lifetime
-from search.tracking import copy_empty_store, warm_model_logging
+from search.tracking import prepare_local_store, warm_model_logging
 
 
 @dataclass(frozen=True)
@@ -174,10 +174,7 @@ def create_stores_first(settings: Settings, paths: RunPaths) -> set[int]:
         before = {t.number for t in load_or_create_study(settings, storage).get_trials(deepcopy=False)}
     finally:
         close_storages()
-    db = sqlite_path(paths.tracking_uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        copy_empty_store(db)
+    prepare_local_store(paths.tracking_uri)
     return before
 
 

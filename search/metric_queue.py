@@ -20,6 +20,11 @@ Write = Callable[[str, list[Any]], object]
 MAX_PER_CALL = 1000
 
 
+def in_calls(items: list[Any], per_call: int) -> list[list[Any]]:
+    """``items`` in order, split into lists of at most ``per_call``."""
+    return [items[start:start + per_call] for start in range(0, len(items), per_call)]
+
+
 class MetricQueue:
     """Items queued per run, written by one daemon thread in order, per run in calls of at most ``per_call``.
 
@@ -82,7 +87,7 @@ class MetricQueue:
                     self._cond.wait(left)
                 batch, self._pending = self._pending, {}
                 self._writing = True
-            errors = list(self._write(batch))
+            errors = self._write(batch)
             with self._cond:
                 self._errors.extend(errors)
                 self._writing = False
@@ -91,9 +96,9 @@ class MetricQueue:
     def _write(self, batch: dict[str, tuple[Write, list[Any]]]) -> list[BaseException]:
         errors: list[BaseException] = []
         for run_id, (write, items) in batch.items():
-            for start in range(0, len(items), self.per_call):
+            for part in in_calls(items, self.per_call):
                 try:
-                    write(run_id, items[start:start + self.per_call])
+                    write(run_id, part)
                 except Exception as exc:  # kept for flush(): a logging failure must not kill the writer
                     errors.append(exc)
         return errors

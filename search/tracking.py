@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from search import records
 from search.errors import TrackingError
-from search.metric_queue import MAX_PER_CALL, MetricQueue
+from search.metric_queue import MAX_PER_CALL, MetricQueue, in_calls
 from search.stores import sqlite_path, sqlite_url
 
 if TYPE_CHECKING:
@@ -80,10 +80,7 @@ class Tracker:
         self.tracking_uri = tracking_uri
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        db = sqlite_path(tracking_uri)
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
-            copy_empty_store(db)
+        prepare_local_store(tracking_uri)
         if tracking_uri.startswith(("http://", "https://")):
             probe_server(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -242,6 +239,15 @@ def copy_empty_store(db: Path) -> None:
         part.unlink(missing_ok=True)
 
 
+def prepare_local_store(tracking_uri: str) -> None:
+    """A local SQLite tracking store's folder, and its file as a copy of ``empty_store()`` if it is missing;
+    nothing for other URIs. No connection is opened (`hpo run --workers` calls it before it forks)."""
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        copy_empty_store(db)
+
+
 class _BackgroundWriter:
     """One daemon thread per process that makes queued MLflow calls in order (resume checkpoint uploads), so
     training never waits for the artifact store. For epoch metrics, MLflow's own asynchronous logging
@@ -337,8 +343,8 @@ class TrialRun:
         final = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
         labels = [RunTag("optuna.state", state)] + [RunTag(k, str(v)) for k, v in tags.items()]
         if len(epochs) + len(final) + len(labels) > MAX_PER_CALL:
-            for start in range(0, len(epochs), MAX_PER_CALL):
-                self._write_metrics(self.run_id, epochs[start:start + MAX_PER_CALL])
+            for part in in_calls(epochs, MAX_PER_CALL):
+                self._write_metrics(self.run_id, part)
             epochs = []
         self.client.log_batch(self.run_id, metrics=epochs + final, tags=labels)
         status = "KILLED" if killed else {"COMPLETE": "FINISHED", "PRUNED": "FINISHED"}.get(state, "FAILED")
