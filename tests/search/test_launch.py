@@ -153,6 +153,14 @@ def test_cpu_workers_are_forked_on_linux_only_without_gpus_a_storage_proxy_or_ot
     assert forks_workers(cpu, "sqlite:///runs/optuna.db", threads=2) is False  # nor locks other threads hold
 
 
+def _python(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a new Python with this repository importable; it must exit 0."""
+    done = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only")
 def test_a_forked_worker_runs_hpo_worker_and_its_exit_status_is_the_worker_s(tmp_path: Path) -> None:
     """The child runs `hpo worker ARGS` and exits with its code (2 for a missing study file, said once); a worker
@@ -167,9 +175,7 @@ def test_a_forked_worker_runs_hpo_worker_and_its_exit_status_is_the_worker_s(tmp
         "print(killed.wait())\n"
         "print('launcher goes on')\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert done.returncode == 0, done.stderr
+    done = _python(script, tmp_path)
     assert done.stdout.splitlines() == ["2 2", str(-signal.SIGKILL), "launcher goes on"]
     assert done.stderr.count("study file 'no-such-study.toml' does not exist") == 1
 
@@ -201,9 +207,7 @@ def test_forked_workers_draw_fresh_random_states_not_the_launcher_s(tmp_path: Pa
         "    assert worker.wait() == 0\n"
         "print(random.random(), numpy.random.random(), torch.rand(1).item())\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert done.returncode == 0, done.stderr
+    done = _python(script, tmp_path)
     first, second, launcher = (line.split() for line in done.stdout.splitlines())
     assert all(a != b and a != c and b != c for a, b, c in zip(first, second, launcher, strict=True))
 
