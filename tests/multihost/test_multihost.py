@@ -185,7 +185,10 @@ def test_a_partitioned_worker_is_taken_over_and_its_late_result_is_dropped(clust
 
 def test_workers_ride_out_a_database_restart(cluster: Cluster) -> None:
     storage, study = cluster.postgres.create_database("restart"), "mh-restart"
-    settings = ["--set", "study.max_epochs=6", "--set", "pruner={name='none'}", "--set", "early_stopping.enabled=false",
+    # 40 epochs: long enough that the check below sees both workers mid-trial at once (6-epoch trials ended in
+    # well under a second once a trial's fixed cost fell, and one CI run never caught both running).
+    settings = ["--set", "study.max_epochs=40", "--set", "pruner={name='none'}",
+                "--set", "early_stopping.enabled=false",
                 "--set", "objective.widths=[8,16]", "--set", "study.heartbeat_interval=2",
                 "--set", "study.grace_period=40", "--set", "study.storage_retry_seconds=120", "--trials", "4"]
     a = cluster.worker(cluster.workers[0], study, storage, *settings)
