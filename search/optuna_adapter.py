@@ -8,7 +8,7 @@ user attrs written in one transaction, an atomic "fail this RUNNING trial unless
 a reason attached first (also for the trials whose heartbeat stopped, which ``optuna.storages.fail_stale_trials``
 fails without one), telling whether Optuna refused to tell a finished trial, and ``RDBStorage`` with its calls
 (private ones included: ``_get_trials``, which Optuna's cache calls, and ``_get_stale_trial_ids``) retried on
-lost connections.
+lost connections, whose writes to a trial are fenced by the trial's row lock (``RetryingRDBStorage``).
 """
 
 from __future__ import annotations
@@ -209,8 +209,26 @@ def _retried(method: Method[P, R]) -> Method[P, R]:
     return call
 
 
+def _lock_trial_row(session: Any, trial_id: int) -> None:
+    """Take the trial's row lock (``FOR NO KEY UPDATE``, the lock an UPDATE of its state conflicts with) for the
+    rest of the transaction; a no-op on SQLite, whose writers are serialised anyway."""
+    from optuna.storages._rdb import models
+
+    session.query(models.TrialModel).filter(models.TrialModel.trial_id == trial_id).with_for_update(
+        key_share=True).one_or_none()
+
+
 class RetryingRDBStorage(RDBStorage):
-    """``RDBStorage`` whose calls are retried through a ``Retrier`` (see the module docstring)."""
+    """``RDBStorage`` whose calls are retried through a ``Retrier`` (see the module docstring), and whose writes
+    to a trial (a reported value, a user or system attr) hold the trial's row lock from the moment they check that
+    it is still running until they commit.
+
+    Optuna checks "is the trial still running" and then writes, without a lock. A worker cut off by a network
+    partition between the two had its write committed once the link came back, after another worker had failed
+    the trial as stale and retried it: a late epoch on a FAILED trial (one CI run of the partition test). With
+    the lock, the other worker's FAIL (Optuna's ``set_trial_state_values`` locks the row) waits for the write, or
+    the write waits for the FAIL and is refused; a cut-off holder's session is ended by the server after
+    ``stores.POSTGRES_IDLE_IN_TRANSACTION_MS``, so the wait is bounded and its write rolled back."""
 
     def __init__(self, url: str, retrier: Retrier, **kwargs: Any) -> None:
         self.retrier = retrier
@@ -240,6 +258,16 @@ class RetryingRDBStorage(RDBStorage):
     _get_trials = _retried(RDBStorage._get_trials)
     get_best_trial = _retried(RDBStorage.get_best_trial)
     _get_stale_trial_ids = _retried(RDBStorage._get_stale_trial_ids)
+
+    def _set_trial_intermediate_value_without_commit(self, session: Any, trial_id: int, step: int,
+                                                     intermediate_value: float) -> None:
+        _lock_trial_row(session, trial_id)
+        super()._set_trial_intermediate_value_without_commit(session, trial_id, step, intermediate_value)
+
+    def _set_trial_attr_without_commit(self, session: Any, model_cls: Any, trial_id: int, key: str,
+                                       value: Any) -> None:
+        _lock_trial_row(session, trial_id)
+        super()._set_trial_attr_without_commit(session, model_cls, trial_id, key, value)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         attempts = [0]

@@ -39,6 +39,16 @@ class StorageUnavailable(HpoError):
     exit_code = 1
 
 
+# PostgreSQL ended the session itself: idle in a transaction too long (stores.POSTGRES_IDLE_IN_TRANSACTION_MS, a
+# worker cut off mid-write). psycopg raises it as an InternalError, not as a lost connection.
+SESSION_ENDED_BY_SERVER = {"25P03"}
+
+
+def _sqlstate(error: object) -> str | None:
+    """The SQLSTATE of a psycopg (``sqlstate``) or psycopg2 (``pgcode``) error."""
+    return getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """A lost or refused database connection anywhere in the exception's chain (Optuna wraps SQLAlchemy's)."""
     import sqlalchemy.exc
@@ -46,6 +56,8 @@ def is_connection_error(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        if isinstance(seen, sqlalchemy.exc.DBAPIError) and _sqlstate(seen.orig) in SESSION_ENDED_BY_SERVER:
             return True
         if isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
                              sqlalchemy.exc.DisconnectionError, ConnectionError)):

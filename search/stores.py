@@ -32,6 +32,11 @@ SQLITE_READ_TIMEOUT_S = 60
 # moments (the heartbeat thread's beat), closed again after use. SQLAlchemy's default (5 kept, 10 more) let 64
 # light workers hold over 100 connections, PostgreSQL's default limit (BENCHMARKS.md section 10).
 WORKER_POOL = (1, 2)
+# A storage session left idle inside a transaction this long is ended by PostgreSQL, releasing its locks: a
+# worker cut off mid-write (its trial's row lock held, see RetryingRDBStorage) then delays the worker that takes
+# its trial over by this much, not until TCP gives up on the server's side (hours). Storage transactions last
+# milliseconds; the budget lock's connection is a separate engine, without this limit.
+POSTGRES_IDLE_IN_TRANSACTION_MS = 15000
 PROXY_POOL = (4, 8)  # `hpo storage-proxy`: one process serving every worker's calls from its threads
 _OPENED: weakref.WeakSet[optuna.storages.RDBStorage] = weakref.WeakSet()  # for close_storages
 
@@ -113,7 +118,7 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
             enable_wal(path)
             return _create_rdb(url, beats, {"connect_args": {"timeout": 120}})
         engine = {"pool_pre_ping": True, "pool_size": pool[0], "max_overflow": pool[1], "pool_timeout": 120,
-                  **({"connect_args": POSTGRES_TIMEOUTS} if is_postgres(url) else {})}
+                  **({"connect_args": postgres_connect_args()} if is_postgres(url) else {})}
         return _create_rdb(url, beats, engine, Retrier(retry_seconds, f"the Optuna storage {redact(url)}"))
     except HpoError:
         raise
@@ -130,6 +135,12 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
             "running and reachable, and that the user, password and database name in the URL are right; or "
             "leave --storage out to use the SQLite file in the run directory."
         ) from exc
+
+
+def postgres_connect_args() -> dict[str, Any]:
+    """libpq settings of a storage's PostgreSQL connections: ``POSTGRES_TIMEOUTS`` and the idle limit above."""
+    return {**POSTGRES_TIMEOUTS,
+            "options": f"-c idle_in_transaction_session_timeout={POSTGRES_IDLE_IN_TRANSACTION_MS}"}
 
 
 def _create_rdb(url: str, beats: dict[str, Any], engine: dict[str, Any],

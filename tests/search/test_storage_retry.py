@@ -3,6 +3,8 @@
 The database is reached through a TCP relay in the test, so "the database went away" is the relay closing
 every connection and refusing new ones, and "it is back" is the relay listening again on the same port: a
 restart as the workers see it, without touching the shared server.
+The last tests hold a write's transaction open by hand, as a worker cut off by a network partition between
+Optuna's "is the trial still running" check and its commit does, and check the trial's row lock that fences it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from search.storage_retry import StorageUnavailable
+from search import stores
+from search.storage_retry import StorageUnavailable, is_connection_error
 from search.stores import open_storage
 from tests.search.workers_helpers import postgres_database
 
@@ -130,3 +134,88 @@ def test_a_database_away_longer_than_the_retry_time_is_one_clear_error() -> None
             assert optuna.load_study(study_name="gone", storage=url).trials[0].intermediate_values == {1: 0.3}
         finally:
             relay.down()
+
+
+def _running_trial(url: str) -> tuple[optuna.storages.RDBStorage, int]:
+    storage = open_storage(url, retry_seconds=5)
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    study = optuna.create_study(study_name="fence", storage=storage, direction="maximize")
+    return storage, study.ask()._trial_id
+
+
+def _half_written(storage: optuna.storages.RDBStorage, trial_id: int, step: int) -> object:
+    """A report that passed Optuna's "still running" check and whose INSERT has not reached the server (its
+    worker was cut off between the two; once the INSERT is there, its foreign key check locks the trial's row)."""
+    session = storage.scoped_session()
+    storage._set_trial_intermediate_value_without_commit(session, trial_id, step, 0.9)
+    return session
+
+
+def _fail_in_thread(storage: optuna.storages.BaseStorage, trial_id: int) -> threading.Thread:
+    """Another worker failing the trial as stale (Optuna's fail_stale_trials makes this call)."""
+    failer = threading.Thread(target=storage.set_trial_state_values, args=(trial_id, TrialState.FAIL))
+    failer.start()
+    return failer
+
+
+def test_a_late_write_and_the_takeover_of_its_trial_are_ordered_by_the_trials_row_lock() -> None:
+    with postgres_database() as url:
+        worker, trial_id = _running_trial(url)
+        other = open_storage(url, retry_seconds=5)
+        session = _half_written(worker, trial_id, step=4)
+        failer = _fail_in_thread(other, trial_id)
+        failer.join(1.0)
+        assert failer.is_alive(), "the takeover waits for the write it would otherwise overtake"
+        session.commit()  # type: ignore[attr-defined]
+        session.close()  # type: ignore[attr-defined]
+        failer.join(10)
+        assert not failer.is_alive()
+        trial = optuna.load_study(study_name="fence", storage=url).trials[0]
+        assert trial.state == TrialState.FAIL and trial.intermediate_values == {4: 0.9}  # written, then failed
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # a write after the takeover: refused
+            worker.set_trial_intermediate_value(trial_id, 5, 0.95)
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+            worker.set_trial_user_attr(trial_id, "late", True)
+        trial = optuna.load_study(study_name="fence", storage=url).trials[0]
+        assert trial.intermediate_values == {4: 0.9} and "late" not in trial.user_attrs
+
+
+def test_without_the_lock_a_late_write_lands_on_the_failed_trial() -> None:
+    """The race the lock closes, shown on Optuna's own RDBStorage: the FAIL does not wait, the write commits
+    after it."""
+    with postgres_database() as url:
+        open_storage(url).remove_session()  # type: ignore[attr-defined]  # Optuna's tables
+        plain = optuna.storages.RDBStorage(url)
+        study = optuna.create_study(study_name="fence", storage=plain, direction="maximize")
+        trial_id = study.ask()._trial_id
+        session = _half_written(plain, trial_id, step=4)
+        failer = _fail_in_thread(open_storage(url, retry_seconds=5), trial_id)
+        failer.join(10)
+        assert not failer.is_alive()
+        session.commit()  # type: ignore[attr-defined]
+        session.close()  # type: ignore[attr-defined]
+        trial = optuna.load_study(study_name="fence", storage=url).trials[0]
+        assert trial.state == TrialState.FAIL and trial.intermediate_values == {4: 0.9}
+
+
+def test_a_cut_off_writer_delays_the_takeover_only_until_the_server_ends_its_session(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with postgres_database() as url:
+        default = open_storage(url)
+        with default.engine.connect() as conn:  # type: ignore[attr-defined]
+            assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "15s"
+        monkeypatch.setattr(stores, "POSTGRES_IDLE_IN_TRANSACTION_MS", 1000)
+        worker, trial_id = _running_trial(url)
+        session = _half_written(worker, trial_id, step=4)  # and nothing more: its worker is cut off
+        started = time.monotonic()
+        failer = _fail_in_thread(open_storage(url, retry_seconds=5), trial_id)
+        failer.join(30)
+        assert not failer.is_alive() and time.monotonic() - started >= 0.9  # waited about the idle limit
+        with pytest.raises(sqlalchemy.exc.DBAPIError) as ended:  # the server ended that session
+            session.commit()  # type: ignore[attr-defined]
+        session.close()  # type: ignore[attr-defined]
+        assert is_connection_error(ended.value)  # so the worker's call is retried: on a new connection, and refused
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+            worker.set_trial_intermediate_value(trial_id, 4, 0.9)
+        trial = optuna.load_study(study_name="fence", storage=url).trials[0]
+        assert trial.state == TrialState.FAIL and trial.intermediate_values == {}  # the late write rolled back
