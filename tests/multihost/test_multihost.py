@@ -26,10 +26,14 @@ from tests.multihost.cluster import Cluster
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
-# Trials long enough to be interrupted (10 epochs, no pruning or early stopping), a checkpoint every epoch,
-# and a heartbeat every second that goes stale after 4 s.
-SHORT = ["--set", "study.max_epochs=10", "--set", "pruner={name='none'}", "--set", "early_stopping.enabled=false",
-         "--set", "objective.widths=[8,16]", "--set", "study.checkpoint_every_seconds=0",
+# Trials long enough to be interrupted (40 epochs, no pruning or early stopping), a checkpoint every epoch,
+# and a heartbeat every second that goes stale after 4 s. 40, not 10: once a trial's fixed cost fell, a 10-epoch
+# trial of this tiny CNN passed its epochs 3 to 6 between two of the tests' polls, and one CI run never caught
+# a trial of host A there before the workers had finished the study.
+EPOCHS = 40
+SHORT = ["--set", f"study.max_epochs={EPOCHS}", "--set", "pruner={name='none'}",
+         "--set", "early_stopping.enabled=false", "--set", "objective.widths=[8,16]",
+         "--set", "study.checkpoint_every_seconds=0",
          "--set", "study.heartbeat_interval=1", "--set", "study.grace_period=4"]
 
 
@@ -64,11 +68,13 @@ def _pointer(client: MlflowClient, run_id: str) -> dict[str, Any] | None:
 
 
 def _uploaded_trial_on(host: str, storage: str, study: str, client: MlflowClient) -> Callable[[], FrozenTrial | None]:
-    """A RUNNING trial of ``host`` with 3 epochs reported and a resume checkpoint in the artifact store."""
+    """A RUNNING trial of ``host`` with at least 3 epochs reported, many still to go, and a resume checkpoint in
+    the artifact store."""
     def check() -> FrozenTrial | None:
         for t in _trials(storage, study):
             ok = t.state == TrialState.RUNNING and t.user_attrs.get("host") == host
-            if ok and 3 <= len(t.intermediate_values) <= 6 and _pointer(client, t.user_attrs["mlflow_run_id"]):
+            mid_trial = 3 <= len(t.intermediate_values) <= EPOCHS // 2
+            if ok and mid_trial and _pointer(client, t.user_attrs["mlflow_run_id"]):
                 return t
         return None
     return check
@@ -108,7 +114,7 @@ def _assert_resumed_elsewhere(trials: list[FrozenTrial], victim: FrozenTrial, ho
     assert retry.state == TrialState.COMPLETE and retry.params == victim.params
     assert retry.user_attrs["host"] != host
     assert retry.user_attrs["resumed_from_trial"] == victim.number
-    assert sorted(retry.intermediate_values) == list(range(10))  # every epoch reported once
+    assert sorted(retry.intermediate_values) == list(range(EPOCHS))  # every epoch reported once
     return retry
 
 
@@ -187,7 +193,7 @@ def test_workers_ride_out_a_database_restart(cluster: Cluster) -> None:
     storage, study = cluster.postgres.create_database("restart"), "mh-restart"
     # 40 epochs: long enough that the check below sees both workers mid-trial at once (6-epoch trials ended in
     # well under a second once a trial's fixed cost fell, and one CI run never caught both running).
-    settings = ["--set", "study.max_epochs=40", "--set", "pruner={name='none'}",
+    settings = ["--set", f"study.max_epochs={EPOCHS}", "--set", "pruner={name='none'}",
                 "--set", "early_stopping.enabled=false",
                 "--set", "objective.widths=[8,16]", "--set", "study.heartbeat_interval=2",
                 "--set", "study.grace_period=40", "--set", "study.storage_retry_seconds=120", "--trials", "4"]
