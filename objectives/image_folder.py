@@ -158,8 +158,15 @@ def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
+def cache_home() -> Path:
+    """Where this project keeps what it derives once per machine (decoded folders, the digits split; search/'s
+    empty MLflow store too): $HPO_CACHE_DIR, else $XDG_CACHE_HOME/hpo, else ~/.cache/hpo."""
+    return Path(os.environ.get("HPO_CACHE_DIR")
+                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpo")
+
+
 def default_cache_root() -> Path:
-    return Path(os.environ.get("HPO_CACHE_DIR") or Path.home() / ".cache" / "hpo") / "images"
+    return cache_home() / "images"
 
 
 def decode_folder(root: Path, image_size: int, channels: int, skip_bad: bool, cache_root: Path | None) -> Decoded:

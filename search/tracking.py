@@ -199,12 +199,15 @@ class Tracker:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpo"
+    """$HPO_CACHE_DIR, else $XDG_CACHE_HOME/hpo, else ~/.cache/hpo: the same folder as objectives' data caches
+    (objectives/image_folder.py ``cache_home``; search/ does not import objectives/)."""
+    return Path(os.environ.get("HPO_CACHE_DIR")
+                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpo")
 
 
 def empty_store() -> Path:
     """An empty, fully migrated MLflow SQLite store, made once per MLflow schema in the user's cache
-    (``~/.cache/hpo``, or ``$XDG_CACHE_HOME/hpo``): MLflow makes a store by running its alembic migrations,
+    (``_cache_dir``): MLflow makes a store by running its alembic migrations,
     3 to 6 s for every new run directory (BENCHMARKS.md section 8), where a copy of this one takes milliseconds.
     It has no experiment: MLflow adds its Default one when it opens a copy, as it does in a store it made."""
     import mlflow

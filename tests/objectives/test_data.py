@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from urllib.error import URLError
@@ -6,7 +8,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from objectives.data import DataSplits, batch_indices, load_data
+from objectives.data import DataSplits, batch_indices, clear_data_cache, digits_cache_file, load_data
 from objectives.errors import DatasetNotFoundError
 from objectives.settings import TrainConfig
 
@@ -40,6 +42,49 @@ def test_digits_splits_partition_the_data_set() -> None:
     # Stratified: every class is in every split.
     for y in (data.train_y, data.val_y, data.test_y):
         assert set(y.tolist()) == set(range(10))
+
+
+def _splits(data: DataSplits) -> list[torch.Tensor]:
+    return [data.train_x, data.train_y, data.val_x, data.val_y, data.test_x, data.test_y]
+
+
+def test_digits_split_is_kept_in_the_cache_folder_and_read_back_without_scikit_learn(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPO_CACHE_DIR", str(tmp_path))
+    cfg = TrainConfig(dataset="digits", test_size=0.2, val_size=0.1, data_seed=3)
+    clear_data_cache()
+    first = load_data(cfg, CPU)  # split by scikit-learn, then written
+    path = digits_cache_file(cfg)
+    assert path is not None and path.parent == tmp_path / "digits" and path.is_file()
+    assert digits_cache_file(TrainConfig(dataset="digits", data_seed=4)) != path  # another split, another file
+    script = ("import sys, torch; from objectives.data import load_data; from objectives.settings import TrainConfig\n"
+              "cfg = TrainConfig(dataset='digits', test_size=0.2, val_size=0.1, data_seed=3)\n"
+              "d = load_data(cfg, torch.device('cpu'))\n"
+              "assert 'sklearn' not in sys.modules, 'imported scikit-learn'\n"
+              "torch.save([d.train_x, d.train_y, d.val_x, d.val_y, d.test_x, d.test_y], sys.argv[1])")
+    env = {"HPO_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "read.pt")], cwd=Path(__file__).parents[2], env=env,
+                   check=True)
+    read = torch.load(tmp_path / "read.pt", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(_splits(first), read, strict=True))
+    assert first.mean == load_data(cfg, CPU).mean  # the same normalisation from the same training split
+
+
+def test_a_damaged_digits_cache_file_is_split_again_and_rewritten(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPO_CACHE_DIR", str(tmp_path))
+    cfg = TrainConfig(dataset="digits", data_seed=5)
+    clear_data_cache()
+    good = _splits(load_data(cfg, CPU))
+    path = digits_cache_file(cfg)
+    assert path is not None
+    whole = path.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b"not a checkpoint"):
+        path.write_bytes(damaged)
+        clear_data_cache()
+        assert all(torch.equal(a, b) for a, b in zip(good, _splits(load_data(cfg, CPU)), strict=True))
+        assert path.read_bytes() != damaged and torch.load(path, weights_only=True)["splits"][0].shape == good[0].shape
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
 def test_training_split_is_normalised_per_channel() -> None:

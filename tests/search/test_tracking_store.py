@@ -22,8 +22,25 @@ RUN_ID_TAGS = {"mlflow.parentRunId"}
 
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("HPO_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache" / "hpo"
+
+
+def test_the_empty_store_is_kept_in_the_same_folder_as_the_data_caches(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from objectives.image_folder import cache_home
+    from search.tracking import _cache_dir
+
+    home = Path.home() / ".cache" / "hpo"
+    for xdg, own, expected in ((None, None, home), ("xdg", None, tmp_path / "xdg" / "hpo"),
+                               ("xdg", "own", tmp_path / "own"), (None, "own", tmp_path / "own")):
+        for name, value in (("XDG_CACHE_HOME", xdg), ("HPO_CACHE_DIR", own)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, str(tmp_path / value))
+        assert _cache_dir() == cache_home() == expected
 
 
 def contents(db: Path) -> dict[str, object]:
@@ -89,6 +106,7 @@ def test_an_existing_store_is_never_replaced(cache: Path, tmp_path: Path) -> Non
 
 def test_a_store_is_made_without_a_usable_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.delenv("HPO_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
     db = tmp_path / "run" / "mlflow.db"
     used(sqlite_url(db), db.parent)  # MLflow made it the slow way
