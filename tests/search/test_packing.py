@@ -117,7 +117,7 @@ def test_an_objective_that_cannot_pack_runs_unpacked_with_a_note(tmp_path: Path)
 
 @pytest.mark.slow
 def test_kill_9_mid_pack_then_run_again_resumes_every_member(tmp_path: Path) -> None:
-    from tests.search.test_recovery import LONG
+    from tests.search.test_recovery import EPOCHS, LONG
     from tests.search.workers_helpers import hpo_cmd, load
 
     proc = subprocess.Popen(hpo_cmd("run", str(QUICKSTART), "--set", "study.name='k9pack'", *LONG, "--pack", "2",
@@ -152,9 +152,9 @@ def test_kill_9_mid_pack_then_run_again_resumes_every_member(tmp_path: Path) -> 
         retry = next(t for t in trials if t.system_attrs.get("failed_trial") == first.number)
         assert retry.state == TrialState.COMPLETE and retry.params == first.params
         assert retry.user_attrs["resumed_from_trial"] == first.number and retry.user_attrs["resumed_at_epoch"] >= 3
-        assert sorted(retry.intermediate_values) == list(range(12)) and retry.user_attrs["epochs_run"] == 12
+        assert sorted(retry.intermediate_values) == list(range(EPOCHS)) and retry.user_attrs["epochs_run"] == EPOCHS
         steps = [m.step for m in client.get_metric_history(retry.user_attrs["mlflow_run_id"], "val_accuracy")]
-        assert sorted(steps) == list(range(12))  # the killed epochs copied over, then its own
+        assert sorted(steps) == list(range(EPOCHS))  # the killed epochs copied over, then its own
 
 
 @pytest.mark.slow

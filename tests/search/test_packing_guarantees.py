@@ -28,6 +28,7 @@ from search.tracking import mark_killed
 from search.workers import fail_and_retry
 from tests.search.failure_helpers import wait_for
 from tests.search.test_packing import QUICKSTART
+from tests.search.test_recovery import EPOCHS as LONG_EPOCHS
 from tests.search.test_recovery import LONG
 from tests.search.workers_helpers import child_runs, hpo, hpo_cmd, load
 
@@ -107,9 +108,9 @@ def test_stopping_hpo_run_pack_fails_requeues_every_member_and_the_next_run_resu
     study, client, done = _rerun_runs_exactly_the_retries(args, tmp_path, root, name, retried=[0, 1])
     assert sorted(done[0].user_attrs["packed_with"] + done[1].user_attrs["packed_with"]) == [2, 2, 3]  # one pack
     for t in done:
-        assert sorted(t.intermediate_values) == list(range(12)) and t.user_attrs["epochs_run"] == 12
+        assert sorted(t.intermediate_values) == list(range(LONG_EPOCHS)) and t.user_attrs["epochs_run"] == LONG_EPOCHS
         steps = [m.step for m in client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_accuracy")]
-        assert sorted(steps) == list(range(12))
+        assert sorted(steps) == list(range(LONG_EPOCHS))
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FINISHED"
 
 

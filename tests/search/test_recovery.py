@@ -15,8 +15,11 @@ from search.checkpoint import load_checkpoint
 from search.stores import open_storage
 from tests.search.workers_helpers import QUICKSTART, child_runs, hpo, hpo_cmd, load
 
-# Long enough trials to be interrupted mid-way: 12 epochs, no pruning, no early stopping.
-LONG = ["--set", "study.max_epochs=12", "--set", "pruner={name='none'}", "--set", "early_stopping.enabled=false",
+# Long enough trials to be interrupted mid-way: 30 epochs, no pruning, no early stopping. 12 epochs of this tiny
+# CNN take 0.8-1.6 s now, so the polls that wait for epoch 4 had well under a second before the trial ended.
+EPOCHS = 30
+LONG = ["--set", f"study.max_epochs={EPOCHS}", "--set", "pruner={name='none'}",
+        "--set", "early_stopping.enabled=false",
         "--set", "objective.widths=[8,16]", "--set", "study.checkpoint_every_seconds=0", "--trials", "2"]
 
 
@@ -51,8 +54,8 @@ def _assert_resumed(study: optuna.Study, client, interrupted: str) -> None:  # n
     done = len(first.intermediate_values)
     assert retry.user_attrs["resumed_from_trial"] == 0
     assert retry.user_attrs["resumed_at_epoch"] in (done, done - 1) and retry.user_attrs["resumed_at_epoch"] >= 3
-    assert sorted(retry.intermediate_values) == list(range(12))  # continued, every epoch once
-    assert retry.user_attrs["epochs_run"] == 12
+    assert sorted(retry.intermediate_values) == list(range(EPOCHS))  # continued, every epoch once
+    assert retry.user_attrs["epochs_run"] == EPOCHS
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 2 and not [t for t in trials if t.state == TrialState.RUNNING]
     runs = {r.info.run_id: r for r in child_runs(client, study.study_name)}
@@ -62,7 +65,7 @@ def _assert_resumed(study: optuna.Study, client, interrupted: str) -> None:  # n
     assert resumed_run.data.tags["hpo.resumed_from_run"] == first.user_attrs["mlflow_run_id"]
     assert resumed_run.data.tags["hpo.resumed_at_epoch"] == str(retry.user_attrs["resumed_at_epoch"])
     steps = [m.step for m in client.get_metric_history(resumed_run.info.run_id, "val_accuracy")]
-    assert sorted(steps) == list(range(12))
+    assert sorted(steps) == list(range(EPOCHS))
 
 
 @pytest.mark.slow

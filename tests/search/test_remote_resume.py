@@ -17,7 +17,9 @@ from optuna.trial import TrialState
 from tests.mlflow_server import mlflow_server
 from tests.search.workers_helpers import QUICKSTART, child_runs, hpo, hpo_cmd
 
-LONG = ["--set", "study.max_epochs=12", "--set", "pruner={name='none'}", "--set", "early_stopping.enabled=false",
+EPOCHS = 30
+LONG = ["--set", f"study.max_epochs={EPOCHS}", "--set", "pruner={name='none'}",
+        "--set", "early_stopping.enabled=false",
         "--set", "objective.widths=[8,16]", "--set", "study.checkpoint_every_seconds=0",
         "--set", "study.heartbeat_interval=1", "--set", "study.grace_period=3", "--trials", "2", "--quiet"]
 
@@ -83,8 +85,8 @@ def test_a_trial_killed_on_one_machine_resumes_on_another_from_the_artifact_stor
     assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
     assert retry.user_attrs["resumed_from_trial"] == 0
     assert retry.user_attrs["resumed_at_epoch"] == pointer["epoch"] + 1  # the epoch after the uploaded one
-    assert sorted(retry.intermediate_values) == list(range(12))  # every epoch reported once
-    assert retry.user_attrs["epochs_run"] == 12
+    assert sorted(retry.intermediate_values) == list(range(EPOCHS))  # every epoch reported once
+    assert retry.user_attrs["epochs_run"] == EPOCHS
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
     assert not (tmp_path / "machine-b" / "remote" / "checkpoints" / "trial-0").exists()  # nothing local to read
     assert not (tmp_path / "machine-b" / "remote" / "checkpoints" / f"trial-{retry.number}" / "last.pt").exists()
@@ -96,7 +98,7 @@ def test_a_trial_killed_on_one_machine_resumes_on_another_from_the_artifact_stor
         assert resumed.data.tags["hpo.resumed_from_checkpoint"] == "artifact store"
         assert resumed.data.tags["hpo.resumed_from_run"] == run_a
         steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_accuracy")]
-        assert sorted(steps) == list(range(12))  # the resumed history copied once, then the new epochs
+        assert sorted(steps) == list(range(EPOCHS))  # the resumed history copied once, then the new epochs
         assert runs[run_a].info.status == "KILLED" and "RUNNING" not in {r.info.status for r in runs.values()}
         # The trial ended COMPLETE: no resume checkpoint is left, neither its own nor the failed attempt's.
         assert client.list_artifacts(run_a, "resume") == []
