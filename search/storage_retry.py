@@ -28,9 +28,16 @@ from search.errors import HpoError
 log = logging.getLogger("hpo")
 R = TypeVar("R")
 # libpq: give up connecting after 10 s; on an open connection, fail when sent data stays unacknowledged for
-# 15 s (a pulled cable) or the idle peer stops answering keepalives.
+# 15 s (a pulled cable) or the idle peer stops answering keepalives. ``options`` asks the server for the same
+# on its side: without them a worker cut off or powered off leaves its session, with any lock it held (the budget
+# lock), on the server until the OS gives up on it (hours); with them, 15 to 25 s. Keepalives alone were not
+# enough in the multi-host test: the server had a few bytes in flight to the cut-off worker, and a socket with
+# unacknowledged data is left to TCP's retransmissions (about 15 minutes), not to keepalives; tcp_user_timeout
+# bounds that.
+POSTGRES_SERVER_KEEPALIVES = ("-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 "
+                              "-c tcp_user_timeout=15000")
 POSTGRES_TIMEOUTS = {"connect_timeout": 10, "tcp_user_timeout": 15000, "keepalives": 1, "keepalives_idle": 10,
-                     "keepalives_interval": 5, "keepalives_count": 3}
+                     "keepalives_interval": 5, "keepalives_count": 3, "options": POSTGRES_SERVER_KEEPALIVES}
 
 
 class StorageUnavailable(HpoError):

@@ -139,8 +139,8 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
 
 def postgres_connect_args() -> dict[str, Any]:
     """libpq settings of a storage's PostgreSQL connections: ``POSTGRES_TIMEOUTS`` and the idle limit above."""
-    return {**POSTGRES_TIMEOUTS,
-            "options": f"-c idle_in_transaction_session_timeout={POSTGRES_IDLE_IN_TRANSACTION_MS}"}
+    return {**POSTGRES_TIMEOUTS, "options": f"{POSTGRES_TIMEOUTS['options']} "
+                                           f"-c idle_in_transaction_session_timeout={POSTGRES_IDLE_IN_TRANSACTION_MS}"}
 
 
 def _create_rdb(url: str, beats: dict[str, Any], engine: dict[str, Any],

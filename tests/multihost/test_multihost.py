@@ -11,7 +11,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
-from tests.multihost.cluster import Cluster
+from search.workers import advisory_lock
+from tests.multihost.cluster import REPO, Cluster
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
@@ -243,3 +246,40 @@ def test_a_worker_stops_with_a_clear_message_when_the_database_stays_away(cluste
     assert [t.state for t in trials] == [TrialState.RUNNING]  # left to the heartbeat: another worker retries it
     run = MlflowClient(cluster.mlflow_url).get_run(trials[0].user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["hpo.reason"] == "storage_lost"
+
+
+HOLD_LOCK = """
+import sys, time
+from search.workers import advisory_lock
+with advisory_lock(sys.argv[1], "mh-held", per_machine=False):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_budget_lock_held_by_a_worker_that_was_cut_off_is_freed_by_the_server_in_seconds(cluster: Cluster) -> None:
+    """A worker cut off while it holds the budget lock (an advisory lock, held by its database session) must not
+    stop every other worker for the two hours the server's TCP would take to give up on its session."""
+    storage, host = cluster.postgres.create_database("held"), cluster.workers[1]
+    log = cluster.work / "lock-holder.log"
+    holder = cluster.net.start(host, [sys.executable, "-c", HOLD_LOCK, storage], log=log, env=dict(os.environ),
+                               cwd=REPO)
+    _wait("the lock taken on host B", lambda: True if "held" in log.read_text() else None, 60, [log])
+    taken = threading.Event()
+
+    def take() -> None:
+        with advisory_lock(storage, "mh-held", per_machine=False):
+            taken.set()
+
+    cluster.net.partition(host)
+    try:
+        started = time.monotonic()
+        threading.Thread(target=take, daemon=True).start()  # blocks until the server drops host B's session
+        assert not taken.wait(3), "the lock was free while its holder was alive"
+        assert taken.wait(90), "the server kept the cut-off holder's session, and the lock, for 90 s"
+        waited = time.monotonic() - started
+    finally:
+        cluster.net.heal(host)
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert waited <= 60  # the server's keepalives and 15 s limit on unacknowledged data, not TCP's defaults

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from search import stores
 from search.storage_retry import StorageUnavailable, is_connection_error
 from search.stores import open_storage
+from search.workers import advisory_lock
 from tests.search.workers_helpers import postgres_database
 
 
@@ -204,6 +205,12 @@ def test_a_cut_off_writer_delays_the_takeover_only_until_the_server_ends_its_ses
         default = open_storage(url)
         with default.engine.connect() as conn:  # type: ignore[attr-defined]
             assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "15s"
+            assert conn.exec_driver_sql("SHOW tcp_keepalives_idle").scalar() == "10"  # the server's side too
+            assert conn.exec_driver_sql("SHOW tcp_user_timeout").scalar() == "15000"
+        with advisory_lock(url, "budget", per_machine=False) as lock:  # the budget lock's own connection:
+            assert lock.conn.exec_driver_sql("SHOW tcp_keepalives_idle").scalar() == "10"  # keepalives, and
+            assert lock.conn.exec_driver_sql("SHOW tcp_user_timeout").scalar() == "15000"
+            assert lock.conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "0"  # no limit
         monkeypatch.setattr(stores, "POSTGRES_IDLE_IN_TRANSACTION_MS", 1000)
         worker, trial_id = _running_trial(url)
         session = _half_written(worker, trial_id, step=4)  # and nothing more: its worker is cut off
