@@ -36,7 +36,7 @@ def _start_and_wait(tmp_path: Path, name: str, epochs: int, extra: list[str] = (
                 trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
                 if trials and len(trials[0].intermediate_values) >= epochs:
                     return proc, trials[0].user_attrs["pid"]
-            except KeyError:  # study not created yet
+            except Exception:  # noqa: BLE001 - study (or its tables) not created yet: poll on until the deadline
                 pass
         time.sleep(0.05)
     proc.kill()
