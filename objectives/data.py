@@ -344,7 +344,7 @@ def digits_cache_file(cfg: TrainConfig) -> Path | None:
     None where scikit-learn is not installed (the split then fails with its own error)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from objectives.image_folder import cache_home
+    from search.cache import cache_home
 
     try:
         sklearn = version("scikit-learn")

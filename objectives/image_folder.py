@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from objectives.errors import BadDataError, DatasetNotFoundError
+from search.cache import cache_home
 
 CACHE_VERSION = 1
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -156,13 +157,6 @@ def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
         image = image.crop((left, top, left + image_size, top + image_size))
         pixels = np.asarray(image, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-
-
-def cache_home() -> Path:
-    """Where this project keeps what it derives once per machine (decoded folders, the digits split; search/'s
-    empty MLflow store too): $HPO_CACHE_DIR, else $XDG_CACHE_HOME/hpo, else ~/.cache/hpo."""
-    return Path(os.environ.get("HPO_CACHE_DIR")
-                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpo")
 
 
 def default_cache_root() -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search import records
+from search.cache import cache_home
 from search.errors import TrackingError
 from search.metric_queue import MAX_PER_CALL, MetricQueue, in_calls
 from search.stores import sqlite_path, sqlite_url
@@ -198,23 +199,16 @@ class Tracker:
         return TrialRun(self.client, run.info.run_id)
 
 
-def _cache_dir() -> Path:
-    """$HPO_CACHE_DIR, else $XDG_CACHE_HOME/hpo, else ~/.cache/hpo: the same folder as objectives' data caches
-    (objectives/image_folder.py ``cache_home``; search/ does not import objectives/)."""
-    return Path(os.environ.get("HPO_CACHE_DIR")
-                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpo")
-
-
 def empty_store() -> Path:
     """An empty, fully migrated MLflow SQLite store, made once per MLflow schema in the user's cache
-    (``_cache_dir``): MLflow makes a store by running its alembic migrations,
+    (``search.cache.cache_home``): MLflow makes a store by running its alembic migrations,
     3 to 6 s for every new run directory (BENCHMARKS.md section 8), where a copy of this one takes milliseconds.
     It has no experiment: MLflow adds its Default one when it opens a copy, as it does in a store it made."""
     import mlflow
 
     migrations = sorted(os.listdir(Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"))
     schema = hashlib.sha256("\n".join(migrations).encode()).hexdigest()[:12]
-    path = _cache_dir() / f"mlflow-{mlflow.__version__}-{schema}.db"
+    path = cache_home() / f"mlflow-{mlflow.__version__}-{schema}.db"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

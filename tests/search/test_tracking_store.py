@@ -27,22 +27,6 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache" / "hpo"
 
 
-def test_the_empty_store_is_kept_in_the_same_folder_as_the_data_caches(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from objectives.image_folder import cache_home
-    from search.tracking import _cache_dir
-
-    home = Path.home() / ".cache" / "hpo"
-    for xdg, own, expected in ((None, None, home), ("xdg", None, tmp_path / "xdg" / "hpo"),
-                               ("xdg", "own", tmp_path / "own"), (None, "own", tmp_path / "own")):
-        for name, value in (("XDG_CACHE_HOME", xdg), ("HPO_CACHE_DIR", own)):
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, str(tmp_path / value))
-        assert _cache_dir() == cache_home() == expected
-
-
 def contents(db: Path) -> dict[str, object]:
     """The schema (every table, index and trigger; the clauses of a CREATE in any order: MLflow's migrations
     write a table's constraints in an order that varies from one store to the next) and every row, less the
