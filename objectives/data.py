@@ -6,6 +6,7 @@ tensors into `train_x`, and augmentation runs on the batch where it lives (see `
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,7 +336,10 @@ def _digits(cfg: TrainConfig) -> tuple[_Splits, int]:
             pass
     splits = _split_digits(cfg)
     if path is not None:
-        _write_atomically(path, {"splits": list(splits)})
+        from search.checkpoint import save_atomic  # whole or not at all: workers starting together write it too
+
+        with contextlib.suppress(OSError):  # a read-only or full cache folder only costs the next run the split again
+            save_atomic({"splits": list(splits)}, path)
     return splits, 10
 
 
@@ -351,23 +355,6 @@ def digits_cache_file(cfg: TrainConfig) -> Path | None:
     except PackageNotFoundError:
         return None
     return cache_home() / "digits" / f"sklearn-{sklearn}-test{cfg.test_size}-val{cfg.val_size}-seed{cfg.data_seed}.pt"
-
-
-def _write_atomically(path: Path, obj: dict[str, Any]) -> None:
-    """Write ``obj`` to ``path`` whole or not at all (workers starting together may write the same file)."""
-    import tempfile
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    except OSError:
-        return  # a read-only cache folder only costs the next run the split again
-    try:
-        with os.fdopen(fd, "wb") as out:
-            torch.save(obj, out)
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)  # a full disk, likewise
 
 
 def _split_digits(cfg: TrainConfig) -> _Splits:
