@@ -185,7 +185,6 @@ def test_without_the_lock_a_late_write_lands_on_the_failed_trial() -> None:
     """The race the lock closes, shown on Optuna's own RDBStorage: the FAIL does not wait, the write commits
     after it."""
     with postgres_database() as url:
-        open_storage(url).remove_session()  # type: ignore[attr-defined]  # Optuna's tables
         plain = optuna.storages.RDBStorage(url)
         study = optuna.create_study(study_name="fence", storage=plain, direction="maximize")
         trial_id = study.ask()._trial_id
