@@ -1,0 +1,120 @@
+"""Seconds per epoch of the CIFAR-shaped CNN under one change at a time, side by side in one run: which change
+moves the epoch toward issue 11's 0.15 s on an H100-class GPU. Each variant is a whole `fit` (the shipped
+training loop) on gpu_check's synthetic CIFAR-sized data; the first epoch is counted apart, the median of
+the others is the figure, and the ratio is against the shipped settings measured in the same run.
+
+    python bench/cifar_epoch_variants.py               # CUDA GPU, 45k/5k images, batch 512
+    python bench/cifar_epoch_variants.py --cpu-smoke   # anywhere: tiny sizes, to keep the script working
+    python bench/cifar_epoch_variants.py --json out.json
+
+Variants: the shipped settings (bf16 autocast and channels_last on CUDA, eager); NCHW instead of channels_last;
+batch 1024; augmentation off (what the on-device crop and flip cost); one conv block per stage; and the
+pool-first network of bench/cifar_nets.py at the shipped widths and at airbench's (64-256-256); on a GPU also
+the shipped network and the airbench-width one with `compile = true` (the first epoch holds the compiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import objectives.train as train_module  # noqa: E402
+from bench.gpu_check import CPU_SMOKE, GPU, Sizes, timed_fit, train_config  # noqa: E402
+from objectives.runtime import Runtime, resolve_runtime  # noqa: E402
+from objectives.settings import TrainConfig  # noqa: E402
+
+NETS = str(REPO / "bench" / "cifar_nets.py") + ":build"
+
+
+@contextlib.contextmanager
+def nchw() -> Iterator[None]:
+    """The runtime objectives/runtime.py decides, with channels_last off (for this bench only)."""
+    original = train_module.resolve_runtime
+
+    def contiguous(device: str) -> Runtime:
+        return dataclasses.replace(original(device), channels_last=False)
+
+    train_module.resolve_runtime = contiguous
+    try:
+        yield
+    finally:
+        train_module.resolve_runtime = original
+
+
+def variants(sizes: Sizes) -> list[tuple[str, dict[str, Any], Callable[[], contextlib.AbstractContextManager[Any]]]]:
+    """(name, TrainConfig update, context) for each variant; widths scale down with the smoke run's."""
+    shipped = list(sizes.widths or (64, 128, 256))
+    airbench = [shipped[0], shipped[-1], shipped[-1]]
+    plain = contextlib.nullcontext
+    compiled = [] if sizes.device == "cpu" else [  # compiling takes 20-30 s a network: GPU runs only
+        ("shipped, compiled", {"compile": True}, plain),
+        (f"pool-first {'-'.join(map(str, airbench))} x2, compiled",
+         {"model": NETS, "model_args": {"widths": airbench, "blocks": 2}, "compile": True}, plain),
+    ]
+    return [
+        ("shipped", {}, plain),
+        ("NCHW (channels_last off)", {}, nchw),
+        (f"batch {2 * sizes.batch_size}", {"batch_size": 2 * sizes.batch_size}, plain),
+        ("augmentation off", {"augment": False}, plain),
+        ("1 block per stage", {"blocks_per_stage": 1}, plain),
+        (f"pool-first {'-'.join(map(str, shipped))} x2",
+         {"model": NETS, "model_args": {"widths": shipped, "blocks": 2}}, plain),
+        (f"pool-first {'-'.join(map(str, airbench))} x2 (airbench widths)",
+         {"model": NETS, "model_args": {"widths": airbench, "blocks": 2}}, plain),
+        *compiled,
+    ]
+
+
+def config(sizes: Sizes, update: dict[str, Any]) -> TrainConfig:
+    base = train_config(sizes).model_dump()
+    if "batch_size" in update:
+        update = {**update, "lr": 0.1 * update["batch_size"] / 256}
+    return TrainConfig.model_validate({**base, **update})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, to check the script runs")
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    args = parser.parse_args()
+    sizes = CPU_SMOKE if args.cpu_smoke else GPU
+    if sizes.device == "cuda" and not torch.cuda.is_available():
+        print("cifar_epoch_variants: torch sees no CUDA GPU; use --cpu-smoke", file=sys.stderr)
+        return 2
+    if sizes.process_threads:
+        torch.set_num_threads(sizes.process_threads)
+    runtime = resolve_runtime(sizes.device)
+    print(f"device {runtime.device}, autocast {runtime.autocast_dtype}, {sizes.train}/{sizes.val} images, "
+          f"{sizes.epochs} epochs per variant (the first counted apart)", flush=True)
+    rows: list[dict[str, Any]] = []
+    for name, update, context in variants(sizes):
+        start = time.perf_counter()
+        with context():
+            r = timed_fit(config(sizes, update), sizes.epochs)
+        rows.append({"variant": name, **r, "wall_s": time.perf_counter() - start})
+        print(f"  {name}: {r['epoch_s']:.3f} s/epoch (first {r['first_epoch_s']:.2f} s)", flush=True)
+    base = rows[0]["epoch_s"]
+    print(f"\n{'variant':<44}{'s/epoch':>9}{'img/s':>11}{'vs shipped':>12}{'peak GiB':>10}")
+    for row in rows:
+        memory = "n/a" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.2f}"
+        print(f"{row['variant']:<44}{row['epoch_s']:>9.3f}{row['images_per_s']:>11,.0f}"
+              f"{base / row['epoch_s']:>11.2f}x{memory:>10}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
