@@ -10,7 +10,10 @@ the others is the figure, and the ratio is against the shipped settings measured
 Variants: the shipped settings (bf16 autocast and channels_last on CUDA, eager); NCHW instead of channels_last;
 batch 1024; augmentation off (what the on-device crop and flip cost); one conv block per stage; and the
 pool-first network of bench/cifar_nets.py at the shipped widths and at airbench's (64-256-256); on a GPU also
-the shipped network and the airbench-width one with `compile = true` (the first epoch holds the compiling).
+the shipped network and the airbench-width one with `compile = true` (the first epoch holds the compiling), and
+compiled with `mode="reduce-overhead"` (CUDA graphs: a step's kernels replayed from one launch, which removes
+the host's per-kernel cost). `--kernel-time` adds each variant's GPU kernel time per epoch, which says whether
+the GPU or the host sets its pace.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,8 +39,24 @@ import objectives.train as train_module  # noqa: E402
 from bench.gpu_check import CPU_SMOKE, GPU, Sizes, timed_fit, train_config  # noqa: E402
 from objectives.runtime import Runtime, resolve_runtime  # noqa: E402
 from objectives.settings import TrainConfig  # noqa: E402
+from objectives.train import fit  # noqa: E402
 
 NETS = str(REPO / "bench" / "cifar_nets.py") + ":build"
+
+
+@contextlib.contextmanager
+def compile_mode(mode: str) -> Iterator[None]:
+    """`compile = true` compiles with torch.compile's `mode` (for this bench only; fit passes none)."""
+    original = torch.compile
+
+    def with_mode(model: Any, **kwargs: Any) -> Any:
+        return original(model, mode=mode, **kwargs)
+
+    torch.compile = with_mode  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.compile = original
 
 
 @contextlib.contextmanager
@@ -58,10 +79,16 @@ def variants(sizes: Sizes) -> list[tuple[str, dict[str, Any], Callable[[], conte
     shipped = list(sizes.widths or (64, 128, 256))
     airbench = [shipped[0], shipped[-1], shipped[-1]]
     plain = contextlib.nullcontext
+    pool_first = {"model": NETS, "model_args": {"widths": airbench, "blocks": 2}}
+    graphs = functools.partial(compile_mode, "reduce-overhead")  # CUDA graphs: one launch replays a step
     compiled = [] if sizes.device == "cpu" else [  # compiling takes 20-30 s a network: GPU runs only
         ("shipped, compiled", {"compile": True}, plain),
-        (f"pool-first {'-'.join(map(str, airbench))} x2, compiled",
-         {"model": NETS, "model_args": {"widths": airbench, "blocks": 2}, "compile": True}, plain),
+        (f"pool-first {'-'.join(map(str, airbench))} x2, compiled", {**pool_first, "compile": True}, plain),
+        ("shipped, compiled with CUDA graphs", {"compile": True}, graphs),
+        (f"batch {2 * sizes.batch_size}, compiled with CUDA graphs",
+         {"compile": True, "batch_size": 2 * sizes.batch_size}, graphs),
+        (f"pool-first {'-'.join(map(str, airbench))} x2, compiled with CUDA graphs",
+         {**pool_first, "compile": True}, graphs),
     ]
     return [
         ("shipped", {}, plain),
@@ -71,8 +98,7 @@ def variants(sizes: Sizes) -> list[tuple[str, dict[str, Any], Callable[[], conte
         ("1 block per stage", {"blocks_per_stage": 1}, plain),
         (f"pool-first {'-'.join(map(str, shipped))} x2",
          {"model": NETS, "model_args": {"widths": shipped, "blocks": 2}}, plain),
-        (f"pool-first {'-'.join(map(str, airbench))} x2 (airbench widths)",
-         {"model": NETS, "model_args": {"widths": airbench, "blocks": 2}}, plain),
+        (f"pool-first {'-'.join(map(str, airbench))} x2 (airbench widths)", pool_first, plain),
         *compiled,
     ]
 
@@ -84,10 +110,26 @@ def config(sizes: Sizes, update: dict[str, Any]) -> TrainConfig:
     return TrainConfig.model_validate({**base, **update})
 
 
+def kernel_seconds(cfg: TrainConfig) -> float | None:
+    """GPU kernel time of one more 1-epoch `fit` under torch.profiler (its caches warm); None on the CPU."""
+    if cfg.device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fit(cfg, 1)
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / 1e6
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, to check the script runs")
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--only", nargs="*", default=None, metavar="TEXT",
+                        help="run only the variants whose name holds one of these (the shipped one always runs)")
+    parser.add_argument("--kernel-time", action="store_true",
+                        help="also one more epoch per variant under torch.profiler: the GPU's kernel time in it "
+                             "(near the epoch's time: the GPU is the limit; far below it: the host)")
     args = parser.parse_args()
     sizes = CPU_SMOKE if args.cpu_smoke else GPU
     if sizes.device == "cuda" and not torch.cuda.is_available():
@@ -99,17 +141,26 @@ def main() -> int:
     print(f"device {runtime.device}, autocast {runtime.autocast_dtype}, {sizes.train}/{sizes.val} images, "
           f"{sizes.epochs} epochs per variant (the first counted apart)", flush=True)
     rows: list[dict[str, Any]] = []
-    for name, update, context in variants(sizes):
+    chosen = [v for i, v in enumerate(variants(sizes))
+              if i == 0 or args.only is None or any(text in v[0] for text in args.only)]
+    for name, update, context in chosen:
         start = time.perf_counter()
-        with context():
-            r = timed_fit(config(sizes, update), sizes.epochs)
-        rows.append({"variant": name, **r, "wall_s": time.perf_counter() - start})
-        print(f"  {name}: {r['epoch_s']:.3f} s/epoch (first {r['first_epoch_s']:.2f} s)", flush=True)
+        try:
+            with context():
+                r = timed_fit(config(sizes, update), sizes.epochs)
+                kernel = kernel_seconds(config(sizes, update)) if args.kernel_time else None
+        except Exception as exc:  # one broken variant must not hide the others' figures
+            print(f"  {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            continue
+        rows.append({"variant": name, **r, "kernel_s": kernel, "wall_s": time.perf_counter() - start})
+        busy = "" if kernel is None else f", kernels {kernel:.3f} s"
+        print(f"  {name}: {r['epoch_s']:.3f} s/epoch (first {r['first_epoch_s']:.2f} s{busy})", flush=True)
     base = rows[0]["epoch_s"]
-    print(f"\n{'variant':<44}{'s/epoch':>9}{'img/s':>11}{'vs shipped':>12}{'peak GiB':>10}")
+    print(f"\n{'variant':<58}{'s/epoch':>9}{'kernels s':>10}{'img/s':>11}{'vs shipped':>12}{'peak GiB':>10}")
     for row in rows:
         memory = "n/a" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.2f}"
-        print(f"{row['variant']:<44}{row['epoch_s']:>9.3f}{row['images_per_s']:>11,.0f}"
+        kernel = "n/a" if row["kernel_s"] is None else f"{row['kernel_s']:.3f}"
+        print(f"{row['variant']:<58}{row['epoch_s']:>9.3f}{kernel:>10}{row['images_per_s']:>11,.0f}"
               f"{base / row['epoch_s']:>11.2f}x{memory:>10}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
