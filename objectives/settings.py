@@ -145,8 +145,9 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     compile: bool = Field(
         default=False,
-        description="torch.compile the model. Off by default: on one H200 the CIFAR-shaped CNN ran 0.70x as fast "
-        "compiled, after 27 s compiling the first trial (BENCHMARKS.md section 9); bench/gpu_check.sh measures it.",
+        description="torch.compile the model. Off by default: the CIFAR-shaped CNN ran 0.70x as fast compiled on "
+        "one H200 and 0.63x on one H100, after 20-27 s compiling the first trial (BENCHMARKS.md section 9); "
+        "bench/gpu_check.sh measures it.",
     )
     seed: NonNegativeInt = 0
     eval_batch_size: PositiveInt = 1024

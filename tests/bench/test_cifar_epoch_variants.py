@@ -1,0 +1,68 @@
+"""bench/cifar_epoch_variants.py --cpu-smoke end to end, and its two patches of the training loop, so the
+GPU comparison still runs when a GPU is lent. Asserts on the rows written, not on how fast they were."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import objectives.train as train_module  # noqa: E402
+from bench.cifar_epoch_variants import compile_mode, nchw  # noqa: E402
+
+
+@pytest.mark.slow
+def test_cpu_smoke_writes_one_row_per_variant(tmp_path: Path) -> None:
+    out = tmp_path / "variants.json"
+    done = subprocess.run([sys.executable, "bench/cifar_epoch_variants.py", "--cpu-smoke", "--kernel-time",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == [
+        "shipped", "NCHW (channels_last off)", "batch 256", "augmentation off", "1 block per stage",
+        "pool-first 8-16 x2", "pool-first 8-16-16 x2 (airbench widths)"]  # compiled variants: GPU only
+    for row in rows:
+        assert row["epoch_s"] > 0 and row["images_per_s"] > 0 and row["first_epoch_s"] > 0
+        assert row["kernel_s"] is None and row["peak_memory_gib"] is None  # CPU: no kernel time, no CUDA memory
+        assert 0.0 <= row["val_accuracy"] <= 1.0
+    assert "FAILED" not in done.stdout
+    assert "vs shipped" in done.stdout  # the table printed last
+
+
+@pytest.mark.slow
+def test_only_keeps_the_shipped_row_and_the_named_ones(tmp_path: Path) -> None:
+    out = tmp_path / "variants.json"
+    done = subprocess.run([sys.executable, "bench/cifar_epoch_variants.py", "--cpu-smoke", "--only", "NCHW",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [r["variant"] for r in json.loads(out.read_text())] == ["shipped", "NCHW (channels_last off)"]
+
+
+def test_nchw_turns_channels_last_off_for_the_loop_and_restores_it() -> None:
+    assert train_module.resolve_runtime("cpu").channels_last
+    with nchw():
+        runtime = train_module.resolve_runtime("cpu")
+        assert not runtime.channels_last and runtime.device.type == "cpu"
+    assert train_module.resolve_runtime("cpu").channels_last
+
+
+def test_compile_mode_passes_the_mode_to_torch_compile_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, object]] = []
+
+    def recorder(model: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", recorder)
+    with compile_mode("reduce-overhead"):
+        model = torch.nn.Linear(2, 2)
+        assert torch.compile(model, dynamic=False) is model  # as objectives/train.py calls it
+    assert calls == [{"mode": "reduce-overhead", "dynamic": False}]
+    assert torch.compile is recorder
