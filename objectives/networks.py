@@ -27,7 +27,7 @@ checkpoint's state_dict always fits:
   | mobilenet_v3 | `classifier.3` | `classifier.2` set |
   | vgg | `classifier.6` | `classifier.2` and `classifier.5` set |
   | alexnet | `classifier.6` | `classifier.0` and `classifier.3` set |
-  | googlenet, inception_v3 | `fc` | the model's `dropout` set (pass `aux_logits = false` to train) |
+  | googlenet, inception_v3 | `fc` | the model's `dropout` set (with `aux_logits = false`; refused without) |
   | convnext | `classifier.2` | added before it |
   | regnet, shufflenet | `fc` | added before `fc` |
   | densenet | `classifier` | added before `classifier` |
@@ -120,34 +120,44 @@ def build_network(spec: Mapping[str, Any], *, pretrained: bool = True) -> nn.Mod
 
 
 def check_network(spec: Mapping[str, Any], example: Tensor) -> nn.Module:
-    """`build_network(spec)` after one forward pass (eval mode, no grad) on `example`, N images on the device
-    the module is moved to, proves it maps images to (N, num_classes) logits; returned in training mode."""
+    """`build_network(spec)` after one forward pass in evaluation mode and one in training mode (no grad) on
+    `example`, N >= 2 images on the device the module is moved to: proves it maps images to (N, num_classes)
+    logits in both, since some models (torchvision's googlenet and inception_v3 with their auxiliary
+    classifiers) return other things while training. Returned in training mode; the training-mode pass has
+    moved its BatchNorm statistics, so train a fresh `build_network(spec)`, not this module."""
     model = build_network(spec).to(example.device)
+    for training in (False, True):
+        model.train(training)
+        _check_output(model, spec, example, training)
+    return model
+
+
+def _check_output(model: nn.Module, spec: Mapping[str, Any], example: Tensor, training: bool) -> None:
     reference = str(spec.get("model", "cnn"))
     shape = tuple(example.shape)
     expected = (shape[0], int(spec["num_classes"]))
-    model.eval()
+    mode = " in training mode" if training else ""
     try:
         with torch.no_grad():
             output = model(example)
     except Exception as exc:  # any failure inside the user's or torchvision's forward is reported, not raised
         raise ModelError(
-            f"model {reference!r} fails on a {shape} batch of images: {type(exc).__name__}: {exc}."
+            f"model {reference!r} fails{mode} on a {shape} batch of images: {type(exc).__name__}: {exc}."
             f"{_small_image_hint(reference, shape)}"
         ) from exc
-    finally:
-        model.train()
     if not isinstance(output, Tensor):
+        aux = any(hasattr(output, name) for name in ("aux_logits", "aux_logits1", "aux_logits2"))
+        hint = (" It returns its auxiliary classifiers' logits beside the main ones: set model_args.aux_logits = "
+                "false." if aux else " Make forward() return the logits tensor only.")
         raise ModelError(
-            f"model {reference!r} returns a value of type {type(output).__name__} for a {shape} batch; expected a "
-            f"tensor of {expected} logits (num_classes = {expected[1]}). Make forward() return the logits tensor only."
+            f"model {reference!r} returns a value of type {type(output).__name__}{mode} for a {shape} batch; "
+            f"expected a tensor of {expected} logits (num_classes = {expected[1]}).{hint}"
         )
     if tuple(output.shape) != expected:
         raise ModelError(
-            f"model {reference!r} maps a {shape} batch to {tuple(output.shape)}; expected {expected} logits "
+            f"model {reference!r} maps a {shape} batch to {tuple(output.shape)}{mode}; expected {expected} logits "
             f"(num_classes = {expected[1]}). Make the model's last layer output num_classes values per image."
         )
-    return model
 
 
 def _cnn(spec: dict[str, Any]) -> nn.Module:

@@ -221,6 +221,11 @@ class TupleNet(Net):
         return self.body(x), x
 
 
+class TrainTupleNet(Net):
+    def forward(self, x):
+        return (self.body(x), x) if self.training else self.body(x)
+
+
 def build(num_classes, in_channels, dropout, width=8):
     return Net(num_classes, in_channels, dropout, width)
 
@@ -243,6 +248,10 @@ def no_dropout(num_classes, in_channels):
 
 def tuple_output(num_classes, in_channels, dropout):
     return TupleNet(num_classes, in_channels, dropout)
+
+
+def tuple_while_training(num_classes, in_channels, dropout):
+    return TrainTupleNet(num_classes, in_channels, dropout)
 
 
 def breaks_in_forward(num_classes, in_channels, dropout):
@@ -308,6 +317,8 @@ def test_factory_from_an_importable_module(user_package: str) -> None:
         ("no_dropout", r"cannot be called as build\(num_classes, in_channels, dropout, \*\*model_args\)"),
         ("wrong_classes", r"maps a \(2, 3, 32, 32\) batch to \(2, 7\); expected \(2, 10\) logits"),
         ("tuple_output", r"returns a value of type tuple for a \(2, 3, 32, 32\) batch"),
+        ("tuple_while_training", r"returns a value of type tuple in training mode for a \(2, 3, 32, 32\) batch; "
+                                 r"expected a tensor .* Make forward\(\) return the logits tensor only"),
         ("breaks_in_forward", r"fails on a \(2, 3, 32, 32\) batch of images: RuntimeError: .*set image_size"),
     ],
 )
@@ -316,6 +327,16 @@ def test_bad_factories_are_reported(models_py: Path, attr: str, expected: str) -
     with pytest.raises(ModelError, match=expected) as err:
         check_network(_spec(reference), _images())
     assert f"model {reference!r}" in str(err.value)
+
+
+def test_googlenet_needs_aux_logits_off_to_train_and_the_check_says_so() -> None:
+    # googlenet returns (logits, aux2, aux1) while training: the check catches it before any trial and names the fix
+    with pytest.raises(ModelError, match=r"returns a value of type GoogLeNetOutputs in training mode .*set "
+                                         r"model_args.aux_logits = false") as err:
+        check_network(_spec("torchvision:googlenet", init_weights=False), _images())
+    assert "model 'torchvision:googlenet'" in str(err.value)
+    model = check_network(_spec("torchvision:googlenet", init_weights=False, aux_logits=False), _images())
+    assert model.training and model(_images()).shape == (2, 10)
 
 
 def test_unknown_model_arg_for_a_factory_shows_the_signature(models_py: Path) -> None:
