@@ -44,10 +44,10 @@ sys.path.insert(0, str(REPO))
 
 from objectives.augment import default_crop_padding  # noqa: E402
 from objectives.data import DataSplits, load_data  # noqa: E402
-from objectives.model import build_model, model_spec  # noqa: E402
+from objectives.networks import build_network  # noqa: E402
 from objectives.runtime import resolve_runtime  # noqa: E402
 from objectives.settings import TrainConfig  # noqa: E402
-from objectives.train import fit  # noqa: E402
+from objectives.train import fit, spec_for  # noqa: E402
 
 
 def machine() -> dict[str, Any]:
@@ -107,7 +107,7 @@ def handwritten_fit(cfg: TrainConfig, data: DataSplits, epochs: int, device: tor
     val = TensorDataset(cpu(data.inputs(data.val_x)), cpu(data.val_y))
     val_loader = DataLoader(val, batch_size=cfg.eval_batch_size,
                             pin_memory=pin)
-    model = build_model(model_spec(cfg, data)).to(device)
+    model = build_network(spec_for(cfg, data)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     accuracy = 0.0

@@ -8,28 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.data import DataSplits
-from objectives.settings import TrainConfig
-
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 SPEC_KEYS = ("in_channels", "num_classes", "widths", "blocks_per_stage", "activation", "dropout", "image_size")
 
 
-def model_spec(cfg: TrainConfig, data: DataSplits) -> dict[str, Any]:
-    """Everything `build_model` needs, as ints, floats, strings and lists only (safe for weights_only loads)."""
-    return {
-        "in_channels": int(data.in_channels),
-        "num_classes": int(data.num_classes),
-        "widths": [int(w) for w in cfg.widths],
-        "blocks_per_stage": int(cfg.blocks_per_stage),
-        "activation": str(cfg.activation),
-        "dropout": float(cfg.dropout),
-        "image_size": int(data.image_size),
-    }
-
-
 def build_model(spec: dict[str, Any]) -> nn.Module:
-    """A CNN from `model_spec`'s dict; missing or unknown keys are an error, not a silent default."""
+    """A CNN from exactly the `SPEC_KEYS` of a spec (`objectives.networks.network_spec` makes the whole spec and
+    `build_network` picks them; checkpoints of earlier versions hold only these); missing or unknown keys are
+    an error, not a silent default."""
     missing, unknown = set(SPEC_KEYS) - set(spec), set(spec) - set(SPEC_KEYS)
     if missing or unknown:
         raise ValueError(f"bad model spec: missing {sorted(missing)}, unknown {sorted(unknown)}")

@@ -4,20 +4,22 @@ import pytest
 import torch
 from torch import nn
 
-from objectives.data import DataSplits
-from objectives.model import build_model, model_spec
+from objectives.model import SPEC_KEYS, build_model
+from objectives.networks import network_spec
 from objectives.settings import TrainConfig
 
 
-def _fake_data(channels: int, size: int, classes: int = 10) -> DataSplits:
-    x, y = torch.zeros(2, channels, size, size), torch.zeros(2, dtype=torch.int64)
-    return DataSplits(x, y, x, y, x, y, classes, channels, size, False, "fake")
+def model_spec(cfg: TrainConfig, channels: int, size: int, classes: int = 10) -> dict[str, object]:
+    """The CNN's keys of the spec the training loop builds (`network_spec`), as a legacy checkpoint holds them."""
+    spec = network_spec(cfg, num_classes=classes, in_channels=channels, image_size=size,
+                        class_names=[str(i) for i in range(classes)])
+    return {key: spec[key] for key in SPEC_KEYS}
 
 
 @pytest.mark.parametrize(("channels", "size", "pools"), [(1, 8, 2), (1, 28, 3), (3, 32, 3)])
 def test_forward_shapes_and_pooling_floor(channels: int, size: int, pools: int) -> None:
     cfg = TrainConfig(widths=(8, 16, 24), blocks_per_stage=2, activation="gelu", dropout=0.2)
-    spec = model_spec(cfg, _fake_data(channels, size, classes=7))
+    spec = model_spec(cfg, channels, size, classes=7)
     model = build_model(spec)
     assert model(torch.randn(5, channels, size, size)).shape == (5, 7)
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == pools  # 8x8 stops at 2x2
@@ -28,7 +30,7 @@ def test_forward_shapes_and_pooling_floor(channels: int, size: int, pools: int) 
 
 
 def test_spec_is_plain_data() -> None:
-    spec = model_spec(TrainConfig(), _fake_data(1, 8))
+    spec = model_spec(TrainConfig(), 1, 8)
     assert spec == {
         "in_channels": 1,
         "num_classes": 10,
@@ -41,7 +43,7 @@ def test_spec_is_plain_data() -> None:
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path: Path) -> None:
-    spec = model_spec(TrainConfig(widths=(8, 16)), _fake_data(3, 32))
+    spec = model_spec(TrainConfig(widths=(8, 16)), 3, 32)
     model = build_model(spec)
     with torch.no_grad():
         for p in model.parameters():
@@ -59,7 +61,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path: Path) -> None:
 
 
 def test_bad_spec_is_rejected() -> None:
-    spec = model_spec(TrainConfig(), _fake_data(1, 8))
+    spec = model_spec(TrainConfig(), 1, 8)
     with pytest.raises(ValueError, match="missing \\['dropout'\\]"):
         build_model({k: v for k, v in spec.items() if k != "dropout"})
     with pytest.raises(ValueError, match="unknown \\['depth'\\]"):

@@ -12,10 +12,18 @@ from torch import nn
 
 import objectives.train as train_module
 from objectives.data import load_data
-from objectives.model import build_model, model_spec
+from objectives.networks import build_network
 from objectives.runtime import resolve_runtime
 from objectives.settings import TrainConfig
-from objectives.train import METRIC_KEYS, TrainingState, apply_decoupled_decay, build_optimizer, evaluate, fit
+from objectives.train import (
+    METRIC_KEYS,
+    TrainingState,
+    apply_decoupled_decay,
+    build_optimizer,
+    evaluate,
+    fit,
+    spec_for,
+)
 
 CPU = resolve_runtime("cpu")
 SMALL = {"device": "cpu", "train_subset": 256, "widths": (8, 16)}  # ~10 ms an epoch
@@ -179,7 +187,7 @@ def test_sgd_weight_decay_is_decoupled_from_the_gradient() -> None:
 
 def test_biases_and_norm_params_are_not_decayed() -> None:
     cfg = TrainConfig(weight_decay=0.1)
-    model = build_model(model_spec(cfg, load_data(cfg, CPU.device)))
+    model = build_network(spec_for(cfg, load_data(cfg, CPU.device)))
     opt = build_optimizer(cfg, model, resolve_runtime("cpu"))
     decay, no_decay = opt.param_groups
     assert (decay["name"], decay["weight_decay"], no_decay["name"], no_decay["weight_decay"]) == (
