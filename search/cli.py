@@ -262,8 +262,8 @@ def _open_existing(args: argparse.Namespace) -> tuple[optuna.Study, RunPaths]:
 
     from search.stores import open_storage, sqlite_path
 
-    settings, paths = _paths(args)
-    name = settings.study.name if settings else (args.study_name or args.study)
+    _, paths = _paths(args)
+    name = paths.study_name
     db = sqlite_path(paths.storage_url)
     if db is not None and not db.exists():
         raise SettingsError(f"no results for study {name!r} yet: {db} does not exist. "
@@ -505,8 +505,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
                                 "in a tracking store (see hpo ui --help).")
         uri = args.tracking_uri
     else:
-        settings, paths = _paths(args)
-        uri, name = paths.tracking_uri, settings.study.name if settings else (args.study_name or args.study)
+        _, paths = _paths(args)
+        uri, name = paths.tracking_uri, paths.study_name
     if uri.startswith(("http://", "https://")):
         raise SettingsError(f"{uri} is an MLflow tracking server, which serves the UI itself: open "
                             f"{experiments_url(uri)} in a browser instead of starting another one.")

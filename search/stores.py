@@ -58,6 +58,7 @@ def is_postgres(url: str) -> bool:
 class RunPaths:
     """Where one study's results live; every command derives the same paths from the same options."""
 
+    study_name: str
     root: Path
     storage_url: str
     tracking_uri: str
@@ -75,6 +76,7 @@ def run_paths(run_dir: str | Path, study_name: str, storage: str | None = None,
               tracking_uri: str | None = None) -> RunPaths:
     root = (Path(run_dir) / study_name).resolve()
     return RunPaths(
+        study_name=study_name,
         root=root,
         storage_url=storage or sqlite_url(root / "optuna.db"),
         tracking_uri=tracking_uri or sqlite_url(root / "mlflow.db"),
