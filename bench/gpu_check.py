@@ -17,7 +17,9 @@ Run it through `bench/gpu_check.sh` (which prints the torch/CUDA/GPU versions fi
    32-64) and the CIFAR-shaped CNN of section 2;
 6. epoch profile: the section-2 epoch under torch.profiler (bench/profile_epoch.py): GPU kernel time against the
    epoch's wall time (the GPU or the host is the limit), FLOPs per image and the arithmetic rate;
-7. study: `hpo run studies/cifar10.toml` end to end on the synthetic CIFAR-sized data, 4 trials x 2 epochs;
+7. cuda graphs: bench/cuda_graph_epoch.py in a child process: the shipped and the pool-first CNN trained eager
+   and with each step replayed as one CUDA graph (and compiled + graphed), seconds per 45k-image epoch;
+8. study: `hpo run studies/cifar10.toml` end to end on the synthetic CIFAR-sized data, 4 trials x 2 epochs;
    its exit code and trial states.
 
 A section that fails prints FAILED with the reason; the others still run and the exit code is 1.
@@ -305,7 +307,37 @@ def profile_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, An
     return r, describe(r) + " (bench/profile_epoch.py)"
 
 
-# --- 7. a study end to end ------------------------------------------------------------------------------------
+# --- 7. a step replayed as one CUDA graph ------------------------------------------------------------------------
+
+
+def graphs_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """bench/cuda_graph_epoch.py in a child process (a failed capture cannot spoil this one's CUDA context)."""
+    with tempfile.TemporaryDirectory(prefix="gpu-check-graphs-") as tmp:
+        out = Path(tmp) / "graphs.json"
+        cmd = [sys.executable, str(REPO / "bench" / "cuda_graph_epoch.py"), "--epochs", "3", "--json", str(out)]
+        done = subprocess.run(cmd + (["--cpu-smoke"] if sizes.device == "cpu" else []), cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env=child_env())
+        rows = json.loads(out.read_text()) if out.exists() else []
+    for text in done.stdout.splitlines():
+        if "FAILED" in text:
+            print(f"  | {text.strip()}")
+    if not rows:
+        raise RuntimeError(f"no figures (exit {done.returncode}): {(done.stdout + done.stderr)[-800:]}")
+    parts = [f"{r['variant']} {r['epoch_s_full']:.3f} s" for r in rows]
+    best = min(rows, key=lambda r: r["epoch_s_full"])
+    target = ""
+    if sizes.device == "cuda":
+        met = "met" if best["epoch_s_full"] <= EPOCH_TARGET_S else "not met"
+        target = f" [issue 11 target <= {EPOCH_TARGET_S} s/epoch: {met}, best {best['variant']}]"
+    failed = done.stdout.count("FAILED")
+    line = (f"s/epoch ({sizes.train}-image epoch at the measured rate, capture included): {'; '.join(parts)}{target}"
+            + (f"; {failed} variant(s) FAILED" if failed else ""))
+    if failed:
+        raise RuntimeError(line)
+    return {"rows": rows}, line
+
+
+# --- 8. a study end to end ------------------------------------------------------------------------------------
 
 
 def study_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -387,6 +419,7 @@ def main() -> int:
         ("processes", "trials as processes", processes_section),
         ("packing", "packing K=1,2,4,8", packing_section),
         ("profile", "epoch profile", profile_section),
+        ("graphs", "cuda graphs", graphs_section),
     ]
     results: dict[str, Any] = {"sizes": asdict(sizes)}
     lines: list[tuple[str, str]] = []

@@ -47,7 +47,7 @@ def test_cpu_smoke_runs_every_section_and_prints_its_figures() -> None:
 
     s = summary_lines(out)
     assert list(s) == ["gpu tests", "epoch", "compile", "trials as processes", "packing K=1,2,4,8", "epoch profile",
-                       "study", "total", "result"]
+                       "cuda graphs", "study", "total", "result"]
     passed, skipped, selected = figure(r"^(\d+) passed, 0 failed, (\d+) skipped \((\d+) selected", s["gpu tests"])
     assert passed + skipped == selected
     epoch_s, images_s = figure(rf"^({NUMBER}) s/epoch \(first {NUMBER} s\), ({NUMBER}) img/s training, peak memory "
@@ -69,6 +69,12 @@ def test_cpu_smoke_runs_every_section_and_prints_its_figures() -> None:
     gflop, tflops, _ = figure(rf"^model ({NUMBER}) GFLOP per training image, ({NUMBER}) TFLOP/s at ({NUMBER}) img/s",
                               s["epoch profile"])
     assert 0.001 < gflop < 0.01 and tflops >= 0  # the smoke CNN: two small convolutions (no kernel time on the CPU)
+    graphs = s["cuda graphs"]
+    assert graphs.startswith("s/epoch (512-image epoch at the measured rate, capture included): shipped, eager ")
+    for variant in ("shipped, eager", "shipped, graphed (eager here: no CUDA)", "pool-first airbench widths, eager",
+                    "pool-first airbench widths, graphed (eager here: no CUDA)"):
+        seconds, = figure(rf"{re.escape(variant)} ({NUMBER}) s", graphs)
+        assert seconds > 0
     assert s["study"].startswith("exit 0, 2 trials finished (2 COMPLETE, 0 PRUNED, 0 FAIL), best val_accuracy ")
     figure(rf"^({NUMBER}) s \(limit 120 s\)", s["total"])
     assert s["result"] == "ok"
