@@ -84,8 +84,8 @@ def run(cfg: TrainConfig, epochs: int, graphed: bool) -> dict[str, Any]:
 
     n, size = len(data.train_y), cfg.batch_size
     static_x, static_y = batch(batch_indices(n, size, generator, data.x_device)[0])
-    if graphed:
-        side = torch.cuda.Stream()
+    side = torch.cuda.Stream() if graphed else None  # warm-up and every capture on one stream (its cuBLAS handle)
+    if side is not None:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
@@ -105,7 +105,7 @@ def run(cfg: TrainConfig, epochs: int, graphed: bool) -> dict[str, Any]:
         if graphed:
             optimizer.zero_grad(set_to_none=True)  # the graph's backward writes the gradients it allocates
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side):
                 step(static_x, static_y)
             _sync(cuda)
             capture_s = time.perf_counter() - start
