@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import objectives.train as train_module  # noqa: E402
-from bench.gpu_check import CPU_SMOKE, GPU, Sizes, timed_fit, train_config  # noqa: E402
+from bench.gpu_check import Sizes, sizes_for, timed_fit, train_config  # noqa: E402
 from objectives.runtime import Runtime, resolve_runtime  # noqa: E402
 from objectives.settings import TrainConfig  # noqa: E402
 from objectives.train import fit  # noqa: E402
@@ -131,12 +131,7 @@ def main() -> int:
                         help="also one more epoch per variant under torch.profiler: the GPU's kernel time in it "
                              "(near the epoch's time: the GPU is the limit; far below it: the host)")
     args = parser.parse_args()
-    sizes = CPU_SMOKE if args.cpu_smoke else GPU
-    if sizes.device == "cuda" and not torch.cuda.is_available():
-        print("cifar_epoch_variants: torch sees no CUDA GPU; use --cpu-smoke", file=sys.stderr)
-        return 2
-    if sizes.process_threads:
-        torch.set_num_threads(sizes.process_threads)
+    sizes = sizes_for(args.cpu_smoke, "cifar_epoch_variants")
     runtime = resolve_runtime(sizes.device)
     print(f"device {runtime.device}, autocast {runtime.autocast_dtype}, {sizes.train}/{sizes.val} images, "
           f"{sizes.epochs} epochs per variant (the first counted apart)", flush=True)

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cifar_epoch_variants import NETS, config  # noqa: E402
-from bench.gpu_check import CPU_SMOKE, GPU, Sizes  # noqa: E402
+from bench.gpu_check import Sizes, sizes_for  # noqa: E402
 from objectives.augment import augment_batch  # noqa: E402
 from objectives.data import batch_indices, load_data  # noqa: E402
 from objectives.model import GeneratorDropout  # noqa: E402
@@ -165,12 +165,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4, help="per variant, the first counted apart (default 4)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args()
-    sizes = CPU_SMOKE if args.cpu_smoke else GPU
-    if sizes.device == "cuda" and not torch.cuda.is_available():
-        print("cuda_graph_epoch: torch sees no CUDA GPU; use --cpu-smoke", file=sys.stderr)
-        return 2
-    if sizes.process_threads:
-        torch.set_num_threads(sizes.process_threads)
+    sizes = sizes_for(args.cpu_smoke, "cuda_graph_epoch")
     print(f"device {sizes.device}, {sizes.train}/{sizes.val} images, batch {sizes.batch_size}, {args.epochs} epochs "
           "per variant (the first apart); the last partial batch is left out, so 's/epoch' is the full epoch's "
           "images at the measured rate", flush=True)

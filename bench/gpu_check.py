@@ -87,6 +87,18 @@ GPU = Sizes("cuda", 45_000, 5_000, 10_000, None, None, 512, 4, 3, (1, 2, 4), Non
 CPU_SMOKE = Sizes("cpu", 512, 128, 128, (8, 16), 1, 128, 2, 1, (1, 2, 4), 1, 2, 1, 120)
 
 
+def sizes_for(cpu_smoke: bool, script: str) -> Sizes:
+    """The sizes a GPU bench runs at (CPU_SMOKE or GPU), with the smoke run's thread count set; exit 2 with a
+    one-line reason when the GPU run finds no CUDA GPU."""
+    sizes = CPU_SMOKE if cpu_smoke else GPU
+    if sizes.device == "cuda" and not torch.cuda.is_available():
+        print(f"{script}: torch sees no CUDA GPU; on a machine without one use --cpu-smoke", file=sys.stderr)
+        raise SystemExit(2)
+    if sizes.process_threads:
+        torch.set_num_threads(sizes.process_threads)  # the smoke run: steadier on a small shared machine
+    return sizes
+
+
 def train_config(sizes: Sizes, compile_: bool = False) -> TrainConfig:
     """studies/cifar10.toml's objective on synthetic CIFAR-shaped data (the GPU machine cannot download)."""
     objective = load_settings(CIFAR_STUDY).objective.model_dump()
@@ -404,13 +416,7 @@ def main() -> int:
     if args.run_gpu_tests is not None:
         return run_gpu_tests_here(args.run_gpu_tests)
 
-    sizes = CPU_SMOKE if args.cpu_smoke else GPU
-    if sizes.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: torch sees no CUDA GPU; on a machine without one run `bash bench/gpu_check.sh --cpu-smoke`",
-              file=sys.stderr)
-        return 2
-    if sizes.process_threads:
-        torch.set_num_threads(sizes.process_threads)  # the smoke run: steadier on a small shared machine
+    sizes = sizes_for(args.cpu_smoke, "gpu_check")
     started = time.perf_counter()
     sections: list[tuple[str, str, Section]] = [
         ("gpu_tests", "gpu tests", gpu_tests),
