@@ -120,15 +120,20 @@ def build_network(spec: Mapping[str, Any], *, pretrained: bool = True) -> nn.Mod
 
 
 def check_network(spec: Mapping[str, Any], example: Tensor) -> nn.Module:
-    """`build_network(spec)` after one forward pass in evaluation mode and one in training mode (no grad) on
-    `example`, N >= 2 images on the device the module is moved to: proves it maps images to (N, num_classes)
-    logits in both, since some models (torchvision's googlenet and inception_v3 with their auxiliary
-    classifiers) return other things while training. Returned in training mode; the training-mode pass has
-    moved its BatchNorm statistics, so train a fresh `build_network(spec)`, not this module."""
+    """`build_network(spec)` after one forward pass (no grad) on `example`, N >= 2 images on the device the
+    module is moved to: proves it maps images to (N, num_classes) logits; returned in training mode.
+
+    The pass is in evaluation mode, and for torchvision models in training mode too: googlenet and
+    inception_v3 return their auxiliary classifiers' logits beside the main ones while training. A user's
+    model is not run in training mode here, where its code would take the check for training (the training
+    loop says so if it returns something else than logits there); after a training-mode pass BatchNorm
+    statistics have moved, so train a fresh `build_network(spec)`, not this module."""
     model = build_network(spec).to(example.device)
-    for training in (False, True):
+    modes = (False, True) if str(spec.get("model", "")).startswith("torchvision:") else (False,)
+    for training in modes:
         model.train(training)
         _check_output(model, spec, example, training)
+    model.train()
     return model
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from objectives.augment import augment_batch, default_crop_padding
 from objectives.data import DataSplits, batch_indices, load_data
+from objectives.errors import ModelError
 from objectives.model import use_generator
 from objectives.networks import build_network, network_spec
 from objectives.runtime import Runtime, resolve_runtime, seed_everything
@@ -232,6 +233,12 @@ def _train_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
             logits = forward(x)
+        if not isinstance(logits, Tensor):
+            raise ModelError(
+                f"model {cfg.model!r} returns a value of type {type(logits).__name__} in training mode; the training "
+                "loop needs the logits tensor only (evaluation mode gave one). Make forward() return only the logits "
+                "while training too."
+            )
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -16,6 +16,7 @@ from objectives.errors import ModelError
 from objectives.model import CNN, SPEC_KEYS
 from objectives.networks import build_network, check_network, network_spec
 from objectives.settings import TrainConfig
+from objectives.train import fit
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -317,8 +318,6 @@ def test_factory_from_an_importable_module(user_package: str) -> None:
         ("no_dropout", r"cannot be called as build\(num_classes, in_channels, dropout, \*\*model_args\)"),
         ("wrong_classes", r"maps a \(2, 3, 32, 32\) batch to \(2, 7\); expected \(2, 10\) logits"),
         ("tuple_output", r"returns a value of type tuple for a \(2, 3, 32, 32\) batch"),
-        ("tuple_while_training", r"returns a value of type tuple in training mode for a \(2, 3, 32, 32\) batch; "
-                                 r"expected a tensor .* Make forward\(\) return the logits tensor only"),
         ("breaks_in_forward", r"fails on a \(2, 3, 32, 32\) batch of images: RuntimeError: .*set image_size"),
     ],
 )
@@ -337,6 +336,18 @@ def test_googlenet_needs_aux_logits_off_to_train_and_the_check_says_so() -> None
     assert "model 'torchvision:googlenet'" in str(err.value)
     model = check_network(_spec("torchvision:googlenet", init_weights=False, aux_logits=False), _images())
     assert model.training and model(_images()).shape == (2, 10)
+
+
+def test_a_users_model_is_checked_in_evaluation_mode_only_and_training_says_what_it_returned(
+        models_py: Path) -> None:
+    # The check must not look like training to the user's code; the training loop names what came back instead.
+    reference = f"{models_py}:tuple_while_training"
+    check_network(_spec(reference), _images())
+    cfg = TrainConfig(model=reference, dataset="synthetic", synthetic_train=64, synthetic_val=16, synthetic_test=16,
+                      batch_size=32, device="cpu")
+    with pytest.raises(ModelError, match=rf"model {re.escape(repr(reference))} returns a value of type tuple in "
+                                         r"training mode; the training loop needs the logits tensor only"):
+        fit(cfg, 1)
 
 
 def test_unknown_model_arg_for_a_factory_shows_the_signature(models_py: Path) -> None:
