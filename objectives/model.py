@@ -40,8 +40,15 @@ def dropout_with(x: Tensor, p: float, generator: torch.Generator | None) -> Tens
         return x
     if generator is None:
         return F.dropout(x, p, training=True)
-    keep = torch.empty(x.shape, device=generator.device).bernoulli_(1.0 - p, generator=generator).to(x.device)
-    return x * keep.to(x.dtype) / (1.0 - p)
+    return x * dropout_keep(x.shape, p, generator, x.device).to(x.dtype) / (1.0 - p)
+
+
+def dropout_keep(shape: torch.Size, p: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    """The 0/1 float mask `dropout_with` draws from `generator` for a tensor of `shape` (all ones for p = 0,
+    drawing nothing), on `device`: a pack draws each member's mask with it, then applies them all at once."""
+    if p == 0.0:
+        return torch.ones(shape, device=device)
+    return torch.empty(shape, device=generator.device).bernoulli_(1.0 - p, generator=generator).to(device)
 
 
 class GeneratorDropout(nn.Dropout):

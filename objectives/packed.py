@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from objectives.augment import augment_batch
 from objectives.data import DataSplits, batch_indices, load_data
-from objectives.model import CNN, dropout_with
+from objectives.model import CNN, dropout_keep, dropout_with
 from objectives.runtime import Runtime, resolve_runtime
 from objectives.settings import TrainConfig
 from objectives.train import (
@@ -112,10 +112,21 @@ class PackedCNN:
         h = self.template.pool(h).flatten(1)
         h = h.view(h.shape[0], k, -1).transpose(0, 1)  # [K, B, C]
         if training and any(p > 0 for p, _ in dropout):
-            h = torch.stack([dropout_with(h[j], p, g) for j, (p, g) in enumerate(dropout)])
+            h = _dropout(h, dropout)
         weight = torch.stack([m.classifier.weight for m in members])  # [K, classes, C]
         bias = torch.stack([m.classifier.bias for m in members])  # [K, classes]
         return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+
+
+def _dropout(h: Tensor, dropout: list[tuple[float, torch.Generator | None]]) -> Tensor:
+    """`dropout_with` on each member's [B, C] slice of `h` ([K, B, C]), with the same masks and the same
+    arithmetic (mask, then divide by 1 - p in the float32 the scalar division computes in), as one multiply and
+    one divide. A member without its own generator (none in a PackedFit) falls back to one call per member."""
+    if any(g is None and p > 0 for p, g in dropout):
+        return torch.stack([dropout_with(h[j], p, g) for j, (p, g) in enumerate(dropout)])
+    keep = torch.stack([dropout_keep(h.shape[1:], p, g, h.device) for p, g in dropout])  # type: ignore[arg-type]
+    scale = torch.tensor([1.0 - p for p, _ in dropout], device=h.device).view(-1, 1, 1)
+    return ((h * keep.to(h.dtype)) / scale).to(h.dtype)
 
 
 @dataclass
@@ -234,24 +245,31 @@ class PackedFit:
         batch_size = int(self.shared["batch_size"])
         epochs = [batch_indices(n, batch_size, m.state.generator, data.x_device) for m in members]
         dropout = [(m.cfg.dropout, m.state.generator) for m in members]
-        totals = torch.zeros(len(members), device=runtime.device)
+        smoothing = {m.cfg.label_smoothing for m in members}
+        k = len(members)
+        totals = torch.zeros(k, device=runtime.device)
         for batches in zip(*epochs, strict=True):
-            xs, ys = [], []
-            for m, idx in zip(members, batches, strict=True):
-                x = data.take(data.train_x, idx)
+            b = len(batches[0])
+            idx = torch.cat(batches)  # one gather for all members: member j's batch in rows j*b..(j+1)*b
+            xs = list(data.take(data.train_x, idx).split(b))
+            y = data.train_y[idx.to(runtime.device)].view(k, b)
+            for j, m in enumerate(members):
                 if m.padding or m.flip:
-                    x = augment_batch(x, m.padding, m.flip, m.state.generator)
-                xs.append(x)
-                ys.append(data.train_y[idx.to(runtime.device)])
+                    xs[j] = augment_batch(xs[j], m.padding, m.flip, m.state.generator)
             x = torch.cat(xs, dim=1)
             if runtime.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with runtime.autocast():
                 logits = self.packed.forward(x, True, dropout)
-            losses = torch.stack([
-                F.cross_entropy(logits[j].float(), y, label_smoothing=m.cfg.label_smoothing)
-                for j, (m, y) in enumerate(zip(members, ys, strict=True))
-            ])
+            if len(smoothing) == 1:  # one cross-entropy over all members' rows, each member's mean apart
+                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none",
+                                     label_smoothing=next(iter(smoothing)))
+                losses = ce.view(k, b).mean(dim=1)
+            else:
+                losses = torch.stack([
+                    F.cross_entropy(logits[j].float(), y[j], label_smoothing=m.cfg.label_smoothing)
+                    for j, m in enumerate(members)
+                ])
             for m in members:
                 m.state.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from objectives.data import load_data
-from objectives.model import build_model
-from objectives.packed import PackedCNN, PackedFit, fit_packed, shared
+from objectives.model import build_model, dropout_with
+from objectives.packed import PackedCNN, PackedFit, _dropout, fit_packed, shared
 from objectives.runtime import resolve_runtime
 from objectives.settings import TrainConfig
 from objectives.train import TrainingState, fit, spec_for
@@ -175,3 +175,17 @@ def test_a_member_resumed_after_its_last_epoch_trains_no_more() -> None:
     done = pack.add(cfg, resume=saved["state"])
     assert len(pack) == 1 and pack.run_epoch() == [done] and len(pack) == 0
     assert len(done.state.history) == 2  # as fit(..., resume=...) would: no third epoch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_dropout_draws_each_members_own_masks_and_equals_dropout_with_bit_for_bit(dtype: torch.dtype) -> None:
+    h = torch.randn(3, 16, 8).to(dtype)
+    rates = [0.3, 0.0, 0.5]
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    twins = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    together = _dropout(h, list(zip(rates, generators, strict=True)))
+    alone = torch.stack([dropout_with(h[j], p, g) for j, (p, g) in enumerate(zip(rates, twins, strict=True))])
+    assert together.dtype == dtype and torch.equal(together, alone)
+    assert torch.equal(together[1], h[1])  # p = 0: untouched, and its generator drew nothing
+    for a, b in zip(generators, twins, strict=True):  # each generator advanced exactly as alone
+        assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
