@@ -2,6 +2,7 @@
 (compiling) and the steady epochs after it. Why `objectives/train.py` compiles with ``dynamic=False``.
 
     python bench/compile_modes.py              # eager, default (dynamic=None), static (dynamic=False); CPU
+    python bench/compile_modes.py --modes eager static --train 128 --widths 4 8 --epochs 3   # smoke run
     python bench/compile_modes.py --device cuda --train 45000 --widths 64 128 256 --blocks 2 --batch-size 512
 """
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+MODES = ("eager", "default", "static")
 
 
 def one(mode: str, args: argparse.Namespace) -> str:
@@ -48,10 +50,15 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=6, help="at least 3: epochs 3.. are the steady ones")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="eager; default: torch.compile's dynamic=None; static: dynamic=False (train.py's)")
     args = parser.parse_args()
-    for mode in ("eager", "default", "static"):
-        print(f"{mode:>8}: {one(mode, args)}", flush=True)
-    return 0
+    failed = False
+    for mode in args.modes:
+        line = one(mode, args)
+        failed |= line.startswith("FAILED")
+        print(f"{mode:>8}: {line}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
