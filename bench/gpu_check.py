@@ -335,7 +335,8 @@ def graphs_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, Any
             print(f"  | {text.strip()}")
     if not rows:
         raise RuntimeError(f"no figures (exit {done.returncode}): {(done.stdout + done.stderr)[-800:]}")
-    parts = [f"{r['variant']} {r['epoch_s_full']:.3f} s" for r in rows]
+    parts = [f"{r['variant']} {r['epoch_s_full']:.3f} s" + (f" ({r['epoch_s_full_no_capture']:.3f} s without the "
+                                                            "capture)" if r["graphed"] else "") for r in rows]
     best = min(rows, key=lambda r: r["epoch_s_full"])
     target = ""
     if sizes.device == "cuda":
