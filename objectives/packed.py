@@ -275,7 +275,7 @@ class PackedFit:
             losses.sum().backward()
             for m in members:
                 optimizer_step(m.cfg, m.state.model, m.state.optimizer)
-            totals += losses.detach() * len(batches[0])
+            totals += losses.detach() * b
         return (totals / n).tolist()
 
     @torch.no_grad()
