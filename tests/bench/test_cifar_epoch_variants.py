@@ -4,26 +4,20 @@ GPU comparison still runs when a GPU is lent. Asserts on the rows written, not o
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-import objectives.train as train_module  # noqa: E402
-from bench.cifar_epoch_variants import compile_mode, nchw  # noqa: E402
+import objectives.train as train_module
+from bench.cifar_epoch_variants import compile_mode, nchw
+from tests.benches import run_bench
 
 
 @pytest.mark.slow
 def test_cpu_smoke_writes_one_row_per_variant(tmp_path: Path) -> None:
     out = tmp_path / "variants.json"
-    done = subprocess.run([sys.executable, "bench/cifar_epoch_variants.py", "--cpu-smoke", "--kernel-time",
-                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stdout = run_bench("cifar_epoch_variants.py", "--cpu-smoke", "--kernel-time", "--json", str(out))
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == [
         "shipped", "NCHW (channels_last off)", "batch 256", "augmentation off", "1 block per stage",
@@ -32,16 +26,14 @@ def test_cpu_smoke_writes_one_row_per_variant(tmp_path: Path) -> None:
         assert row["epoch_s"] > 0 and row["images_per_s"] > 0 and row["first_epoch_s"] > 0
         assert row["kernel_s"] is None and row["peak_memory_gib"] is None  # CPU: no kernel time, no CUDA memory
         assert 0.0 <= row["val_accuracy"] <= 1.0
-    assert "FAILED" not in done.stdout
-    assert "vs shipped" in done.stdout  # the table printed last
+    assert "FAILED" not in stdout
+    assert "vs shipped" in stdout  # the table printed last
 
 
 @pytest.mark.slow
 def test_only_keeps_the_shipped_row_and_the_named_ones(tmp_path: Path) -> None:
     out = tmp_path / "variants.json"
-    done = subprocess.run([sys.executable, "bench/cifar_epoch_variants.py", "--cpu-smoke", "--only", "NCHW",
-                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_bench("cifar_epoch_variants.py", "--cpu-smoke", "--only", "NCHW", "--json", str(out))
     assert [r["variant"] for r in json.loads(out.read_text())] == ["shipped", "NCHW (channels_last off)"]
 
 

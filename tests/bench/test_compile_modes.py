@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benches import run_bench
 
 
 @pytest.mark.slow
 def test_eager_and_static_modes_each_print_their_first_and_steady_epochs() -> None:
-    done = subprocess.run([sys.executable, "bench/compile_modes.py", "--modes", "eager", "static", "--train", "128",
-                           "--widths", "4", "8", "--batch-size", "64", "--epochs", "3", "--threads", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    stdout = run_bench("compile_modes.py", "--modes", "eager", "static", "--train", "128", "--widths", "4", "8",
+                       "--batch-size", "64", "--epochs", "3", "--threads", "1", timeout=600)
+    lines = stdout.splitlines()
     assert [line.split(":")[0].strip() for line in lines] == ["eager", "static"]
     for line in lines:
         found = re.search(r": ([\d.]+) s first epoch, steady ([\d.]+)-([\d.]+) s per epoch$", line)

@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benches import run_bench
 
 
 @pytest.mark.slow
 def test_cpu_smoke_trains_every_variant_and_the_eager_fallback_is_the_same_loop(tmp_path: Path) -> None:
     out = tmp_path / "graphs.json"
-    done = subprocess.run([sys.executable, "bench/cuda_graph_epoch.py", "--cpu-smoke", "--epochs", "2",
-                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_bench("cuda_graph_epoch.py", "--cpu-smoke", "--epochs", "2", "--json", str(out))
     rows = {r["variant"]: r for r in json.loads(out.read_text())}
     fallback = " (eager here: no CUDA)"
     assert list(rows) == ["shipped, eager", f"shipped, graphed{fallback}", "pool-first airbench widths, eager",

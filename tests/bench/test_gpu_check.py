@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.benches import run_bench
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,10 +83,7 @@ def test_cpu_smoke_runs_every_section_and_prints_its_figures() -> None:
 
 
 def test_profile_epoch_cpu_smoke_counts_the_models_arithmetic_and_lists_its_operators() -> None:
-    done = subprocess.run([sys.executable, "bench/profile_epoch.py", "--cpu-smoke", "--rows", "5"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    out = done.stdout
-    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    out = run_bench("profile_epoch.py", "--cpu-smoke", "--rows", "5", timeout=600)
     images, rate = figure(rf"one epoch under the profiler: {NUMBER} s wall \({NUMBER} s as fit counts it\), "
                           rf"(\d+) training images, ({NUMBER}) img/s", out)
     assert images == 512 and rate > 0

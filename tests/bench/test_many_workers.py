@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benches import run_bench
 
 
 @pytest.mark.slow
@@ -20,12 +18,10 @@ def test_many_workers_bench_smoke_run_keeps_the_budget_exact(tmp_path: Path) -> 
         pytest.skip("no PostgreSQL server: set HPO_TEST_POSTGRES_URL (`.ci/run` sets it when 127.0.0.1:5432 answers)")
     pytest.importorskip("grpc", reason="grpcio is not installed (pip install 'hpo-service[grpc]')")
     out = tmp_path / "many.json"
-    run = subprocess.run([sys.executable, "bench/many_workers.py", "--workers", "4", "--trials", "12", "--json",
-                          str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    stdout = run_bench("many_workers.py", "--workers", "4", "--trials", "12", "--json", str(out), timeout=600)
     results = json.loads(out.read_text())["results"]
     assert [(r["mode"], r["workers"]) for r in results] == [("direct", 4), ("proxy", 4)]
     for r in results:
         assert r["finished"] == 12 and r["running"] == 0 and r["exact"] and not r["worker_errors"], r
         assert r["ran_by_workers"] == 12  # every finished trial was started by one of the workers, none extra
-    assert "| direct | 4 |" in run.stdout and "| proxy | 4 |" in run.stdout
+    assert "| direct | 4 |" in stdout and "| proxy | 4 |" in stdout

@@ -4,22 +4,15 @@ unnoticed (the data sets came to store raw images, which its hand-written loop f
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benches import run_bench
 
 
 def test_trial_throughput_measures_both_loops_on_every_configuration(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "trial_throughput.py"), "--repeats", "1", "--epochs", "1",
-         "--batch-sizes", "128", "--synthetic-train", "128", "--widths", "8", "16", "--device", "cpu", "--threads", "1",
-         "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_bench("trial_throughput.py", "--repeats", "1", "--epochs", "1", "--batch-sizes", "128", "--synthetic-train",
+              "128", "--widths", "8", "16", "--device", "cpu", "--threads", "1", "--json", str(out), timeout=600)
     loops = json.loads(out.read_text())["loops"]
     assert {loop["label"].split()[0] for loop in loops} >= {"digits", "synthetic"}
     for loop in loops:
