@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import objectives.train as train_module  # noqa: E402
 from bench.gpu_check import Sizes, sizes_for, timed_fit, train_config  # noqa: E402
+from bench.profile_epoch import kernel_time  # noqa: E402
 from objectives.runtime import Runtime, resolve_runtime  # noqa: E402
 from objectives.settings import TrainConfig  # noqa: E402
 from objectives.train import fit  # noqa: E402
@@ -74,21 +75,31 @@ def nchw() -> Iterator[None]:
         train_module.resolve_runtime = original
 
 
-def variants(sizes: Sizes) -> list[tuple[str, dict[str, Any], Callable[[], contextlib.AbstractContextManager[Any]]]]:
-    """(name, TrainConfig update, context) for each variant; widths scale down with the smoke run's."""
+def widths(sizes: Sizes) -> tuple[list[int], list[int]]:
+    """(the shipped widths, airbench's: the first, then the last twice), scaled down with the smoke run's."""
     shipped = list(sizes.widths or (64, 128, 256))
-    airbench = [shipped[0], shipped[-1], shipped[-1]]
+    return shipped, [shipped[0], shipped[-1], shipped[-1]]
+
+
+def pool_first(stage_widths: list[int]) -> dict[str, Any]:
+    """The TrainConfig update that trains bench/cifar_nets.py's pool-first network at `stage_widths`, 2 convs each."""
+    return {"model": NETS, "model_args": {"widths": stage_widths, "blocks": 2}}
+
+
+def variants(sizes: Sizes) -> list[tuple[str, dict[str, Any], Callable[[], contextlib.AbstractContextManager[Any]]]]:
+    """(name, TrainConfig update, context) for each variant."""
+    shipped, airbench = widths(sizes)
+    named = {"shipped": "-".join(map(str, shipped)), "airbench": "-".join(map(str, airbench))}
     plain = contextlib.nullcontext
-    pool_first = {"model": NETS, "model_args": {"widths": airbench, "blocks": 2}}
     graphs = functools.partial(compile_mode, "reduce-overhead")  # CUDA graphs: one launch replays a step
     compiled = [] if sizes.device == "cpu" else [  # compiling takes 20-30 s a network: GPU runs only
         ("shipped, compiled", {"compile": True}, plain),
-        (f"pool-first {'-'.join(map(str, airbench))} x2, compiled", {**pool_first, "compile": True}, plain),
+        (f"pool-first {named['airbench']} x2, compiled", {**pool_first(airbench), "compile": True}, plain),
         ("shipped, compiled with CUDA graphs", {"compile": True}, graphs),
         (f"batch {2 * sizes.batch_size}, compiled with CUDA graphs",
          {"compile": True, "batch_size": 2 * sizes.batch_size}, graphs),
-        (f"pool-first {'-'.join(map(str, airbench))} x2, compiled with CUDA graphs",
-         {**pool_first, "compile": True}, graphs),
+        (f"pool-first {named['airbench']} x2, compiled with CUDA graphs",
+         {**pool_first(airbench), "compile": True}, graphs),
     ]
     return [
         ("shipped", {}, plain),
@@ -96,18 +107,17 @@ def variants(sizes: Sizes) -> list[tuple[str, dict[str, Any], Callable[[], conte
         (f"batch {2 * sizes.batch_size}", {"batch_size": 2 * sizes.batch_size}, plain),
         ("augmentation off", {"augment": False}, plain),
         ("1 block per stage", {"blocks_per_stage": 1}, plain),
-        (f"pool-first {'-'.join(map(str, shipped))} x2",
-         {"model": NETS, "model_args": {"widths": shipped, "blocks": 2}}, plain),
-        (f"pool-first {'-'.join(map(str, airbench))} x2 (airbench widths)", pool_first, plain),
+        (f"pool-first {named['shipped']} x2", pool_first(shipped), plain),
+        (f"pool-first {named['airbench']} x2 (airbench widths)", pool_first(airbench), plain),
         *compiled,
     ]
 
 
 def config(sizes: Sizes, update: dict[str, Any]) -> TrainConfig:
-    base = train_config(sizes).model_dump()
+    """gpu_check's config (its lr rule for a changed batch size too) with `update` applied."""
     if "batch_size" in update:
-        update = {**update, "lr": 0.1 * update["batch_size"] / 256}
-    return TrainConfig.model_validate({**base, **update})
+        sizes = dataclasses.replace(sizes, batch_size=update["batch_size"])
+    return TrainConfig.model_validate({**train_config(sizes).model_dump(), **update})
 
 
 def kernel_seconds(cfg: TrainConfig) -> float | None:
@@ -118,7 +128,7 @@ def kernel_seconds(cfg: TrainConfig) -> float | None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fit(cfg, 1)
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / 1e6
+    return kernel_time(prof.key_averages())
 
 
 def main() -> int:

@@ -40,7 +40,7 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.cifar_epoch_variants import NETS, config  # noqa: E402
+from bench.cifar_epoch_variants import config, pool_first, widths  # noqa: E402
 from bench.gpu_check import Sizes, sizes_for  # noqa: E402
 from objectives.augment import augment_batch  # noqa: E402
 from objectives.data import batch_indices, load_data  # noqa: E402
@@ -152,15 +152,13 @@ def summary(name: str, result: dict[str, Any], full_epoch_images: int) -> dict[s
 
 
 def variants(sizes: Sizes) -> list[tuple[str, dict[str, Any], bool]]:
-    shipped = list(sizes.widths or (64, 128, 256))
-    airbench = [shipped[0], shipped[-1], shipped[-1]]
-    pool_first = {"model": NETS, "model_args": {"widths": airbench, "blocks": 2}}
+    airbench = pool_first(widths(sizes)[1])
     rows = [("shipped, eager", {}, False), ("shipped, graphed", {}, True),
-            ("pool-first airbench widths, eager", pool_first, False),
-            ("pool-first airbench widths, graphed", pool_first, True)]
+            ("pool-first airbench widths, eager", airbench, False),
+            ("pool-first airbench widths, graphed", airbench, True)]
     if sizes.device == "cuda":  # compiling takes 20-30 s a network: GPU runs only
         rows += [("shipped, compiled + graphed", {"compile": True}, True),
-                 ("pool-first airbench widths, compiled + graphed", {**pool_first, "compile": True}, True)]
+                 ("pool-first airbench widths, compiled + graphed", {**airbench, "compile": True}, True)]
     return rows
 
 

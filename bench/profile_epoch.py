@@ -39,6 +39,11 @@ def flop_per_image(cfg: TrainConfig) -> float:
     return flops.get_total_flops() / len(x)
 
 
+def kernel_time(averages: Any) -> float:
+    """Seconds the GPU spent in kernels, from a profile's `key_averages()`."""
+    return sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e6
+
+
 def measure(cfg: TrainConfig, rows: int = 15) -> dict[str, Any]:
     """One warm-up epoch, then one epoch under torch.profiler: wall time, kernel time, rates, the top operators."""
     cuda = resolve_runtime(cfg.device).device.type == "cuda"
@@ -54,7 +59,7 @@ def measure(cfg: TrainConfig, rows: int = 15) -> dict[str, Any]:
     wall = time.perf_counter() - start
     m = result.history[-1]
     averages = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e6 if cuda else None
+    busy = kernel_time(averages) if cuda else None
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     return {"wall_s": wall, "fit_epoch_s": m["epoch_seconds"], "images": len(result.data.train_y),
             "images_per_s": m["images_per_second"], "gflop_per_image": per_image / 1e9,
