@@ -11,8 +11,11 @@ Variants: the shipped settings (bf16 autocast and channels_last on CUDA, eager);
 batch 1024; augmentation off (what the on-device crop and flip cost); one conv block per stage; and the
 pool-first network of bench/cifar_nets.py at the shipped widths and at airbench's (64-256-256); on a GPU also
 the shipped network and the airbench-width one with `compile = true` (the first epoch holds the compiling), and
-compiled with `mode="reduce-overhead"` (CUDA graphs: a step's kernels replayed from one launch, which removes
-the host's per-kernel cost). `--kernel-time` adds each variant's GPU kernel time per epoch, which says whether
+compiled with `mode="reduce-overhead"` (torch.compile's CUDA graphs of the forward and backward); and
+`cuda_graphs = true` (the training loop's own capture of the whole step, optimiser included, as one CUDA graph:
+objectives/step_graph.py), eager and compiled, for the shipped and the pool-first networks (`--only cuda_graphs`
+runs just those, after the shipped baseline; on the CPU they train eagerly, as the setting does there).
+`--kernel-time` adds each variant's GPU kernel time per epoch, which says whether
 the GPU or the host sets its pace.
 """
 
@@ -92,24 +95,39 @@ def variants(sizes: Sizes) -> list[tuple[str, dict[str, Any], Callable[[], conte
     named = {"shipped": "-".join(map(str, shipped)), "airbench": "-".join(map(str, airbench))}
     plain = contextlib.nullcontext
     graphs = functools.partial(compile_mode, "reduce-overhead")  # CUDA graphs: one launch replays a step
+    big = 2 * sizes.batch_size
     compiled = [] if sizes.device == "cpu" else [  # compiling takes 20-30 s a network: GPU runs only
         ("shipped, compiled", {"compile": True}, plain),
         (f"pool-first {named['airbench']} x2, compiled", {**pool_first(airbench), "compile": True}, plain),
         ("shipped, compiled with CUDA graphs", {"compile": True}, graphs),
-        (f"batch {2 * sizes.batch_size}, compiled with CUDA graphs",
-         {"compile": True, "batch_size": 2 * sizes.batch_size}, graphs),
+        (f"batch {big}, compiled with CUDA graphs", {"compile": True, "batch_size": big}, graphs),
         (f"pool-first {named['airbench']} x2, compiled with CUDA graphs",
          {**pool_first(airbench), "compile": True}, graphs),
     ]
+    # `cuda_graphs = true`: the training loop replays each step as one CUDA graph (objectives/step_graph.py)
+    step_graphs = [
+        ("shipped, cuda_graphs", {"cuda_graphs": True}, plain),
+        (f"batch {big}, cuda_graphs", {"cuda_graphs": True, "batch_size": big}, plain),
+        (f"pool-first {named['shipped']} x2, cuda_graphs", {**pool_first(shipped), "cuda_graphs": True}, plain),
+    ]
+    if sizes.device != "cpu":
+        step_graphs += [
+            ("shipped, compiled, cuda_graphs", {"compile": True, "cuda_graphs": True}, plain),
+            (f"pool-first {named['shipped']} x2, compiled, cuda_graphs",
+             {**pool_first(shipped), "compile": True, "cuda_graphs": True}, plain),
+            (f"pool-first {named['shipped']} x2, batch {big}, compiled, cuda_graphs",
+             {**pool_first(shipped), "compile": True, "cuda_graphs": True, "batch_size": big}, plain),
+        ]
     return [
         ("shipped", {}, plain),
         ("NCHW (channels_last off)", {}, nchw),
-        (f"batch {2 * sizes.batch_size}", {"batch_size": 2 * sizes.batch_size}, plain),
+        (f"batch {big}", {"batch_size": big}, plain),
         ("augmentation off", {"augment": False}, plain),
         ("1 block per stage", {"blocks_per_stage": 1}, plain),
         (f"pool-first {named['shipped']} x2", pool_first(shipped), plain),
         (f"pool-first {named['airbench']} x2 (airbench widths)", pool_first(airbench), plain),
         *compiled,
+        *step_graphs,
     ]
 
 

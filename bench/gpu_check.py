@@ -17,8 +17,9 @@ Run it through `bench/gpu_check.sh` (which prints the torch/CUDA/GPU versions fi
    32-64) and the CIFAR-shaped CNN of section 2;
 6. epoch profile: the section-2 epoch under torch.profiler (bench/profile_epoch.py): GPU kernel time against the
    epoch's wall time (the GPU or the host is the limit), FLOPs per image and the arithmetic rate;
-7. cuda graphs: bench/cuda_graph_epoch.py in a child process: the shipped and the pool-first CNN trained eager
-   and with each step replayed as one CUDA graph (and compiled + graphed), seconds per 45k-image epoch;
+7. cuda graphs: `cuda_graphs = true` (each training step replayed as one CUDA graph, objectives/step_graph.py)
+   on the shipped and the pool-first CNN, eager and compiled (bench/cifar_epoch_variants.py --only cuda_graphs,
+   in a child process), seconds per 45k-image epoch against the shipped CNN without it;
 8. study: `hpo run studies/cifar10.toml` end to end on the synthetic CIFAR-sized data, 4 trials x 2 epochs;
    its exit code and trial states.
 
@@ -319,32 +320,32 @@ def profile_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, An
     return r, describe(r) + " (bench/profile_epoch.py)"
 
 
-# --- 7. a step replayed as one CUDA graph ------------------------------------------------------------------------
+# --- 7. each step replayed as one CUDA graph (`cuda_graphs = true`) -------------------------------------------
 
 
 def graphs_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """bench/cuda_graph_epoch.py in a child process (a failed capture cannot spoil this one's CUDA context)."""
+    """bench/cifar_epoch_variants.py --only cuda_graphs in a child process (a failed capture cannot spoil this
+    one's CUDA context): the shipped CNN eager, then `cuda_graphs = true` on it and on the pool-first network."""
     with tempfile.TemporaryDirectory(prefix="gpu-check-graphs-") as tmp:
         out = Path(tmp) / "graphs.json"
-        cmd = [sys.executable, str(REPO / "bench" / "cuda_graph_epoch.py"), "--epochs", "3", "--json", str(out)]
+        cmd = [sys.executable, str(REPO / "bench" / "cifar_epoch_variants.py"), "--only", "cuda_graphs", "--json",
+               str(out)]
         done = subprocess.run(cmd + (["--cpu-smoke"] if sizes.device == "cpu" else []), cwd=REPO, capture_output=True,
-                              text=True, timeout=300, env=child_env())
+                              text=True, timeout=360, env=child_env())
         rows = json.loads(out.read_text()) if out.exists() else []
     for text in done.stdout.splitlines():
         if "FAILED" in text:
             print(f"  | {text.strip()}")
     if not rows:
         raise RuntimeError(f"no figures (exit {done.returncode}): {(done.stdout + done.stderr)[-800:]}")
-    parts = [f"{r['variant']} {r['epoch_s_full']:.3f} s" + (f" ({r['epoch_s_full_no_capture']:.3f} s without the "
-                                                            "capture)" if r["graphed"] else "") for r in rows]
-    best = min(rows, key=lambda r: r["epoch_s_full"])
+    parts = [f"{r['variant']} {r['epoch_s']:.3f} s (first {r['first_epoch_s']:.1f} s)" for r in rows]
+    best = min(rows, key=lambda r: r["epoch_s"])
     target = ""
     if sizes.device == "cuda":
-        met = "met" if best["epoch_s_full"] <= EPOCH_TARGET_S else "not met"
+        met = "met" if best["epoch_s"] <= EPOCH_TARGET_S else "not met"
         target = f" [issue 11 target <= {EPOCH_TARGET_S} s/epoch: {met}, best {best['variant']}]"
     failed = done.stdout.count("FAILED")
-    line = (f"s/epoch ({sizes.train}-image epoch at the measured rate, capture included): {'; '.join(parts)}{target}"
-            + (f"; {failed} variant(s) FAILED" if failed else ""))
+    line = f"s/epoch: {'; '.join(parts)}{target}" + (f"; {failed} variant(s) FAILED" if failed else "")
     if failed:
         raise RuntimeError(line)
     return {"rows": rows}, line

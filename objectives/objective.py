@@ -89,7 +89,7 @@ class CNNObjective:
 
     def pack_key(self, params: dict[str, Any]) -> dict[str, Any] | None:
         """The sampled params that trials of one pack must share (batch size, architecture, ...); None for a
-        model that cannot be packed (torchvision, the user's own, compile = true)."""
+        model that cannot be packed (torchvision, the user's own, compile = true, cuda_graphs = true)."""
         if not packable(self.config_for(params)):
             return None
         return {name: value for name, value in params.items() if name in SHARED_FIELDS}

@@ -55,8 +55,9 @@ SHARED_FIELDS = (
 
 
 def packable(cfg: TrainConfig) -> bool:
-    """The built-in CNN, uncompiled (a compiled pack would recompile whenever the pack changes size)."""
-    return cfg.model == "cnn" and not cfg.compile
+    """The built-in CNN, uncompiled (a compiled pack would recompile whenever the pack changes size) and not
+    replayed as CUDA graphs (a pack's step changes whenever a member leaves)."""
+    return cfg.model == "cnn" and not cfg.compile and not cfg.cuda_graphs
 
 
 def shared(cfg: TrainConfig) -> dict[str, Any]:
@@ -160,8 +161,8 @@ class PackedFit:
 
     def __init__(self, cfg: TrainConfig, max_epochs: int) -> None:
         if not packable(cfg):
-            raise ValueError(f"model {cfg.model!r} (compile = {cfg.compile}) cannot be packed; only the built-in "
-                             "uncompiled cnn can")
+            raise ValueError(f"model {cfg.model!r} (compile = {cfg.compile}, cuda_graphs = {cfg.cuda_graphs}) "
+                             "cannot be packed; only the built-in cnn, uncompiled and without CUDA graphs, can")
         self.runtime: Runtime = resolve_runtime(cfg.device)
         self.data: DataSplits = load_data(cfg, self.runtime.device)
         self.shared = shared(cfg)
@@ -178,7 +179,7 @@ class PackedFit:
         """A new member, built exactly as `fit` builds a trial (same seed -> same weights), or resumed."""
         if not packable(cfg) or shared(cfg) != self.shared:
             diff = sorted(k for k, v in shared(cfg).items() if self.shared[k] != v)
-            raise ValueError(f"this config cannot join the pack: it differs in {diff or 'model/compile'}")
+            raise ValueError(f"this config cannot join the pack: it differs in {diff or 'model/compile/cuda_graphs'}")
         state = new_state(cfg, self.data, self.runtime, self.max_epochs)
         if resume is not None:
             state.load_state_dict(resume)

@@ -26,11 +26,19 @@ class Runtime:
     channels_last: bool
     fused_optimizer: bool = False
 
-    def autocast(self) -> AbstractContextManager[object]:
-        """Context for forward passes: mixed precision where the device benefits, a no-op elsewhere."""
+    def autocast(self, cache: bool = True) -> AbstractContextManager[object]:
+        """Context for forward passes: mixed precision where the device benefits, a no-op elsewhere.
+
+        `cache=False` for a pass captured in a CUDA graph: autocast's cache of cast weights is emptied when the
+        context exits, so a replay would read memory the cache no longer owns."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype, cache_enabled=cache)
+
+    def graphs(self, wanted: bool) -> bool:
+        """Whether training steps are replayed as CUDA graphs (`cuda_graphs = true`): on CUDA only; elsewhere
+        the same setting trains eagerly, so one study file serves a laptop and a GPU machine."""
+        return wanted and self.device.type == "cuda"
 
 
 def _mps_available() -> bool:

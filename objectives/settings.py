@@ -149,6 +149,13 @@ class TrainConfig(BaseModel):
         "one H200 and 0.63x on one H100, after 20-27 s compiling the first trial (BENCHMARKS.md section 9); "
         "bench/gpu_check.sh measures it.",
     )
+    cuda_graphs: bool = Field(
+        default=False,
+        description="On a CUDA GPU, replay each training step as one CUDA graph (objectives/step_graph.py): one "
+        "launch per batch instead of hundreds, for small models whose epoch waits on the host. Captured once per "
+        "epoch; the last partial batch runs eagerly; dropout masks then come from torch's CUDA generator. Ignored "
+        "elsewhere (training runs eagerly). Trials with it do not pack. BENCHMARKS.md section 9 has its figures.",
+    )
     seed: NonNegativeInt = 0
     eval_batch_size: PositiveInt = 1024
 

@@ -25,6 +25,7 @@ from objectives.networks import build_network, network_spec
 from objectives.runtime import Runtime, resolve_runtime, seed_everything
 from objectives.schedule import EpochSchedule
 from objectives.settings import TrainConfig
+from objectives.step_graph import GraphedStep
 
 METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_f1", "lr", "epoch_seconds", "images_per_second")
 
@@ -112,7 +113,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, runtime: Runtime) -> tor
     fused = True if runtime.fused_optimizer else None
     if sgd:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+    # capturable: AdamW refuses to be captured in a CUDA graph otherwise (its step count stays on the device)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused, capturable=runtime.graphs(cfg.cuda_graphs))
 
 
 @torch.no_grad()
@@ -142,7 +144,8 @@ def new_state(cfg: TrainConfig, data: DataSplits, runtime: Runtime, max_epochs: 
     optimizer = build_optimizer(cfg, model, runtime)
     generator = torch.Generator(device=runtime.device if runtime.device.type == "cuda" else "cpu")
     generator.manual_seed(cfg.seed)
-    use_generator(model, generator)
+    if not runtime.graphs(cfg.cuda_graphs):  # a graph replays draws of torch's default generator only
+        use_generator(model, generator)
     return TrainingState(model, optimizer, EpochSchedule(optimizer, cfg, max_epochs), generator, spec)
 
 
@@ -174,13 +177,17 @@ def fit(
     forward: nn.Module = torch.compile(model, dynamic=False) if cfg.compile else model  # type: ignore[assignment]
     if resume is not None:
         state.load_state_dict(resume)
+        if runtime.graphs(cfg.cuda_graphs) and cfg.optimizer == "adamw":
+            for group in optimizer.param_groups:  # a checkpoint's groups replace ours, flags included
+                group["capturable"] = True
     padding, flip = augmentation(cfg, data)
+    graph = _graphed_step(forward, model, optimizer, runtime, cfg) if runtime.graphs(cfg.cuda_graphs) else None
 
     stopped = False
     for epoch in range(state.epoch + 1, max_epochs):
         lr = state.scheduler.start_epoch(epoch)
         start = time.perf_counter()
-        train_loss = _train_epoch(forward, model, optimizer, data, runtime, cfg, generator, padding, flip)
+        train_loss = _train_epoch(forward, model, optimizer, data, runtime, cfg, generator, padding, flip, graph)
         train_seconds = time.perf_counter() - start
         val = evaluate(forward, data.val_x, data.val_y, runtime, cfg.eval_batch_size, data.num_classes, data.inputs)
         epoch_seconds = time.perf_counter() - start
@@ -220,18 +227,38 @@ def _train_epoch(
     generator: torch.Generator,
     padding: int,
     flip: bool,
+    graph: tuple[GraphedStep, Tensor] | None = None,
 ) -> float:
-    """One pass over the shuffled training tensor; the loss is summed on the device, read once at the end."""
+    """One pass over the shuffled training tensor; the loss is summed on the device, read once at the end.
+
+    With `graph` (see `_graphed_step`) the step runs through it and the sum is its static total."""
     forward.train()
     n = len(data.train_y)
-    total = torch.zeros((), device=runtime.device)
+    if graph is not None:
+        step, total = graph
+        step.new_epoch()
+        total.zero_()
+    else:
+        total = torch.zeros((), device=runtime.device)
+        step = _step_fn(forward, model, optimizer, runtime, cfg, total, zero_grad=True, cache=True)
     for idx in batch_indices(n, cfg.batch_size, generator, data.x_device):
         x, y = data.take(data.train_x, idx), data.train_y[idx.to(runtime.device)]
         if padding or flip:
             x = augment_batch(x, padding, flip, generator)
         if runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast():
+        step(x, y)
+    return (total / n).item()
+
+
+def _step_fn(
+    forward: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime, cfg: TrainConfig,
+    total: Tensor, *, zero_grad: bool, cache: bool,
+) -> Callable[[Tensor, Tensor], None]:
+    """One training step on a prepared batch, its loss x batch size added to `total` (on the device)."""
+
+    def step(x: Tensor, y: Tensor) -> None:
+        with runtime.autocast(cache=cache):
             logits = forward(x)
         if not isinstance(logits, Tensor):
             raise ModelError(
@@ -240,11 +267,21 @@ def _train_epoch(
                 "while training too."
             )
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
+        if zero_grad:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer_step(cfg, model, optimizer)
-        total += loss.detach() * len(idx)
-    return (total / n).item()
+        total.add_(loss.detach() * len(y))
+
+    return step
+
+
+def _graphed_step(forward: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime,
+                  cfg: TrainConfig) -> tuple[GraphedStep, Tensor]:
+    """The trial's step as a CUDA graph, and the loss total it adds to (static: the graph holds its address)."""
+    total = torch.zeros((), device=runtime.device)
+    step = _step_fn(forward, model, optimizer, runtime, cfg, total, zero_grad=False, cache=False)
+    return GraphedStep(step, lambda: optimizer.zero_grad(set_to_none=True), cfg.batch_size), total
 
 
 @torch.no_grad()

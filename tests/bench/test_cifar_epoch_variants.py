@@ -21,7 +21,8 @@ def test_cpu_smoke_writes_one_row_per_variant(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == [
         "shipped", "NCHW (channels_last off)", "batch 256", "augmentation off", "1 block per stage",
-        "pool-first 8-16 x2", "pool-first 8-16-16 x2 (airbench widths)"]  # compiled variants: GPU only
+        "pool-first 8-16 x2", "pool-first 8-16-16 x2 (airbench widths)", "shipped, cuda_graphs",
+        "batch 256, cuda_graphs", "pool-first 8-16 x2, cuda_graphs"]  # compiled variants: GPU only
     for row in rows:
         assert row["epoch_s"] > 0 and row["images_per_s"] > 0 and row["first_epoch_s"] > 0
         assert row["kernel_s"] is None and row["peak_memory_gib"] is None  # CPU: no kernel time, no CUDA memory

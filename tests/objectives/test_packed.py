@@ -10,7 +10,7 @@ import torch
 
 from objectives.data import load_data
 from objectives.model import build_model, dropout_with
-from objectives.packed import PackedCNN, PackedFit, _dropout, fit_packed, shared
+from objectives.packed import PackedCNN, PackedFit, _dropout, fit_packed, packable, shared
 from objectives.runtime import resolve_runtime
 from objectives.settings import TrainConfig
 from objectives.train import TrainingState, fit, spec_for
@@ -160,6 +160,13 @@ def test_configs_that_differ_in_shared_fields_are_refused() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         pack.add(TrainConfig(**{**SMALL, "batch_size": 64}))
     assert shared(TrainConfig(**SMALL, lr=0.1)) == shared(TrainConfig(**SMALL, lr=0.2))
+
+
+@pytest.mark.parametrize("extra", [{"compile": True}, {"cuda_graphs": True}, {"model": "torchvision:resnet18"}])
+def test_compiled_graphed_and_other_models_do_not_pack(extra: dict[str, Any]) -> None:
+    assert packable(TrainConfig(**SMALL)) and not packable(TrainConfig(**SMALL, **extra))
+    with pytest.raises(ValueError, match="cannot be packed"):
+        PackedFit(TrainConfig(**SMALL, **extra), max_epochs=1)
 
 
 def test_a_member_resumed_after_its_last_epoch_trains_no_more() -> None:

@@ -296,3 +296,15 @@ def test_compiled_training_follows_the_eager_curve_with_one_static_graph_per_bat
     matmuls = set(counters["aten_mm_info"])
     assert {"aten.addmm_64_10_16", "aten.addmm_8_10_16"} <= matmuls, matmuls
     assert not [name for name in matmuls if re.search(r"_s\d+", name)], matmuls
+
+
+def test_cuda_graphs_off_a_cuda_gpu_train_exactly_as_eager() -> None:
+    """One study file serves a laptop and a GPU machine: on the CPU `cuda_graphs = true` changes nothing, dropout
+    masks included (they come from the trial's own generator as without it)."""
+    cfg = {**SMALL, "batch_size": 48, "dropout": 0.3, "optimizer": "adamw", "seed": 4}
+    assert not CPU.graphs(True)
+    eager = fit(TrainConfig(**cfg), 2)
+    asked = fit(TrainConfig(**cfg, cuda_graphs=True), 2)
+    for a, b in zip(eager.history, asked.history, strict=True):
+        assert {k: v for k, v in a.items() if "second" not in k} == {k: v for k, v in b.items() if "second" not in k}
+    assert all(torch.equal(p, q) for p, q in zip(eager.model.parameters(), asked.model.parameters(), strict=True))

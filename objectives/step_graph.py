@@ -1,0 +1,85 @@
+"""A training step replayed as one CUDA graph (`cuda_graphs = true`): one launch per batch instead of the few
+hundred kernel launches a CNN's forward, backward and optimiser step take, which is what sets a small CNN's pace
+on a fast GPU (the CIFAR-shaped CNN on an H100: 0.33 s of kernels in a 0.39-0.52 s epoch, BENCHMARKS.md
+section 9).
+
+When: the first WARMUP full-size batches of a trial run eagerly on a side stream (cuDNN's autotuning, the
+optimiser's lazily made state and compiling happen there, outside any capture); then the step is captured at the
+first full batch of each epoch and replayed for every full batch of it. Each epoch is captured again because the
+learning rate (and SGD's decoupled decay) are numbers the captured optimiser kernels hold. An epoch's last,
+partial batch runs eagerly: a graph has one shape.
+
+What the step must obey: it reads only `x`, `y` and tensors that live as long as the graph (model, optimiser
+state, the epoch's loss total); it starts from `zero_grad(set_to_none=True)` so its backward allocates the
+gradients the replays then overwrite; autocast runs without its weight cache (`Runtime.autocast(cache=False)`);
+random draws inside it come from torch's default CUDA generator, which a graph advances on each replay.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+WARMUP = 3  # eager steps before the first capture (torch's examples use a few; one is not always enough)
+
+Step = Callable[[Tensor, Tensor], None]
+
+
+class GraphedStep:
+    """Calls `step(x, y)` for a batch, through a CUDA graph for batches of `batch_size` images.
+
+    `zero_grad` runs before every eager step and before each capture (never inside the graph). Call
+    `new_epoch()` when the learning rate may have changed: the next full batch is captured again."""
+
+    def __init__(self, step: Step, zero_grad: Callable[[], None], batch_size: int) -> None:
+        self.step, self.zero_grad, self.batch_size = step, zero_grad, batch_size
+        self.side = torch.cuda.Stream()  # warm-up and every capture on one stream
+        self.eager_full_steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.x: Tensor | None = None
+        self.y: Tensor | None = None
+        self.captures = 0
+
+    def new_epoch(self) -> None:
+        self.graph = None
+
+    def __call__(self, x: Tensor, y: Tensor) -> None:
+        if len(y) != self.batch_size:
+            self._eager(x, y)
+        elif self.eager_full_steps < WARMUP:
+            self._on_side_stream(x, y)
+        elif self.graph is None:
+            self._capture(x, y)
+            assert self.graph is not None
+            self.graph.replay()  # capturing ran nothing: this batch is trained by the first replay
+        else:
+            assert self.x is not None and self.y is not None
+            self.x.copy_(x)
+            self.y.copy_(y)
+            self.graph.replay()
+
+    def _on_side_stream(self, x: Tensor, y: Tensor) -> None:
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            self._eager(x, y)
+        torch.cuda.current_stream().wait_stream(self.side)
+        self.eager_full_steps += 1
+
+    def _eager(self, x: Tensor, y: Tensor) -> None:
+        with warnings.catch_warnings():  # AdamW's warning that a capturable optimiser runs uncaptured: planned here
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            self.zero_grad()
+            self.step(x, y)
+
+    def _capture(self, x: Tensor, y: Tensor) -> None:
+        self.graph = None  # the previous epoch's graph (and its memory pool) go before the new one is made
+        self.x, self.y = x.clone(), y.clone()  # static inputs: later batches are copied into them
+        self.zero_grad()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.side):
+            self.step(self.x, self.y)
+        self.graph = graph
+        self.captures += 1
