@@ -79,7 +79,9 @@ class GraphedStep:
         self.x, self.y = x.clone(), y.clone()  # static inputs: later batches are copied into them
         self.zero_grad()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.side):
+        # thread_local: another thread's CUDA work (none of this project's, but a user's hook may start one) does
+        # not break this capture
+        with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
             self.step(self.x, self.y)
         self.graph = graph
         self.captures += 1
