@@ -116,8 +116,8 @@ def test_cuda_graphs_replay_every_full_step_and_follow_the_eager_curve(
     assert step.eager_full_steps == WARMUP and step.captures == 4
     _learned(graphed.history)
     for a, b in zip(eager.history, graphed.history, strict=True):  # bf16 and autotuned kernels: close, not equal
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05, abs=0.02)
-        assert b["val_accuracy"] == pytest.approx(a["val_accuracy"], abs=0.05)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.1, abs=0.02)
+        assert b["val_accuracy"] == pytest.approx(a["val_accuracy"], abs=0.1)
 
 
 def test_cuda_graphs_with_dropout_compile_and_a_resumed_adamw_trial_learn() -> None:
