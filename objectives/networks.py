@@ -56,7 +56,7 @@ import torchvision
 from torch import Tensor, nn
 
 from objectives.errors import ModelError
-from objectives.model import SPEC_KEYS, build_model
+from objectives.model import OPTIONAL_KEYS, SPEC_KEYS, build_model
 from objectives.settings import TrainConfig
 from objectives.user_code import import_file
 
@@ -86,6 +86,8 @@ def network_spec(
         spec["widths"] = [int(w) for w in cfg.widths]
         spec["blocks_per_stage"] = int(cfg.blocks_per_stage)
         spec["activation"] = str(cfg.activation)
+        if cfg.pool_first:  # only when set: the default order's spec stays what earlier checkpoints hold
+            spec["pool_first"] = True
     return spec
 
 
@@ -106,7 +108,7 @@ def build_network(spec: Mapping[str, Any], *, pretrained: bool = True) -> nn.Mod
             "different version of it). Rebuild it from the study settings with network_spec."
         )
     if reference == "cnn":
-        return _cnn({key: spec[key] for key in SPEC_KEYS})
+        return _cnn({key: spec[key] for key in SPEC_KEYS + OPTIONAL_KEYS if key in spec})
     reserved = [key for key in RESERVED_ARGS if key in spec["model_args"]]
     if reserved:
         raise ModelError(

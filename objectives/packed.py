@@ -49,7 +49,7 @@ SHARED_FIELDS = (
     "dataset", "data_dir", "data_file", "image_size", "channels", "skip_bad_images", "cache_dir", "data_placement",
     "device_memory_share", "data_budget_mb", "download", "verify_checksums", "val_size", "test_size", "data_seed",
     "train_subset", "synthetic_shape", "synthetic_classes", "synthetic_train", "synthetic_val", "synthetic_test",
-    "model", "model_args", "widths", "blocks_per_stage", "activation", "batch_size", "device", "compile",
+    "model", "model_args", "widths", "blocks_per_stage", "activation", "pool_first", "batch_size", "device", "compile",
     "eval_batch_size",
 )
 
@@ -74,19 +74,18 @@ class PackedCNN:
         self.members = members
         self.template = members[0]
         self.steps = 0  # training forwards since the last sync: each member's num_batches_tracked grows by it
-        self.stats: dict[int, tuple[Tensor, Tensor]] = {}
-        for i, layer in enumerate(self.template.features):
-            if isinstance(layer, nn.Sequential):
-                norms = [m.features[i][1] for m in members]
-                self.stats[i] = (torch.cat([n.running_mean for n in norms]), torch.cat([n.running_var for n in norms]))
+        self.stats: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (block, layer in it) -> concatenated
+        for i, j in _norms(self.template):
+            norms = [m.features[i][j] for m in members]
+            self.stats[i, j] = (torch.cat([n.running_mean for n in norms]), torch.cat([n.running_var for n in norms]))
 
     def sync(self) -> None:
         """Copy the packed running statistics back into each member's BatchNorm layers."""
         with torch.no_grad():
-            for i, (mean, var) in self.stats.items():
+            for (i, j), (mean, var) in self.stats.items():
                 for m, mean_k, var_k in zip(self.members, mean.chunk(len(self.members)),
                                             var.chunk(len(self.members)), strict=True):
-                    norm = m.features[i][1]
+                    norm = m.features[i][j]
                     norm.running_mean.copy_(mean_k)
                     norm.running_var.copy_(var_k)
                     norm.num_batches_tracked += self.steps
@@ -97,17 +96,18 @@ class PackedCNN:
         logits. `dropout`: each member's (rate, generator), used in training only."""
         k, members = len(self.members), self.members
         h = x
-        for i, layer in enumerate(self.template.features):
-            if not isinstance(layer, nn.Sequential):
-                h = layer(h)  # max-pool: per channel, so per member
-                continue
-            conv, norm, act = layer
-            weight = torch.cat([m.features[i][0].weight for m in members])
-            h = F.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation, groups=k)
-            mean, var = self.stats[i]
-            h = F.batch_norm(h, mean, var, torch.cat([m.features[i][1].weight for m in members]),
-                             torch.cat([m.features[i][1].bias for m in members]), training, norm.momentum, norm.eps)
-            h = act(h)
+        for i, block in enumerate(self.template.features):
+            for j, layer in enumerate(block if isinstance(block, nn.Sequential) else [block]):
+                if isinstance(layer, nn.Conv2d):
+                    weight = torch.cat([m.features[i][j].weight for m in members])
+                    h = F.conv2d(h, weight, None, layer.stride, layer.padding, layer.dilation, groups=k)
+                elif isinstance(layer, nn.BatchNorm2d):
+                    mean, var = self.stats[i, j]
+                    h = F.batch_norm(h, mean, var, torch.cat([m.features[i][j].weight for m in members]),
+                                     torch.cat([m.features[i][j].bias for m in members]), training, layer.momentum,
+                                     layer.eps)
+                else:
+                    h = layer(h)  # max-pool and activations: per channel, so per member
         if training:
             self.steps += 1
         h = self.template.pool(h).flatten(1)
@@ -117,6 +117,12 @@ class PackedCNN:
         weight = torch.stack([m.classifier.weight for m in members])  # [K, classes, C]
         bias = torch.stack([m.classifier.bias for m in members])  # [K, classes]
         return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+
+
+def _norms(cnn: CNN) -> list[tuple[int, int]]:
+    """(block, index in the block) of every BatchNorm in `cnn.features` (its place moves with `pool_first`)."""
+    return [(i, j) for i, block in enumerate(cnn.features) if isinstance(block, nn.Sequential)
+            for j, layer in enumerate(block) if isinstance(layer, nn.BatchNorm2d)]
 
 
 def _dropout(h: Tensor, dropout: list[tuple[float, torch.Generator | None]]) -> Tensor:

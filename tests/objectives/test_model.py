@@ -68,3 +68,23 @@ def test_bad_spec_is_rejected() -> None:
         build_model({**spec, "depth": 3})
     with pytest.raises(ValueError, match="unknown activation"):
         build_model({**spec, "activation": "tanh"})
+
+
+@pytest.mark.parametrize(("size", "pools"), [(32, 3), (8, 2)])
+def test_pool_first_pools_after_each_stages_first_conv_with_the_same_parameters(size: int, pools: int) -> None:
+    """conv, pool, BatchNorm, activation opens each stage that pools; the maps shrink at the stage's first conv,
+    so the later convs of a stage see a quarter of the pixels; the same parameters and the same pooling floor."""
+    cfg = TrainConfig(widths=(8, 16, 24), blocks_per_stage=2)
+    spec = model_spec(cfg, 3, size)
+    plain, first = build_model(spec), build_model({**spec, "pool_first": True})
+    assert [type(m) for m in first.features[0]] == [nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU]
+    assert [type(m) for m in first.features[1]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert not any(isinstance(m, nn.MaxPool2d) for m in first.features.children())  # none between stages
+    assert sum(isinstance(m, nn.MaxPool2d) for m in first.modules()) == pools
+    assert [p.shape for p in first.parameters()] == [p.shape for p in plain.parameters()]
+    sizes = []
+    for block in first.features:
+        block.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+    assert first(torch.randn(2, 3, size, size)).shape == (2, 10)
+    expected = {32: [16, 16, 8, 8, 4, 4], 8: [4, 4, 2, 2, 2, 2]}[size]
+    assert sizes == expected

@@ -56,6 +56,16 @@ def test_cnn_spec_is_plain_and_legacy_spec_builds_the_same_cnn() -> None:
     assert isinstance(legacy, CNN) and _shapes(legacy) == _shapes(model)
 
 
+def test_pool_first_is_in_the_spec_only_when_set_and_builds_that_order() -> None:
+    """Specs of the default order stay what earlier checkpoints hold (no new key), so their trials still resume."""
+    kw = {"num_classes": 10, "in_channels": 3, "image_size": 32, "class_names": CLASSES}
+    assert "pool_first" not in network_spec(TrainConfig(widths=(8, 16)), **kw)
+    spec = network_spec(TrainConfig(widths=(8, 16), pool_first=True), **kw)
+    assert spec["pool_first"] is True
+    model = check_network(spec, _images(3, 32))
+    assert [type(m) for m in model.features[0]][:2] == [nn.Conv2d, nn.MaxPool2d]
+
+
 def test_torchvision_spec_survives_a_weights_only_load() -> None:
     spec = _spec("torchvision:resnet18", weights=None, small_input=True, zero_init_residual=True)
     buffer = io.BytesIO()

@@ -80,20 +80,22 @@ OTHERS: list[dict[str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize("extra", [
-    {"dropout": 0.3, "flip": True, "crop_padding": 1, "lr": 2e-3},
-    {"optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-3, "grad_clip": 0.5, "label_smoothing": 0.05},
+@pytest.mark.parametrize(("extra", "shape"), [
+    ({"dropout": 0.3, "flip": True, "crop_padding": 1, "lr": 2e-3}, {}),
+    ({"optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-3, "grad_clip": 0.5, "label_smoothing": 0.05}, {}),
+    ({"dropout": 0.2, "lr": 2e-3}, {"pool_first": True, "blocks_per_stage": 2}),  # BatchNorm after the pool
 ])
-def test_a_packed_member_trains_exactly_as_alone(extra: dict[str, Any]) -> None:
-    cfg = TrainConfig(**SMALL, **extra, seed=5)
+def test_a_packed_member_trains_exactly_as_alone(extra: dict[str, Any], shape: dict[str, Any]) -> None:
+    cfg = TrainConfig(**SMALL, **shape, **extra, seed=5)
     alone = fit(cfg, max_epochs=3)
-    others = [TrainConfig(**SMALL, **o) for o in OTHERS]
+    others = [TrainConfig(**SMALL, **shape, **o) for o in OTHERS]
     packed = fit_packed([others[0], cfg, *others[1:]], max_epochs=3)
     _assert_same_curves(alone.history, packed[1].history)
     for name, value in alone.model.state_dict().items():
         torch.testing.assert_close(packed[1].model.state_dict()[name], value, rtol=1e-3, atol=1e-4, msg=name)
     for other, result in zip(others, [packed[0], *packed[2:]], strict=True):  # and each other member too
         _assert_same_curves(fit(other, max_epochs=3).history, result.history)
+    assert alone.model.features[0][1].__class__.__name__ == ("MaxPool2d" if shape else "BatchNorm2d")
 
 
 def test_a_member_stopped_by_its_hook_leaves_and_the_others_go_on_unchanged() -> None:
