@@ -101,13 +101,15 @@ def sizes_for(cpu_smoke: bool, script: str) -> Sizes:
 
 
 def train_config(sizes: Sizes, compile_: bool = False) -> TrainConfig:
-    """studies/cifar10.toml's objective on synthetic CIFAR-shaped data (the GPU machine cannot download)."""
+    """studies/cifar10.toml's objective on synthetic CIFAR-shaped data (the GPU machine cannot download), eager
+    (`cuda_graphs = false`, which the study turns on): the baseline every section compares against, and what
+    packs; the cuda graphs section and the study measure the setting."""
     objective = load_settings(CIFAR_STUDY).objective.model_dump()
     update: dict[str, Any] = {
         "dataset": "synthetic", "synthetic_shape": (3, 32, 32), "synthetic_classes": 10,
         "synthetic_train": sizes.train, "synthetic_val": sizes.val, "synthetic_test": sizes.test,
         "batch_size": sizes.batch_size, "lr": 0.1 * sizes.batch_size / 256, "compile": compile_,
-        "device": sizes.device, "dropout": 0.1,
+        "device": sizes.device, "dropout": 0.1, "cuda_graphs": False,
     }
     if sizes.widths is not None:
         update["widths"] = sizes.widths

@@ -46,6 +46,7 @@ def cifar_config(device: str, train: int, val: int) -> TrainConfig:
     return TrainConfig.model_validate({
         **objective, "dataset": "synthetic", "synthetic_shape": (3, 32, 32), "synthetic_classes": 10,
         "synthetic_train": train, "synthetic_val": val, "synthetic_test": 100, "device": device, "compile": False,
+        "cuda_graphs": False,  # the study turns it on; graphed trials do not pack, so both sides run without
     })
 
 

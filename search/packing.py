@@ -228,8 +228,9 @@ class PackRunner:
     def _run_alone(self, trial: optuna.Trial) -> None:
         """A trial that cannot be packed, run through the objective as ``study.optimize`` would run it."""
         if not self.noted_alone:
-            print(f"note: study.pack = {self.size}: this trial's model cannot be packed; such trials run one at a "
-                  "time", file=sys.stderr)
+            print(f"note: study.pack = {self.size}: this trial cannot be packed (its objective refuses these "
+                  "settings; the cnn objective packs only its built-in CNN without compile or cuda_graphs); such "
+                  "trials run one at a time", file=sys.stderr)
             self.noted_alone = True
         with heartbeat(trial):
             try:

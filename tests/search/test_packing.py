@@ -116,6 +116,20 @@ def test_an_objective_that_cannot_pack_runs_unpacked_with_a_note(tmp_path: Path)
 
 
 @pytest.mark.slow
+def test_trials_the_cnn_objective_cannot_pack_run_one_at_a_time_with_one_note(tmp_path: Path) -> None:
+    """`cuda_graphs = true` (as studies/cifar10.toml sets) makes the cnn objective's trials unpackable: `--pack`
+    then trains them one at a time, and says so once."""
+    done = hpo("run", str(QUICKSTART), "--pack", "2", "--trials", "3", "--quiet", "--set", "study.max_epochs=2",
+               "--set", "objective.cuda_graphs=true", "--set", "objective.device='cpu'", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stderr.splitlines() if "cannot be packed" in line]
+    assert len(notes) == 1 and "cuda_graphs" in notes[0] and "one at a time" in notes[0], done.stderr
+    study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{tmp_path / 'runs/quickstart/optuna.db'}")
+    assert len(study.trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    assert not any("packed_with" in t.user_attrs for t in study.trials), [t.user_attrs for t in study.trials]
+
+
+@pytest.mark.slow
 def test_kill_9_mid_pack_then_run_again_resumes_every_member(tmp_path: Path) -> None:
     from tests.search.test_recovery import EPOCHS, LONG
     from tests.search.workers_helpers import hpo_cmd, load
