@@ -14,7 +14,7 @@ import objectives.train as train_module
 from objectives.packed import fit_packed
 from objectives.settings import TrainConfig
 from objectives.step_graph import WARMUP, GraphedStep
-from objectives.train import TrainingState, fit
+from objectives.train import FitResult, TrainingState, fit
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"  # a name, so the same tests can be tried on the CPU by hand: DEVICE = "cpu"
@@ -55,8 +55,9 @@ def test_streamed_data_stays_in_pinned_host_memory_and_trains_as_well() -> None:
     _learned(result.history)
 
 
-def test_a_gpu_checkpoint_saved_and_loaded_like_last_pt_resumes_the_trial() -> None:
-    """`last.pt` of a GPU trial, through torch.save/torch.load(weights_only=True), continues where it stopped."""
+def _whole_and_resumed(cfg: TrainConfig) -> tuple[FitResult, FitResult]:
+    """4 epochs of `cfg`, and the same trial resumed from its epoch-1 state saved and loaded like `last.pt`
+    (torch.save, then torch.load with weights_only=True)."""
     saved: dict[str, bytes] = {}
 
     def keep(epoch: int, metrics: dict[str, float], state: TrainingState) -> bool:
@@ -66,9 +67,13 @@ def test_a_gpu_checkpoint_saved_and_loaded_like_last_pt_resumes_the_trial() -> N
             saved["last.pt"] = buffer.getvalue()
         return False
 
-    whole = fit(_cfg(seed=3), 4, keep)
-    checkpoint = torch.load(io.BytesIO(saved["last.pt"]), weights_only=True)
-    resumed = fit(_cfg(seed=3), 4, resume=checkpoint)
+    whole = fit(cfg, 4, keep)
+    return whole, fit(cfg, 4, resume=torch.load(io.BytesIO(saved["last.pt"]), weights_only=True))
+
+
+def test_a_gpu_checkpoint_saved_and_loaded_like_last_pt_resumes_the_trial() -> None:
+    """`last.pt` of a GPU trial, through torch.save/torch.load(weights_only=True), continues where it stopped."""
+    whole, resumed = _whole_and_resumed(_cfg(seed=3))
     assert resumed.epochs_run == 4 and resumed.history[:2] == whole.history[:2]
     _learned(resumed.history)
     # cuDNN's autotuned kernels and bf16 need not repeat bit for bit: the resumed curve follows the same course
@@ -121,18 +126,7 @@ def test_cuda_graphs_replay_every_full_step_and_follow_the_eager_curve(
 
 
 def test_cuda_graphs_with_dropout_compile_and_a_resumed_adamw_trial_learn() -> None:
-    saved: dict[str, Any] = {}
-
-    def keep(epoch: int, metrics: dict[str, float], state: TrainingState) -> bool:
-        if epoch == 1:
-            buffer = io.BytesIO()
-            torch.save(state.state_dict(), buffer)
-            saved["last.pt"] = buffer.getvalue()
-        return False
-
-    cfg = _cfg(cuda_graphs=True, dropout=0.3, compile=True, seed=2)
-    whole = fit(cfg, 4, keep)
+    whole, resumed = _whole_and_resumed(_cfg(cuda_graphs=True, dropout=0.3, compile=True, seed=2))
     _learned(whole.history)
-    resumed = fit(cfg, 4, resume=torch.load(io.BytesIO(saved["last.pt"]), weights_only=True))
-    assert resumed.epochs_run == 4
+    assert resumed.epochs_run == 4 and resumed.history[:2] == whole.history[:2]
     _learned(resumed.history)
