@@ -175,13 +175,14 @@ def fit(
     # recompiled the model for dynamic shapes at the first partial batch, a graph whose guards accept every
     # batch size: on the CPU 33 s of compiling instead of 19 s, epochs no faster (BENCHMARKS.md section 9).
     forward: nn.Module = torch.compile(model, dynamic=False) if cfg.compile else model  # type: ignore[assignment]
+    graphed = runtime.graphs(cfg.cuda_graphs)
     if resume is not None:
         state.load_state_dict(resume)
-        if runtime.graphs(cfg.cuda_graphs) and cfg.optimizer == "adamw":
+        if graphed and cfg.optimizer == "adamw":
             for group in optimizer.param_groups:  # a checkpoint's groups replace ours, flags included
                 group["capturable"] = True
     padding, flip = augmentation(cfg, data)
-    graph = _graphed_step(forward, model, optimizer, runtime, cfg) if runtime.graphs(cfg.cuda_graphs) else None
+    graph = _graphed_step(forward, model, optimizer, runtime, cfg) if graphed else None
 
     stopped = False
     for epoch in range(state.epoch + 1, max_epochs):
