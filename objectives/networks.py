@@ -35,6 +35,9 @@ checkpoint's state_dict always fits:
   | swin, swin_v2 | `head` | added before `head` |
   | maxvit | `classifier.5` | added before it |
   | squeezenet | none (a Conv2d head) | refused: no Linear to put dropout before or to replace |
+
+torchvision itself is imported only where a torchvision model is built: its import takes about a second, which
+every run of the built-in CNN (a quickstart study takes 20-30 s) would otherwise pay for nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from objectives.errors import ModelError
@@ -194,6 +196,8 @@ def _small_image_hint(reference: str, shape: tuple[int, ...]) -> str:
 
 def _torchvision_model(spec: Mapping[str, Any], pretrained: bool = True) -> nn.Module:
     """torchvision's builder, then the pretrained head, small-input stem, input channels and dropout."""
+    import torchvision  # here, not at the top: see the module's docstring
+
     reference = str(spec["model"])
     name = reference.partition(":")[2].strip().lower()
     known = torchvision.models.list_models(module=torchvision.models)
@@ -237,6 +241,8 @@ def _weights(reference: str, name: str, value: Any) -> Any:
     """The weights enum member `value` names ("DEFAULT", "IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1")."""
     if value is None:
         return None
+    import torchvision
+
     enum = torchvision.models.get_model_weights(name)
     try:
         if not isinstance(value, str):
@@ -251,6 +257,8 @@ def _weights(reference: str, name: str, value: Any) -> Any:
 
 def _call_builder(reference: str, name: str, args: dict[str, Any], **fixed: Any) -> nn.Module:
     """torchvision.models.get_model with `args`, its argument errors turned into a ModelError naming them."""
+    import torchvision
+
     try:
         return torchvision.models.get_model(name, **fixed, **args)
     except TypeError as exc:

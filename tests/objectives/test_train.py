@@ -274,6 +274,24 @@ def test_training_code_never_imports_optuna_or_mlflow() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
+def test_a_study_of_the_built_in_cnn_never_imports_torchvision() -> None:
+    """Importing torchvision takes about a second: a digits study (the CLI, the objective, a whole fit) must not."""
+    code = (
+        "import sys, search.cli, search.launch, search.study, objectives.objective\n"
+        "from objectives.settings import TrainConfig\n"
+        "from objectives.train import fit\n"
+        "fit(TrainConfig(device='cpu', train_subset=64, widths=(4,)), 1)\n"
+        "assert 'torchvision' not in sys.modules, sorted(m for m in sys.modules if 'torchvision' in m)[:5]"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    tv = subprocess.run([sys.executable, "-c", "import sys, objectives.networks as n; n.build_network({'model': "
+                         "'torchvision:resnet18', 'model_args': {}, 'num_classes': 3, 'in_channels': 3, 'image_size': "
+                         "32, 'dropout': 0.0, 'class_names': ['a', 'b', 'c']}); assert 'torchvision' in sys.modules"],
+                        capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert tv.returncode == 0, tv.stderr[-2000:]  # and a torchvision model still finds it
+
+
 @pytest.mark.slow
 def test_compiled_training_follows_the_eager_curve_with_one_static_graph_per_batch_shape() -> None:
     """`compile = true`: the same curve as eager (to float tolerance: the compiled kernels fuse and round
