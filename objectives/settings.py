@@ -151,9 +151,10 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     compile: bool = Field(
         default=False,
-        description="torch.compile the model. Off by default: the CIFAR-shaped CNN ran 0.70x as fast compiled on "
-        "one H200 and 0.63x on one H100, after 20-27 s compiling the first trial (BENCHMARKS.md section 9); "
-        "bench/gpu_check.sh measures it.",
+        description="torch.compile the model (static shapes: one compile per batch size). Off by default: alone it "
+        "made the CIFAR-shaped CNN 0.70x as fast on one H200 and 0.63x on one H100, after 20-33 s compiling the "
+        "first trial; with cuda_graphs = true it pays on a GPU (0.317 -> 0.215 s an epoch on the H200). "
+        "BENCHMARKS.md section 9; bench/gpu_check.sh measures it.",
     )
     cuda_graphs: bool = Field(
         default=False,
