@@ -275,7 +275,8 @@ def test_training_code_never_imports_optuna_or_mlflow() -> None:
 
 
 def test_a_study_of_the_built_in_cnn_never_imports_torchvision() -> None:
-    """Importing torchvision takes about a second: a digits study (the CLI, the objective, a whole fit) must not."""
+    """torchvision is imported only for torchvision models (it costs the commands that read a study about 1 s):
+    a digits study's imports (the CLI, the objective) and a whole fit of the built-in CNN must not import it."""
     code = (
         "import sys, search.cli, search.launch, search.study, objectives.objective\n"
         "from objectives.settings import TrainConfig\n"
