@@ -14,7 +14,8 @@ Run it through `bench/gpu_check.sh` (which prints the torch/CUDA/GPU versions fi
 4. trials as processes: 1, 2 and 4 concurrent `fit` processes on the one device, images/s summed;
 5. packing: images per second of K = 1, 2, 4, 8 trials packed into one grouped network against the same K
    trials one after another (bench/packing_throughput.py), interleaved, for the quickstart CNN (digits, widths
-   32-64) and the CIFAR-shaped CNN of section 2;
+   32-64) and the CIFAR-shaped CNN of section 2; and the other way to feed a GPU with a small CNN, one
+   quickstart trial with `cuda_graphs = true` against the same trial eager;
 6. epoch profile: the section-2 epoch under torch.profiler (bench/profile_epoch.py): GPU kernel time against the
    epoch's wall time (the GPU or the host is the limit), FLOPs per image and the arithmetic rate;
 7. cuda graphs: `cuda_graphs = true` (each training step replayed as one CUDA graph, objectives/step_graph.py)
@@ -306,8 +307,29 @@ def packing_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, An
     if sizes.device == "cuda":
         target = (f" [issue 11 target on an H100-class GPU >= {PACK_TARGET:.0f}x one trial at a time, quickstart CNN: "
                   f"{'met' if best >= PACK_TARGET else 'not met'}, {best:.2f}x]")
-    line = f"quickstart CNN: {describe(quick)} | CIFAR-shaped CNN: {describe(cifar)}{target}"
-    return {"quickstart": quick, "cifar": cifar}, line
+    graphed = graphed_quickstart(sizes)
+    line = (f"quickstart CNN: {describe(quick)} | CIFAR-shaped CNN: {describe(cifar)}{target} | quickstart CNN, one "
+            f"trial of 3 epochs: {graphed['graphed']:,.0f} img/s with cuda_graphs vs {graphed['eager']:,.0f} eager "
+            f"({graphed['ratio']:.2f}x)")
+    return {"quickstart": quick, "cifar": cifar, "quickstart_cuda_graphs": graphed}, line
+
+
+def graphed_quickstart(sizes: Sizes) -> dict[str, float]:
+    """The other way to speed up a small CNN on a GPU: one quickstart trial with `cuda_graphs = true` (captured
+    once per epoch, about 10 ms, against a quickstart epoch of tens of ms) against the same trial eager, 3 epochs
+    each, alternating, median of 3."""
+    from bench.packing_throughput import images_per_second, quickstart_config
+
+    eager = quickstart_config(sizes.device)
+    cfgs = {"eager": eager, "graphed": eager.model_copy(update={"cuda_graphs": True})}
+    for cfg in cfgs.values():
+        images_per_second([cfg], 1, packed=False)  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in cfgs}
+    for _ in range(3):
+        for name, cfg in cfgs.items():
+            rates[name].append(images_per_second([cfg], 3, packed=False))
+    out = {name: statistics.median(values) for name, values in rates.items()}
+    return {**out, "ratio": out["graphed"] / out["eager"]}
 
 
 # --- 6. where an epoch goes ---------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 # on synthetic data of CIFAR-10's size, torch.compile on/off, 1/2/4 trial processes on the GPU, packing K = 1,
 # 2, 4, 8 against K trials in sequence, an epoch profile, each step replayed as one CUDA graph
 # (`cuda_graphs = true`), and a 4-trial `hpo run` end to end; one summary at the end. Under 8 minutes on a
-# GPU (6.1 on an H100 with an earlier, similar CUDA graph section; BENCHMARKS.md section 9).
+# GPU (6.1 on an H100 with an earlier CUDA graph section; about 7 by estimate since the section trains three
+# compiled variants and packing also times a graphed quickstart trial; BENCHMARKS.md section 9).
 #
 #   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU and the project installed
 #   bash bench/gpu_check.sh --cpu-smoke     # anywhere: the same steps on the CPU, tiny sizes, under 2 minutes

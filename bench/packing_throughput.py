@@ -56,7 +56,7 @@ def members(base: TrainConfig, k: int) -> list[TrainConfig]:
                                     "dropout": 0.1 * (i % 4), "seed": base.seed + i}) for i in range(k)]
 
 
-def _images_per_second(cfgs: list[TrainConfig], epochs: int, packed: bool) -> float:
+def images_per_second(cfgs: list[TrainConfig], epochs: int, packed: bool) -> float:
     cuda = cfgs[0].device == "cuda" or (cfgs[0].device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.synchronize()
@@ -81,8 +81,8 @@ def compare(base: TrainConfig, ks: tuple[int, ...] = (1, 2, 4, 8), epochs: int =
     for i in range(rounds):
         for k in ks:
             cfgs = members(base, k)
-            packed[k].append(_images_per_second(cfgs, epochs, packed=True))
-            sequential[k].append(_images_per_second(cfgs, epochs, packed=False))
+            packed[k].append(images_per_second(cfgs, epochs, packed=True))
+            sequential[k].append(images_per_second(cfgs, epochs, packed=False))
             print(f"  (round {i + 1}, K={k}: {packed[k][-1]:,.0f} packed vs {sequential[k][-1]:,.0f} sequential img/s)",
                   file=sys.stderr, flush=True)
     one = statistics.median(v for k in ks for v in sequential[k])  # sequential images/s does not depend on K

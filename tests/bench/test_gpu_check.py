@@ -61,7 +61,10 @@ def test_cpu_smoke_runs_every_section_and_prints_its_figures() -> None:
     one, two, four = figure(rf"^1: ({NUMBER}) img/s \(1\.00x\); 2: ({NUMBER}) img/s \({NUMBER}x\); "
                             rf"4: ({NUMBER}) img/s", s["trials as processes"])
     assert min(one, two, four) > 0
-    quick, cifar = s["packing K=1,2,4,8"].split(" | ")
+    quick, cifar, graphed = s["packing K=1,2,4,8"].split(" | ")
+    with_graphs, eager, ratio = figure(rf"^quickstart CNN, one trial of 3 epochs: ({NUMBER}) img/s with cuda_graphs "
+                                       rf"vs ({NUMBER}) eager \(({NUMBER})x\)", graphed)
+    assert with_graphs > 0 and eager > 0 and ratio == pytest.approx(with_graphs / eager, rel=0.1, abs=0.01)
     for text, name in ((quick, "quickstart CNN"), (cifar, "CIFAR-shaped CNN")):
         assert text.startswith(f"{name}: K=1: ")
         for k in (1, 2, 4, 8):
