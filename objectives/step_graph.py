@@ -1,7 +1,7 @@
 """A training step replayed as one CUDA graph (`cuda_graphs = true`): one launch per batch instead of the few
 hundred kernel launches a CNN's forward, backward and optimiser step take, which is what sets a small CNN's pace
-on a fast GPU (the CIFAR-shaped CNN on an H100: 0.33 s of kernels in a 0.39-0.52 s epoch, BENCHMARKS.md
-section 9).
+on a fast GPU (the CIFAR-shaped CNN on an H100: 0.33 s of kernels in a 0.39-0.52 s epoch; with this, 1.31x on an
+H200, and 0.139 s an epoch with `pool_first` and `compile`: BENCHMARKS.md section 9).
 
 When: the first WARMUP full-size batches of a trial run eagerly on a side stream (cuDNN's autotuning, the
 optimiser's lazily made state and compiling happen there, outside any capture); then the step is captured at the
@@ -10,7 +10,7 @@ learning rate (and SGD's decoupled decay) are numbers the captured optimiser ker
 partial batch runs eagerly: a graph has one shape.
 
 What the step must obey: it reads only `x`, `y` and tensors that live as long as the graph (model, optimiser
-state, the epoch's loss total); it starts from `zero_grad(set_to_none=True)` so its backward allocates the
+state, the trial's loss total); it starts from `zero_grad(set_to_none=True)` so its backward allocates the
 gradients the replays then overwrite; autocast runs without its weight cache (`Runtime.autocast(cache=False)`);
 random draws inside it come from torch's default CUDA generator, which a graph advances on each replay.
 """
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-WARMUP = 3  # eager steps before the first capture (torch's examples use a few; one is not always enough)
+WARMUP = 3  # eager steps before the first capture, as in torch's whole-network capture example
 
 Step = Callable[[Tensor, Tensor], None]
 
