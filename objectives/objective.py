@@ -72,7 +72,19 @@ class CNNObjective:
         return (f"data {data.name}: {len(data.train_y)} train / {len(data.val_y)} val / {len(data.test_y)} test "
                 f"images, {data.num_classes} classes, {data.in_channels}x{data.image_size}x{data.image_size}; "
                 f"on {'the device' if data.placement == 'device' else 'host memory, streamed'} "
-                f"({data.placement_reason}); model {self.config.model}")
+                f"({data.placement_reason}); {self._model_words()}")
+
+    def _model_words(self) -> str:
+        """The model and how its steps run: pool-first, compiled, CUDA graphs (or why they are not used here)."""
+        cfg = self.config
+        words = [f"model {cfg.model}" + (" (pool_first)" if cfg.model == "cnn" and cfg.pool_first else "")]
+        if cfg.compile:
+            words.append("compiled")
+        if cfg.cuda_graphs:
+            runtime = resolve_runtime(cfg.device)
+            words.append("each training step one CUDA graph" if runtime.graphs(True)
+                         else f"cuda_graphs ignored on {runtime.device.type} (steps run eagerly)")
+        return ", ".join(words)
 
     def config_for(self, params: dict[str, Any]) -> TrainConfig:
         resolved = resolve(params, self.settings.space.lr_scaling, self.config.batch_size)
