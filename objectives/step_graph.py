@@ -44,7 +44,7 @@ class GraphedStep:
         self.captures = 0
 
     def new_epoch(self) -> None:
-        self.graph = None
+        self.graph = None  # the previous epoch's graph (and its memory pool) go before the next capture
 
     def __call__(self, x: Tensor, y: Tensor) -> None:
         if len(y) != self.batch_size:
@@ -75,7 +75,6 @@ class GraphedStep:
             self.step(x, y)
 
     def _capture(self, x: Tensor, y: Tensor) -> None:
-        self.graph = None  # the previous epoch's graph (and its memory pool) go before the new one is made
         self.x, self.y = x.clone(), y.clone()  # static inputs: later batches are copied into them
         self.zero_grad()
         graph = torch.cuda.CUDAGraph()
