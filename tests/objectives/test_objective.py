@@ -13,11 +13,11 @@ from search.config import load_settings
 QUICKSTART = Path(__file__).resolve().parents[2] / "studies" / "quickstart.toml"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="says what happens without CUDA")
 @pytest.mark.parametrize(("overrides", "expected"), [
     ([], "; model cnn"),
     (["objective.pool_first=true", "objective.compile=true"], "; model cnn (pool_first), compiled"),
-    (["objective.cuda_graphs=true"], "; model cnn, cuda_graphs ignored on cpu (steps run eagerly)"),
+    pytest.param(["objective.cuda_graphs=true"], "; model cnn, cuda_graphs ignored on cpu (steps run eagerly)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="says what happens without CUDA")),
 ])
 def test_the_start_line_names_the_model_and_how_its_steps_run(overrides: list[str], expected: str) -> None:
     line = CNNObjective(load_settings(QUICKSTART, overrides)).describe()
