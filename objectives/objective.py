@@ -13,7 +13,7 @@ from typing import Any
 from objectives.data import DataSplits, load_data
 from objectives.errors import BadDataError, DatasetNotFoundError, ModelError
 from objectives.networks import build_network, check_network
-from objectives.packed import SHARED_FIELDS, PackedFit, PackMember, packable
+from objectives.packed import SHARED_FIELDS, PackedFit, PackMember, unpackable
 from objectives.runtime import resolve_runtime
 from objectives.serving import data_record, load_classifier
 from objectives.settings import TrainConfig
@@ -99,11 +99,12 @@ class CNNObjective:
             result = fit(cfg, self.settings.study.max_epochs, session.on_epoch, resume=session.resume_training)
             return session.complete(checkpoint_record(cfg, result), model=result.model)
 
-    def pack_key(self, params: dict[str, Any]) -> dict[str, Any] | None:
-        """The sampled params that trials of one pack must share (batch size, architecture, ...); None for a
-        model that cannot be packed (torchvision, the user's own, compile = true, cuda_graphs = true)."""
-        if not packable(self.config_for(params)):
-            return None
+    def pack_key(self, params: dict[str, Any]) -> dict[str, Any] | str:
+        """The sampled params that trials of one pack must share (batch size, architecture, ...), or why these
+        cannot be packed (torchvision or the user's model, compile = true, cuda_graphs = true)."""
+        reason = unpackable(self.config_for(params))
+        if reason is not None:
+            return reason
         return {name: value for name, value in params.items() if name in SHARED_FIELDS}
 
     def open_pack(self, params: dict[str, Any]) -> CNNPack:

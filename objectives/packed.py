@@ -54,10 +54,16 @@ SHARED_FIELDS = (
 )
 
 
-def packable(cfg: TrainConfig) -> bool:
-    """The built-in CNN, uncompiled (a compiled pack would recompile whenever the pack changes size) and not
-    replayed as CUDA graphs (a pack's step changes whenever a member leaves)."""
-    return cfg.model == "cnn" and not cfg.compile and not cfg.cuda_graphs
+def unpackable(cfg: TrainConfig) -> str | None:
+    """Why trials of ``cfg`` cannot be packed, or None when they can: only the built-in CNN packs, uncompiled
+    and not replayed as CUDA graphs."""
+    if cfg.model != "cnn":
+        return f"model {cfg.model!r}: only the built-in cnn packs"
+    if cfg.compile:
+        return "compile = true: a compiled pack would compile again whenever a member leaves"
+    if cfg.cuda_graphs:
+        return "cuda_graphs = true: a pack's step changes whenever a member leaves, so it is not one graph"
+    return None
 
 
 def shared(cfg: TrainConfig) -> dict[str, Any]:
@@ -166,9 +172,9 @@ class PackedFit:
     the members that left: stopped by their hook, failed in it, or done with `max_epochs`."""
 
     def __init__(self, cfg: TrainConfig, max_epochs: int) -> None:
-        if not packable(cfg):
-            raise ValueError(f"model {cfg.model!r} (compile = {cfg.compile}, cuda_graphs = {cfg.cuda_graphs}) "
-                             "cannot be packed; only the built-in cnn, uncompiled and without CUDA graphs, can")
+        reason = unpackable(cfg)
+        if reason is not None:
+            raise ValueError(f"this config cannot be packed: {reason}")
         self.runtime: Runtime = resolve_runtime(cfg.device)
         self.data: DataSplits = load_data(cfg, self.runtime.device)
         self.shared = shared(cfg)
@@ -183,7 +189,7 @@ class PackedFit:
     def add(self, cfg: TrainConfig, on_epoch: OnEpoch | None = None, resume: dict[str, Any] | None = None,
             key: Any = None) -> PackMember:
         """A new member, built exactly as `fit` builds a trial (same seed -> same weights), or resumed."""
-        if not packable(cfg) or shared(cfg) != self.shared:
+        if unpackable(cfg) is not None or shared(cfg) != self.shared:
             diff = sorted(k for k, v in shared(cfg).items() if self.shared[k] != v)
             raise ValueError(f"this config cannot join the pack: it differs in {diff or 'model/compile/cuda_graphs'}")
         state = new_state(cfg, self.data, self.runtime, self.max_epochs)

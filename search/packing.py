@@ -88,9 +88,9 @@ class Pack(Protocol):
 class PackingObjective(Protocol):
     """The optional part of the objective plugin protocol (``search/plugins.py``) that packing needs."""
 
-    def pack_key(self, params: dict[str, Any]) -> dict[str, Any] | None:
-        """The sampled params members of one pack must share (for the CNN: batch size, architecture); None
-        when a trial with these params cannot be packed (then it runs alone)."""
+    def pack_key(self, params: dict[str, Any]) -> dict[str, Any] | str:
+        """The sampled params members of one pack must share (for the CNN: batch size, architecture), or, for
+        a trial with these params that cannot be packed (it then runs alone), why: a phrase for the note."""
 
     def open_pack(self, params: dict[str, Any]) -> Pack:
         """An empty pack for trials whose pack key is ``pack_key(params)``."""
@@ -191,8 +191,8 @@ class PackRunner:
             trial, params = asked
             with self._unclaimed_on_error(trial):
                 fixed = self.objective.pack_key(params)
-                if fixed is None:
-                    self._run_alone(trial)
+                if isinstance(fixed, str):
+                    self._run_alone(trial, fixed)
                     continue
                 self._join(trial, params, fixed)
 
@@ -225,12 +225,11 @@ class PackRunner:
             return
         self.members[trial.number] = member
 
-    def _run_alone(self, trial: optuna.Trial) -> None:
+    def _run_alone(self, trial: optuna.Trial, reason: str) -> None:
         """A trial that cannot be packed, run through the objective as ``study.optimize`` would run it."""
         if not self.noted_alone:
-            print(f"note: study.pack = {self.size}: this trial cannot be packed (its objective refuses these "
-                  "settings; the cnn objective packs only its built-in CNN without compile or cuda_graphs); such "
-                  "trials run one at a time", file=sys.stderr)
+            print(f"note: study.pack = {self.size}: trial {trial.number} cannot be packed ({reason}); such trials "
+                  "run one at a time", file=sys.stderr)
             self.noted_alone = True
         with heartbeat(trial):
             try:

@@ -10,7 +10,7 @@ import torch
 
 from objectives.data import load_data
 from objectives.model import build_model, dropout_with
-from objectives.packed import PackedCNN, PackedFit, _dropout, fit_packed, packable, shared
+from objectives.packed import PackedCNN, PackedFit, _dropout, fit_packed, shared, unpackable
 from objectives.runtime import resolve_runtime
 from objectives.settings import TrainConfig
 from objectives.train import TrainingState, fit, spec_for
@@ -164,10 +164,14 @@ def test_configs_that_differ_in_shared_fields_are_refused() -> None:
     assert shared(TrainConfig(**SMALL, lr=0.1)) == shared(TrainConfig(**SMALL, lr=0.2))
 
 
-@pytest.mark.parametrize("extra", [{"compile": True}, {"cuda_graphs": True}, {"model": "torchvision:resnet18"}])
-def test_compiled_graphed_and_other_models_do_not_pack(extra: dict[str, Any]) -> None:
-    assert packable(TrainConfig(**SMALL)) and not packable(TrainConfig(**SMALL, **extra))
-    with pytest.raises(ValueError, match="cannot be packed"):
+@pytest.mark.parametrize(("extra", "why"), [({"compile": True}, "compile = true"),
+                                           ({"cuda_graphs": True}, "cuda_graphs = true"),
+                                           ({"model": "torchvision:resnet18"}, "model 'torchvision:resnet18'")])
+def test_compiled_graphed_and_other_models_do_not_pack_and_say_why(extra: dict[str, Any], why: str) -> None:
+    assert unpackable(TrainConfig(**SMALL)) is None
+    reason = unpackable(TrainConfig(**SMALL, **extra))
+    assert reason is not None and reason.startswith(why)
+    with pytest.raises(ValueError, match=f"cannot be packed: {why}"):
         PackedFit(TrainConfig(**SMALL, **extra), max_epochs=1)
 
 

@@ -123,7 +123,7 @@ def test_trials_the_cnn_objective_cannot_pack_run_one_at_a_time_with_one_note(tm
                "--set", "objective.cuda_graphs=true", "--set", "objective.device='cpu'", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     notes = [line for line in done.stderr.splitlines() if "cannot be packed" in line]
-    assert len(notes) == 1 and "cuda_graphs" in notes[0] and "one at a time" in notes[0], done.stderr
+    assert len(notes) == 1 and "(cuda_graphs = true: " in notes[0] and "one at a time" in notes[0], done.stderr
     study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{tmp_path / 'runs/quickstart/optuna.db'}")
     assert len(study.trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
     assert not any("packed_with" in t.user_attrs for t in study.trials), [t.user_attrs for t in study.trials]
