@@ -51,6 +51,7 @@ EXAMPLES_RUN = """\
 examples:
   hpo run studies/quickstart.toml
   hpo run studies/quickstart.toml --trials 30 --set pruner.name=hyperband
+  hpo run studies/quickstart.toml --workers 2        # a small CNN on a 2-core CPU: one worker per core
   hpo run studies/cifar10.toml --storage postgresql://user:pw@db:5432/hpo --tracking-uri http://mlflow:5000
   hpo run studies/quickstart.toml --set space.lr.high=0.05 --set early_stopping.patience=3
 
@@ -79,7 +80,8 @@ def _common(p: argparse.ArgumentParser, file_required: bool = True) -> None:
 
 def _parallel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, metavar="N",
-                   help="worker processes on this machine (default: one per GPU x --trials-per-gpu, else 1)")
+                   help="worker processes on this machine (default: one per GPU x --trials-per-gpu, else 1). "
+                        "On a CPU, one per core trains small models fastest")
     p.add_argument("--gpus", metavar="LIST", help="GPU ids to use, e.g. 0,1,2,3 (default: all visible)")
     p.add_argument("--trials-per-gpu", type=int, default=1, metavar="K",
                    help="concurrent trials per GPU (small CNNs leave a big GPU mostly idle; default 1)")
