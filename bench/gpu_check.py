@@ -55,13 +55,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.cifar_synthetic import CIFAR_STUDY, cifar_synthetic  # noqa: E402
 from objectives.data import clear_data_cache, load_data  # noqa: E402
 from objectives.runtime import resolve_runtime  # noqa: E402
 from objectives.settings import TrainConfig  # noqa: E402
 from objectives.train import fit  # noqa: E402
-from search.config import load_settings  # noqa: E402
 
-CIFAR_STUDY = REPO / "studies" / "cifar10.toml"
 EPOCH_TARGET_S = 0.15  # issue 11: the default CIFAR-shaped CNN on an H100-class GPU, per epoch of 45k images
 
 
@@ -105,18 +104,13 @@ def train_config(sizes: Sizes, compile_: bool = False) -> TrainConfig:
     """studies/cifar10.toml's objective on synthetic CIFAR-shaped data (the GPU machine cannot download), eager
     (`cuda_graphs = false`, which the study turns on): the baseline every section compares against, and what
     packs; the cuda graphs section and the study measure the setting."""
-    objective = load_settings(CIFAR_STUDY).objective.model_dump()
-    update: dict[str, Any] = {
-        "dataset": "synthetic", "synthetic_shape": (3, 32, 32), "synthetic_classes": 10,
-        "synthetic_train": sizes.train, "synthetic_val": sizes.val, "synthetic_test": sizes.test,
-        "batch_size": sizes.batch_size, "lr": 0.1 * sizes.batch_size / 256, "compile": compile_,
-        "device": sizes.device, "dropout": 0.1, "cuda_graphs": False,
-    }
+    update: dict[str, Any] = {"batch_size": sizes.batch_size, "lr": 0.1 * sizes.batch_size / 256, "compile": compile_,
+                              "device": sizes.device, "dropout": 0.1, "cuda_graphs": False}
     if sizes.widths is not None:
         update["widths"] = sizes.widths
     if sizes.blocks_per_stage is not None:
         update["blocks_per_stage"] = sizes.blocks_per_stage
-    return TrainConfig.model_validate({**objective, **update})
+    return cifar_synthetic(sizes.train, sizes.val, sizes.test, **update)
 
 
 def model_words(cfg: TrainConfig) -> str:

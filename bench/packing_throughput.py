@@ -28,6 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.cifar_synthetic import cifar_synthetic  # noqa: E402
 from objectives.data import load_data  # noqa: E402
 from objectives.packed import fit_packed  # noqa: E402
 from objectives.runtime import resolve_runtime  # noqa: E402
@@ -42,12 +43,8 @@ def quickstart_config(device: str) -> TrainConfig:
 
 
 def cifar_config(device: str, train: int, val: int) -> TrainConfig:
-    objective = load_settings(REPO / "studies" / "cifar10.toml").objective.model_dump()
-    return TrainConfig.model_validate({
-        **objective, "dataset": "synthetic", "synthetic_shape": (3, 32, 32), "synthetic_classes": 10,
-        "synthetic_train": train, "synthetic_val": val, "synthetic_test": 100, "device": device, "compile": False,
-        "cuda_graphs": False,  # the study turns it on; graphed trials do not pack, so both sides run without
-    })
+    # cuda_graphs: the study turns it on; graphed trials do not pack, so both sides run without
+    return cifar_synthetic(train, val, 100, device=device, compile=False, cuda_graphs=False)
 
 
 def members(base: TrainConfig, k: int) -> list[TrainConfig]:

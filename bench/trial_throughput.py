@@ -191,13 +191,10 @@ def cpu_configs(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
 
 def cifar_shaped(batch_size: int, compile_: bool = False, device: str = "cuda", n_train: int = 45000) -> TrainConfig:
     """The shipped CIFAR-10 study's objective on synthetic data of CIFAR-10's size (no download on the GPU box)."""
-    from search.config import load_settings
+    from bench.cifar_synthetic import cifar_synthetic
 
-    objective = load_settings(REPO / "studies" / "cifar10.toml").objective
-    return TrainConfig.model_validate({**objective.model_dump(), **{
-        "dataset": "synthetic", "synthetic_shape": (3, 32, 32), "synthetic_train": n_train,
-        "synthetic_val": max(100, n_train // 9), "synthetic_test": max(100, n_train * 2 // 9),
-        "batch_size": batch_size, "lr": 0.1 * batch_size / 256, "compile": compile_, "device": device}})
+    return cifar_synthetic(n_train, max(100, n_train // 9), max(100, n_train * 2 // 9), batch_size=batch_size,
+                           lr=0.1 * batch_size / 256, compile=compile_, device=device)
 
 
 def epoch_times(cfg: TrainConfig, epochs: int) -> dict[str, Any]:
