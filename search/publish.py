@@ -60,7 +60,8 @@ def _trial_end(session: Any, state: str) -> None:
         return
     max_epochs = session.settings.study.max_epochs
     store = artifact_store(ctx.checkpoint_root.parent)
-    history, diagnosis = fit_of(ctx.tracker, run.run_id, max_epochs)
+    history = run.curves(CURVES)  # what this process logged; the store holds the same
+    diagnosis = diagnose(history, max_epochs)
     label = None
     if state == "COMPLETE":
         label = f"{diagnosis.label}: {diagnosis.reason}"

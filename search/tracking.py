@@ -307,11 +307,18 @@ class TrialRun:
         self.client = client
         self.run_id = run_id
         self._remote: RemoteResume | None = None
+        self._epochs: dict[int, dict[str, float]] = {}
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+        self._epochs.setdefault(epoch, {}).update((m.key, m.value) for m in batch)
         _METRICS.put(self.run_id, batch, self._write_metrics)
+
+    def curves(self, keys: list[str]) -> dict[str, list[float]]:
+        """Per-epoch values of ``keys`` as logged through this run, resumed epochs included: what
+        ``metric_histories`` reads back from the store, without reading it (the trial's end draws them)."""
+        return {key: [self._epochs[e][key] for e in sorted(self._epochs) if key in self._epochs[e]] for key in keys}
 
     def _write_metrics(self, run_id: str, metrics: list[Metric]) -> None:
         self.client.log_batch(run_id, metrics=metrics)

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from search import tracking
 from search.metric_queue import MetricQueue
 from search.stores import sqlite_url
-from search.tracking import Tracker, TrialRun
+from search.tracking import Tracker, TrialRun, metric_histories
 
 
 class Recorder:
@@ -134,6 +134,22 @@ def test_a_trial_s_epochs_reach_the_store_with_its_final_state_in_one_call(tmp_p
     assert run.data.metrics["train_loss"] == pytest.approx(0.89)  # the latest step's value
     assert run.data.metrics["epochs_run"] == 12.0 and run.data.tags["optuna.state"] == "COMPLETE"
     assert run.info.status == "FINISHED"
+
+
+def test_a_trial_run_s_curves_are_what_the_store_holds_resumed_and_retrained_epochs_included(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trial's end draws its curves and diagnoses its fit from ``TrialRun.curves``, not from the store."""
+    uri, trial, _ = counted_trial(tmp_path, monkeypatch)
+    for epoch in range(3):  # a retry copies the resumed history into its run ...
+        trial.log_epoch(epoch, {"val_accuracy": epoch / 10, "train_loss": 1.0 - epoch / 10})
+    time.sleep(0.005)  # the store tells a step's values apart by their millisecond timestamps
+    trial.log_epoch(2, {"val_accuracy": 0.25, "train_loss": 0.75})  # ... and may train its last epoch again
+    trial.log_epoch(3, {"val_accuracy": 0.3})  # an epoch without one of the keys
+    trial.finish("COMPLETE", {"hpo.reason": "completed"}, {"epochs_run": 4.0})
+    keys = ["val_accuracy", "train_loss", "val_loss"]
+    curves = trial.curves(keys)
+    assert curves == {"val_accuracy": [0.0, 0.1, 0.25, 0.3], "train_loss": [1.0, 0.9, 0.75], "val_loss": []}
+    assert curves == metric_histories(Tracker(uri, "quickstart", tmp_path / "mlartifacts"), trial.run_id, keys)
 
 
 def test_more_queued_epochs_than_one_call_takes_go_in_calls_of_mlflow_s_limit(tmp_path: Path,

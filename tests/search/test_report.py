@@ -22,8 +22,9 @@ from optuna_dashboard import get_note
 from sklearn.datasets import load_digits
 
 from search.cli import main
-from search.diagnosis import LABELS
+from search.diagnosis import LABELS, diagnose
 from search.notes import epoch_account
+from search.publish import CURVES
 from tests.finished_study import MAX_EPOCHS, QUICKSTART, TRIALS, finished_study
 
 pytestmark = pytest.mark.slow
@@ -81,6 +82,9 @@ def test_every_trial_has_a_note_artifacts_a_run_link_and_completed_ones_a_fit(do
         if t.state == TrialState.COMPLETE:
             assert _sha(store / metas["best.pt"].artifact_id) == _sha(t.user_attrs["checkpoint"])
             assert t.user_attrs["fit_diagnosis"] in LABELS
+            stored = {key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+                      for key in CURVES}  # what `hpo report` reads: the trial's end diagnosed the same curves
+            assert diagnose(stored, MAX_EPOCHS).label == t.user_attrs["fit_diagnosis"]
             assert run.data.tags["fit_diagnosis"] == t.user_attrs["fit_diagnosis"]
             assert t.user_attrs["fit_diagnosis"] in note
         else:
