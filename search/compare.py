@@ -177,7 +177,7 @@ def row_for(study: optuna.Study, strategy: str, seed: int, max_epochs: int, test
     seconds = 0.0
     maximize = study.direction.name == "MAXIMIZE"
     for t in trials:
-        spent += records.epochs_run(t)
+        spent += records.epochs_trained(t)
         if records.REPLAY_SECONDS in t.user_attrs:
             seconds += float(t.user_attrs[records.REPLAY_SECONDS])
         elif t.datetime_start and t.datetime_complete:

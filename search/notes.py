@@ -21,6 +21,7 @@ from search.records import (
     REASON,
     STOPPED_EPOCH,
     epochs_run,
+    epochs_trained,
     fmt,
     outcome,
 )
@@ -28,7 +29,9 @@ from search.records import (
 
 @dataclass(frozen=True)
 class EpochAccount:
-    """Where the epoch budget went: ``full`` is what every ended trial would have cost without stopping early."""
+    """Where the epoch budget went: ``full`` is what every ended trial would have cost without stopping early; it
+    is ``spent`` + the savings + ``unused_by_failures`` + ``resumed`` (epochs a retry took from its predecessor's
+    checkpoint instead of training them again)."""
 
     trials: int
     spent: int
@@ -38,6 +41,7 @@ class EpochAccount:
     pruned: int
     early_stopped: int
     unused_by_failures: int
+    resumed: int = 0
 
 
 def epoch_account(trials: Sequence[FrozenTrial], max_epochs: int) -> EpochAccount:
@@ -53,9 +57,10 @@ def epoch_account(trials: Sequence[FrozenTrial], max_epochs: int) -> EpochAccoun
     stopped = [t for t in ended if outcome(t) == "early stopped"]
     failed = [t for t in ended if t.state == TrialState.FAIL]
     return EpochAccount(
-        trials=len(ended), spent=sum(run(t) for t in ended), full=len(ended) * max_epochs,
+        trials=len(ended), spent=sum(epochs_trained(t) for t in ended), full=len(ended) * max_epochs,
         saved_by_pruning=left(pruned), saved_by_early_stopping=left(stopped),
         pruned=len(pruned), early_stopped=len(stopped), unused_by_failures=left(failed),
+        resumed=sum(run(t) - epochs_trained(t) for t in ended),
     )
 
 
@@ -100,6 +105,8 @@ def study_note(
     ]
     if acc.unused_by_failures:
         lines.append(f"* not run because trials failed: {acc.unused_by_failures} epochs")
+    if acc.resumed:
+        lines.append(f"* resumed from failed trials' checkpoints, not trained again: {acc.resumed} epochs")
     lines.append("")
     if best is None:
         lines.append("**Best trial:** none yet (no trial has completed).")

@@ -25,6 +25,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from search import records
 from search.storage_retry import Retrier, first_line, is_connection_error
 
 CHECKED_AGAINST = "5.0.0"
@@ -68,15 +69,30 @@ def heartbeat_enabled(study: optuna.Study) -> bool:
     return is_heartbeat_enabled(study._storage)
 
 
+def reported_epochs(trial: FrozenTrial) -> int:
+    """The epochs a first attempt that recorded none reached, by its reported steps (0 for a retry, whose steps
+    include those it inherited, or for a trial that recorded its own)."""
+    if records.EPOCHS_RUN in trial.user_attrs or not trial.intermediate_values:
+        return 0
+    if optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial):
+        return 0
+    return max(trial.intermediate_values) + 1
+
+
 def fail_running(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
     """Record ``reason`` and move a RUNNING trial to FAIL; False when another worker finished it first.
 
     ``study.tell`` cannot do this: it sets no attribute, and with ``skip_if_finished`` it does not say
-    whether this call or another one ended the trial, which decides who enqueues the retry.
+    whether this call or another one ended the trial, which decides who enqueues the retry. A dead worker's
+    trial never recorded its epochs; a first attempt's are its reported steps, recorded here so the epoch counts
+    include them (a retry's steps include its predecessor's, so a dead retry counts none).
     """
     storage = study._storage
     try:
-        storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+        storage.set_trial_user_attr(trial._trial_id, records.REASON, reason)
+        reached = reported_epochs(trial)
+        if reached:
+            storage.set_trial_user_attr(trial._trial_id, records.EPOCHS_RUN, reached)
         return bool(storage.set_trial_state_values(trial._trial_id, TrialState.FAIL))
     except RuntimeError:  # "has already finished and can not be updated"
         return False

@@ -34,7 +34,10 @@ OOM_PACK_SIZE = "oom_pack_size"  # trial packing: the pack ran out of memory at 
 FIT_DIAGNOSIS = "fit_diagnosis"
 REPLAYED_FROM = "replayed_from"  # replays (hpo compare --replay): the source trial
 REPLAY_SECONDS = "replay_seconds"  # replays: the recorded seconds of the epochs replayed
-OWN_PER_ATTEMPT = (PRUNED_EPOCH, STOPPED_EPOCH, CHECKPOINT, BEST_EPOCH, PACKED_WITH)  # a retry must not inherit these
+# One attempt's own record: a retry starts without these (search/workers.py ``retry``) and writes its own.
+PER_ATTEMPT = (MLFLOW_RUN_ID, MLFLOW_RUN_URL, CHECKPOINT, BEST_EPOCH, EPOCHS_RUN, PRUNED_EPOCH, STOPPED_EPOCH,
+               EARLY_STOPPED, REASON, RESUMED_FROM_TRIAL, RESUMED_AT_EPOCH, OOM_BATCH_SIZE, PACKED_WITH, OOM_PACK_SIZE,
+               FIT_DIAGNOSIS)
 
 # --- study attributes ---------------------------------------------------------------------------------------
 PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run
@@ -55,7 +58,14 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 
 
 def epochs_run(t: FrozenTrial) -> int:
+    """The epochs the trial reached, resumed ones included (what its curves and checkpoints span)."""
     return int(t.user_attrs.get(EPOCHS_RUN) or 0)
+
+
+def epochs_trained(t: FrozenTrial) -> int:
+    """The epochs this attempt trained itself: those it reached less those it resumed from an earlier attempt's
+    checkpoint, which that attempt counts. Summed over a study's trials, every trained epoch counts once."""
+    return max(epochs_run(t) - int(t.user_attrs.get(RESUMED_AT_EPOCH) or 0), 0)
 
 
 def outcome(t: FrozenTrial) -> str:

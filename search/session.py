@@ -125,14 +125,15 @@ class TrialSession:
     def __enter__(self) -> TrialSession:
         self._pruning = PruningTrial(self.trial)
         self.stopper = build_stopper(self.settings)
-        previous_run = self.trial.user_attrs.get(records.MLFLOW_RUN_ID)  # inherited by a retry from its predecessor
-        self._earlier_runs = self._runs_of(retried_trials(self.trial))
+        earlier = retried_trials(self.trial)
+        self._earlier_runs = self._runs_of(earlier)
+        previous_run = self._earlier_runs.get(earlier[-1]) if earlier else None  # the attempt this one retries
         with tempfile.TemporaryDirectory(prefix="hpo-resume-") as fetched:
             remote = self._fetcher(Path(fetched)) if self.ctx.tracker.is_server else None
             resume = find_resume(self.trial, self.ctx.checkpoint_root, remote)
         self.run = self.ctx.tracker.start_trial(self.ctx.parent_run_id, self.trial.number, self.params, self.resolved)
-        # A retry inherits its predecessor's attrs; these must be its own.
-        inherited = {key: None for key in records.OWN_PER_ATTEMPT if key in self.trial.user_attrs}
+        # A retry enqueued by an earlier version carries its predecessor's record; this attempt writes its own.
+        inherited = {key: None for key in records.PER_ATTEMPT if key in self.trial.user_attrs}
         set_user_attrs(self.trial, {**inherited, records.MLFLOW_RUN_ID: self.run.run_id, **identity(),
                                     records.MLFLOW_RUN_URL: run_url(self.ctx.tracker, self.run.run_id)})
         if resume is not None:

@@ -50,4 +50,4 @@ def study_table(study: optuna.Study) -> str:
 
 
 def epochs_spent(study: optuna.Study) -> int:
-    return sum(records.epochs_run(t) for t in study.get_trials(deepcopy=False))
+    return sum(records.epochs_trained(t) for t in study.get_trials(deepcopy=False))

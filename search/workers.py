@@ -32,6 +32,7 @@ import optuna
 from filelock import FileLock
 from optuna.trial import FrozenTrial, TrialState
 
+from search import records
 from search.optuna_adapter import fail_running
 from search.storage_retry import POSTGRES_TIMEOUTS, Retrier, is_connection_error
 
@@ -94,9 +95,12 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> None:
 
     The copy leaves out the failed trial's worker identity (``identity()``'s keys): a worker takes the retry
     RUNNING some time before its session writes its own, and meanwhile another worker's ``claim_slot`` would
-    take the dead worker's pid for the retry's and fail it again as ``worker_died``, retry after retry."""
+    take the dead worker's pid for the retry's and fail it again as ``worker_died``, retry after retry. It also
+    leaves out the failed attempt's own record (``records.PER_ATTEMPT``: its MLflow run, reason, epochs, ...):
+    a waiting retry would show them as its own, and count the failed attempt's epochs a second time."""
+    dropped = (*IDENTITY_KEYS, *records.PER_ATTEMPT)
     anonymous = copy.copy(trial)  # shallow: only its user_attrs are replaced
-    anonymous.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in IDENTITY_KEYS}
+    anonymous.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in dropped}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, anonymous)

@@ -6,7 +6,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from search.notes import epoch_account, study_note, trial_note
-from search.records import outcome
+from search.records import epochs_trained, outcome
 
 SETTINGS = {
     "study": {"metric": "val_accuracy", "max_epochs": 20, "timeout": None},
@@ -43,8 +43,25 @@ def test_epoch_account_counts_ended_trials_against_the_full_budget() -> None:
     assert acc.full == 5 * 20
     assert (acc.saved_by_pruning, acc.pruned) == (17 + 15, 2)
     assert (acc.saved_by_early_stopping, acc.early_stopped) == (12, 1)
-    assert acc.unused_by_failures == 19
+    assert acc.unused_by_failures == 19 and acc.resumed == 0
     assert [outcome(t) for t in TRIALS] == ["completed", "early stopped", "pruned", "pruned", "failed", "running"]
+
+
+def test_a_resumed_retry_counts_only_the_epochs_it_trained_and_a_waiting_retry_none() -> None:
+    """Interrupted at its 6th epoch (epochs 0-5 trained), trial 0's retry resumed its checkpoint of epoch 4 (5
+    epochs) and trained epochs 5-11: 6 + 7 epochs were trained, and 5 were resumed instead of trained again."""
+    interrupted = trial(TrialState.FAIL, 6, reason="interrupted")
+    resumed = trial(TrialState.COMPLETE, 12, 0.9, early_stopped=True, stopped_epoch=11, resumed_from_trial=0,
+                    resumed_at_epoch=5)
+    acc = epoch_account([interrupted, resumed], 20)
+    assert (acc.spent, acc.resumed, acc.full) == (6 + 7, 5, 40)
+    assert (acc.saved_by_early_stopping, acc.unused_by_failures) == (8, 14)
+    assert acc.spent + acc.saved_by_pruning + acc.saved_by_early_stopping + acc.unused_by_failures + acc.resumed \
+        == acc.full
+    note = study_note("s", [interrupted, resumed], SETTINGS, resumed, {}, 2, "hpo run s.toml", "")
+    assert "13 spent of 40" in note and "not trained again: 5 epochs" in note
+    assert "not trained again" not in study_note("quickstart", TRIALS, SETTINGS, TRIALS[1], {}, 12, "hpo run", "")
+    assert [epochs_trained(t) for t in (interrupted, resumed, trial(TrialState.WAITING, 0))] == [6, 7, 0]
 
 
 def test_study_note_says_budget_epochs_savings_best_trial_and_how_to_reproduce() -> None:

@@ -87,6 +87,29 @@ def test_fail_running_once_with_its_reason(tmp_path: Path) -> None:
     assert fail_running(study, stored_trial(done), "late") is False and study.trials[1].state == TrialState.COMPLETE
 
 
+def test_a_dead_first_attempt_s_epochs_are_its_reported_steps_and_a_dead_retry_s_none(tmp_path: Path) -> None:
+    """Its worker died before recording epochs_run: the steps it reported say how far it got (0-3: 4 epochs).
+    Its retry inherits those steps, so its own reports cannot be told apart from them: it counts none."""
+    from search.workers import retry
+
+    study = optuna.create_study(storage=storage(tmp_path, heartbeat=False))
+    first = study.ask()
+    for step in range(4):
+        first.report(0.1 * step, step)
+    assert fail_running(study, stored_trial(first), "worker_died")
+    assert study.trials[0].user_attrs == {"reason": "worker_died", "epochs_run": 4}
+    retry(study, study.trials[0])
+    again = study.ask()  # the retry, with steps 0-3 inherited
+    again.report(0.5, 4)
+    assert fail_running(study, stored_trial(again), "worker_died")
+    assert study.trials[1].user_attrs == {"reason": "worker_died"}
+    recorded = study.ask()
+    recorded.set_user_attr("epochs_run", 2)
+    recorded.report(0.3, 0)
+    assert fail_running(study, stored_trial(recorded), "stale_heartbeat")
+    assert study.trials[2].user_attrs == {"epochs_run": 2, "reason": "stale_heartbeat"}  # its own record stands
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_fail_stale_records_its_reason_before_the_stale_trial_callback(tmp_path: Path) -> None:
     seen: list[tuple[int, TrialState, str]] = []

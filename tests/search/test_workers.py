@@ -12,16 +12,40 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from search import records
 from search.config import load_settings
 from search.errors import SettingsError
 from search.launch import plan_workers
+from search.optuna_adapter import fail_running
 from search.stores import run_paths
 from search.study import run_study
-from search.workers import HOST, identity, recover_local_orphans
+from search.workers import HOST, identity, recover_local_orphans, retry
 from tests.mlflow_server import free_port, wait_http
 from tests.search.workers_helpers import QUICKSTART, child_runs, hpo_cmd, load, postgres_database
 
 SMALL = ["--set", "study.max_epochs=2", "--set", "objective.widths=[8,16]"]
+
+
+def test_a_retry_keeps_the_params_and_curve_but_none_of_the_failed_attempt_s_record(tmp_path: Path) -> None:
+    """What `hpo status` and the epoch counts read off a waiting retry must be its own (nothing yet), not the
+    dead attempt's: its reason, MLflow run, epochs, resume point, worker."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", direction="maximize")
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)})
+    for step in range(3):
+        trial.report(0.5 + step / 10, step)
+    attempt = {"mlflow_run_id": "r1", "mlflow_run_url": "http://x/r1", "epochs_run": 3, "reason": "interrupted",
+               "resumed_from_trial": 7, "resumed_at_epoch": 1, "packed_with": [0, 1], "oom_batch_size": 64,
+               "early_stopped": False, **identity(), "user_note": "kept"}
+    for key, value in attempt.items():
+        trial.set_user_attr(key, value)
+    assert set(attempt) - {"user_note"} <= {*records.PER_ATTEMPT, "host", "pid", "pid_start"}
+    assert fail_running(study, study.trials[0], "worker_died")
+    retry(study, study.trials[0])
+    waiting = study.trials[1]
+    assert waiting.state == TrialState.WAITING and waiting.params == study.trials[0].params
+    assert waiting.intermediate_values == {0: 0.5, 1: 0.6, 2: 0.7}
+    assert waiting.user_attrs == {"user_note": "kept"}
+    assert records.epochs_trained(waiting) == 0 and records.epochs_trained(study.trials[0]) == 2
 
 
 def test_plan_assigns_gpus_round_robin_and_shares_cpu_threads() -> None:
