@@ -62,6 +62,17 @@ def epochs_run(t: FrozenTrial) -> int:
     return int(t.user_attrs.get(EPOCHS_RUN) or 0)
 
 
+def epochs_shown(t: FrozenTrial) -> int | None:
+    """What the tables show as a trial's epochs: its recorded count, or for a running trial (it records its
+    count at its end) how far its reported steps reach, a resumed retry's with its predecessor's; None if
+    neither is known (a waiting trial)."""
+    if t.user_attrs.get(EPOCHS_RUN) is not None:
+        return int(t.user_attrs[EPOCHS_RUN])
+    if t.state == TrialState.RUNNING and t.intermediate_values:
+        return max(t.intermediate_values) + 1
+    return None
+
+
 def epochs_trained(t: FrozenTrial) -> int:
     """The epochs this attempt trained itself: those it reached less those it resumed from an earlier attempt's
     checkpoint, which that attempt counts. Summed over a study's trials, every trained epoch counts once."""

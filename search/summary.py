@@ -17,7 +17,7 @@ def trial_row(t: FrozenTrial) -> dict[str, Any]:
         "number": t.number,
         "state": t.state.name,
         "value": t.value,
-        "epochs": attrs.get(records.EPOCHS_RUN),
+        "epochs": records.epochs_shown(t),
         "ended": records.ended_at(t),
         "reason": attrs.get(records.REASON, ""),
         "params": dict(t.params),

@@ -27,6 +27,16 @@ def test_how_a_trial_ended() -> None:
     assert [records.epochs_run(t) for t in (pruned, full, failed)] == [4, 20, 0]
 
 
+def test_a_running_trial_shows_the_epochs_its_reports_reach_and_a_waiting_one_none() -> None:
+    running = create_trial(state=TrialState.RUNNING, params={"lr": 0.01},
+                           distributions={"lr": FloatDistribution(1e-3, 0.1)}, intermediate_values={0: 0.5, 1: 0.6})
+    waiting = create_trial(state=TrialState.WAITING, params={"lr": 0.01},  # a retry: steps inherited, not its own
+                           distributions={"lr": FloatDistribution(1e-3, 0.1)}, intermediate_values={0: 0.5})
+    started = trial(TrialState.RUNNING)
+    done = trial(TrialState.PRUNED, **{records.EPOCHS_RUN: 4})
+    assert [records.epochs_shown(t) for t in (running, waiting, started, done)] == [2, None, None, 4]
+
+
 def test_test_metrics_belong_to_the_trial_that_is_best_now() -> None:
     study = optuna.create_study(direction="maximize")
     study.add_trial(trial(TrialState.COMPLETE, 0.8))
