@@ -359,7 +359,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     with _progress(args, settings, n_trials) as progress:
         result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress,
                            finish=not args.no_finish)
-    print(f"worker done: ran {result.new_trials} trials of study {settings.study.name!r}", file=sys.stderr)
+    if not args.no_finish:  # a worker of `hpo run --workers`: the launcher reports the end, after its trials
+        print(f"worker done: ran {result.new_trials} trials of study {settings.study.name!r}", file=sys.stderr)
     if result.stopped_by_failures:
         print(f"error: stopped after {settings.study.max_failures} failed trials in a row; last reason: "
               f"{result.stopped_by_failures}", file=sys.stderr)

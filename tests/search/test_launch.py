@@ -91,6 +91,7 @@ def test_stopping_two_workers_fails_and_requeues_both_trials_and_the_next_run_re
         assert (root / "checkpoints" / f"trial-{t.number}" / "last.pt").exists()
     waiting = [t for t in trials.values() if t.state == TrialState.WAITING]
     assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in held)
+    assert not [t.user_attrs for t in waiting if {"reason", "mlflow_run_id", "epochs_run"} & t.user_attrs.keys()]
     parent = study.user_attrs["mlflow_parent_run_id"]
     assert client.get_run(parent).info.status == "KILLED"
     if not resume:
@@ -99,6 +100,9 @@ def test_stopping_two_workers_fails_and_requeues_both_trials_and_the_next_run_re
     (tmp_path / "model.go").touch()  # the resumed trials train to the end
     again = hpo("run", str(study_file), "--workers", "2", "--quiet", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
+    # Each stopped attempt trained epoch 0; each retry resumed at 1 and trained the rest: every epoch once.
+    assert f"; {2 * EPOCHS} epochs spent of" in again.stdout, again.stdout
+    assert "worker done" not in again.stderr  # the launcher reports the end, not each of its workers
     study, client = load(root, how)
     done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
     assert sorted(t.user_attrs["resumed_from_trial"] for t in done) == sorted(t.number for t in held)
