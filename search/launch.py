@@ -43,7 +43,8 @@ class WorkerPlan:
         n = len(self.workers)
         gpus = sorted({g for g in self.workers if g is not None})
         if not gpus:
-            return f"{n} worker{'s' if n > 1 else ''} on the CPU" + (f" ({self.threads} threads each)" if n > 1 else "")
+            each = f" ({self.threads} thread{'s' if self.threads != 1 else ''} each)" if n > 1 else ""
+            return f"{n} worker{'s' if n > 1 else ''} on the CPU{each}"
         return f"{n} worker{'s' if n > 1 else ''} on GPU{'s' if len(gpus) > 1 else ''} {','.join(gpus)}"
 
 

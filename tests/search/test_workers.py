@@ -62,6 +62,10 @@ def test_plan_assigns_gpus_round_robin_and_shares_cpu_threads() -> None:
     if cpu.workers[0] is None:  # no GPU on this machine
         assert cpu.workers == (None,) * 4 and cpu.threads == 4
         assert plan_workers(None, None).workers == (None,)
+    assert plan_workers(4, None, cpu_count=16, visible=[]).describe() == "4 workers on the CPU (4 threads each)"
+    assert plan_workers(2, None, cpu_count=2, visible=[]).describe() == "2 workers on the CPU (1 thread each)"
+    assert plan_workers(None, None, visible=[]).describe() == "1 worker on the CPU"
+    assert plan_workers(None, None, trials_per_gpu=2, visible=["0"]).describe() == "2 workers on GPU 0"
 
 
 def test_local_orphan_is_failed_and_retried_with_same_params() -> None:
