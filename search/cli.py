@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch in this worker")
     _pack(worker)
     worker.add_argument("--no-finish", action="store_true", help=argparse.SUPPRESS)  # set by `hpo run --workers`
+    worker.add_argument("--forked", action="store_true", help=argparse.SUPPRESS)  # ... for the workers it forks
 
     recover = sub.add_parser(
         "recover", help="fail and re-enqueue stale RUNNING trials (for journal storages, which have no heartbeat)",
@@ -358,7 +359,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     n_trials = args.trials if args.trials is not None else settings.study.n_trials
     with _progress(args, settings, n_trials) as progress:
         result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress,
-                           finish=not args.no_finish)
+                           finish=not args.no_finish, describe=not args.forked)  # a forked worker's launcher did
     if not args.no_finish:  # a worker of `hpo run --workers`: the launcher reports the end, after its trials
         print(f"worker done: ran {result.new_trials} trials of study {settings.study.name!r}", file=sys.stderr)
     if result.stopped_by_failures:

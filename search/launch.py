@@ -28,7 +28,15 @@ from search.preflight import check_gpus
 from search.progress import Progress
 from search.proxy import is_grpc
 from search.stores import RunPaths, close_storages, open_storage
-from search.study import OpenStudy, RunResult, finish_study, load_or_create_study, open_study, parent_lifetime
+from search.study import (
+    OpenStudy,
+    RunResult,
+    finish_study,
+    load_or_create_study,
+    open_study,
+    parent_lifetime,
+    quiet_libraries,
+)
 from search.tracking import import_store_code, prepare_local_store, warm_model_logging
 
 
@@ -171,6 +179,7 @@ def create_stores_first(settings: Settings, paths: RunPaths) -> set[int]:
     they did when this process opened its own first (several processes making a new SQLite file at once can fail
     with "database is locked"); a study made by an incompatible study file fails here, once. The Optuna storage
     is closed again and MLflow's is only copied into place, so a forked worker inherits no open connection."""
+    quiet_libraries()  # as open_study does: no "A new study created" line from Optuna
     storage = open_storage(paths.storage_url, retry_seconds=settings.study.storage_retry_seconds)
     try:
         before = {t.number for t in load_or_create_study(settings, storage).get_trials(deepcopy=False)}
@@ -208,7 +217,7 @@ def start_workers(args: argparse.Namespace, plan: WorkerPlan, n_trials: int | No
     try:
         for gpu in plan.workers:
             if fork:
-                procs.append(ForkedWorker(cmd[3:]))
+                procs.append(ForkedWorker([*cmd[3:], "--forked"]))
                 continue
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             if gpu is not None:

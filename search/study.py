@@ -136,14 +136,22 @@ class OpenStudy:
     ctx: StudyContext | None = None  # what the objective was attached with (trial packing opens sessions in it)
 
 
-def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
-               progress: Progress | None = None) -> OpenStudy:
-    """Check the data, open (or create) the Optuna study and the MLflow parent run, attach the objective."""
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # trial outcomes are ours to report (progress lines)
+def quiet_libraries() -> None:
+    """Optuna's and alembic's info lines off: trial outcomes are ours to report (progress lines)."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
+               progress: Progress | None = None, describe: bool = True) -> OpenStudy:
+    """Check the data, open (or create) the Optuna study and the MLflow parent run, attach the objective.
+    ``describe``: print the objective's line (the data, where it lives, the model); off in a forked worker,
+    whose launcher prints the same line."""
+    quiet_libraries()
     objective = load_objective(settings.objective_name)(settings)
     objective.prepare()  # a missing data set fails here, before any store is created
-    print(objective.describe(), file=sys.stderr)  # the data, where it lives, the model: the run's first lines
+    if describe:
+        print(objective.describe(), file=sys.stderr)  # the data, where it lives, the model: the run's first lines
     holder: dict[str, Tracker] = {}
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -292,12 +300,13 @@ def taken_over_at_the_end(opened: OpenStudy, trial: optuna.Trial) -> None:
 
 
 def run_study(settings: Settings, paths: RunPaths, n_trials: int | None = None, timeout: float | None = None,
-              progress: Progress | None = None, finish: bool = True, register_model: bool = True) -> RunResult:
+              progress: Progress | None = None, finish: bool = True, register_model: bool = True,
+              describe: bool = True) -> RunResult:
     """Open the stores, top the study up to its budget, then (unless ``finish`` is off) finish it and end the
     parent run. ``finish`` is off for the workers of `hpo run --workers`, whose parent process does both."""
     n_trials = n_trials if n_trials is not None else settings.study.n_trials
     timeout = timeout if timeout is not None else settings.study.timeout
-    opened = open_study(settings, paths, n_trials, progress)
+    opened = open_study(settings, paths, n_trials, progress, describe)
     with parent_lifetime(opened, own=finish) as outcome:
         ran, stopped = run_trials(opened, n_trials, timeout, progress)
         test_metrics = finish_study(opened, n_trials, register_model) if finish else {}
