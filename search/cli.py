@@ -360,7 +360,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     with _progress(args, settings, n_trials) as progress:
         result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress,
                            finish=not args.no_finish, describe=not args.forked)  # a forked worker's launcher did
-    if not args.no_finish:  # a worker of `hpo run --workers`: the launcher reports the end, after its trials
+    if not args.no_finish:  # not for the workers of `hpo run --workers`: their launcher reports the end
         print(f"worker done: ran {result.new_trials} trials of study {settings.study.name!r}", file=sys.stderr)
     if result.stopped_by_failures:
         print(f"error: stopped after {settings.study.max_failures} failed trials in a row; last reason: "
