@@ -142,10 +142,10 @@ def test_four_workers_on_sqlite_finish_exactly_forty_trials(tmp_path: Path) -> N
     study, client = load(tmp_path / "runs" / "w4", "w4")
     states = [t.state for t in study.trials]
     assert len(states) == 40 and all(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
-    # four worker processes took part: each opened the study and printed its data line (the launcher printed one
-    # first), and every trial ran in a worker, never in the launcher. How the 40 trials fell to the four is the
-    # scheduler's business, so the test does not ask that each got one.
-    assert out.stderr.count("data digits:") == 1 + 4, out.stderr
+    # The launcher printed the data line; workers forked from it (Linux) leave it to the launcher, new worker
+    # processes print their own. Every trial ran in a worker, never in the launcher. How the 40 trials fell to
+    # the four is the scheduler's business, so the test does not ask that each got one.
+    assert out.stderr.count("data digits:") == (1 if sys.platform == "linux" else 1 + 4), out.stderr
     pids = {t.user_attrs["pid"] for t in study.trials}
     assert 1 <= len(pids) <= 4 and launcher.pid not in pids
     runs = child_runs(client, "w4")
