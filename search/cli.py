@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import gc
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from search.errors import HpoError, SettingsError
+from search.loading import collector_off
 
 if TYPE_CHECKING:  # imported late at run time: `hpo --help` must not wait for optuna, torch and mlflow
     from collections.abc import Iterator
@@ -278,20 +278,10 @@ def _open_existing(args: argparse.Namespace) -> tuple[optuna.Study, RunPaths]:
         raise SettingsError(f"the storage {paths.storage_url} has no study named {name!r}.") from exc
 
 
-@contextlib.contextmanager
-def _loading() -> Iterator[None]:
-    """No garbage collection while torch, mlflow, optuna and the objective load: each full one walks every object
-    loaded so far, 7 of them and about 1.2 s for `hpo run` (BENCHMARKS.md section 8). Loading leaves little garbage.
-    In the `hpo` process what was loaded is then frozen, so the collections of the run that follows skip it."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if _own_process:
-            gc.freeze()
-        if enabled:
-            gc.enable()
+def _loading() -> contextlib.AbstractContextManager[None]:
+    """torch, mlflow, optuna and the objective load with the collector off; in the `hpo` process what was loaded
+    is then frozen, so the collections of the run that follows skip it."""
+    return collector_off(freeze=_own_process)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

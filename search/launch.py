@@ -23,6 +23,7 @@ from typing import NoReturn, Protocol
 
 from search.config import Settings
 from search.errors import SettingsError
+from search.loading import collector_off
 from search.plugins import load_objective
 from search.preflight import check_gpus
 from search.progress import Progress
@@ -195,19 +196,11 @@ def import_before_fork(tracking_uri: str) -> None:
     optimiser, about 1 s), optuna-dashboard (the trial notes, about 0.9 s) and MLflow's SQL store (about 0.7 s).
     If the process froze what it loaded (`hpo` does, cli.py ``_loading``), these join it, so no collection walks
     them and the workers do not copy their pages."""
-    frozen = gc.get_freeze_count() > 0
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off(freeze=gc.get_freeze_count() > 0):
         import optuna_dashboard  # noqa: F401
         import torch._dynamo  # noqa: F401
 
         import_store_code(tracking_uri)
-    finally:
-        if frozen:
-            gc.freeze()
-        if enabled:
-            gc.enable()
 
 
 def start_workers(args: argparse.Namespace, plan: WorkerPlan, n_trials: int | None, fork: bool) -> list[Worker]:
