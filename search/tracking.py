@@ -246,9 +246,12 @@ def prepare_local_store(tracking_uri: str) -> None:
 
 
 def import_store_code(tracking_uri: str) -> None:
-    """Import MLflow's SQL tracking store now if ``tracking_uri`` is a database (about 0.7 s, paid by the first
-    client). `hpo run --workers` calls it before it forks, so its workers share one import, not one each."""
-    if tracking_uri.partition(":")[0].partition("+")[0] in {"sqlite", "postgresql", "mysql", "mssql"}:
+    """Import MLflow's SQL tracking store now if ``tracking_uri`` is one of the databases MLflow serves with it
+    (about 0.7 s, paid by the first client). `hpo run --workers` calls it before it forks, so its workers share
+    one import, not one each."""
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    if tracking_uri.partition(":")[0].partition("+")[0] in DATABASE_ENGINES:
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
