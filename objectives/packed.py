@@ -189,9 +189,12 @@ class PackedFit:
     def add(self, cfg: TrainConfig, on_epoch: OnEpoch | None = None, resume: dict[str, Any] | None = None,
             key: Any = None) -> PackMember:
         """A new member, built exactly as `fit` builds a trial (same seed -> same weights), or resumed."""
-        if unpackable(cfg) is not None or shared(cfg) != self.shared:
+        reason = unpackable(cfg)
+        if reason is not None:
+            raise ValueError(f"this config cannot join the pack: {reason}")
+        if shared(cfg) != self.shared:
             diff = sorted(k for k, v in shared(cfg).items() if self.shared[k] != v)
-            raise ValueError(f"this config cannot join the pack: it differs in {diff or 'model/compile/cuda_graphs'}")
+            raise ValueError(f"this config cannot join the pack: it differs in {diff}")
         state = new_state(cfg, self.data, self.runtime, self.max_epochs)
         if resume is not None:
             state.load_state_dict(resume)
