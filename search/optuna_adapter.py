@@ -72,11 +72,9 @@ def heartbeat_enabled(study: optuna.Study) -> bool:
 def reported_epochs(trial: FrozenTrial) -> int:
     """The epochs a first attempt that recorded none reached, by its reported steps (0 for a retry, whose steps
     include those it inherited, or for a trial that recorded its own)."""
-    if records.EPOCHS_RUN in trial.user_attrs or not trial.intermediate_values:
+    if records.EPOCHS_RUN in trial.user_attrs or optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial):
         return 0
-    if optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial):
-        return 0
-    return max(trial.intermediate_values) + 1
+    return records.steps_reached(trial)
 
 
 def fail_running(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:

@@ -62,6 +62,11 @@ def epochs_run(t: FrozenTrial) -> int:
     return int(t.user_attrs.get(EPOCHS_RUN) or 0)
 
 
+def steps_reached(t: FrozenTrial) -> int:
+    """The epochs a trial's reported steps reach (a step is an epoch, from 0); 0 before its first report."""
+    return max(t.intermediate_values) + 1 if t.intermediate_values else 0
+
+
 def epochs_shown(t: FrozenTrial) -> int | None:
     """What the tables show as a trial's epochs: its recorded count, or for a running trial (it records its
     count at its end) how far its reported steps reach, a resumed retry's with its predecessor's; None if
@@ -69,7 +74,7 @@ def epochs_shown(t: FrozenTrial) -> int | None:
     if t.user_attrs.get(EPOCHS_RUN) is not None:
         return int(t.user_attrs[EPOCHS_RUN])
     if t.state == TrialState.RUNNING and t.intermediate_values:
-        return max(t.intermediate_values) + 1
+        return steps_reached(t)
     return None
 
 
