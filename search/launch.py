@@ -28,6 +28,7 @@ from search.plugins import load_objective
 from search.preflight import check_gpus
 from search.progress import Progress
 from search.proxy import is_grpc
+from search.publish import note_writer
 from search.stores import RunPaths, close_storages, open_storage
 from search.study import (
     OpenStudy,
@@ -193,13 +194,13 @@ def create_stores_first(settings: Settings, paths: RunPaths) -> set[int]:
 def import_before_fork(tracking_uri: str) -> None:
     """Import, once, what each forked worker would otherwise import on its own after the fork, in parallel but
     paying it each, and the launcher again at the study's end: ``torch._dynamo`` (imported by the first
-    optimiser, about 1 s), optuna-dashboard (the trial notes, about 0.9 s) and MLflow's SQL store (about 0.7 s).
+    optimiser, about 1 s), optuna-dashboard's note writer (the trial notes) and MLflow's SQL store (about 0.7 s).
     If the process froze what it loaded (`hpo` does, cli.py ``_loading``), these join it, so no collection walks
     them and the workers do not copy their pages."""
     with collector_off(freeze=gc.get_freeze_count() > 0):
-        import optuna_dashboard  # noqa: F401
         import torch._dynamo  # noqa: F401
 
+        note_writer()
         import_store_code(tracking_uri)
 
 

@@ -7,12 +7,15 @@ Neither may fail a trial or a study: what goes wrong here is logged as a warning
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import shlex
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
@@ -29,6 +32,38 @@ from search.tracking import Tracker, log_model, metric_histories, run_url, set_t
 ARTIFACT_DIR = "optuna-artifacts"
 CURVES = ["train_loss", "val_loss", "val_accuracy"]
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def note_writer() -> Callable[[Any, str], None]:
+    """optuna-dashboard's ``save_note`` (the dashboard's own note format), without its web app.
+
+    ``import optuna_dashboard`` imports the app, the app ``optuna.importance``, and that scikit-learn: about 1 s
+    of every run's start-up, for a function that needs only optuna. Unless the package is loaded already, its
+    ``_note`` module is loaded on its own: the same file under the same name, which a later ``import
+    optuna_dashboard`` (`hpo dashboard`, `hpo report`) then reuses. Where this version of optuna-dashboard has no
+    such module, or it cannot load alone, the package is imported as before."""
+    name = "optuna_dashboard._note"
+    if "optuna_dashboard" not in sys.modules:
+        spec = importlib.util.find_spec("optuna_dashboard")  # finds the package without importing it
+        path = Path(spec.origin).with_name("_note.py") if spec is not None and spec.origin else None
+        note_spec = importlib.util.spec_from_file_location(name, path) if path is not None and path.is_file() else None
+        if note_spec is not None and note_spec.loader is not None:
+            module = sys.modules.get(name)
+            if module is None:
+                module = importlib.util.module_from_spec(note_spec)
+                sys.modules[name] = module
+                try:
+                    note_spec.loader.exec_module(module)
+                except Exception:  # noqa: BLE001 - a version whose note module needs its package: import that
+                    del sys.modules[name]
+                    module = None
+            save = getattr(module, "save_note", None)
+            if callable(save):
+                return save  # type: ignore[no-any-return]
+    from optuna_dashboard import save_note
+
+    return cast(Callable[[Any, str], None], save_note)
 
 
 def artifact_store(root: Path) -> FileSystemArtifactStore:
@@ -53,8 +88,6 @@ def on_trial_end(session: Any, state: str) -> None:
 
 
 def _trial_end(session: Any, state: str) -> None:
-    from optuna_dashboard import save_note  # imported late: it costs seconds, and only runs need it
-
     trial, ctx, run = session.trial, session.ctx, session.run
     if run is None or session.reason == "interrupted":  # Ctrl-C: stop now, publish nothing
         return
@@ -75,7 +108,7 @@ def _trial_end(session: Any, state: str) -> None:
                                Path(tmp) / f"trial-{trial.number}-curves.png")
         upload_artifact(artifact_store=store, file_path=str(png), study_or_trial=trial)
     attrs = {**trial.user_attrs, "mlflow_run_url": run_url(ctx.tracker, run.run_id)}
-    save_note(trial, trial_note(trial.number, state, attrs, max_epochs, label))
+    note_writer()(trial, trial_note(trial.number, state, attrs, max_epochs, label))
 
 
 STORE_OPTIONS = ("--run-dir", "--storage", "--tracking-uri", "--set", "--study-name")
@@ -112,14 +145,12 @@ def on_study_end(study: optuna.Study, settings: Settings, tracker: Tracker, obje
 
 def write_study_note(study: optuna.Study, settings: dict[str, Any], n_trials: int | None, command: str,
                      options: str = "") -> str:
-    from optuna_dashboard import save_note
-
     best = best_trial(study)
     scored = study.user_attrs.get(records.TEST_SCORED_TRIAL)
     test = dict(study.user_attrs.get(records.TEST_METRICS, {})) if best and scored == best.number else {}
     body = study_note(study.study_name, study.get_trials(deepcopy=False), settings, best, test, n_trials, command,
                       options)
-    save_note(study, body)
+    note_writer()(study, body)
     return body
 
 

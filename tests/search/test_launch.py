@@ -169,13 +169,13 @@ def _python(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_before_the_fork_the_launcher_imports_what_every_worker_would_import_on_its_own(tmp_path: Path) -> None:
-    """torch._dynamo (the first optimiser), optuna-dashboard (trial notes), MLflow's SQL store (a database URI
-    only): afterwards a worker's first optimiser, note and client import none of them again, and what was
-    imported joins the frozen objects of a process that froze its own."""
+    """torch._dynamo (the first optimiser), optuna-dashboard's note writer (trial notes), MLflow's SQL store (a
+    database URI only): afterwards a worker's first optimiser, note and client import none of them again, and
+    what was imported joins the frozen objects of a process that froze its own."""
     script = (
         "import gc, sys\n"
         "from search.launch import import_before_fork\n"
-        "heavy = ('torch._dynamo', 'optuna_dashboard', 'mlflow.store.tracking.sqlalchemy_store')\n"
+        "heavy = ('torch._dynamo', 'optuna_dashboard._note', 'mlflow.store.tracking.sqlalchemy_store')\n"
         "assert not [m for m in heavy if m in sys.modules]\n"
         "import_before_fork('http://127.0.0.1:5000')\n"
         "assert [m for m in heavy if m in sys.modules] == list(heavy[:2]), 'a server URI needs no SQL store'\n"
@@ -185,11 +185,13 @@ def test_before_the_fork_the_launcher_imports_what_every_worker_would_import_on_
         "loaded = set(sys.modules)\n"
         "import torch\n"
         "torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())\n"
-        "from optuna_dashboard import save_note\n"
+        "from search.publish import note_writer\n"
+        "note_writer()\n"
         "from search.tracking import MlflowClient\n"
         f"MlflowClient('sqlite:///{tmp_path}/mlflow.db')\n"
         "again = sorted(m for m in set(sys.modules) - loaded if m.startswith(heavy))\n"
         "assert not again, again\n"
+        "assert 'optuna_dashboard' not in sys.modules and 'sklearn' not in sys.modules, 'the web app was imported'\n"
     )
     _python(script, tmp_path)
 
