@@ -13,15 +13,12 @@ from search.carry_forward import MedianCarryForwardPruner, value_at_step
 from search.config import PrunerSection
 from search.pruning import build_pruner
 
+pytestmark = pytest.mark.usefixtures("quiet_optuna")
+
 # Two slow learners ran all six epochs; two fast learners were stopped early at epoch 2 after peaking at 1.
 FULL_RUNS = [[0.50, 0.60, 0.70, 0.75, 0.80, 0.82], [0.55, 0.65, 0.72, 0.78, 0.82, 0.85]]
 EARLY_STOPPED = [[0.90, 0.97, 0.96], [0.88, 0.96, 0.95]]
 NEW_TRIAL = [0.80, 0.83, 0.85, 0.86]
-
-
-@pytest.fixture(autouse=True)
-def _quiet_optuna() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def study_with(pruner: BasePruner, curves: list[list[float]], direction: str = "maximize") -> optuna.Study:

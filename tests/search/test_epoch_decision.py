@@ -156,13 +156,13 @@ def outcome(t: optuna.trial.FrozenTrial) -> tuple[Any, ...]:
             t.value)
 
 
+@pytest.mark.usefixtures("quiet_optuna")
 @pytest.mark.parametrize("early_stopping", [True, False], ids=["es", "no-es"])
 @pytest.mark.parametrize("pruner", PRUNERS, ids=[p["name"] for p in PRUNERS])
 def test_live_run_and_replay_end_every_trial_the_same_way(
     pruner: dict[str, Any], early_stopping: bool, tracker: Tracker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(session_module, "on_trial_end", lambda session, state: None)  # plots: not a decision
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = settings_for(pruner, early_stopping)
     trials = recorded()
     live_study = live(settings, trials, tracker, tmp_path / "checkpoints")

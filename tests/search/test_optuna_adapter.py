@@ -209,6 +209,7 @@ def test_every_pruner_the_project_offers_is_checked_against_optunas_own_decision
     assert {p["name"] for p in TWIN_PRUNERS} == set(PRUNERS)
 
 
+@pytest.mark.usefixtures("quiet_optuna")
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Wilcoxon warns about the NaN curve, on both sides alike
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 @pytest.mark.parametrize("options", TWIN_PRUNERS, ids=lambda o: "-".join(map(str, o.values())))
@@ -220,7 +221,6 @@ def test_local_decision_is_optunas_at_every_step(options: dict[str, Any], tmp_pa
     from search.optuna_adapter import PruningTrial
     from search.pruning import build_pruner
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     studies = [optuna.create_study(study_name="twin", direction="maximize",
                                    storage=f"sqlite:///{tmp_path / f'{side}.db'}",
                                    pruner=build_pruner(PrunerSection(**options), len(CURVES[0])))

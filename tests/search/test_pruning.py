@@ -27,21 +27,14 @@ from search.pruning import PRUNERS, build_pruner
 from search.samplers import build_sampler
 from search.space import suggest
 
-pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+              pytest.mark.usefixtures("quiet_optuna")]
 
 SPACE = SpaceSection.model_validate({
     "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
     "dropout": {"type": "float", "low": 0.0, "high": 0.5},
     "blocks_per_stage": {"type": "int", "low": 1, "high": 4},
 })
-
-
-@pytest.fixture(autouse=True)
-def _quiet_optuna() -> Any:
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
-    optuna.logging.set_verbosity(level)
 
 
 def pruner(max_epochs: int = 20, **options: Any) -> optuna.pruners.BasePruner:

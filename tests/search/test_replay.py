@@ -13,6 +13,8 @@ from optuna.trial import TrialState
 from search.config import Settings, settings_from_dict
 from search.replay import ReplayError, load_recorded, needed_metrics, replay
 
+pytestmark = pytest.mark.usefixtures("quiet_optuna")
+
 CURVES = [
     [0.50, 0.60, 0.70, 0.80, 0.85, 0.90],  # keeps improving: never stopped early
     [0.40, 0.60, 0.60, 0.60, 0.70, 0.80],  # plateau at epochs 1-3: patience 2 stops it at epoch 3
@@ -20,11 +22,6 @@ CURVES = [
     [0.90, 0.91, 0.91, 0.91, 0.91, 0.91],  # best early, then flat
 ]
 LRS = [0.01, 0.02, 0.03, 0.04]
-
-
-@pytest.fixture(autouse=True)
-def _quiet_optuna() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def settings(pruner: dict[str, Any], early_stopping: bool, name: str = "replay-test") -> Settings:

@@ -14,6 +14,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from search.config import SpaceSection, load_settings
 from search.space import REFERENCE_BATCH, grid_space, resolve, suggest
 
+pytestmark = pytest.mark.usefixtures("quiet_optuna")
+
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 
 SPACE = {
@@ -28,14 +30,6 @@ SPACE = {
     "warmup_epochs": {"type": "int", "low": 0, "high": 6, "step": 2},
     "step_size": {"type": "int", "low": 1, "high": 64, "log": True},
 }
-
-
-@pytest.fixture(autouse=True)
-def _quiet_optuna() -> Any:
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
-    optuna.logging.set_verbosity(level)
 
 
 @pytest.fixture
