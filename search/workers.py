@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 import socket
 import warnings
@@ -37,6 +38,7 @@ from search.optuna_adapter import fail_running
 from search.storage_retry import POSTGRES_TIMEOUTS, Retrier, is_connection_error
 
 HOST = socket.gethostname()
+log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
@@ -145,16 +147,18 @@ class _AdvisoryLock:
     """A PostgreSQL advisory lock keyed by study name: one budget decision at a time across machines.
 
     Taking it is retried on connection errors like every storage call (``retrier``); a connection lost while
-    it is held took the lock with it (the server drops a session's advisory locks), so releasing it then is a
-    no-op, not an error."""
+    it is held took the lock with it (the server drops a session's advisory locks), so releasing it then is not
+    an error, but it is said: another process may have held the lock meanwhile (``lost`` is then True)."""
 
     def __init__(self, url: str, name: str, retrier: Retrier | None = None) -> None:
         import sqlalchemy
 
         self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
                                                connect_args=dict(POSTGRES_TIMEOUTS))
+        self.name = name
         self.key = int.from_bytes(hashlib.sha256(f"hpo:{name}".encode()).digest()[:8], "big", signed=True)
         self.conn: Any = None
+        self.lost = False
         self.retrier = retrier or Retrier(0, "the PostgreSQL budget lock")
 
     def _take(self) -> None:
@@ -178,12 +182,21 @@ class _AdvisoryLock:
         if self.conn is not None:
             conn, self.conn = self.conn, None
             try:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+                held = conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}).scalar()
             except Exception as error:
                 if not is_connection_error(error):
                     raise
+                held = False
             finally:
                 conn.close()
+            self.lost = not held
+            if self.lost:
+                log.warning(
+                    "the PostgreSQL advisory lock %r was lost while this process held it (its database connection "
+                    "dropped, and the server released the lock with it), so another worker may have taken it "
+                    "meanwhile. For the budget lock the study can end with a trial more than n_trials; `hpo "
+                    "status` shows the counts. Frequent drops point at the network or the server's connection "
+                    "limits.", self.name)
 
 
 class _HostThenAdvisory:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -206,3 +207,37 @@ def test_workers_opening_a_new_postgresql_storage_at_once_all_succeed() -> None:
         outputs = [p.communicate(timeout=120) for p in procs]
         assert [p.returncode for p in procs] == [0] * 6, [err[-500:] for _, err in outputs]
         assert all(out.strip() == "opened" for out, _ in outputs)
+
+
+def test_an_advisory_lock_whose_connection_dropped_while_held_says_so_at_release(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The server ends the lock holder's session (as a network cut or an administrator would): the lock is gone
+    with it, so another process can take it while this one still thinks it holds it. Releasing it is not an
+    error, but it warns, naming the lock, and says what can follow; a normal release says nothing."""
+    import sqlalchemy
+
+    from search.workers import advisory_lock
+
+    with postgres_database() as url:
+        other = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+        try:
+            with caplog.at_level("WARNING", logger="search.workers"):
+                with advisory_lock(url, "budget-cut", per_machine=False) as kept:
+                    pass
+                assert not kept.lost and not caplog.records
+                with advisory_lock(url, "budget-cut", per_machine=False) as lock:
+                    pid = lock.conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+                    with other.connect() as conn:
+                        assert conn.execute(sqlalchemy.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+                        deadline, taken = time.monotonic() + 10, False
+                        while not taken and time.monotonic() < deadline:  # the backend ends asynchronously
+                            taken = conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"),
+                                                 {"k": lock.key}).scalar()
+                            time.sleep(0.05)
+                        assert taken, "the lock survived its connection"
+                        conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": lock.key})
+            assert lock.lost
+            warned = [r.getMessage() for r in caplog.records]
+            assert len(warned) == 1 and "'budget-cut' was lost" in warned[0] and "n_trials" in warned[0], warned
+        finally:
+            other.dispose()
