@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from optuna.trial import FrozenTrial, TrialState
@@ -297,3 +300,63 @@ def test_before_the_fork_on_postgresql(tmp_path: Path) -> None:
         study = optuna.load_study(study_name="s", storage=url)
         study.tell(study.ask(), 1.0)
         assert create_stores_first(_settings("s"), paths) == {0}
+
+
+class _AnswersOnce(http.server.BaseHTTPRequestHandler):
+    """An MLflow server that answers the first request (the launcher's check before it forks) and then holds every
+    request open, unanswered, until the test lets go: each later store opening waits in its probe."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        server: Any = self.server
+        with server.lock:
+            server.requests += 1
+            first = server.requests == 1
+        if first:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+            return
+        with server.lock:
+            server.held += 1
+        server.release.wait(60)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        """Quiet."""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only; reads /proc")
+def test_sigterm_while_the_launcher_opens_its_stores_beside_forked_workers_stops_the_workers_first(
+        tmp_path: Path) -> None:
+    """The launcher forks its workers and then opens its own stores beside them; a SIGTERM (a scheduler stopping
+    the job: the launcher alone is signalled) that comes then must stop the workers before the launcher exits,
+    not leave them running on. The tracking server holds every store opening after the first, so the signal
+    finds the launcher and both workers waiting on it: no sleeps, no race."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnswersOnce)
+    server.daemon_threads = True
+    server.lock, server.requests, server.held, server.release = threading.Lock(), 0, 0, threading.Event()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        proc = subprocess.Popen(hpo_cmd("run", str(QUICKSTART), "--workers", "2", "--tracking-uri", uri,
+                                        "--run-dir", str(tmp_path / "runs"), "--quiet"),
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        workers: list[int] = []
+        for _ in range(2400):  # the launcher and its two workers each waiting on the server
+            with contextlib.suppress(OSError):
+                workers = [int(pid) for pid in children.read_text().split()]
+            if server.held >= 3 and len(workers) == 2:
+                break
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.05)
+        assert server.held >= 3 and len(workers) == 2, (server.held, workers)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        still = [pid for pid in workers if is_alive(pid)]  # the launcher is gone: its workers must be too
+        assert proc.returncode == 130 and "Traceback" not in err, err
+        assert "interrupted" in err and not still, (still, err)
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
