@@ -490,7 +490,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from search.stores import sqlite_path
-    from search.tracking import experiments_url
+    from search.tracking import existing_tracker, experiments_url
 
     name = None
     if not _names_a_study(args):
@@ -510,25 +510,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
                             "`hpo run FILE` first, or pass the --run-dir/--tracking-uri it used.")
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     base = f"http://{shown}:{args.port}"
-    experiment = _experiment_id(uri, name) if name else None
+    tracker = existing_tracker(uri, name) if name else None  # for a link straight to the study's runs
+    experiment = tracker.experiment_id if tracker else None
     where = (f"the study's runs: {experiments_url(base, experiment)}" if experiment
              else f"its experiments: {experiments_url(base)}")
     print(f"MLflow UI on {base}/ for {uri}; open {where} (the model-training view)", file=sys.stderr)
     argv = [_tool("mlflow"), "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
             "--workers", str(args.workers)]
     return _exec(argv)
-
-
-def _experiment_id(uri: str, name: str) -> str | None:
-    """The study's experiment id in the tracking store, for a link straight to its runs (None if not found)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        experiment = MlflowClient(uri).get_experiment_by_name(name)
-    except MlflowException:
-        return None
-    return experiment.experiment_id if experiment else None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
