@@ -182,9 +182,10 @@ class PruningTrial:
     (through ``OwnSystemAttrs``), so the pruner sees what a fresh read would give. Finished trials come through a
     ``FinishedTrialsCache``."""
 
-    def __init__(self, trial: optuna.Trial, ttl: float = 10.0) -> None:
+    def __init__(self, trial: optuna.Trial, ttl: float = 10.0, stored: FrozenTrial | None = None) -> None:
         self.trial = trial
-        self.local = copy.deepcopy(stored_trial(trial))  # in memory, get_trial gives the storage's own object
+        # In memory: get_trial gives the storage's own object. `stored`: the caller's read of it, made just now.
+        self.local = copy.deepcopy(stored if stored is not None else stored_trial(trial))
         own = OwnSystemAttrs(trial.study._storage, trial._trial_id, self.local.system_attrs)
         self.view = FinishedTrialsCache(trial.study, ttl, own)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from search.checkpoint import load_checkpoint, save_atomic
 from search.errors import HpoError
-from search.optuna_adapter import stored_trial
 
 log = logging.getLogger("hpo")
 LAST = "last.pt"
@@ -31,18 +31,20 @@ def last_path(checkpoint_root: Path, trial_number: int) -> Path:
     return trial_dir(checkpoint_root, trial_number) / LAST
 
 
-def retried_trials(trial: optuna.Trial) -> list[int]:
-    """The numbers of the earlier attempts ``trial`` retries, oldest first (empty for a fresh trial)."""
-    return list(optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(stored_trial(trial)))
+def retried_trials(trial: FrozenTrial) -> list[int]:
+    """The numbers of the earlier attempts ``trial`` retries, oldest first (empty for a fresh trial); ``trial`` is
+    the storage's record of it (``stored_trial``: a live trial does not show its system attrs)."""
+    return list(optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial))
 
 
-def find_resume(trial: optuna.Trial, checkpoint_root: Path,
+def find_resume(trial_number: int, earlier: list[int], checkpoint_root: Path,
                 remote: Callable[[int], Path | None] | None = None) -> dict[str, Any] | None:
-    """The newest readable last.pt of the trials ``trial`` retries (newest predecessor first), with the
-    number of the trial it came from under ``_from_trial`` and where it was read under ``_source``; None for a
-    fresh trial. For each predecessor the local file comes first (the fast path on one machine), then
-    ``remote(number)``: that attempt's checkpoint fetched from the artifact store (it ran on another machine)."""
-    for number in reversed(retried_trials(trial)):
+    """The newest readable last.pt of the ``earlier`` attempts trial ``trial_number`` retries (``retried_trials``,
+    newest predecessor first), with the number of the trial it came from under ``_from_trial`` and where it was
+    read under ``_source``; None for a fresh trial. For each predecessor the local file comes first (the fast
+    path on one machine), then ``remote(number)``: that attempt's checkpoint fetched from the artifact store (it
+    ran on another machine)."""
+    for number in reversed(earlier):
         candidates = [last_path(checkpoint_root, number)]
         if not candidates[0].exists():
             fetched = remote(number) if remote is not None else None
@@ -51,7 +53,7 @@ def find_resume(trial: optuna.Trial, checkpoint_root: Path,
             try:
                 state = load_checkpoint(path, key="training")
             except HpoError as exc:
-                log.warning("trial %s: not resuming from %s: %s", trial.number, path, exc)
+                log.warning("trial %s: not resuming from %s: %s", trial_number, path, exc)
                 continue
             state["_from_trial"] = number
             state["_source"] = str(path)

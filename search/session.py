@@ -123,14 +123,15 @@ class TrialSession:
         return last_path(self.ctx.checkpoint_root, self.trial.number)
 
     def __enter__(self) -> TrialSession:
-        self._pruning = PruningTrial(self.trial)
+        stored = stored_trial(self.trial)  # one read: the pruner's view of the trial, and what it retries
+        self._pruning = PruningTrial(self.trial, stored=stored)
         self.stopper = build_stopper(self.settings)
-        earlier = retried_trials(self.trial)
+        earlier = retried_trials(stored)
         self._earlier_runs = self._runs_of(earlier)
         previous_run = self._earlier_runs.get(earlier[-1]) if earlier else None  # the attempt this one retries
         with tempfile.TemporaryDirectory(prefix="hpo-resume-") as fetched:
             remote = self._fetcher(Path(fetched)) if self.ctx.tracker.is_server else None
-            resume = find_resume(self.trial, self.ctx.checkpoint_root, remote)
+            resume = find_resume(self.trial.number, earlier, self.ctx.checkpoint_root, remote)
         self.run = self.ctx.tracker.start_trial(self.ctx.parent_run_id, self.trial.number, self.params, self.resolved)
         # A retry enqueued by an earlier version carries its predecessor's record; this attempt writes its own.
         inherited = {key: None for key in records.PER_ATTEMPT if key in self.trial.user_attrs}
