@@ -279,6 +279,8 @@ def _follow_workers(opened: OpenStudy, procs: list[Worker], before: set[int], n_
                         shown.add(trial.number)
                         if progress is not None:
                             progress(study, trial)
+                if progress is not None and not done:
+                    progress.workers_running(study)
             if done:
                 break
             time.sleep(0.1)

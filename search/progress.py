@@ -3,7 +3,9 @@
 On a terminal (stderr is a TTY) two tqdm bars stay at the bottom: the study (trials finished of the budget,
 pruned, early-stopped and failed counts, best value so far, elapsed and estimated remaining time) and the
 current trial (epoch of max_epochs, the metric, the loss); each finished trial's line scrolls above them.
-In CI and logs (not a TTY) only the per-trial lines are written, with no control characters.
+In CI and logs (not a TTY) the per-trial lines are written, with no control characters, and while a trial runs
+long (a CPU run of a large model, a batch job's log) an epoch line at most once every ``epoch_line_every``
+seconds, so a log never goes quiet for the length of a trial.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from search.summary import counts
 STUDY_BAR = "{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed, ETA {remaining}{postfix}"
 OPEN_BAR = "{desc} {n_fmt} finished, {elapsed} elapsed{postfix}"  # a timeout-only study has no trial budget
 EPOCH_BAR = "{desc} |{bar}| {n_fmt}/{total_fmt}{postfix}"
+EPOCH_LINE_EVERY_S = 60.0  # logs: an epoch line only once this long has passed without any line
 
 
 def _early_stopped(study: optuna.Study) -> int:
@@ -34,13 +37,15 @@ class Progress:
     """Prints to stderr so stdout stays clean for --json and pipes. ``live`` forces the terminal mode."""
 
     def __init__(self, budget: int | None, metric: str, stream: TextIO | None = None, max_epochs: int | None = None,
-                 live: bool | None = None) -> None:
+                 live: bool | None = None, epoch_line_every: float = EPOCH_LINE_EVERY_S) -> None:
         self.budget = budget
         self.metric = metric
         self.max_epochs = max_epochs
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
+        self.epoch_line_every = epoch_line_every
         self.started = time.monotonic()
+        self._last_line = self.started  # when a plain line was last written (logs)
         self._study: Any = None
         self._epochs: Any = None
         self._trial: int | None = None
@@ -74,6 +79,8 @@ class Progress:
 
     def on_epoch(self, trial_number: int, epoch: int, metrics: dict[str, float]) -> None:
         if not self.live:
+            if time.monotonic() - self._last_line >= self.epoch_line_every:
+                self._write(self.epoch_line(trial_number, epoch, metrics))
             return
         from tqdm import tqdm
 
@@ -100,7 +107,33 @@ class Progress:
             self._study.close()
             self._study = None
 
-    # --- one line per finished trial (an Optuna callback) -------------------------------------------------------
+    # --- plain lines: one per finished trial (an Optuna callback), an epoch line now and then in logs -----------
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        self._last_line = time.monotonic()
+
+    def workers_running(self, study: optuna.Study) -> None:
+        """For `hpo run --workers` (its workers train quietly): in logs, once ``epoch_line_every`` has passed
+        without a line, one line with each running trial's last reported epoch and value, from the storage."""
+        if self.live or time.monotonic() - self._last_line < self.epoch_line_every:
+            return
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.intermediate_values]
+        if not running:
+            return
+        of = f"/{self.max_epochs}" if self.max_epochs else ""
+        parts = []
+        for t in sorted(running, key=lambda t: t.number):
+            step = max(t.intermediate_values)
+            parts.append(f"trial {t.number} epoch {step + 1}{of} {self.metric} {t.intermediate_values[step]:.4f}")
+        self._write(f"running: {'; '.join(parts)}  [{time.monotonic() - self.started:.0f}s]")
+
+    def epoch_line(self, trial_number: int, epoch: int, metrics: dict[str, float]) -> str:
+        of = f"/{self.max_epochs}" if self.max_epochs else ""
+        shown = metrics.get(self.metric, float("nan"))
+        return (f"trial {trial_number:>3} running  epoch {epoch + 1}{of}  {self.metric} {shown:.4f}  loss "
+                f"{metrics.get('train_loss', float('nan')):.4f}  [{time.monotonic() - self.started:.0f}s]")
 
     def line(self, study: optuna.Study, trial: FrozenTrial) -> str:
         c = counts(study)
@@ -117,8 +150,7 @@ class Progress:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         text = self.line(study, trial)
         if not self.live:
-            self.stream.write(text + "\n")
-            self.stream.flush()
+            self._write(text)
             return
         self.start(study)
         from tqdm import tqdm

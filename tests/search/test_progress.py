@@ -123,3 +123,65 @@ def test_watch_stops_quietly_on_ctrl_c() -> None:
     stream = io.StringIO()
     assert watch(study, 1.0, stream=stream, sleep=interrupt) == 130
     assert stream.getvalue().count("number  state") == 1 and "Traceback" not in stream.getvalue()
+
+
+class Clock:
+    """search.progress's ``time``, moved by hand: what a log shows depends on the time between lines."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_in_logs_a_long_trial_gets_an_epoch_line_once_a_minute_without_any_other_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr("search.progress.time", clock)
+    study = small_study()
+    stream = io.StringIO()
+    progress = Progress(3, "val_accuracy", stream=stream, max_epochs=30)
+    metrics = {"val_accuracy": 0.7, "train_loss": 0.3}
+    clock.now += 59
+    progress.on_epoch(2, 0, metrics)  # under a minute since the start: nothing
+    clock.now += 2
+    progress.on_epoch(2, 1, metrics)  # 61 s: a line
+    clock.now += 30
+    progress.on_epoch(2, 2, metrics)  # 30 s after that line: nothing
+    clock.now += 40
+    progress(study, study.trials[0])  # a trial line counts as a line too
+    clock.now += 50
+    progress.on_epoch(2, 3, metrics)  # 50 s after the trial line: nothing
+    clock.now += 10
+    progress.on_epoch(2, 4, {"val_accuracy": 0.8125, "train_loss": 0.25})
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "trial   2 running  epoch 2/30  val_accuracy 0.7000  loss 0.3000  [61s]"
+    assert lines[1].startswith("trial   0 COMPLETE")
+    assert lines[2] == "trial   2 running  epoch 5/30  val_accuracy 0.8125  loss 0.2500  [191s]"
+    assert len(lines) == 3 and "\r" not in stream.getvalue()
+
+
+def test_in_logs_hpo_run_workers_shows_the_running_trials_from_the_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's workers train quietly; its line names each running trial's last reported epoch and value."""
+    clock = Clock()
+    monkeypatch.setattr("search.progress.time", clock)
+    study = small_study()
+    stream = io.StringIO()
+    progress = Progress(3, "val_accuracy", stream=stream, max_epochs=20)
+    waiting = study.ask()  # running, nothing reported yet: left out
+    later = study.ask()
+    for step, value in enumerate([0.5, 0.625]):
+        later.report(value, step)
+    progress.workers_running(study)
+    clock.now += 61
+    progress.workers_running(study)
+    clock.now += 1
+    progress.workers_running(study)  # a second after the last line: nothing
+    assert stream.getvalue().splitlines() == [
+        f"running: trial {later.number} epoch 2/20 val_accuracy 0.6250  [61s]"]
+    assert waiting.number != later.number
+    live = Progress(3, "val_accuracy", stream=Terminal(), max_epochs=20)
+    clock.now += 120
+    live.workers_running(study)  # a terminal has the bars instead
+    assert live.stream.getvalue() == ""
