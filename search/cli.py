@@ -32,7 +32,7 @@ Hyperparameter search for PyTorch CNNs: Optuna studies with early stopping insid
 pruning across trials, and MLflow tracking of every trial.
 
 Start here:
-  hpo run studies/quickstart.toml            tune a CNN on scikit-learn's digits (CPU, ~2 minutes)
+  hpo run studies/quickstart.toml            tune a CNN on scikit-learn's digits (CPU, under a minute)
   hpo status studies/quickstart.toml         table of trials: state, value, epochs, why each ended
   hpo best studies/quickstart.toml           the best trial's parameters, value and checkpoint
   hpo dashboard studies/quickstart.toml      optuna-dashboard on http://127.0.0.1:8080
