@@ -4,7 +4,7 @@ On a terminal (stderr is a TTY) two tqdm bars stay at the bottom: the study (tri
 pruned, early-stopped and failed counts, best value so far, elapsed and estimated remaining time) and the
 current trial (epoch of max_epochs, the metric, the loss); each finished trial's line scrolls above them.
 In CI and logs (not a TTY) the per-trial lines are written, with no control characters, and while a trial runs
-long (a CPU run of a large model, a batch job's log) an epoch line at most once every ``epoch_line_every``
+long (a CPU run of a large model, a batch job's log) an epoch line at most once every ``EPOCH_LINE_EVERY_S``
 seconds, so a log never goes quiet for the length of a trial.
 """
 
@@ -37,13 +37,12 @@ class Progress:
     """Prints to stderr so stdout stays clean for --json and pipes. ``live`` forces the terminal mode."""
 
     def __init__(self, budget: int | None, metric: str, stream: TextIO | None = None, max_epochs: int | None = None,
-                 live: bool | None = None, epoch_line_every: float = EPOCH_LINE_EVERY_S) -> None:
+                 live: bool | None = None) -> None:
         self.budget = budget
         self.metric = metric
         self.max_epochs = max_epochs
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
-        self.epoch_line_every = epoch_line_every
         self.started = time.monotonic()
         self._last_line = self.started  # when a plain line was last written (logs)
         self._study: Any = None
@@ -79,7 +78,7 @@ class Progress:
 
     def on_epoch(self, trial_number: int, epoch: int, metrics: dict[str, float]) -> None:
         if not self.live:
-            if time.monotonic() - self._last_line >= self.epoch_line_every:
+            if self._quiet_for_long():
                 self._write(self.epoch_line(trial_number, epoch, metrics))
             return
         from tqdm import tqdm
@@ -114,26 +113,35 @@ class Progress:
         self.stream.flush()
         self._last_line = time.monotonic()
 
+    def _quiet_for_long(self) -> bool:
+        """Whether the log has had no line for ``EPOCH_LINE_EVERY_S``: time for a line about the running trials."""
+        return time.monotonic() - self._last_line >= EPOCH_LINE_EVERY_S
+
+    def _of_max(self) -> str:
+        return f"/{self.max_epochs}" if self.max_epochs else ""
+
+    def _elapsed(self) -> str:
+        return f"[{time.monotonic() - self.started:.0f}s]"
+
     def workers_running(self, study: optuna.Study) -> None:
-        """For `hpo run --workers` (its workers train quietly): in logs, once ``epoch_line_every`` has passed
+        """For `hpo run --workers` (its workers train quietly): in logs, once ``EPOCH_LINE_EVERY_S`` has passed
         without a line, one line with each running trial's last reported epoch and value, from the storage."""
-        if self.live or time.monotonic() - self._last_line < self.epoch_line_every:
+        if self.live or not self._quiet_for_long():
             return
         running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.intermediate_values]
         if not running:
             return
-        of = f"/{self.max_epochs}" if self.max_epochs else ""
         parts = []
         for t in sorted(running, key=lambda t: t.number):
-            step = max(t.intermediate_values)
-            parts.append(f"trial {t.number} epoch {step + 1}{of} {self.metric} {t.intermediate_values[step]:.4f}")
-        self._write(f"running: {'; '.join(parts)}  [{time.monotonic() - self.started:.0f}s]")
+            reached = records.steps_reached(t)
+            parts.append(f"trial {t.number} epoch {reached}{self._of_max()} {self.metric} "
+                         f"{t.intermediate_values[reached - 1]:.4f}")
+        self._write(f"running: {'; '.join(parts)}  {self._elapsed()}")
 
     def epoch_line(self, trial_number: int, epoch: int, metrics: dict[str, float]) -> str:
-        of = f"/{self.max_epochs}" if self.max_epochs else ""
         shown = metrics.get(self.metric, float("nan"))
-        return (f"trial {trial_number:>3} running  epoch {epoch + 1}{of}  {self.metric} {shown:.4f}  loss "
-                f"{metrics.get('train_loss', float('nan')):.4f}  [{time.monotonic() - self.started:.0f}s]")
+        return (f"trial {trial_number:>3} running  epoch {epoch + 1}{self._of_max()}  {self.metric} {shown:.4f}  loss "
+                f"{metrics.get('train_loss', float('nan')):.4f}  {self._elapsed()}")
 
     def line(self, study: optuna.Study, trial: FrozenTrial) -> str:
         c = counts(study)
@@ -145,7 +153,7 @@ class Progress:
         how = trial.user_attrs.get(records.REASON, "")
         return (f"trial {trial.number:>3} {trial.state.name:<8} {value}epochs {records.epochs_run(trial)}"
                 f" ({how})  | finished {finished}{budget} pruned {c['PRUNED']} failed {c['FAIL']}  {best_text}"
-                f"  [{time.monotonic() - self.started:.0f}s]")
+                f"  {self._elapsed()}")
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         text = self.line(study, trial)
