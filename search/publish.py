@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any, cast
 
 import optuna
@@ -40,30 +41,38 @@ def note_writer() -> Callable[[Any, str], None]:
 
     ``import optuna_dashboard`` imports the app, the app ``optuna.importance``, and that scikit-learn: about 1 s
     of every run's start-up, for a function that needs only optuna. Unless the package is loaded already, its
-    ``_note`` module is loaded on its own: the same file under the same name, which a later ``import
-    optuna_dashboard`` (`hpo dashboard`, `hpo report`) then reuses. Where this version of optuna-dashboard has no
+    ``_note`` module is loaded on its own (``_note_module_alone``). Where this version of optuna-dashboard has no
     such module, or it cannot load alone, the package is imported as before."""
-    name = "optuna_dashboard._note"
     if "optuna_dashboard" not in sys.modules:
-        spec = importlib.util.find_spec("optuna_dashboard")  # finds the package without importing it
-        path = Path(spec.origin).with_name("_note.py") if spec is not None and spec.origin else None
-        note_spec = importlib.util.spec_from_file_location(name, path) if path is not None and path.is_file() else None
-        if note_spec is not None and note_spec.loader is not None:
-            module = sys.modules.get(name)
-            if module is None:
-                module = importlib.util.module_from_spec(note_spec)
-                sys.modules[name] = module
-                try:
-                    note_spec.loader.exec_module(module)
-                except Exception:  # noqa: BLE001 - a version whose note module needs its package: import that
-                    del sys.modules[name]
-                    module = None
-            save = getattr(module, "save_note", None)
-            if callable(save):
-                return save  # type: ignore[no-any-return]
+        save = getattr(_note_module_alone(), "save_note", None)
+        if callable(save):
+            return save  # type: ignore[no-any-return]
     from optuna_dashboard import save_note
 
     return cast(Callable[[Any, str], None], save_note)
+
+
+def _note_module_alone() -> ModuleType | None:
+    """optuna-dashboard's ``_note.py`` run without its package: the same file under the same name, which a later
+    ``import optuna_dashboard`` (`hpo dashboard`, `hpo report`) then reuses. None where it cannot be."""
+    name = "optuna_dashboard._note"
+    if name in sys.modules:
+        return sys.modules[name]
+    package = importlib.util.find_spec("optuna_dashboard")  # finds the package without importing it
+    if package is None or not package.origin:
+        return None
+    path = Path(package.origin).with_name("_note.py")
+    spec = importlib.util.spec_from_file_location(name, path) if path.is_file() else None
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:  # noqa: BLE001 - a version whose note module needs its package: the caller imports that
+        del sys.modules[name]
+        return None
+    return module
 
 
 def artifact_store(root: Path) -> FileSystemArtifactStore:
