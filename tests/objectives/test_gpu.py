@@ -130,3 +130,15 @@ def test_cuda_graphs_with_dropout_compile_and_a_resumed_adamw_trial_learn() -> N
     _learned(whole.history)
     assert resumed.epochs_run == 4 and resumed.history[:2] == whole.history[:2]
     _learned(resumed.history)
+
+
+def test_cuda_graphs_with_streamed_data_replay_every_full_step_and_learn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data left in pinned host memory (`data_placement = "stream"`): each batch is copied to the GPU, then into
+    the graph's static inputs, and replayed; the capture per epoch still happens and the trial learns."""
+    monkeypatch.setattr(train_module, "GraphedStep", _Recorded)
+    _Recorded.made.clear()
+    result = fit(_cfg(data_placement="stream", cuda_graphs=True, batch_size=100, dropout=0.0), 4)
+    assert result.data.placement == "stream" and result.data.train_x.device.type == "cpu"
+    (step,) = _Recorded.made
+    assert step.eager_full_steps == WARMUP and step.captures == 4
+    _learned(result.history)
