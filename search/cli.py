@@ -61,7 +61,8 @@ Running the same command again resumes the study: the budget counts finished tri
 
 def _common(p: argparse.ArgumentParser, file_required: bool = True) -> None:
     if file_required:
-        p.add_argument("file", metavar="FILE", help="study file (TOML), e.g. studies/quickstart.toml")
+        p.add_argument("file", metavar="FILE", help="study file (TOML), e.g. studies/quickstart.toml, or the name of "
+                                                    "one in ./studies/ or the project's studies/, e.g. quickstart")
     else:
         p.add_argument("file", metavar="FILE", nargs="?", help="study file (TOML); or give --study")
         p.add_argument("--study", metavar="NAME", help="study name, when no FILE is given")
@@ -619,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _own_process = argv is None
     args = build_parser().parse_args(argv)
+    if getattr(args, "file", None):  # `hpo run quickstart`: the study file of that name (config.find_study_file)
+        from search.config import find_study_file
+
+        args.file = find_study_file(args.file)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
         signal.signal(signal.SIGINT, _terminate)

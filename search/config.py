@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -356,6 +357,30 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+PROJECT_STUDIES = Path(__file__).resolve().parents[1] / "studies"  # the example study files, in a clone
+
+
+def study_files() -> dict[str, Path]:
+    """The study files a bare name stands for (``quickstart``): ./studies/*.toml, then the project's own
+    studies/ folder (beside search/ in a clone), so the examples run by name from any folder."""
+    found: dict[str, Path] = {}
+    for folder in (Path("studies"), PROJECT_STUDIES):
+        for file in sorted(folder.glob("*.toml")) if folder.is_dir() else []:
+            found.setdefault(file.stem, file)
+    return found
+
+
+def find_study_file(name: str) -> str:
+    """The study file a command names: the path as given when it exists or looks like a path (a folder or a
+    suffix in it), else the study file of that name (``study_files``), else the name unchanged, which then
+    fails with the names there are."""
+    path = Path(name)
+    if path.exists() or path.suffix or "/" in name or os.sep in name:
+        return name
+    found = study_files().get(name)
+    return str(found) if found is not None else name
+
+
 def load_settings(path: str | Path, overrides: Sequence[str] = ()) -> Settings:
     """Read, override and validate a study file; raise SettingsError naming the file and key."""
     path = Path(path)
@@ -375,9 +400,11 @@ def read_study_text(path: Path) -> str:
         raise SettingsError(f"{path} is a folder, not a study file. Pass the path of a TOML study file inside it, "
                             "for example studies/quickstart.toml.")
     if not path.is_file():
+        names = ", ".join(study_files())
+        known = f", or the name of one of these: {names} (`hpo run quickstart` runs quickstart.toml)" if names else ""
         raise SettingsError(
             f"study file {str(path)!r} does not exist. Pass the path of a TOML study file, "
-            "for example studies/quickstart.toml."
+            f"for example studies/quickstart.toml{known}."
         )
     raw = path.read_bytes()
     try:

@@ -200,6 +200,16 @@ def test_status_without_results_says_what_to_do(capsys: pytest.CaptureFixture[st
     assert code == 2 and "Run `hpo run FILE` first" in err
 
 
+def test_a_study_named_without_its_path_is_the_projects_study_file_from_any_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no studies/ here: `quickstart` is the project's studies/quickstart.toml
+    code, _, err = run(capsys, "status", "quickstart", "--run-dir", "runs")
+    assert code == 2 and "no results for study 'quickstart' yet" in err, err
+    code, _, err = run(capsys, "status", "quickstrat", "--run-dir", "runs")
+    assert code == 2 and "study file 'quickstrat' does not exist" in err and ", quickstart (" in err, err
+
+
 def test_conflicting_study_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     runs = str(tmp_path / "runs")
     code, _, err = run(capsys, "run", str(QUICKSTART), "--run-dir", runs, "--trials", "1", "--quiet",

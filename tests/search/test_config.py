@@ -15,6 +15,7 @@ from search.config import (
     Settings,
     SpaceSection,
     apply_overrides,
+    find_study_file,
     load_settings,
     parse_override,
     settings_from_dict,
@@ -531,6 +532,31 @@ def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
     with pytest.raises(SettingsError, match=re.escape(f"study file {str(path)!r} does not exist")):
         load_settings(path)
+
+
+def test_a_missing_study_file_lists_the_names_that_would_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(find_study_file("quikstart"))
+    message = str(caught.value)
+    assert "study file 'quikstart' does not exist" in message
+    assert all(name in message for name in ("quickstart", "cifar10", "folder_example")), message
+
+
+def test_a_bare_name_is_the_study_file_of_that_name_here_then_in_the_projects_studies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert find_study_file("quickstart") == str(STUDIES / "quickstart.toml")
+    assert load_settings(find_study_file("quickstart")).study.name == "quickstart"
+    (tmp_path / "studies").mkdir()
+    mine = study_file(tmp_path / "studies", MINIMAL.replace('name = "t"', 'name = "mine"'), name="quickstart.toml")
+    assert find_study_file("quickstart") == str(Path("studies") / "quickstart.toml")
+    assert load_settings(find_study_file("quickstart")).study.name == "mine" and mine.is_file()
+    (tmp_path / "quickstart").write_text("not a study")  # a file of that very name is what was meant
+    assert find_study_file("quickstart") == "quickstart"
+    for looks_like_a_path in ("quickstart.toml", "other/quickstart", "./cifar10", "nope"):
+        assert find_study_file(looks_like_a_path) == looks_like_a_path
 
 
 def test_a_folder_is_not_a_study_file(tmp_path: Path) -> None:
