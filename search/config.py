@@ -400,8 +400,10 @@ def read_study_text(path: Path) -> str:
         raise SettingsError(f"{path} is a folder, not a study file. Pass the path of a TOML study file inside it, "
                             "for example studies/quickstart.toml.")
     if not path.is_file():
-        names = ", ".join(study_files())
-        known = f", or the name of one of these: {names} (`hpo run quickstart` runs quickstart.toml)" if names else ""
+        found = study_files()
+        example = "quickstart" if "quickstart" in found else next(iter(found), "")
+        known = (f", or the name of one of these: {', '.join(found)} (`hpo run {example}` runs {found[example]})"
+                 if found else "")
         raise SettingsError(
             f"study file {str(path)!r} does not exist. Pass the path of a TOML study file, "
             f"for example studies/quickstart.toml{known}."
