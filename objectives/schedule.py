@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
@@ -58,7 +59,10 @@ class EpochSchedule:
         else:
             return float(self.optimizer.param_groups[0]["lr"])  # whatever the plateau rule left
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], Tensor):  # a graphed step's lr (train.lr_as_tensors): set where it is read
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         return lr
 
     def end_epoch(self, epoch: int, val_loss: float) -> None:

@@ -4,10 +4,11 @@ on a fast GPU (the CIFAR-shaped CNN on an H100: 0.33 s of kernels in a 0.39-0.52
 H200, and 0.139 s an epoch with `pool_first` and `compile`: BENCHMARKS.md section 9).
 
 When: the first WARMUP full-size batches of a trial run eagerly on a side stream (cuDNN's autotuning, the
-optimiser's lazily made state and compiling happen there, outside any capture); then the step is captured at the
-first full batch of each epoch and replayed for every full batch of it. Each epoch is captured again because the
-learning rate (and SGD's decoupled decay) are numbers the captured optimiser kernels hold. An epoch's last,
-partial batch runs eagerly: a graph has one shape.
+optimiser's lazily made state and compiling happen there, outside any capture); then the step is captured once,
+at the next full batch, and replayed for every full batch of the trial. The learning rate is a tensor on the GPU
+(`train.lr_as_tensors`) that the schedule sets in place each epoch and the replays read; as a number it would be
+a constant of the captured kernels, and each epoch would cost a new capture (11-14 ms on an H100). An epoch's
+last, partial batch runs eagerly: a graph has one shape.
 
 What the step must obey: it reads only `x`, `y` and tensors that live as long as the graph (model, optimiser
 state, the trial's loss total); it starts from `zero_grad(set_to_none=True)` so its backward allocates the
@@ -48,8 +49,7 @@ def side_stream() -> torch.cuda.Stream:
 class GraphedStep:
     """Calls `step(x, y)` for a batch, through a CUDA graph for batches of `batch_size` images.
 
-    `zero_grad` runs before every eager step and before each capture (never inside the graph). Call
-    `new_epoch()` when the learning rate may have changed: the next full batch is captured again."""
+    `zero_grad` runs before every eager step and before the capture (never inside the graph)."""
 
     def __init__(self, step: Step, zero_grad: Callable[[], None], batch_size: int) -> None:
         self.step, self.zero_grad, self.batch_size = step, zero_grad, batch_size
@@ -59,9 +59,6 @@ class GraphedStep:
         self.x: Tensor | None = None
         self.y: Tensor | None = None
         self.captures = 0
-
-    def new_epoch(self) -> None:
-        self.graph = None  # the previous epoch's graph (and its memory pool) go before the next capture
 
     def __call__(self, x: Tensor, y: Tensor) -> None:
         if len(y) != self.batch_size:

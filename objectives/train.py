@@ -49,7 +49,9 @@ class TrainingState:
         """One dict with everything `fit(..., resume=...)` needs to continue exactly where this left off.
 
         A snapshot: tensors are copies, so it stays valid while training goes on. It holds only
-        tensors and plain Python values, so `torch.load(path, weights_only=True)` reads it back.
+        tensors and plain Python values, so `torch.load(path, weights_only=True)` reads it back. The
+        optimiser's lr is saved as a number even where it trains as a tensor (`lr_as_tensors`), so the
+        checkpoint resumes on any device.
         """
         state = {
             "model_spec": self.spec,
@@ -64,7 +66,10 @@ class TrainingState:
                 "batches": self.generator.get_state(),
             },
         }
-        return copy.deepcopy(state)
+        state = copy.deepcopy(state)
+        for group in state["optimizer"]["param_groups"]:
+            group["lr"] = float(group["lr"])
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["model_spec"] != self.spec:
@@ -115,6 +120,14 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, runtime: Runtime) -> tor
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
     # capturable: AdamW refuses to be captured in a CUDA graph otherwise (its step count stays on the device)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused, capturable=runtime.graphs(cfg.cuda_graphs))
+
+
+def lr_as_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Each param group's lr as a 0-dim tensor on `device`, which the schedule then sets in place: a step captured
+    as a CUDA graph reads the lr from there at every replay, so one capture serves every epoch of the trial (a
+    float lr is a constant of the captured kernels: every epoch would have to be captured again)."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
 
 @torch.no_grad()
@@ -181,6 +194,8 @@ def fit(
         if graphed and cfg.optimizer == "adamw":
             for group in optimizer.param_groups:  # a checkpoint's groups replace ours, flags included
                 group["capturable"] = True
+    if graphed:
+        lr_as_tensors(optimizer, runtime.device)
     padding, flip = augmentation(cfg, data)
     graph = _graphed_step(forward, model, optimizer, runtime, cfg) if graphed else None
 
@@ -237,7 +252,6 @@ def _train_epoch(
     n = len(data.train_y)
     if graph is not None:
         step, total = graph
-        step.new_epoch()
         total.zero_()
     else:
         total = torch.zeros((), device=runtime.device)

@@ -109,8 +109,9 @@ class _Recorded(GraphedStep):
 def test_cuda_graphs_replay_every_full_step_and_follow_the_eager_curve(
     monkeypatch: pytest.MonkeyPatch, optimizer: str
 ) -> None:
-    """`cuda_graphs = true`: WARMUP eager steps, then one capture per epoch; the last partial batch (batch 100 of
-    1024 training images leaves 24) runs eagerly. Without dropout the graphed steps compute what eager steps do."""
+    """`cuda_graphs = true`: WARMUP eager steps, then one capture for the whole trial, whose lr the schedule sets
+    each epoch; the last partial batch (batch 100 of 1024 training images leaves 24) runs eagerly. Without dropout
+    the graphed steps compute what eager steps do."""
     monkeypatch.setattr(train_module, "GraphedStep", _Recorded)
     _Recorded.made.clear()
     kw = {"batch_size": 100, "optimizer": optimizer, "dropout": 0.0, "seed": 5, "grad_clip": 1.0,
@@ -118,7 +119,7 @@ def test_cuda_graphs_replay_every_full_step_and_follow_the_eager_curve(
     eager = fit(_cfg(**kw), 4)
     graphed = fit(_cfg(cuda_graphs=True, **kw), 4)
     (step,) = _Recorded.made
-    assert step.eager_full_steps == WARMUP and step.captures == 4
+    assert step.eager_full_steps == WARMUP and step.captures == 1
     _learned(graphed.history)
     for a, b in zip(eager.history, graphed.history, strict=True):  # bf16 and autotuned kernels: close, not equal
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.1, abs=0.02)
@@ -134,11 +135,38 @@ def test_cuda_graphs_with_dropout_compile_and_a_resumed_adamw_trial_learn() -> N
 
 def test_cuda_graphs_with_streamed_data_replay_every_full_step_and_learn(monkeypatch: pytest.MonkeyPatch) -> None:
     """Data left in pinned host memory (`data_placement = "stream"`): each batch is copied to the GPU, then into
-    the graph's static inputs, and replayed; the capture per epoch still happens and the trial learns."""
+    the graph's static inputs, and replayed; the one capture happens and the trial learns."""
     monkeypatch.setattr(train_module, "GraphedStep", _Recorded)
     _Recorded.made.clear()
     result = fit(_cfg(data_placement="stream", cuda_graphs=True, batch_size=100, dropout=0.0), 4)
     assert result.data.placement == "stream" and result.data.train_x.device.type == "cpu"
     (step,) = _Recorded.made
-    assert step.eager_full_steps == WARMUP and step.captures == 4
+    assert step.eager_full_steps == WARMUP and step.captures == 1
     _learned(result.history)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_one_captured_step_reads_the_lr_the_schedule_sets_each_epoch(
+    monkeypatch: pytest.MonkeyPatch, optimizer: str
+) -> None:
+    """The step is captured once, in epoch 0; after epoch 1 the schedule's lr drops to 0 (its base lr set to 0),
+    so from epoch 2 every replayed and eager step must leave the weights as they are: with the lr a constant of
+    the captured kernels they would go on moving. SGD's decoupled decay (1 - lr * wd) included."""
+    monkeypatch.setattr(train_module, "GraphedStep", _Recorded)
+    _Recorded.made.clear()
+    weights: dict[int, list[torch.Tensor]] = {}
+
+    def lr_to_zero(epoch: int, metrics: dict[str, float], state: TrainingState) -> bool:
+        weights[epoch] = [p.detach().clone() for p in state.model.parameters()]
+        if epoch == 1:
+            state.scheduler.base_lr = 0.0
+        return False
+
+    kw = {"batch_size": 100, "optimizer": optimizer, "weight_decay": 1e-2, "schedule": "constant", "seed": 6}
+    result = fit(_cfg(cuda_graphs=True, **kw), 4, lr_to_zero)
+    (step,) = _Recorded.made
+    assert step.captures == 1
+    assert [m["lr"] for m in result.history][2:] == [0.0, 0.0]
+    assert any(not torch.equal(a, b) for a, b in zip(weights[0], weights[1], strict=True))  # it trained at first
+    for a, b in zip(weights[1], weights[3], strict=True):
+        assert torch.equal(a, b)

@@ -22,6 +22,7 @@ from objectives.train import (
     build_optimizer,
     evaluate,
     fit,
+    lr_as_tensors,
     spec_for,
 )
 
@@ -160,6 +161,47 @@ def test_grad_clip_is_applied_every_step(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(nn.utils, "clip_grad_norm_", spy)
     fit(TrainConfig(**SMALL, batch_size=64, grad_clip=0.25), max_epochs=2)
     assert norms == [0.25] * 8  # 256 examples / 64 per batch * 2 epochs
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_an_lr_held_as_tensors_trains_as_numbers_do_and_is_saved_as_a_number(
+    monkeypatch: pytest.MonkeyPatch, optimizer: str
+) -> None:
+    """`lr_as_tensors` (how a step captured once as a CUDA graph reads each epoch's lr), here on the CPU: the
+    schedule sets each group's tensor in place, the fused step and SGD's decoupled decay read it, and the trial
+    trains exactly as with numbers (rates that are powers of two, exact in float32); its checkpoint holds numbers
+    and resumes a trial whose lr is a number."""
+    cfg = TrainConfig(**SMALL, optimizer=optimizer, lr=2**-6, weight_decay=1e-2, schedule="step", step_size=1,
+                      gamma=0.5, seed=3)
+    plain = fit(cfg, 3)
+    built = train_module.new_state
+    seen: list[tuple[int, float]] = []
+    saved: dict[str, Any] = {}
+
+    def with_lr_tensors(*args: Any, **kwargs: Any) -> TrainingState:
+        state = built(*args, **kwargs)
+        lr_as_tensors(state.optimizer, CPU.device)
+        return state
+
+    def look(epoch: int, metrics: dict[str, float], state: TrainingState) -> bool:
+        lrs = [g["lr"] for g in state.optimizer.param_groups]
+        assert all(isinstance(lr, torch.Tensor) and lr.item() == metrics["lr"] for lr in lrs)
+        seen.extend((id(lr), metrics["lr"]) for lr in lrs)
+        if epoch == 1:
+            saved["state"] = state.state_dict()
+        return False
+
+    monkeypatch.setattr(train_module, "new_state", with_lr_tensors)
+    tensors = fit(cfg, 3, look)
+    assert tensors.history == [{**m, "epoch_seconds": t["epoch_seconds"], "images_per_second": t["images_per_second"]}
+                               for m, t in zip(plain.history, tensors.history, strict=True)]
+    assert len({lr_id for lr_id, _ in seen}) == 2  # one tensor per group, set in place every epoch
+    assert [lr for _, lr in seen] == [2**-6] * 2 + [2**-7] * 2 + [2**-8] * 2
+    groups = saved["state"]["optimizer"]["param_groups"]
+    assert [type(g["lr"]) for g in groups] == [float, float] and groups[0]["lr"] == 2**-7
+    monkeypatch.setattr(train_module, "new_state", built)
+    resumed = fit(cfg, 3, resume=saved["state"])
+    assert resumed.history[2]["val_loss"] == pytest.approx(plain.history[2]["val_loss"], rel=1e-5)
 
 
 def test_nesterov_sgd_is_configured() -> None:
