@@ -310,7 +310,7 @@ def packing_section(sizes: Sizes, results: dict[str, Any]) -> tuple[dict[str, An
 
 def graphed_quickstart(sizes: Sizes) -> dict[str, float]:
     """The other way to speed up a small CNN on a GPU: one quickstart trial with `cuda_graphs = true` (captured
-    once per epoch, about 10 ms, against a quickstart epoch of tens of ms) against the same trial eager, 3 epochs
+    once per trial, about 10 ms, against a quickstart epoch of tens of ms) against the same trial eager, 3 epochs
     each, alternating, median of 3."""
     from bench.packing_throughput import images_per_second, quickstart_config
 
