@@ -152,7 +152,7 @@ class TrainConfig(BaseModel):
     compile: bool = Field(
         default=False,
         description="torch.compile the model (static shapes: one compile per batch size). Off by default: alone it "
-        "made the CIFAR-shaped CNN 0.70x as fast on one H200 and 0.63x on one H100, after 20-33 s compiling the "
+        "made the CIFAR-shaped CNN 0.70x as fast on one H200 and 0.63x on one H100, after 20-36 s compiling the "
         "first trial; with cuda_graphs = true it pays on a GPU (0.317 -> 0.215 s an epoch on the H200). "
         "BENCHMARKS.md section 9; bench/gpu_check.sh measures it.",
     )
@@ -160,8 +160,9 @@ class TrainConfig(BaseModel):
         default=False,
         description="On a CUDA GPU, replay each training step as one CUDA graph (objectives/step_graph.py): one "
         "launch per batch instead of hundreds, for small models whose epoch waits on the host. Captured once per "
-        "epoch; the last partial batch runs eagerly; dropout masks then come from torch's CUDA generator. Ignored "
-        "elsewhere (training runs eagerly). Trials with it do not pack. BENCHMARKS.md section 9 has its figures.",
+        "trial (the lr is a GPU tensor the replays read); the last partial batch runs eagerly; dropout masks then "
+        "come from torch's CUDA generator. Ignored elsewhere (training runs eagerly). Trials with it do not pack. "
+        "BENCHMARKS.md section 9 has its figures.",
     )
     seed: NonNegativeInt = 0
     eval_batch_size: PositiveInt = 1024

@@ -2,7 +2,7 @@
 
 The dashboard only reads the storage (unless a user edits a note in it). For SQLite its connections get a
 busy timeout, so a read that meets a worker's write waits instead of failing, and reads hold no lock
-between requests; workers (timeout 60 s, see ``search.study.open_storage``) do the same the other way.
+between requests; workers (timeout 120 s, see ``search.stores.open_storage``) do the same the other way.
 """
 
 from __future__ import annotations
