@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,16 @@ pytestmark = pytest.mark.slow
 EPOCHS = 3
 
 
-def _both_held(trials: list[FrozenTrial]) -> bool:
-    held = [t for t in trials if t.state == TrialState.RUNNING and len(t.intermediate_values) >= 1]
-    return len({t.user_attrs.get("pid") for t in held}) == 2
+def _both_held(root: Path) -> Callable[[list[FrozenTrial]], bool]:
+    """Both workers' trials past epoch 0: reported, and its last.pt written (the session writes it just after the
+    report, so the report alone left a window in which a signal found no last.pt: one CI run)."""
+
+    def ready(trials: list[FrozenTrial]) -> bool:
+        held = [t for t in trials if t.state == TrialState.RUNNING and len(t.intermediate_values) >= 1]
+        saved = all((root / "checkpoints" / f"trial-{t.number}" / "last.pt").exists() for t in held)
+        return len({t.user_attrs.get("pid") for t in held}) == 2 and saved
+
+    return ready
 
 
 def _wait_dead(pid: int) -> None:
@@ -62,7 +70,7 @@ def _start(tmp_path: Path, name: str, trials: int) -> tuple[Path, subprocess.Pop
     study_file = faulty_study(tmp_path, name, ["hold"], n_trials=trials, max_epochs=EPOCHS, at_epoch=1)
     proc = subprocess.Popen(hpo_cmd("run", str(study_file), "--workers", "2", "--quiet"), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    trials_now = wait_for(proc, tmp_path / "runs" / name / "optuna.db", name, _both_held)
+    trials_now = wait_for(proc, tmp_path / "runs" / name / "optuna.db", name, _both_held(tmp_path / "runs" / name))
     return study_file, proc, [t for t in trials_now if t.state == TrialState.RUNNING]
 
 
