@@ -1,7 +1,7 @@
 """A training step replayed as one CUDA graph (`cuda_graphs = true`): one launch per batch instead of the few
 hundred kernel launches a CNN's forward, backward and optimiser step take, which is what sets a small CNN's pace
 on a fast GPU (the CIFAR-shaped CNN on an H100: 0.33 s of kernels in a 0.39-0.52 s epoch; with this, 1.31x on an
-H200, and 0.139 s an epoch with `pool_first` and `compile`: BENCHMARKS.md section 9).
+H200, and 0.132 s an epoch with `pool_first` and `compile`: BENCHMARKS.md section 9).
 
 When: the first WARMUP full-size batches of a trial run eagerly on a side stream (cuDNN's autotuning, the
 optimiser's lazily made state and compiling happen there, outside any capture); then the step is captured once,
