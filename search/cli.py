@@ -91,8 +91,9 @@ def _parallel(p: argparse.ArgumentParser) -> None:
 def _pack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack", type=int, metavar="K",
                    help="train K trials together as one packed model (sets study.pack; 1: one at a time). "
-                        "Pays on a GPU for small models (the quickstart CNN at K=8: about 3.5x the images per "
-                        "second on an H100); about even on a CPU, where --workers gains more")
+                        "Pays on a GPU for small models (the quickstart CNN at K=8: 2.4x-3.5x the images per "
+                        "second on an H100; one trial with objective.cuda_graphs=true: 3.3x); about even on a CPU, "
+                        "where --workers gains more")
 
 
 def build_parser() -> argparse.ArgumentParser:
