@@ -61,15 +61,13 @@ def test_a_real_cuda_out_of_memory_fails_with_its_reason_frees_the_memory_and_th
 
 
 class _FailsInItsCapture(GraphedStep):
-    """A GraphedStep whose first capture fails inside the captured step, as `fail` arranges: `fail(step)` is
-    called just before the capture and may wrap `step.step`. Records the error the capture raised."""
+    """A GraphedStep whose capture fails inside the captured step, as `fail` arranges: `fail(step)` is called just
+    before the capture and may wrap `step.step`. Records the error the capture raised (the trial ends there)."""
 
     fail: Callable[[GraphedStep], None] = staticmethod(lambda step: None)  # type: ignore[assignment]
     raised: list[BaseException] = []
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if _FailsInItsCapture.raised:
-            return super()._capture(x, y)
         _FailsInItsCapture.fail(self)
         try:
             super()._capture(x, y)
