@@ -75,11 +75,12 @@ def wait_for(proc: subprocess.Popen, db: Path, name: str, ready: Callable[[list[
     """Poll the study in the SQLite file ``db`` (or the file of ``storage``) until ``ready(trials)`` holds; fail if
     ``proc`` exits first."""
     deadline = time.monotonic() + seconds
+    opened: optuna.storages.BaseStorage | None = None  # opened once: an open per poll cost the workers CPU time
     while time.monotonic() < deadline and proc.poll() is None:
         if db.exists():
             try:
-                url = storage or f"sqlite:///{db}"
-                trials = optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
+                opened = opened or open_storage(storage or f"sqlite:///{db}")
+                trials = optuna.load_study(study_name=name, storage=opened).get_trials()
                 if ready(trials):
                     return trials
             except KeyError:  # the study is not created yet
