@@ -31,14 +31,15 @@ DESCRIPTION = """\
 Hyperparameter search for PyTorch CNNs: Optuna studies with early stopping inside each trial,
 pruning across trials, and MLflow tracking of every trial.
 
-Start here:
-  hpo run studies/quickstart.toml            tune a CNN on scikit-learn's digits (CPU, under a minute)
-  hpo status studies/quickstart.toml         table of trials: state, value, epochs, why each ended
-  hpo best studies/quickstart.toml           the best trial's parameters, value and checkpoint
-  hpo dashboard studies/quickstart.toml      optuna-dashboard on http://127.0.0.1:8080
-  hpo ui studies/quickstart.toml             MLflow UI on http://127.0.0.1:5000
-  hpo report studies/quickstart.toml         offline HTML report, PNG plots, fit diagnosis of each trial
-  hpo export studies/quickstart.toml --out best-model   the best model as an MLflow model directory
+Start here (a study file's name alone, such as quickstart, is studies/quickstart.toml, in this folder or the
+project's own):
+  hpo run quickstart            tune a CNN on scikit-learn's digits (CPU, under a minute)
+  hpo status quickstart         table of trials: state, value, epochs, why each ended
+  hpo best quickstart           the best trial's parameters, value and checkpoint
+  hpo dashboard quickstart      optuna-dashboard on http://127.0.0.1:8080
+  hpo ui quickstart             MLflow UI on http://127.0.0.1:5000
+  hpo report quickstart         offline HTML report, PNG plots, fit diagnosis of each trial
+  hpo export quickstart --out best-model   the best model as an MLflow model directory
 
 Results go to RUN_DIR/STUDY_NAME/ (default runs/<name>/): optuna.db (Optuna storage), mlflow.db and
 mlartifacts/ (MLflow), checkpoints/trial-N/best.pt. Every command that reads a study takes the same
@@ -303,7 +304,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     n_trials = args.trials if args.trials is not None else settings.study.n_trials
     plan = plan_workers(args.workers, args.gpus, args.trials_per_gpu)
     epochs, timeout = settings.study.max_epochs, args.timeout if args.timeout is not None else settings.study.timeout
-    budget = f"{n_trials} trials x {epochs} epochs" if n_trials is not None else f"trials of {epochs} epochs"
+    of_epochs = f"{epochs} epoch{'s' if epochs != 1 else ''}"
+    budget = (f"{n_trials} trial{'s' if n_trials != 1 else ''} x {of_epochs}" if n_trials is not None
+              else f"trials of {of_epochs}")
     budget += "" if timeout is None else f", started for {timeout:g} s"
     with _progress(args, settings, n_trials) as progress:
         print(f"study {settings.study.name!r}: {settings.sampler.name} sampler, {settings.pruner.name} pruner, "
@@ -317,7 +320,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     c = counts(study)
     print(study_table(study))
     print()
-    print(f"finished {c['COMPLETE'] + c['PRUNED']} trials ({c['COMPLETE']} complete, {c['PRUNED']} pruned, "
+    finished = c["COMPLETE"] + c["PRUNED"]
+    print(f"finished {finished} trial{'s' if finished != 1 else ''} ({c['COMPLETE']} complete, {c['PRUNED']} pruned, "
           f"{c['FAIL']} failed); {result.new_trials} new in this run; {epochs_spent(study)} epochs spent of "
           f"{len(study.trials) * settings.study.max_epochs} without early stopping or pruning")
     best = best_trial(study)

@@ -33,8 +33,11 @@ def test_help_teaches_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for command in ("run", "status", "best", "dashboard", "ui"):
-        assert f"hpo {command} studies/quickstart.toml" in text
+    from search.config import find_study_file
+
+    for command in ("run", "status", "best", "dashboard", "ui", "report", "export"):
+        assert f"hpo {command} quickstart " in text
+    assert Path(find_study_file("quickstart")).resolve() == QUICKSTART.resolve()  # what those lines run
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     text = capsys.readouterr().out
@@ -212,9 +215,10 @@ def test_a_study_named_without_its_path_is_the_projects_study_file_from_any_fold
 
 def test_conflicting_study_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     runs = str(tmp_path / "runs")
-    code, _, err = run(capsys, "run", str(QUICKSTART), "--run-dir", runs, "--trials", "1", "--quiet",
-                       "--set", "study.max_epochs=2")
+    code, out, err = run(capsys, "run", str(QUICKSTART), "--run-dir", runs, "--trials", "1", "--quiet",
+                         "--set", "study.max_epochs=1")
     assert code == 0, err
+    assert "budget 1 trial x 1 epoch, " in err and "finished 1 trial (1 complete, " in out  # not "1 trials"
     code, _, err = run(capsys, "run", str(QUICKSTART), "--run-dir", runs, "--trials", "2", "--quiet",
                        "--set", "study.max_epochs=2", "--set", "study.direction='minimize'")
     assert code == 2 and "already exists" in err and "--study-name" in err
