@@ -28,7 +28,6 @@ from search.tracking import mark_killed
 from search.workers import fail_and_retry
 from tests.search.failure_helpers import wait_for
 from tests.search.test_packing import QUICKSTART
-from tests.search.test_recovery import EPOCHS as LONG_EPOCHS
 from tests.search.test_recovery import LONG
 from tests.search.workers_helpers import child_runs, hpo, hpo_cmd, load
 
@@ -37,6 +36,12 @@ pytestmark = pytest.mark.slow
 SMALL = ["study.pack=2", "objective.device='cpu'", "objective.widths=[8,16]", "pruner={name='none'}",
          "early_stopping.enabled=false", "study.checkpoint_every_seconds=0",
          "space.batch_size={type='categorical', choices=[128]}"]  # one pack key: every trial joins one pack
+
+
+# A first run's trials cannot end before the test stops it: a CI run failed with 100, then 300, epochs, when one
+# worker's pack began so long after the other's that the first pack's trials completed before the signal. The
+# rerun then ends a few epochs past the furthest stopped trial (max_epochs is not part of the study's identity).
+UNENDING = 100_000
 
 
 def _open(tmp_path: Path, *overrides: str) -> tuple[Settings, OpenStudy]:
@@ -75,8 +80,8 @@ def test_stopping_hpo_run_pack_fails_requeues_every_member_and_the_next_run_resu
     name = how.replace("-", "")
     args = ("run", str(QUICKSTART), "--set", f"study.name='{name}'", *LONG, "--pack", "2",
             "--set", "space.batch_size={type='categorical', choices=[128]}")
-    proc = subprocess.Popen(hpo_cmd(*args, "--quiet"), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(hpo_cmd(*args, "--set", f"study.max_epochs={UNENDING}", "--quiet"), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root = tmp_path / "runs" / name
     while not (root / "mlflow.db").exists() and proc.poll() is None:  # opened after the Optuna storage is made:
         time.sleep(0.05)  # polling sooner would race the run at creating its tables
@@ -105,18 +110,15 @@ def test_stopping_hpo_run_pack_fails_requeues_every_member_and_the_next_run_resu
     if not resume:
         return
 
-    study, client, done = _rerun_runs_exactly_the_retries(args, tmp_path, root, name, retried=[0, 1])
+    epochs = max(len(trials[n].intermediate_values) for n in (0, 1)) + 3
+    study, client, done = _rerun_runs_exactly_the_retries((*args, "--set", f"study.max_epochs={epochs}"), tmp_path,
+                                                          root, name, retried=[0, 1])
     assert sorted(done[0].user_attrs["packed_with"] + done[1].user_attrs["packed_with"]) == [2, 2, 3]  # one pack
     for t in done:
-        assert sorted(t.intermediate_values) == list(range(LONG_EPOCHS)) and t.user_attrs["epochs_run"] == LONG_EPOCHS
+        assert sorted(t.intermediate_values) == list(range(epochs)) and t.user_attrs["epochs_run"] == epochs
         steps = [m.step for m in client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_accuracy")]
-        assert sorted(steps) == list(range(LONG_EPOCHS))
+        assert sorted(steps) == list(range(epochs))
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FINISHED"
-
-
-# The first run's trials cannot end before the Ctrl-C: two CI runs failed with 100, then 300, epochs, when one
-# worker's pack began so long after the other's that the first pack's trials completed before the signal.
-UNENDING = 100_000
 
 
 def test_ctrl_c_to_hpo_run_workers_2_pack_2_fails_and_requeues_every_member_of_both_workers_and_a_rerun_resumes(
