@@ -131,11 +131,12 @@ def test_trials_the_cnn_objective_cannot_pack_run_one_at_a_time_with_one_note(tm
 
 @pytest.mark.slow
 def test_kill_9_mid_pack_then_run_again_resumes_every_member(tmp_path: Path) -> None:
-    from tests.search.test_recovery import EPOCHS, LONG
+    from tests.search.test_recovery import LONG, UNENDING
     from tests.search.workers_helpers import hpo_cmd, load
 
     proc = subprocess.Popen(hpo_cmd("run", str(QUICKSTART), "--set", "study.name='k9pack'", *LONG, "--pack", "2",
-                                    "--quiet"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                    "--set", f"study.max_epochs={UNENDING}", "--quiet"),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = tmp_path / "runs" / "k9pack" / "optuna.db"
     try:
         deadline = time.monotonic() + 300
@@ -156,7 +157,9 @@ def test_kill_9_mid_pack_then_run_again_resumes_every_member(tmp_path: Path) -> 
     killed = load(root, "k9pack")[0].get_trials()
     assert [t.state for t in killed] == [TrialState.RUNNING, TrialState.RUNNING]  # both members were in flight
     assert all((root / "checkpoints" / f"trial-{t.number}" / "last.pt").exists() for t in killed)
-    again = hpo("run", str(QUICKSTART), "--set", "study.name='k9pack'", *LONG, "--pack", "2", cwd=tmp_path)
+    epochs = max(len(t.intermediate_values) for t in killed) + 3  # the rerun ends 3 epochs past the killed members
+    again = hpo("run", str(QUICKSTART), "--set", "study.name='k9pack'", *LONG, "--pack", "2",
+                "--set", f"study.max_epochs={epochs}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     study, client = load(root, "k9pack")
     trials = study.get_trials()
@@ -166,9 +169,9 @@ def test_kill_9_mid_pack_then_run_again_resumes_every_member(tmp_path: Path) -> 
         retry = next(t for t in trials if t.system_attrs.get("failed_trial") == first.number)
         assert retry.state == TrialState.COMPLETE and retry.params == first.params
         assert retry.user_attrs["resumed_from_trial"] == first.number and retry.user_attrs["resumed_at_epoch"] >= 3
-        assert sorted(retry.intermediate_values) == list(range(EPOCHS)) and retry.user_attrs["epochs_run"] == EPOCHS
+        assert sorted(retry.intermediate_values) == list(range(epochs)) and retry.user_attrs["epochs_run"] == epochs
         steps = [m.step for m in client.get_metric_history(retry.user_attrs["mlflow_run_id"], "val_accuracy")]
-        assert sorted(steps) == list(range(EPOCHS))  # the killed epochs copied over, then its own
+        assert sorted(steps) == list(range(epochs))  # the killed epochs copied over, then its own
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from search.tracking import mark_killed
 from search.workers import fail_and_retry
 from tests.search.failure_helpers import wait_for
 from tests.search.test_packing import QUICKSTART
-from tests.search.test_recovery import LONG
+from tests.search.test_recovery import LONG, UNENDING  # UNENDING: first runs end only when the test stops them
 from tests.search.workers_helpers import child_runs, hpo, hpo_cmd, load
 
 pytestmark = pytest.mark.slow
@@ -36,12 +36,6 @@ pytestmark = pytest.mark.slow
 SMALL = ["study.pack=2", "objective.device='cpu'", "objective.widths=[8,16]", "pruner={name='none'}",
          "early_stopping.enabled=false", "study.checkpoint_every_seconds=0",
          "space.batch_size={type='categorical', choices=[128]}"]  # one pack key: every trial joins one pack
-
-
-# A first run's trials cannot end before the test stops it: a CI run failed with 100, then 300, epochs, when one
-# worker's pack began so long after the other's that the first pack's trials completed before the signal. The
-# rerun then ends a few epochs past the furthest stopped trial (max_epochs is not part of the study's identity).
-UNENDING = 100_000
 
 
 def _open(tmp_path: Path, *overrides: str) -> tuple[Settings, OpenStudy]:

@@ -23,18 +23,27 @@ LONG = ["--set", f"study.max_epochs={EPOCHS}", "--set", "pruner={name='none'}",
         "--set", "objective.widths=[8,16]", "--set", "study.checkpoint_every_seconds=0", "--trials", "2"]
 
 
+# A first run that the test stops cannot end before the signal (a CI run found a first run of 300 epochs
+# finished before its Ctrl-C); the rerun then stops a few epochs past the stopped trial (``rerun``). max_epochs
+# is not part of a study's identity, so the rerun is the same study.
+UNENDING = 100_000
+
+
 def _start_and_wait(tmp_path: Path, name: str, epochs: int, extra: list[str] = ()) -> tuple[subprocess.Popen, int]:
-    """Start `hpo run`, wait until trial 0 has reported ``epochs`` epochs, return (process, trial 0's pid)."""
-    proc = subprocess.Popen(hpo_cmd("run", str(QUICKSTART), "--set", f"study.name='{name}'", *LONG, *extra,
-                                    "--quiet"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """Start `hpo run` with unending trials, wait until trial 0 runs and has reported ``epochs`` epochs, return
+    (process, trial 0's pid)."""
+    proc = subprocess.Popen(hpo_cmd("run", str(QUICKSTART), "--set", f"study.name='{name}'", *LONG,
+                                    "--set", f"study.max_epochs={UNENDING}", *extra, "--quiet"),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     db = tmp_path / "runs" / name / "optuna.db"
     deadline = time.monotonic() + 180
+    storage = None  # opened once: an open per poll took CPU time from the run
     while time.monotonic() < deadline and proc.poll() is None:
         if db.exists():
             try:
-                storage = open_storage(f"sqlite:///{db}")
+                storage = storage or open_storage(f"sqlite:///{db}")
                 trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-                if trials and len(trials[0].intermediate_values) >= epochs:
+                if trials and trials[0].state == TrialState.RUNNING and len(trials[0].intermediate_values) >= epochs:
                     return proc, trials[0].user_attrs["pid"]
             except Exception:  # noqa: BLE001 - study (or its tables) not created yet: poll on until the deadline
                 pass
@@ -43,7 +52,18 @@ def _start_and_wait(tmp_path: Path, name: str, epochs: int, extra: list[str] = (
     raise AssertionError(f"trial 0 never reached epoch {epochs}: {proc.stderr.read() if proc.stderr else ''}")
 
 
-def _assert_resumed(study: optuna.Study, client, interrupted: str) -> None:  # noqa: ANN001
+def rerun(tmp_path: Path, name: str, extra: list[str] = ()) -> int:
+    """The stopped study's command again, ending its trials 3 epochs past where trial 0 stopped; returns that
+    max_epochs."""
+    study, _ = load(tmp_path / "runs" / name, name)
+    epochs = len(study.trials[0].intermediate_values) + 3
+    again = hpo("run", str(QUICKSTART), "--set", f"study.name='{name}'", *LONG, "--set", f"study.max_epochs={epochs}",
+                *extra, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    return epochs
+
+
+def _assert_resumed(study: optuna.Study, client, interrupted: str, epochs: int) -> None:  # noqa: ANN001
     trials = study.get_trials()
     first = trials[0]
     assert first.state == TrialState.FAIL and first.user_attrs["reason"] == interrupted
@@ -54,8 +74,8 @@ def _assert_resumed(study: optuna.Study, client, interrupted: str) -> None:  # n
     done = len(first.intermediate_values)
     assert retry.user_attrs["resumed_from_trial"] == 0
     assert retry.user_attrs["resumed_at_epoch"] in (done, done - 1) and retry.user_attrs["resumed_at_epoch"] >= 3
-    assert sorted(retry.intermediate_values) == list(range(EPOCHS))  # continued, every epoch once
-    assert retry.user_attrs["epochs_run"] == EPOCHS
+    assert sorted(retry.intermediate_values) == list(range(epochs))  # continued, every epoch once
+    assert retry.user_attrs["epochs_run"] == epochs
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 2 and not [t for t in trials if t.state == TrialState.RUNNING]
     runs = {r.info.run_id: r for r in child_runs(client, study.study_name)}
@@ -65,7 +85,7 @@ def _assert_resumed(study: optuna.Study, client, interrupted: str) -> None:  # n
     assert resumed_run.data.tags["hpo.resumed_from_run"] == first.user_attrs["mlflow_run_id"]
     assert resumed_run.data.tags["hpo.resumed_at_epoch"] == str(retry.user_attrs["resumed_at_epoch"])
     steps = [m.step for m in client.get_metric_history(resumed_run.info.run_id, "val_accuracy")]
-    assert sorted(steps) == list(range(EPOCHS))
+    assert sorted(steps) == list(range(epochs))
 
 
 @pytest.mark.slow
@@ -75,10 +95,9 @@ def test_kill_9_mid_trial_then_run_again_resumes_from_last_checkpoint(tmp_path: 
     proc.wait()
     root = tmp_path / "runs" / "k9"
     assert (root / "checkpoints" / "trial-0" / "last.pt").exists()
-    again = hpo("run", str(QUICKSTART), "--set", "study.name='k9'", *LONG, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
+    epochs = rerun(tmp_path, "k9")
     study, client = load(root, "k9")
-    _assert_resumed(study, client, "worker_died")
+    _assert_resumed(study, client, "worker_died", epochs)
     retry = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == 0][0]
     # the FAIL trial's last.pt is kept (only COMPLETE and PRUNED remove theirs), and it is what the retry resumed from
     kept = load_checkpoint(root / "checkpoints" / "trial-0" / "last.pt", key="training")
@@ -99,10 +118,9 @@ def test_sigterm_fails_the_trial_kills_its_run_and_the_next_run_resumes(tmp_path
     assert [t.state for t in trials[1:]] == [TrialState.WAITING]  # re-enqueued with the same params
     parent = study.user_attrs["mlflow_parent_run_id"]
     assert client.get_run(parent).info.status == "KILLED"  # the study's run says it was interrupted
-    again = hpo("run", str(QUICKSTART), "--set", "study.name='term'", *LONG, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
+    epochs = rerun(tmp_path, "term")
     study, client = load(tmp_path / "runs" / "term", "term")
-    _assert_resumed(study, client, "interrupted")
+    _assert_resumed(study, client, "interrupted", epochs)
     assert study.user_attrs["mlflow_parent_run_id"] == parent  # reopened, then ended when the budget was met
     assert client.get_run(parent).info.status == "FINISHED"
 
@@ -118,12 +136,11 @@ def test_heartbeat_fails_a_trial_whose_worker_died_on_another_machine(tmp_path: 
     # Pretend the dead worker ran elsewhere: only the heartbeat can tell it is gone.
     study._storage.set_trial_user_attr(study.trials[0]._trial_id, "host", "another-machine")
     time.sleep(4)
-    again = hpo("run", str(QUICKSTART), "--set", "study.name='hb'", *LONG, *beats, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
+    epochs = rerun(tmp_path, "hb", beats)
     study, client = load(root, "hb")
     # failed by the heartbeat check (reason stale_heartbeat, not the local-orphan path's worker_died), retried
     # from its last.pt: every epoch reported once, as after a local kill -9
-    _assert_resumed(study, client, "stale_heartbeat")
+    _assert_resumed(study, client, "stale_heartbeat", epochs)
 
 
 def test_recover_fails_and_reenqueues_stale_trials_on_a_journal_storage(tmp_path: Path) -> None:
