@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tests.mlflow_server import mlflow_server
+from tests.search.test_recovery import UNENDING
 from tests.search.workers_helpers import QUICKSTART, child_runs, hpo, hpo_cmd
 
 EPOCHS = 30
@@ -44,7 +45,7 @@ def _wait_for_upload(proc: subprocess.Popen, storage: str, client: MlflowClient,
             trials = []
         run_id = trials[0].user_attrs.get("mlflow_run_id") if trials else None
         pointer = _pointer(client, run_id, tmp / "peek") if run_id else None
-        if pointer is not None and pointer["epoch"] >= 3:
+        if pointer is not None and pointer["epoch"] >= 3 and trials[0].state == TrialState.RUNNING:
             return study
         time.sleep(0.2)
     proc.kill()
@@ -58,7 +59,9 @@ def test_a_trial_killed_on_one_machine_resumes_on_another_from_the_artifact_stor
     with mlflow_server(tmp_path / "mlflow") as uri:
         client = MlflowClient(uri)
         common = ["--storage", storage, "--tracking-uri", uri, *LONG]
+        # machine A's trials cannot end before the kill (its 30 epochs once left a few seconds after the wait)
         machine_a = subprocess.Popen(hpo_cmd("worker", str(QUICKSTART), "--set", "study.name='remote'", *common,
+                                             "--set", f"study.max_epochs={UNENDING}",
                                              "--run-dir", str(tmp_path / "machine-a")),
                                      cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         study = _wait_for_upload(machine_a, storage, client, tmp_path)
@@ -66,13 +69,15 @@ def test_a_trial_killed_on_one_machine_resumes_on_another_from_the_artifact_stor
         machine_a.wait()
         first = study.get_trials()[0]
         run_a = first.user_attrs["mlflow_run_id"]
-        pointer = _pointer(client, run_a, tmp_path / "after-kill")
-        assert pointer is not None and pointer["epoch"] >= 3
         # Only the heartbeat may tell the other machine that A is gone (A's pid means nothing there).
         study._storage.set_trial_user_attr(first._trial_id, "host", "machine-a")
         time.sleep(4)
+        pointer = _pointer(client, run_a, tmp_path / "after-kill")  # read now: an upload A sent may land late
+        assert pointer is not None and pointer["epoch"] >= 3
+        epochs = pointer["epoch"] + 4  # machine B ends the resumed trial 3 epochs after the one it resumes at
         machine_b = hpo("worker", str(QUICKSTART), "--set", "study.name='remote'", *common,
-                        "--run-dir", str(tmp_path / "machine-b"), cwd=tmp_path)
+                        "--set", f"study.max_epochs={epochs}", "--run-dir", str(tmp_path / "machine-b"),
+                        cwd=tmp_path)
         assert machine_b.returncode == 0, machine_b.stderr
 
     assert "resumes trial 0 at epoch" in machine_b.stderr and "artifact store" in machine_b.stderr
@@ -85,8 +90,8 @@ def test_a_trial_killed_on_one_machine_resumes_on_another_from_the_artifact_stor
     assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
     assert retry.user_attrs["resumed_from_trial"] == 0
     assert retry.user_attrs["resumed_at_epoch"] == pointer["epoch"] + 1  # the epoch after the uploaded one
-    assert sorted(retry.intermediate_values) == list(range(EPOCHS))  # every epoch reported once
-    assert retry.user_attrs["epochs_run"] == EPOCHS
+    assert sorted(retry.intermediate_values) == list(range(epochs))  # every epoch reported once
+    assert retry.user_attrs["epochs_run"] == epochs
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
     assert not (tmp_path / "machine-b" / "remote" / "checkpoints" / "trial-0").exists()  # nothing local to read
     assert not (tmp_path / "machine-b" / "remote" / "checkpoints" / f"trial-{retry.number}" / "last.pt").exists()
@@ -98,7 +103,7 @@ def test_a_trial_killed_on_one_machine_resumes_on_another_from_the_artifact_stor
         assert resumed.data.tags["hpo.resumed_from_checkpoint"] == "artifact store"
         assert resumed.data.tags["hpo.resumed_from_run"] == run_a
         steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_accuracy")]
-        assert sorted(steps) == list(range(EPOCHS))  # the resumed history copied once, then the new epochs
+        assert sorted(steps) == list(range(epochs))  # the resumed history copied once, then the new epochs
         assert runs[run_a].info.status == "KILLED" and "RUNNING" not in {r.info.status for r in runs.values()}
         # The trial ended COMPLETE: no resume checkpoint is left, neither its own nor the failed attempt's.
         assert client.list_artifacts(run_a, "resume") == []
