@@ -227,11 +227,13 @@ def test_workers_ride_out_a_database_restart(cluster: Cluster) -> None:
 
 def test_a_worker_stops_with_a_clear_message_when_the_database_stays_away(cluster: Cluster) -> None:
     storage, study = cluster.postgres.create_database("away"), "mh-away"
-    settings = [*SHORT, "--set", "study.storage_retry_seconds=3", "--trials", "2"]
+    # 1000 epochs: the trial cannot end (and a second begin) between the wait and the database's stop
+    settings = [*SHORT, "--set", "study.max_epochs=1000", "--set", "study.storage_retry_seconds=3", "--trials", "2"]
     a = cluster.worker(cluster.workers[2], study, storage, *settings)
 
     def training() -> bool | None:
-        return True if any(t.intermediate_values for t in _trials(storage, study)) else None
+        return True if any(t.intermediate_values and t.state == TrialState.RUNNING
+                           for t in _trials(storage, study)) else None
 
     _wait("the worker in a trial", training, 300, [a[1]])
     cluster.postgres.stop()
