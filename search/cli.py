@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -401,8 +402,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def _print_where(args: argparse.Namespace, paths: RunPaths) -> None:
-    target = args.file if args.file else f"--study {paths.root.name}"
-    extra = "" if args.run_dir == "runs" else f" --run-dir {args.run_dir}"
+    """Where the results are, and the commands that open them: the study file as the user named it (`quickstart`
+    stays `quickstart`), with the options that find this study again (its name too, if --set or --study-name
+    changed it)."""
+    target = shlex.quote(getattr(args, "file_given", args.file)) if args.file else f"--study {paths.root.name}"
+    renamed = any(o.partition("=")[0].strip() == "study.name" for o in _overrides(args))
+    extra = f" --study-name {shlex.quote(paths.study_name)}" if args.file and renamed else ""
+    extra += "" if args.run_dir == "runs" else f" --run-dir {args.run_dir}"
     if args.storage:
         extra += f" --storage {args.storage}"
     if args.tracking_uri:
@@ -628,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "file", None):  # `hpo run quickstart`: the study file of that name (config.find_study_file)
         from search.config import find_study_file
 
-        args.file = find_study_file(args.file)
+        args.file_given, args.file = args.file, find_study_file(args.file)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
         signal.signal(signal.SIGINT, _terminate)

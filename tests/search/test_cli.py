@@ -213,6 +213,24 @@ def test_a_study_named_without_its_path_is_the_projects_study_file_from_any_fold
     assert code == 2 and "study file 'quickstrat' does not exist" in err and ", quickstart (" in err, err
 
 
+def test_the_commands_printed_after_a_run_open_that_study_as_the_user_named_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hpo run quickstart --study-name renamed`: the commands printed at the end say `quickstart` (not the path
+    it resolved to) and `--study-name renamed` (without it they opened the study named in the file); the
+    printed `hpo status` line, run as printed, shows this run's trial."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "run", "quickstart", "--trials", "1", "--quiet", "--study-name", "renamed",
+                         "--set", "study.max_epochs=1")
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("hpo status "))
+    assert line.split("#")[0].split() == ["hpo", "status", "quickstart", "--study-name", "renamed"], line
+    code, shown, err = run(capsys, *line.split("#")[0].split()[1:])
+    assert code == 0, err
+    rows = [ln.split()[:2] for ln in shown.splitlines() if ln[:1].isdigit() and ln.split()[1].isupper()]
+    assert rows == [["0", "COMPLETE"]] and (tmp_path / "runs" / "renamed" / "optuna.db").exists()
+
+
 def test_conflicting_study_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     runs = str(tmp_path / "runs")
     code, out, err = run(capsys, "run", str(QUICKSTART), "--run-dir", runs, "--trials", "1", "--quiet",
