@@ -325,6 +325,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"finished {finished} trial{'s' if finished != 1 else ''} ({c['COMPLETE']} complete, {c['PRUNED']} pruned, "
           f"{c['FAIL']} failed); {result.new_trials} new in this run; {epochs_spent(study)} epochs spent of "
           f"{len(study.trials) * settings.study.max_epochs} without early stopping or pruning")
+    if result.new_trials == 0 and n_trials is not None and finished >= n_trials:  # a rerun that had nothing to do
+        print(f"note: the study's budget of {n_trials} finished trial{'s' if n_trials != 1 else ''} (study.n_trials "
+              f"or --trials) was met before this run, so it trained none; give --trials with more than {finished} "
+              "to run more, or --study-name NAME for a new study", file=sys.stderr)
     best = best_trial(study)
     if best is not None:
         test = ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())

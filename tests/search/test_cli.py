@@ -231,6 +231,21 @@ def test_the_commands_printed_after_a_run_open_that_study_as_the_user_named_it(
     assert rows == [["0", "COMPLETE"]] and (tmp_path / "runs" / "renamed" / "optuna.db").exists()
 
 
+def test_a_rerun_of_a_finished_study_says_it_had_nothing_to_do_and_how_to_run_more(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    runs = str(tmp_path / "runs")
+    common = ("run", str(QUICKSTART), "--run-dir", runs, "--quiet", "--set", "study.max_epochs=1")
+    code, _, err = run(capsys, *common, "--trials", "1")
+    assert code == 0 and "so it trained none" not in err, err
+    code, out, err = run(capsys, *common, "--trials", "1")
+    assert code == 0 and "0 new in this run" in out, err
+    assert "budget of 1 finished trial (study.n_trials or --trials) was met before this run" in err, err
+    assert "--trials with more than 1 to run more" in err, err
+    code, out, err = run(capsys, *common, "--trials", "2")  # what the note says to do
+    assert code == 0 and "1 new in this run" in out and "so it trained none" not in err, err
+
+
 def test_conflicting_study_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     runs = str(tmp_path / "runs")
     code, out, err = run(capsys, "run", str(QUICKSTART), "--run-dir", runs, "--trials", "1", "--quiet",
