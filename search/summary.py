@@ -32,6 +32,17 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return out
 
 
+def failed_text(study: optuna.Study) -> str:
+    """'2 failed', or '2 failed, 1 of them retried' when some were re-enqueued (Ctrl-C, a dead worker, an
+    out-of-memory pack): a failed trial whose retry resumes it is not a result lost, and a summary that said
+    only "1 failed" after a Ctrl-C read as one."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    again = sum(t.number in retried for t in failed)
+    return f"{len(failed)} failed" + (f", {again} of them retried" if again else "")
+
+
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
