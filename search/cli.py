@@ -364,7 +364,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress,
                            finish=not args.no_finish, describe=not args.forked)  # a forked worker's launcher did
     if not args.no_finish:  # not for the workers of `hpo run --workers`: their launcher reports the end
-        print(f"worker done: ran {result.new_trials} trials of study {settings.study.name!r}", file=sys.stderr)
+        ran = result.new_trials
+        print(f"worker done: ran {ran} trial{'s' if ran != 1 else ''} of study {settings.study.name!r}",
+              file=sys.stderr)
     if result.stopped_by_failures:
         print(f"error: stopped after {settings.study.max_failures} failed trials in a row; last reason: "
               f"{result.stopped_by_failures}", file=sys.stderr)
