@@ -226,7 +226,9 @@ def _retried(method: Method[P, R]) -> Method[P, R]:
 
 def _lock_trial_row(session: Any, trial_id: int) -> None:
     """Take the trial's row lock (``FOR NO KEY UPDATE``, the lock an UPDATE of its state conflicts with) for the
-    rest of the transaction; a no-op on SQLite, whose writers are serialised anyway."""
+    rest of the transaction. Database servers only: SQLite files are opened as Optuna's plain ``RDBStorage``
+    (stores._create_rdb), where this check-then-write stays unfenced (pysqlite runs the check's SELECT outside
+    its transaction; a window of microseconds, reached only by a stale-heartbeat takeover on one machine)."""
     from optuna.storages._rdb import models
 
     session.query(models.TrialModel).filter(models.TrialModel.trial_id == trial_id).with_for_update(
