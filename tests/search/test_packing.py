@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -131,6 +130,7 @@ def test_trials_the_cnn_objective_cannot_pack_run_one_at_a_time_with_one_note(tm
 
 @pytest.mark.slow
 def test_kill_9_mid_pack_then_run_again_resumes_every_member(tmp_path: Path) -> None:
+    from tests.search.failure_helpers import wait_for
     from tests.search.test_recovery import LONG, UNENDING
     from tests.search.workers_helpers import hpo_cmd, load
 
@@ -138,18 +138,9 @@ def test_kill_9_mid_pack_then_run_again_resumes_every_member(tmp_path: Path) -> 
                                     "--set", f"study.max_epochs={UNENDING}", "--quiet"),
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = tmp_path / "runs" / "k9pack" / "optuna.db"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:  # until both members have 4 epochs
-            try:
-                study = optuna.load_study(study_name="k9pack", storage=f"sqlite:///{db}") if db.exists() else None
-                trials = study.get_trials(deepcopy=False) if study is not None else []
-            except Exception:  # noqa: BLE001 - being created by the run
-                trials = []
-            if len(trials) == 2 and min(len(t.intermediate_values) for t in trials) >= 4:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before it could be killed"
+    try:  # until both members have 4 epochs
+        wait_for(proc, db, "k9pack", lambda trials: len(trials) == 2 and all(
+            t.state == TrialState.RUNNING and len(t.intermediate_values) >= 4 for t in trials), seconds=300)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from search.checkpoint import load_checkpoint
-from search.stores import open_storage
+from tests.search.failure_helpers import wait_for
 from tests.search.workers_helpers import QUICKSTART, child_runs, hpo, hpo_cmd, load
 
 # Long enough trials to be interrupted mid-way: 30 epochs, no pruning, no early stopping. 12 epochs of this tiny
@@ -35,21 +35,12 @@ def _start_and_wait(tmp_path: Path, name: str, epochs: int, extra: list[str] = (
     proc = subprocess.Popen(hpo_cmd("run", str(QUICKSTART), "--set", f"study.name='{name}'", *LONG,
                                     "--set", f"study.max_epochs={UNENDING}", *extra, "--quiet"),
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    db = tmp_path / "runs" / name / "optuna.db"
-    deadline = time.monotonic() + 180
-    storage = None  # opened once: an open per poll took CPU time from the run
-    while time.monotonic() < deadline and proc.poll() is None:
-        if db.exists():
-            try:
-                storage = storage or open_storage(f"sqlite:///{db}")
-                trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-                if trials and trials[0].state == TrialState.RUNNING and len(trials[0].intermediate_values) >= epochs:
-                    return proc, trials[0].user_attrs["pid"]
-            except Exception:  # noqa: BLE001 - study (or its tables) not created yet: poll on until the deadline
-                pass
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"trial 0 never reached epoch {epochs}: {proc.stderr.read() if proc.stderr else ''}")
+
+    def trial_0_running(trials: list[FrozenTrial]) -> bool:
+        return bool(trials) and trials[0].state == TrialState.RUNNING and len(trials[0].intermediate_values) >= epochs
+
+    trials = wait_for(proc, tmp_path / "runs" / name / "optuna.db", name, trial_0_running, seconds=180)
+    return proc, trials[0].user_attrs["pid"]
 
 
 def rerun(tmp_path: Path, name: str, extra: list[str] = ()) -> int:
