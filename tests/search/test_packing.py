@@ -131,7 +131,7 @@ def test_trials_the_cnn_objective_cannot_pack_run_one_at_a_time_with_one_note(tm
 @pytest.mark.slow
 def test_kill_9_mid_pack_then_run_again_resumes_every_member(tmp_path: Path) -> None:
     from tests.search.failure_helpers import wait_for
-    from tests.search.test_recovery import LONG, UNENDING
+    from tests.search.test_recovery import LONG, UNENDING, rerun_epochs
     from tests.search.workers_helpers import hpo_cmd, load
 
     proc = subprocess.Popen(hpo_cmd("run", str(QUICKSTART), "--set", "study.name='k9pack'", *LONG, "--pack", "2",
@@ -148,7 +148,7 @@ def test_kill_9_mid_pack_then_run_again_resumes_every_member(tmp_path: Path) -> 
     killed = load(root, "k9pack")[0].get_trials()
     assert [t.state for t in killed] == [TrialState.RUNNING, TrialState.RUNNING]  # both members were in flight
     assert all((root / "checkpoints" / f"trial-{t.number}" / "last.pt").exists() for t in killed)
-    epochs = max(len(t.intermediate_values) for t in killed) + 3  # the rerun ends 3 epochs past the killed members
+    epochs = rerun_epochs(killed)
     again = hpo("run", str(QUICKSTART), "--set", "study.name='k9pack'", *LONG, "--pack", "2",
                 "--set", f"study.max_epochs={epochs}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr

@@ -28,7 +28,7 @@ from search.tracking import mark_killed
 from search.workers import fail_and_retry
 from tests.search.failure_helpers import wait_for
 from tests.search.test_packing import QUICKSTART
-from tests.search.test_recovery import LONG, UNENDING  # UNENDING: first runs end only when the test stops them
+from tests.search.test_recovery import LONG, UNENDING, rerun_epochs
 from tests.search.workers_helpers import child_runs, hpo, hpo_cmd, load
 
 pytestmark = pytest.mark.slow
@@ -104,7 +104,7 @@ def test_stopping_hpo_run_pack_fails_requeues_every_member_and_the_next_run_resu
     if not resume:
         return
 
-    epochs = max(len(trials[n].intermediate_values) for n in (0, 1)) + 3
+    epochs = rerun_epochs([trials[0], trials[1]])
     study, client, done = _rerun_runs_exactly_the_retries((*args, "--set", f"study.max_epochs={epochs}"), tmp_path,
                                                           root, name, retried=[0, 1])
     assert sorted(done[0].user_attrs["packed_with"] + done[1].user_attrs["packed_with"]) == [2, 2, 3]  # one pack
@@ -150,7 +150,7 @@ def test_ctrl_c_to_hpo_run_workers_2_pack_2_fails_and_requeues_every_member_of_b
     waiting = [t for t in trials.values() if t.state == TrialState.WAITING]
     assert sorted(t.system_attrs["failed_trial"] for t in waiting) == [0, 1, 2, 3] and len(trials) == 8
 
-    epochs = max(len(t.intermediate_values) for t in stopped) + 3
+    epochs = rerun_epochs(stopped)
     args = (*common, "--set", f"study.max_epochs={epochs}")
     _, _, done = _rerun_runs_exactly_the_retries(args, tmp_path, root, name, retried=[0, 1, 2, 3])
     assert all(t.user_attrs["epochs_run"] == epochs for t in done)

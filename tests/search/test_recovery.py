@@ -29,6 +29,11 @@ LONG = ["--set", f"study.max_epochs={EPOCHS}", "--set", "pruner={name='none'}",
 UNENDING = 100_000
 
 
+def rerun_epochs(stopped: list[FrozenTrial]) -> int:
+    """The rerun's max_epochs: 3 past the furthest of the ``stopped`` trials."""
+    return max(len(t.intermediate_values) for t in stopped) + 3
+
+
 def _start_and_wait(tmp_path: Path, name: str, epochs: int, extra: list[str] = ()) -> tuple[subprocess.Popen, int]:
     """Start `hpo run` with unending trials, wait until trial 0 runs and has reported ``epochs`` epochs, return
     (process, trial 0's pid)."""
@@ -47,7 +52,7 @@ def rerun(tmp_path: Path, name: str, extra: list[str] = ()) -> int:
     """The stopped study's command again, ending its trials 3 epochs past where trial 0 stopped; returns that
     max_epochs."""
     study, _ = load(tmp_path / "runs" / name, name)
-    epochs = len(study.trials[0].intermediate_values) + 3
+    epochs = rerun_epochs(study.trials[:1])
     again = hpo("run", str(QUICKSTART), "--set", f"study.name='{name}'", *LONG, "--set", f"study.max_epochs={epochs}",
                 *extra, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
