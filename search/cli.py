@@ -318,12 +318,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress)
     study = result.study
-    c = counts(study)
+    c, failed = counts(study), failed_text(study.get_trials(deepcopy=False))
     print(study_table(study))
     print()
     finished = c["COMPLETE"] + c["PRUNED"]
     print(f"finished {finished} trial{'s' if finished != 1 else ''} ({c['COMPLETE']} complete, {c['PRUNED']} pruned, "
-          f"{failed_text(study)}); {result.new_trials} new in this run; {epochs_spent(study)} epochs spent of "
+          f"{failed}); {result.new_trials} new in this run; {epochs_spent(study)} epochs spent of "
           f"{len(study.trials) * settings.study.max_epochs} without early stopping or pruning")
     if result.new_trials == 0 and n_trials is not None and finished >= n_trials:  # a rerun that had nothing to do
         print(f"note: the study's budget of {n_trials} finished trial{'s' if n_trials != 1 else ''} (study.n_trials "

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import records
 from search.records import best_trial
-from search.summary import counts
+from search.summary import counts, failed_short
 
 # tqdm puts ", " before a postfix, so each postfix follows a field it can be joined to.
 STUDY_BAR = "{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed, ETA {remaining}{postfix}"
@@ -69,7 +69,7 @@ class Progress:
         best = best_trial(study)
         best_text = f"best {best.value:.4f} (#{best.number})" if best else "best -"
         self._study.set_postfix_str(f"pruned {c['PRUNED']}, early-stopped {_early_stopped(study)}, "
-                                    f"failed {c['FAIL']}, {best_text}", refresh=False)
+                                    f"{failed_short(study.get_trials(deepcopy=False))}, {best_text}", refresh=False)
         done = c["COMPLETE"] + c["PRUNED"]
         if done > self._study.n:
             self._study.update(done - self._study.n)  # also refreshes; other workers' trials count too
@@ -151,8 +151,9 @@ class Progress:
         best = best_trial(study)
         best_text = f"best {best.value:.4f} (#{best.number})" if best else "best -"
         how = trial.user_attrs.get(records.REASON, "")
+        failed = failed_short(study.get_trials(deepcopy=False))
         return (f"trial {trial.number:>3} {trial.state.name:<8} {value}epochs {records.epochs_run(trial)}"
-                f" ({how})  | finished {finished}{budget} pruned {c['PRUNED']} failed {c['FAIL']}  {best_text}"
+                f" ({how})  | finished {finished}{budget} pruned {c['PRUNED']} {failed}  {best_text}"
                 f"  {self._elapsed()}")
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -32,15 +33,25 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return out
 
 
-def failed_text(study: optuna.Study) -> str:
-    """'2 failed', or '2 failed, 1 of them retried' when some were re-enqueued (Ctrl-C, a dead worker, an
-    out-of-memory pack): a failed trial whose retry resumes it is not a result lost, and a summary that said
-    only "1 failed" after a Ctrl-C read as one."""
-    trials = study.get_trials(deepcopy=False)
+def failed_counts(trials: Sequence[FrozenTrial]) -> tuple[int, int]:
+    """(failed trials, how many of them were re-enqueued): a failed trial whose retry resumes it (Ctrl-C, a dead
+    worker, an out-of-memory pack) is not a result lost, and a summary or progress line that said only "1 failed"
+    after a Ctrl-C read as one. Takes the study's trials, read once by the caller."""
     retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    again = sum(t.number in retried for t in failed)
-    return f"{len(failed)} failed" + (f", {again} of them retried" if again else "")
+    return len(failed), sum(t.number in retried for t in failed)
+
+
+def failed_text(trials: Sequence[FrozenTrial]) -> str:
+    """'2 failed', or '2 failed, 1 of them retried' (the run's summary line)."""
+    failed, again = failed_counts(trials)
+    return f"{failed} failed" + (f", {again} of them retried" if again else "")
+
+
+def failed_short(trials: Sequence[FrozenTrial]) -> str:
+    """'failed 2', or 'failed 2 (1 retried)' (the progress lines)."""
+    failed, again = failed_counts(trials)
+    return f"failed {failed}" + (f" ({again} retried)" if again else "")
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

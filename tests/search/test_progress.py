@@ -15,6 +15,7 @@ from optuna.trial import TrialState, create_trial
 from search.cli import main
 from search.progress import Progress
 from search.watch import is_done, watch
+from search.workers import retry
 
 LR = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
 
@@ -54,6 +55,20 @@ def test_not_a_terminal_gets_one_plain_line_per_trial_and_no_epoch_lines() -> No
     assert lines[0].startswith("trial   0 COMPLETE val_accuracy 0.9000  epochs 2 (early_stopped:patience)")
     assert "| finished 2/3 pruned 1 failed 0  best 0.9000 (#0)" in lines[1]
     assert lines[1].startswith("trial   1 PRUNED")
+
+
+def test_a_failed_trial_that_was_retried_says_so_in_the_line() -> None:
+    study = small_study()
+    add(study, TrialState.FAIL, reason="interrupted")
+    stream = io.StringIO()
+    progress = Progress(3, "val_accuracy", stream=stream, max_epochs=4)
+    failed = study.trials[-1]
+    progress(study, failed)
+    assert "pruned 1 failed 1  best" in stream.getvalue()  # nobody retries it: a result lost
+    retry(study, failed)  # as Ctrl-C does: re-enqueued, to resume
+    progress(study, failed)
+    last = stream.getvalue().splitlines()[-1]
+    assert last.split("| ")[1].startswith("finished 2/3 pruned 1 failed 1 (1 retried)  best")
 
 
 def test_terminal_shows_study_and_epoch_bars_with_counts_best_and_eta() -> None:

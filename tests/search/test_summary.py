@@ -12,7 +12,7 @@ from search.workers import retry
 
 def test_failed_trials_say_how_many_were_retried() -> None:
     study = optuna.create_study(direction="maximize")
-    assert failed_text(study) == "0 failed"
+    assert failed_text(study.trials) == "0 failed"
     done = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     study.tell(done, 0.5)
     interrupted = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
@@ -21,4 +21,4 @@ def test_failed_trials_say_how_many_were_retried() -> None:
     broken = study.ask()  # the retry (WAITING) is asked first
     assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(stored_trial(broken)) == interrupted.number
     study.tell(broken, state=TrialState.FAIL)  # the retry fails for good: nobody retries it
-    assert failed_text(study) == "2 failed, 1 of them retried"
+    assert failed_text(study.trials) == "2 failed, 1 of them retried"
