@@ -3,7 +3,7 @@
 The model is saved in MLflow's default ``pt2`` format (``torch.export``: a graph and weights, no pickled
 Python classes), so ``mlflow.pyfunc.load_model(DIR)`` and ``mlflow.pytorch.load_model(DIR)`` work in any
 environment with torch and mlflow. It takes raw images (float32, NCHW, the data set's pixel scale) and
-returns class logits; normalisation is part of the model.
+returns class indices; normalisation is part of the model.
 """
 
 from __future__ import annotations
