@@ -9,6 +9,7 @@ objective.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -327,7 +328,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``section.key=value`` -> (["section", "key"], value); the value is read as TOML, else a string.
 
     ``section={...}`` (a TOML inline table) replaces a whole section, e.g. ``--set "pruner={name='none'}"``
-    to switch pruners without the file's options for the old one.
+    (``--set pruner.name=none`` does too, see ``drop_options_of_old_choice``).
     """
     key, sep, raw = text.partition("=")
     path = [p for p in key.strip().split(".") if p]
@@ -381,10 +382,33 @@ def find_study_file(name: str) -> str:
     return str(found) if found is not None else name
 
 
+def drop_options_of_old_choice(data: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    """``--set pruner.name=hyperband`` on a file written for the median pruner: drop the file's pruner (or
+    sampler) options the new one does not take, instead of refusing the run for them; options given with --set
+    stay, so a wrong one is still an error. Returns one note per section changed, for the user."""
+    named = {path[0]: value for path, value in map(parse_override, overrides)
+             if len(path) == 2 and path[1] == "name" and path[0] in ("pruner", "sampler")}
+    given = {tuple(path[:2]) for path, _ in map(parse_override, overrides)}
+    notes = []
+    for section, name in named.items():
+        table, options = data.get(section), (PRUNER_OPTIONS if section == "pruner" else SAMPLER_OPTIONS).get(name)
+        if not isinstance(table, dict) or options is None:
+            continue  # an unknown name is reported by validation
+        dropped = [k for k in table if k != "name" and k not in options and (section, k) not in given]
+        for key in dropped:
+            del table[key]
+        if dropped:
+            notes.append(f"--set {section}.name={name}: the study file's {section} options {', '.join(dropped)} "
+                         f"do not apply to {name!r} and were left out")
+    return notes
+
+
 def load_settings(path: str | Path, overrides: Sequence[str] = ()) -> Settings:
     """Read, override and validate a study file; raise SettingsError naming the file and key."""
     path = Path(path)
     data = apply_overrides(read_study(path), overrides)
+    for note in drop_options_of_old_choice(data, overrides):
+        logging.getLogger("hpo").warning("note: %s", note)
     _check_override_types(data, overrides, str(path))
     return settings_from_dict(data, source=str(path), base_dir=path.resolve().parent)
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from objectives.settings import TrainConfig
 from search.config import (
+    PROJECT_STUDIES,
     ParamSpec,
     Settings,
     SpaceSection,
@@ -703,3 +704,19 @@ def test_space_section_splits_params_from_lr_scaling() -> None:
     assert space.lr_scaling == "linear"
     assert list(space.params) == ["lr"]
     assert space.params["lr"] == ParamSpec(type="float", low=0.01, high=1.0)
+
+
+def test_set_pruner_name_drops_the_file_options_the_new_pruner_does_not_take(
+        caplog: pytest.LogCaptureFixture) -> None:
+    quickstart = PROJECT_STUDIES / "quickstart.toml"  # a median pruner with n_startup_trials, n_warmup_steps, ...
+    with caplog.at_level("WARNING", logger="hpo"):
+        settings = load_settings(quickstart, ["pruner.name=hyperband"])
+    assert settings.pruner.name == "hyperband" and settings.pruner.n_warmup_steps is None
+    assert "options n_startup_trials, n_warmup_steps, interval_steps do not apply to 'hyperband'" in caplog.text
+    kept = load_settings(quickstart, ["pruner.name=percentile", "pruner.percentile=25"]).pruner
+    assert (kept.n_startup_trials, kept.n_warmup_steps, kept.percentile) == (3, 2, 25)  # percentile takes them
+    assert load_settings(quickstart, ["sampler.name=random"]).sampler.seed == 42  # n_startup_trials left out
+    # an option the user gives with --set is theirs: a wrong one is still refused
+    load_error(quickstart, "n_warmup_steps not used by pruner 'hyperband'",
+               overrides=("pruner.name=hyperband", "pruner.n_warmup_steps=2"))
+    assert load_settings(quickstart).pruner.n_warmup_steps == 2  # the file is untouched
