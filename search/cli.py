@@ -336,9 +336,9 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{'; ' + test if test else ''}; params {best.params}")
     _print_where(args, paths)
     if result.stopped_by_failures:
-        print(f"error: the study stopped after {settings.study.max_failures} failed trials in a row; last "
-              f"reason: {result.stopped_by_failures}. Fix the cause (see `hpo status`) and run again.",
-              file=sys.stderr)
+        print(f"error: the study stopped after {settings.study.max_failures} failed trials in a row; the last one "
+              f"failed with {_reason(result.stopped_by_failures)}. Fix the cause (`hpo status` shows each failed "
+              "trial's reason) and run the same command again; the finished trials are saved.", file=sys.stderr)
         return 1
     if result.workers_failed:
         print(f"error: worker process(es) {', '.join(map(str, result.workers_failed))} of {len(plan.workers)} exited "
@@ -368,10 +368,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"worker done: ran {ran} trial{'s' if ran != 1 else ''} of study {settings.study.name!r}",
               file=sys.stderr)
     if result.stopped_by_failures:
-        print(f"error: stopped after {settings.study.max_failures} failed trials in a row; last reason: "
-              f"{result.stopped_by_failures}", file=sys.stderr)
+        print(f"error: stopped after {settings.study.max_failures} failed trials in a row; the last one failed with "
+              f"{_reason(result.stopped_by_failures)}. Fix the cause and start the worker again.", file=sys.stderr)
         return 1
     return 0
+
+
+def _reason(recorded: str) -> str:
+    """A trial's recorded reason inside a sentence: 'error: X: msg.' -> 'X: msg' (no doubled 'error:' or '..')."""
+    return recorded.removeprefix("error: ").rstrip(". ")
 
 
 def _proxy_note(url: str) -> None:

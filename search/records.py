@@ -91,9 +91,16 @@ def outcome(t: FrozenTrial) -> str:
     return {TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}.get(t.state, t.state.name.lower())
 
 
+REASON_SHOWN = 60  # characters of a failed trial's reason in the tables; `--json` has all of it
+
+
 def ended_at(t: FrozenTrial) -> str:
-    """"pruned at E" or "stopped at E" (epochs count from 0), or "" for a trial that ran its course."""
+    """"pruned at E" or "stopped at E" (epochs count from 0), a failed trial's reason (so the table says why
+    without --json), or "" for a trial that ran its course."""
     attrs = t.user_attrs
+    if t.state == TrialState.FAIL:
+        reason = str(attrs.get(REASON) or "failed").removeprefix("error: ")
+        return reason if len(reason) <= REASON_SHOWN else reason[:REASON_SHOWN - 3] + "..."
     if attrs.get(PRUNED_EPOCH) is not None:
         return f"pruned at {attrs[PRUNED_EPOCH]}"
     if attrs.get(EARLY_STOPPED):

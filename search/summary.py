@@ -63,10 +63,14 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def study_table(study: optuna.Study) -> str:
+    trials = study.get_trials(deepcopy=False)
+    retries = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t): t.number for t in trials}
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         row = trial_row(t)
         row["params"] = " ".join(f"{k}={fmt(v)}" for k, v in row["params"].items())
+        if t.state == TrialState.FAIL and t.number in retries:
+            row["ended"] += f" (retried as #{retries[t.number]})"
         rows.append(row)
     return format_table(rows, ["number", "state", "value", "epochs", "ended", "params"])
 

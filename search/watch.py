@@ -17,7 +17,7 @@ import optuna
 
 from search import records
 from search.records import best_trial
-from search.summary import counts, study_table
+from search.summary import counts, failed_text, study_table
 
 CLEAR = "\033[H\033[2J"
 
@@ -25,8 +25,10 @@ CLEAR = "\033[H\033[2J"
 def status_text(study: optuna.Study) -> str:
     """What `hpo status` prints: the trials table, the counts and the best trial."""
     c = counts(study)
+    waiting = f", {c['WAITING']} waiting" if c["WAITING"] else ""  # retries and enqueued trials, not yet started
     lines = [study_table(study), "",
-             f"{c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed, {c['RUNNING']} running"]
+             f"{c['COMPLETE']} complete, {c['PRUNED']} pruned, {failed_text(study.get_trials(deepcopy=False))}, "
+             f"{c['RUNNING']} running{waiting}"]
     best = best_trial(study)
     if best:
         lines.append(f"best trial #{best.number}: value {best.value:.4f} params {best.params}")

@@ -333,3 +333,11 @@ def test_a_profiled_hpo_still_writes_its_profile(tmp_path: Path) -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "no results for study 'quickstart' yet" in done.stderr  # (cProfile itself swallows the exit code)
     assert out.stat().st_size > 0
+
+
+def test_a_recorded_reason_reads_as_part_of_the_stop_message() -> None:
+    from search.cli import _reason
+
+    assert _reason("error: ModelError: make forward() return only the logits while training too.") == \
+        "ModelError: make forward() return only the logits while training too"
+    assert _reason("out_of_memory") == "out_of_memory"

@@ -30,7 +30,7 @@ def test_out_of_memory_fails_the_trial_frees_its_memory_and_max_failures_in_a_ro
     study_file = faulty_study(tmp_path, "oom", plan, n_trials=2, max_failures=3)
     out = hpo("run", str(study_file), cwd=tmp_path)
     assert out.returncode == 1, out.stderr
-    assert "stopped after 3 failed trials in a row; last reason: out_of_memory" in out.stderr
+    assert "stopped after 3 failed trials in a row; the last one failed with out_of_memory. Fix" in out.stderr
     study, client = load(tmp_path / "runs" / "oom", "oom")
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE] + [TrialState.FAIL] * 3

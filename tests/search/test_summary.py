@@ -1,12 +1,14 @@
-"""The run's summary line: failed trials, and how many of them were retried (so not a result lost)."""
+"""The run's summary line and `hpo status`: failed trials, why, and which were retried (so not a result lost)."""
 
 from __future__ import annotations
 
 import optuna
 from optuna.trial import TrialState
 
+from search import records
 from search.optuna_adapter import stored_trial
 from search.summary import failed_text
+from search.watch import status_text
 from search.workers import retry
 
 
@@ -22,3 +24,22 @@ def test_failed_trials_say_how_many_were_retried() -> None:
     assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(stored_trial(broken)) == interrupted.number
     study.tell(broken, state=TrialState.FAIL)  # the retry fails for good: nobody retries it
     assert failed_text(study.trials) == "2 failed, 1 of them retried"
+
+
+def test_status_says_why_a_trial_failed_and_which_trial_retries_it() -> None:
+    study = optuna.create_study(direction="maximize")
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    broken = study.ask(x)
+    broken.set_user_attr(records.REASON, "error: ModelError: model 'mine' returns a value of type tuple in "
+                                         "training mode; the training loop needs the logits tensor only")
+    study.tell(broken, state=TrialState.FAIL)
+    interrupted = study.ask(x)
+    interrupted.set_user_attr(records.REASON, "interrupted")
+    study.tell(interrupted, state=TrialState.FAIL)
+    retry(study, stored_trial(interrupted))  # re-enqueued as trial 2, WAITING
+    rows = status_text(study).splitlines()
+    assert "  ModelError: model 'mine' returns a value of type tuple in...  x=" in rows[2]  # 60 characters
+    assert "error:" not in rows[2]
+    assert "  interrupted (retried as #2)  " in rows[3]
+    assert rows[4].startswith("2       WAITING")
+    assert rows[-1] == "0 complete, 0 pruned, 2 failed, 1 of them retried, 0 running, 1 waiting"
