@@ -334,7 +334,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         test = ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())
         print(f"best trial #{best.number}: {settings.study.metric} {best.value:.4f}"
               f"{'; ' + test if test else ''}; params {best.params}")
-    _print_where(args, paths)
+    from search import records
+
+    _print_where(args, paths, exportable=study.user_attrs.get(records.MODEL_TRIAL) is not None)
     if result.stopped_by_failures:
         print(f"error: the study stopped after {settings.study.max_failures} failed trials in a row; the last one "
               f"failed with {_reason(result.stopped_by_failures)}. Fix the cause (`hpo status` shows each failed "
@@ -412,10 +414,23 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_where(args: argparse.Namespace, paths: RunPaths) -> None:
+def hpo_command() -> str:
+    """How to call hpo again from the user's shell: ``hpo`` when that name on PATH is this install, else the path of
+    this install's script (``.venv/bin/hpo`` after `make run`, which does not activate the venv)."""
+    started = Path(sys.argv[0])
+    script = started if started.name == "hpo" else Path(sys.executable).parent / "hpo"  # else `python -m search.cli`
+    on_path = shutil.which("hpo")
+    if not script.is_file() or (on_path and Path(on_path).resolve() == script.resolve()):
+        return "hpo"
+    script = script.absolute()
+    return shlex.quote(str(script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script))
+
+
+def _print_where(args: argparse.Namespace, paths: RunPaths, exportable: bool = True) -> None:
     """Where the results are, and the commands that open them: the study file as the user named it (`quickstart`
     stays `quickstart`), with the options that find this study again (its name too, if --set or --study-name
-    changed it)."""
+    changed it), as this shell can run them. Export only when a best model was logged (none for a study without
+    a complete trial, or for a custom training loop, whose model hpo cannot rebuild)."""
     target = shlex.quote(getattr(args, "file_given", args.file)) if args.file else f"--study {paths.root.name}"
     renamed = any(o.partition("=")[0].strip() == "study.name" for o in _overrides(args))
     extra = f" --study-name {shlex.quote(paths.study_name)}" if args.file and renamed else ""
@@ -424,16 +439,18 @@ def _print_where(args: argparse.Namespace, paths: RunPaths) -> None:
         extra += f" --storage {args.storage}"
     if args.tracking_uri:
         extra += f" --tracking-uri {args.tracking_uri}"
+    hpo = hpo_command()
+    export = (f"\n  {hpo} export {target}{extra} --out best-model    # the best model as an MLflow model directory"
+              if exportable else "")
     print(f"""
 results:    {paths.root}
   Optuna:   {paths.storage_url}
   MLflow:   {paths.tracking_uri} (artifacts in {paths.artifacts})
 open them:
-  hpo dashboard {target}{extra}    # optuna-dashboard, http://127.0.0.1:8080
-  hpo ui {target}{extra}           # MLflow UI, http://127.0.0.1:5000
-  hpo report {target}{extra}       # HTML report and PNG plots in {paths.root / 'report'}
-  hpo export {target}{extra} --out best-model    # the best model as an MLflow model directory
-  hpo status {target}{extra}       # this table again""")
+  {hpo} dashboard {target}{extra}    # optuna-dashboard, http://127.0.0.1:8080
+  {hpo} ui {target}{extra}           # MLflow UI, http://127.0.0.1:5000
+  {hpo} report {target}{extra}       # HTML report and PNG plots in {paths.root / 'report'}{export}
+  {hpo} status {target}{extra}       # this table again""")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -269,6 +269,7 @@ def test_example_study_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
         model = build_model(checkpoint["settings"]["hidden"], checkpoint["params"]["dropout"])
         model.load_state_dict(checkpoint["state_dict"])  # strict: every weight of the example's model
     assert re.search(r"best trial #\d+: val_accuracy [\d.]+; params", out.out)  # no test score, no error
+    assert " dashboard " in out.out and " export " not in out.out  # no export command offered: it cannot work
     code = main(["export", str(EXAMPLE / "study.toml"), "--run-dir", str(tmp_path), "--out", str(tmp_path / "m")])
     err = capsys.readouterr().err
     assert code == 2 and "cannot rebuild a model" in err and "load_state_dict" in err  # no export, said why

@@ -341,3 +341,28 @@ def test_a_recorded_reason_reads_as_part_of_the_stop_message() -> None:
     assert _reason("error: ModelError: make forward() return only the logits while training too.") == \
         "ModelError: make forward() return only the logits while training too"
     assert _reason("out_of_memory") == "out_of_memory"
+
+
+def test_the_printed_commands_run_in_the_users_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make run` starts .venv/bin/hpo without activating the venv: a bare `hpo` would be 'command not found'."""
+    from search.cli import hpo_command
+
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "hpo").write_text("#!/bin/sh\n")
+    (venv / "hpo").chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [".venv/bin/hpo", "run"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert hpo_command() == ".venv/bin/hpo"
+    monkeypatch.setattr(sys, "argv", [str(venv / "hpo"), "run"])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # started by its path from another folder: that path
+    assert hpo_command() == str(venv / "hpo")
+    monkeypatch.setenv("PATH", f"{venv}:/usr/bin:/bin")  # an activated venv: the name alone
+    assert hpo_command() == "hpo"
+    monkeypatch.setattr(sys, "argv", ["/somewhere/search/cli.py"])  # python -m search.cli: the venv's script
+    monkeypatch.setattr(sys, "executable", str(venv / "python"))
+    assert hpo_command() == "hpo"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert hpo_command() == str(venv / "hpo")

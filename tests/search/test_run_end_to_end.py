@@ -151,6 +151,7 @@ def test_run_prints_where_results_are_and_how_to_open_them(quickstart: dict) -> 
     assert f"sqlite:///{root / 'mlflow.db'}" in out
     assert f"hpo dashboard {QUICKSTART}" in out
     assert f"hpo ui {QUICKSTART}" in out
+    assert f"hpo export {QUICKSTART} --out best-model" in out  # a model was logged: it can be exported
     assert "best trial #" in out and "test_accuracy" in out
     assert "trial   0" in quickstart["first"].stderr  # progress lines
     assert "\r" not in quickstart["first"].stderr and "\x1b" not in quickstart["first"].stderr  # no bars in a pipe
