@@ -673,8 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("\ninterrupted: finished trials are saved; run the same command again to resume the study.",
-              file=sys.stderr)
+        if not getattr(args, "no_finish", False):  # the workers of `hpo run --workers`: their launcher says it once
+            print("\ninterrupted: finished trials are saved; run the same command again to resume the study.",
+                  file=sys.stderr)
         return 130
 
 

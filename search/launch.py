@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import datetime
 from typing import NoReturn, Protocol
 
 from search.config import Settings
@@ -274,8 +275,9 @@ def _follow_workers(opened: OpenStudy, procs: list[Worker], before: set[int], n_
                 warmed = True
             if done or time.monotonic() - read_at >= 1.0:
                 read_at = time.monotonic()
-                for trial in study.get_trials(deepcopy=False):
-                    if trial.state.is_finished() and trial.number not in shown:
+                ended = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+                for trial in sorted(ended, key=lambda t: (t.datetime_complete or datetime.min, t.number)):
+                    if trial.number not in shown:
                         shown.add(trial.number)
                         if progress is not None:
                             progress(study, trial)

@@ -28,6 +28,20 @@ EPOCH_BAR = "{desc} |{bar}| {n_fmt}/{total_fmt}{postfix}"
 EPOCH_LINE_EVERY_S = 60.0  # logs: an epoch line only once this long has passed without any line
 
 
+def finished_by(trials: list[FrozenTrial], trial: FrozenTrial) -> list[FrozenTrial]:
+    """The trials that had finished when ``trial`` did (all finished ones if it has no end time)."""
+    end = trial.datetime_complete
+    return [t for t in trials if t.state.is_finished()
+            and (end is None or (t.datetime_complete is not None and t.datetime_complete <= end))]
+
+
+def best_of(trials: list[FrozenTrial], direction: optuna.study.StudyDirection) -> FrozenTrial | None:
+    """The best complete trial among ``trials`` (the earliest of equals, as the study's best is)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    sign = -1.0 if direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    return min(complete, key=lambda t: (sign * float(t.value or 0.0), t.number), default=None)
+
+
 def _early_stopped(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                if t.user_attrs.get(records.EARLY_STOPPED))
@@ -144,16 +158,20 @@ class Progress:
                 f"{metrics.get('train_loss', float('nan')):.4f}  {self._elapsed()}")
 
     def line(self, study: optuna.Study, trial: FrozenTrial) -> str:
-        c = counts(study)
-        finished = c["COMPLETE"] + c["PRUNED"]
+        """The trial's line, with the study's counts and best as they stood when it ended (a launcher following
+        its workers writes it up to a second later, when other trials may have finished since)."""
+        trials = study.get_trials(deepcopy=False)
+        then = finished_by(trials, trial)
+        c = {state: sum(t.state == state for t in then) for state in (TrialState.COMPLETE, TrialState.PRUNED)}
+        finished = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
         budget = f"/{self.budget}" if self.budget else ""
         value = "" if trial.value is None else f"{self.metric} {trial.value:.4f}  "
-        best = best_trial(study)
+        best = best_of(then, study.direction)
         best_text = f"best {best.value:.4f} (#{best.number})" if best else "best -"
         how = trial.user_attrs.get(records.REASON, "")
-        failed = failed_short(study.get_trials(deepcopy=False))
+        failed = failed_short(then, trials)
         return (f"trial {trial.number:>3} {trial.state.name:<8} {value}epochs {records.epochs_run(trial)}"
-                f" ({how})  | finished {finished}{budget} pruned {c['PRUNED']} {failed}  {best_text}"
+                f" ({how})  | finished {finished}{budget} pruned {c[TrialState.PRUNED]} {failed}  {best_text}"
                 f"  {self._elapsed()}")
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:

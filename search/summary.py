@@ -33,11 +33,12 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return out
 
 
-def failed_counts(trials: Sequence[FrozenTrial]) -> tuple[int, int]:
+def failed_counts(trials: Sequence[FrozenTrial], everything: Sequence[FrozenTrial] | None = None) -> tuple[int, int]:
     """(failed trials, how many of them were re-enqueued): a failed trial whose retry resumes it (Ctrl-C, a dead
     worker, an out-of-memory pack) is not a result lost, and a summary or progress line that said only "1 failed"
-    after a Ctrl-C read as one. Takes the study's trials, read once by the caller."""
-    retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
+    after a Ctrl-C read as one. Takes the study's trials, read once by the caller; ``everything`` (default:
+    ``trials``) is where the retries are looked for when ``trials`` is a part of the study."""
+    retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in everything or trials}
     failed = [t for t in trials if t.state == TrialState.FAIL]
     return len(failed), sum(t.number in retried for t in failed)
 
@@ -48,9 +49,9 @@ def failed_text(trials: Sequence[FrozenTrial]) -> str:
     return f"{failed} failed" + (f", {again} of them retried" if again else "")
 
 
-def failed_short(trials: Sequence[FrozenTrial]) -> str:
+def failed_short(trials: Sequence[FrozenTrial], everything: Sequence[FrozenTrial] | None = None) -> str:
     """'failed 2', or 'failed 2 (1 retried)' (the progress lines)."""
-    failed, again = failed_counts(trials)
+    failed, again = failed_counts(trials, everything)
     return f"failed {failed}" + (f" ({again} retried)" if again else "")
 
 

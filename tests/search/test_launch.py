@@ -90,6 +90,7 @@ def test_stopping_two_workers_fails_and_requeues_both_trials_and_the_next_run_re
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "run the same command again to resume" in err and "Traceback" not in err
+    assert err.count("interrupted: finished trials are saved") == 1, err  # the launcher's, not one per worker too
     assert "A new study created" not in err  # Optuna's info line, quiet before the stores are made for the fork
     root = tmp_path / "runs" / how
     study, client = load(root, how)

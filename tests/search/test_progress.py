@@ -71,6 +71,19 @@ def test_a_failed_trial_that_was_retried_says_so_in_the_line() -> None:
     assert last.split("| ")[1].startswith("finished 2/3 pruned 1 failed 1 (1 retried)  best")
 
 
+def test_a_line_written_late_counts_the_study_as_it_stood_when_its_trial_ended() -> None:
+    """`hpo run --workers` reads finished trials from the storage once a second, so trial 0's line may be written
+    after trial 1 finished too: the line must not say 'finished 2' or name trial 1 as the best."""
+    study = optuna.create_study(direction="maximize")
+    add(study, TrialState.COMPLETE, 0.9, reason="completed")
+    time.sleep(0.01)
+    add(study, TrialState.COMPLETE, 0.95, reason="completed")
+    progress = Progress(3, "val_accuracy", stream=io.StringIO(), max_epochs=4)
+    first, second = study.trials
+    assert "| finished 1/3 pruned 0 failed 0  best 0.9000 (#0)" in progress.line(study, first)
+    assert "| finished 2/3 pruned 0 failed 0  best 0.9500 (#1)" in progress.line(study, second)
+
+
 def test_terminal_shows_study_and_epoch_bars_with_counts_best_and_eta() -> None:
     study = small_study(budget=5)
     stream = Terminal()
