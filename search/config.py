@@ -542,20 +542,22 @@ def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>", base
         objective = plugin.config_model.model_validate(objective_raw, context=context)
     except ValidationError as exc:
         raise SettingsError(_describe(exc, source, ("objective",), plugin.config_model)) from exc
+    # The plugin says which [space] names it reads (None: any, handed to the objective as they are) and which
+    # metrics it reports. Names first: a misspelt one (`--set space.lrr.low=1`) is that, not "type missing".
+    fields = plugin.tunable_names(objective)
+    space = data.get("space")
+    names = {k for k, v in space.items() if isinstance(v, Mapping)} if isinstance(space, Mapping) else set()
+    if fields is not None and (unknown := sorted(names - fields)):
+        raise SettingsError(
+            f"{source}: [space] {', '.join(unknown)}: not a setting of objective {plugin_name!r}, so sampling "
+            f"it would change nothing. Tunable names are: {', '.join(sorted(fields))}."
+        )
     try:
         settings = Settings.model_validate(
             {**data, "objective": objective, "objective_name": plugin_name, "source": source}
         )
     except ValidationError as exc:
         raise SettingsError(_describe(exc, source, (), Settings)) from exc
-    # The plugin says which [space] names it reads (None: any, handed to the objective as they are) and which
-    # metrics it reports.
-    fields = plugin.tunable_names(objective)
-    if fields is not None and (unknown := sorted(set(settings.space.params) - fields)):
-        raise SettingsError(
-            f"{source}: [space] {', '.join(unknown)}: not a setting of objective {plugin_name!r}, so sampling "
-            f"it would change nothing. Tunable names are: {', '.join(sorted(fields))}."
-        )
     probed = settings.space.params if fields is not None else {}  # ranges are the objective's to check
     for pname, spec in probed.items():
         bounds = [v for v in (spec.low, spec.high) if v is not None]  # a range has both (validated above)

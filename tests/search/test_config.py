@@ -720,3 +720,10 @@ def test_set_pruner_name_drops_the_file_options_the_new_pruner_does_not_take(
     load_error(quickstart, "n_warmup_steps not used by pruner 'hyperband'",
                overrides=("pruner.name=hyperband", "pruner.n_warmup_steps=2"))
     assert load_settings(quickstart).pruner.n_warmup_steps == 2  # the file is untouched
+
+
+def test_a_misspelt_space_name_set_by_one_key_is_named_as_misspelt() -> None:
+    """`--set space.lrr.low=1` makes a [space.lrr] table with only `low`: the name is the mistake, not the type."""
+    message = load_error(PROJECT_STUDIES / "quickstart.toml", "[space] lrr: not a setting of objective 'cnn'",
+                         "Tunable names are: ", overrides=("space.lrr.low=1",))
+    assert "type" not in message.split("Tunable names")[0]
