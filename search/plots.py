@@ -6,15 +6,16 @@ trial's own curves, drawn as each trial ends, are Pillow's (search/curves_png.py
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 from matplotlib.figure import Figure
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from search import records
 from search.records import outcome
@@ -53,9 +54,22 @@ def epochs_by_outcome_png(trials: Sequence[FrozenTrial], max_epochs: int, path: 
     return _save(fig, path)
 
 
+@contextlib.contextmanager
+def quiet_plots() -> Iterator[None]:
+    """Optuna's plots warn through Python warnings and through Optuna's own logger ("Study instance does not
+    contain completed trials"): a report says what it left out itself, so neither reaches the user's terminal."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def _optuna_png(plot: Callable[..., Any], study: optuna.Study, path: Path) -> Path | None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_plots():
         try:
             ax = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few trials for this plot
@@ -73,10 +87,13 @@ def study_pngs(study: optuna.Study, max_epochs: int, out: Path) -> list[Path]:
     matplotlib.use("Agg")  # Optuna's matplotlib plots go through pyplot; never open a window
     from optuna.visualization import matplotlib as ovm
 
+    trials = study.get_trials(deepcopy=False)
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
     paths = [
-        _optuna_png(ovm.plot_optimization_history, study, out / "optimization_history.png"),
+        # Optuna draws these empty (and warns) without complete trials, importances need two to compare.
+        _optuna_png(ovm.plot_optimization_history, study, out / "optimization_history.png") if complete else None,
         _optuna_png(ovm.plot_intermediate_values, study, out / "intermediate_values.png"),
-        _optuna_png(ovm.plot_param_importances, study, out / "param_importances.png"),
-        epochs_by_outcome_png(study.get_trials(deepcopy=False), max_epochs, out / "epochs_by_outcome.png"),
+        _optuna_png(ovm.plot_param_importances, study, out / "param_importances.png") if complete >= 2 else None,
+        epochs_by_outcome_png(trials, max_epochs, out / "epochs_by_outcome.png"),
     ]
     return [p for p in paths if p is not None]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search import records
 from search.diagnosis import Diagnosis
 from search.notes import epoch_account
-from search.plots import OUTCOME_COLORS, study_pngs
+from search.plots import OUTCOME_COLORS, quiet_plots, study_pngs
 from search.records import best_trial, outcome
 from search.summary import counts
 from search.tracking import Tracker, existing_tracker, log_files, run_url, set_tags
@@ -73,8 +72,7 @@ def trial_fits(study: optuna.Study, tracker: Tracker | None, max_epochs: int) ->
 
 
 def _figure(make: Callable[[], Any]) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_plots():
         try:
             return make()
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
@@ -171,18 +169,24 @@ def build_html(study: optuna.Study, fits: list[TrialFit], max_epochs: int) -> st
         f"{acc.saved_by_early_stopping}.</p>",
         f"<p id='best'>Best: {best_line}</p>",
     ]
+    def complete(n: int, make: Callable[[], Any]) -> Callable[[], Any]:
+        """Optuna draws these empty without complete trials (importances need two to compare): say so instead."""
+        if c["COMPLETE"] >= n:
+            return make
+        return lambda: f"needs {n} complete trial{'s' if n > 1 else ''}; the study has {c['COMPLETE']}"
+
     figures = [
         ("Optimization history", "Each trial's value and the best so far.",
-         lambda: vis.plot_optimization_history(study)),
+         complete(1, lambda: vis.plot_optimization_history(study))),
         ("Intermediate values", "The study metric per epoch of every trial: pruned curves stop early.",
          lambda: vis.plot_intermediate_values(study)),
         ("Epochs spent per trial, by outcome", "Bars below the dashed line are epochs saved by pruning or early "
          "stopping.", lambda: epochs_figure(trials, max_epochs)),
         ("Parallel coordinates", "Parameters of each trial, coloured by value.",
-         lambda: vis.plot_parallel_coordinate(study)),
+         complete(1, lambda: vis.plot_parallel_coordinate(study))),
         ("Parameter importances", "fANOVA importance of each parameter for the value.",
-         lambda: vis.plot_param_importances(study)),
-        ("Slice", "Value against each parameter.", lambda: vis.plot_slice(study)),
+         complete(2, lambda: vis.plot_param_importances(study))),
+        ("Slice", "Value against each parameter.", complete(1, lambda: vis.plot_slice(study))),
     ]
     first = True
     for title, text, make in figures:

@@ -182,3 +182,21 @@ def test_views_refuse_a_study_that_was_never_run(tmp_path: Path, capsys: pytest.
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "does not exist" in err and "hpo run" in err, err
     assert not (tmp_path / "nothing" / "quickstart").exists()
+
+
+def test_a_report_without_complete_trials_says_what_it_left_out_and_warns_nothing(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    from search.report import write_report
+
+    study = optuna.create_study(direction="maximize")
+    lr = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    for value in (0.01, 0.02):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, params={"lr": value}, distributions=lr,
+                                                  intermediate_values={0: 0.3, 1: 0.4}, user_attrs={"epochs_run": 2}))
+    report = write_report(study, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "report", log_to_mlflow=False)
+    assert sorted(p.name for p in report.pngs) == ["epochs_by_outcome.png", "intermediate_values.png"]
+    page = report.html.read_text()
+    assert "Not drawn: needs 2 complete trials; the study has 0" in page
+    assert page.count("Not drawn: needs 1 complete trial; the study has 0") == 3
+    err = capfd.readouterr().err
+    assert "does not contain completed trials" not in err and "Warning" not in err, err
