@@ -66,13 +66,16 @@ def _common(p: argparse.ArgumentParser, file_required: bool = True) -> None:
         p.add_argument("file", metavar="FILE", help="study file (TOML), e.g. studies/quickstart.toml, or the name of "
                                                     "one in ./studies/ or the project's studies/, e.g. quickstart")
     else:
-        p.add_argument("file", metavar="FILE", nargs="?", help="study file (TOML); or give --study")
+        p.add_argument("file", metavar="FILE", nargs="?",
+                       help="study file (TOML), or the name of one in ./studies/ or the project's studies/, e.g. "
+                            "quickstart; or leave it out and give --study NAME")
         p.add_argument("--study", metavar="NAME", help="study name, when no FILE is given")
     p.add_argument("--run-dir", default="runs", metavar="DIR",
                    help="parent folder of per-study result folders (default: runs)")
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage URL: sqlite:///path.db, postgresql://..., mysql+pymysql://..., "
-                        "or journal:PATH (default: sqlite file in the run directory)")
+                        "journal:PATH, or grpc://HOST:PORT (an `hpo storage-proxy`) (default: sqlite file in the "
+                        "run directory)")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking URI: sqlite:///path.db or http://host:port "
                         "(default: mlflow.db in the run directory)")
@@ -151,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--threads", type=int, metavar="N", help="server threads; each waiting worker holds one, so "
                        "more than the number of workers (default 512)")
 
-    status = sub.add_parser("status", help="table of a study's trials and its best trial")
+    status = sub.add_parser("status", help="table of a study's trials and its best trial",
+                            description="Print a study's trials (state, value, epochs, how each ended, parameters), "
+                                        "the counts and the best trial; works while the study runs.")
     _common(status, file_required=False)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--watch", action="store_true",
@@ -160,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=float, default=5.0, metavar="S",
                         help="seconds between refreshes with --watch (default 5)")
 
-    best = sub.add_parser("best", help="the best trial: value, parameters, checkpoint, test accuracy")
+    best = sub.add_parser("best", help="the best trial: value, parameters, checkpoint, test accuracy",
+                          description="Print the best trial: its value, parameters, checkpoint path, MLflow run, "
+                                      "epochs and test metrics.")
     _common(best, file_required=False)
     best.add_argument("--json", action="store_true", help="print JSON")
 
@@ -169,14 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "--storage URL on every study in that storage.")
     _common(dash, file_required=False)
     dash.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no authentication!)")
-    dash.add_argument("--port", type=int, default=8080)
+    dash.add_argument("--port", type=int, default=8080, help="port (default 8080)")
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on the study's tracking store (127.0.0.1)",
                         description="Serve the MLflow UI on a study's tracking store (FILE or --study NAME), or "
                                     "with only --tracking-uri URI on that store (every experiment in it).")
     _common(ui, file_required=False)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no authentication!)")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     ui.add_argument("--workers", type=int, default=1, metavar="N",
                     help="server processes (default 1: enough for one person, and it starts faster)")
 
@@ -209,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: none,early_stopping,median,median+early_stopping,hyperband,"
                               "median_carry_forward+early_stopping)")
     compare.add_argument("--seeds", type=int, default=3, metavar="K",
-                         help="repeats; repeat i uses sampler seed (the file's seed + i) for every strategy")
+                         help="repeats (default 3); repeat i uses sampler seed (the file's seed + i) for every "
+                              "strategy")
     compare.add_argument("--trials", type=int, metavar="N", help="finished trials per study (default: n_trials)")
     compare.add_argument("--out", metavar="DIR", help="where compare.md/.csv/.png go (default: RUN_DIR/NAME-compare)")
     compare.add_argument("--replay", action="store_true",
