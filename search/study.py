@@ -48,7 +48,7 @@ def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorag
                                   settings.space, settings.study.pack),
                                   pruner=build_pruner(settings.pruner, settings.study.max_epochs))
         stored = {"direction": study.direction.name.lower(), **(study.user_attrs.get(records.FINGERPRINT) or {})}
-        diffs = _differences(stored, fingerprint)
+        diffs = differences(stored, fingerprint)
         if diffs:
             raise StorageError(
                 f"a study named {name!r} already exists in this storage with a different {' and '.join(diffs)}; its "
@@ -84,7 +84,7 @@ def stored_settings(study: optuna.Study) -> Settings:
     return settings_from_dict({**data, "objective": {"name": name, **objective}}, source=source)
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What differs between a stored fingerprint and the file's, in words; only keys the stored one has count, so
     a study made before a key was added to the fingerprint still resumes."""
     parts = []
