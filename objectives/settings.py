@@ -15,6 +15,12 @@ Dataset = Literal[
 ]
 ModelArg = int | float | str | bool | list[Any] | dict[str, Any] | None
 USER_DATA = ("folder", "arrays")  # the user's own images: split by val_size/test_size, resized, converted
+# Keys that change how trials run (where, how fast, what is cached or checked), never what a trial's value means:
+# a study may resume with other values for them (the study fingerprint leaves them out).
+RUN_ONLY_KEYS = frozenset({
+    "device", "compile", "cuda_graphs", "eval_batch_size", "cache_dir", "download", "verify_checksums",
+    "data_placement", "device_memory_share", "data_budget_mb",
+})
 
 
 def resolve_path(value: str, info: ValidationInfo) -> str:

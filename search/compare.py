@@ -4,8 +4,9 @@ Every strategy of one repeat gets the same sampler seed, search space, training 
 budget; only the pruner and early stopping change. Each strategy x seed is its own study
 (``<study>-cmp-<strategy>-s<seed>``) in one shared storage and tracking store, so the runs can be opened
 with the usual commands (``hpo status --study NAME --storage ...``) and a repeated ``hpo compare``
-resumes instead of retraining. With ``replay`` the strategies are applied to the recorded curves of the
-``none`` studies instead of training (see search/replay.py).
+resumes instead of retraining; one whose settings differ from those the studies were run with is refused
+(``check_reuse``), since its table would mix both. With ``replay`` the strategies are applied to the recorded
+curves of the ``none`` studies instead of training (see search/replay.py).
 
 This module plans and runs, and returns one results row per strategy x seed; the table, CSV and chart
 are drawn from those rows by search/compare_render.py, and the command itself is ``cmd_compare`` in
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from search import records
 from search.config import PRUNER_OPTIONS, Settings, apply_overrides, read_study, settings_from_dict
-from search.errors import SettingsError
+from search.errors import HpoError, SettingsError, StorageError
 
 if TYPE_CHECKING:
     import optuna
@@ -46,6 +47,9 @@ class Strategy:
     def slug(self) -> str:
         """The strategy as it appears in study names (which allow letters, digits, ``_ . -``)."""
         return self.name.replace("+", "-")
+
+
+NONE = Strategy("none", "none", False)  # the strategy whose studies record full curves (a replay's source)
 
 
 def parse_strategies(text: str) -> list[Strategy]:
@@ -191,6 +195,60 @@ def row_for(study: optuna.Study, strategy: str, seed: int, max_epochs: int, test
     return Row(strategy, seed, best, test_accuracy, spent, spent / budget if budget else math.nan, seconds, curve)
 
 
+def comparison_identity(settings: Settings, curves_only: bool = False) -> dict[str, Any]:
+    """What a strategy x seed study's trials depend on besides its name (which holds the strategy and the seed): the
+    study fingerprint (data, model, recipe, space), max_epochs and the sampler, and unless ``curves_only`` (a replay's
+    source, of which only the recorded curves are read) its pruner and early stopping as they act."""
+    identity = {**settings.fingerprint(), "study.max_epochs": settings.study.max_epochs}
+    identity.update({f"sampler.{k}": v for k, v in settings.sampler.model_dump(exclude={"seed"}).items()})
+    if not curves_only:
+        identity.update({f"pruner.{k}": v for k, v in settings.pruner.model_dump().items()})
+        identity.update({f"early_stopping.{k}": v for k, v in settings.early_stopping_kwargs().items()})
+    return identity
+
+
+def check_reuse(plan: ComparePlan, replay: bool = False, source: str | None = None) -> None:
+    """Refuse, before anything trains, to resume studies of the plan that an earlier ``hpo compare`` ran with other
+    settings (``comparison_identity``; for a real run also more finished trials than ``--trials``): their old trials
+    would count in the new table, such as a 'none' strategy trained for 4 epochs a trial shown spending 67% of a
+    6-epoch budget. Nothing is deleted; the message says how to run it elsewhere or resume with the old values. A
+    replay checks only the 'none' studies it reads (not a ``source`` the user named), on what their curves depend."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from search.stores import open_storage, redact
+    from search.study import differences, stored_settings
+
+    if replay and source is not None:
+        return
+    storage = open_storage(plan.storage_url)
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    planned = [plan.settings_for(NONE, seed) for seed in plan.seeds] if replay else list(plan.settings.values())
+    conflicts: list[tuple[str, list[str]]] = []
+    for settings in [s for s in planned if s.study.name in existing]:
+        study = optuna.load_study(study_name=settings.study.name, storage=storage)
+        try:
+            old = comparison_identity(stored_settings(study), curves_only=replay)
+        except HpoError:
+            continue  # not made by hpo, or by a version whose settings no longer validate: nothing to compare
+        diffs = differences(old, comparison_identity(settings, curves_only=replay))
+        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        if not replay and finished > plan.n_trials:
+            diffs.append(f"number of finished trials ({finished} there, --trials {plan.n_trials} now)")
+        if diffs:
+            conflicts.append((settings.study.name, diffs))
+    if conflicts:
+        name, diffs = conflicts[0]
+        more = f", and {len(conflicts) - 1} more of its studies differ" if len(conflicts) > 1 else ""
+        raise StorageError(
+            f"{redact(plan.storage_url)} holds this comparison's studies from an earlier `hpo compare` with other "
+            f"settings: {name!r} has a different {' and '.join(diffs)}{more}. Resuming them would put the old "
+            "trials in the new table, so nothing was trained. Compare the new settings in another place (--run-dir "
+            "DIR, or --storage; or --set study.name=NEW, which names new studies), or give the old values (those "
+            "'there') to resume the earlier comparison."
+        )
+
+
 def _stored_test_accuracy(study: optuna.Study) -> float:
     return records.test_metrics(study).get("test_accuracy", math.nan)
 
@@ -201,6 +259,7 @@ def run_compare(plan: ComparePlan, log: Callable[[str], None] = print, register:
     from search.stores import run_paths
     from search.study import run_study
 
+    check_reuse(plan)
     warm_up(plan, log)
     rows = []
     total = len(plan.seeds) * len(plan.strategies)
@@ -256,14 +315,14 @@ def replay_compare(plan: ComparePlan, source: str | None = None, log: Callable[[
     from search.stores import open_storage, run_paths
     from search.study import run_study
 
-    none = Strategy("none", "none", False)
+    check_reuse(plan, replay=True, source=source)
     storage = open_storage(plan.storage_url)
     rows = []
     for seed in plan.seeds:
         if source is not None:
             source_name = source
         else:
-            source_settings = plan.settings_for(none, seed)
+            source_settings = plan.settings_for(NONE, seed)
             source_name = source_settings.study.name
             if not _has_finished(storage, source_name, plan.n_trials):
                 log(f"recording full curves for seed {seed}: training study {source_name!r} (strategy none)")

@@ -301,12 +301,18 @@ class Settings(Section):
         }
 
     def fingerprint(self) -> dict[str, Any]:
-        """What must not change between runs of one study: direction, metric and the space."""
+        """What must not change between runs of one study, or old and new trials would not be comparable: direction,
+        metric, the space, and the objective's settings (data, model, training recipe). Left out of those: the keys
+        the space tunes (the file's value is only a default) and those the objective calls neutral (the device...)."""
+        left_out = load_objective(self.objective_name).neutral_keys(self.objective) | set(self.space.params)
+        config = self.objective.model_dump(mode="json")
         return {
             "direction": self.study.direction,
             "metric": self.study.metric,
             "space": {k: v.model_dump(exclude_none=True) for k, v in self.space.params.items()},
             "lr_scaling": self.space.lr_scaling,
+            "objective_name": self.objective_name,
+            "objective": {k: v for k, v in sorted(config.items()) if k not in left_out},
         }
 
 

@@ -43,6 +43,12 @@ class ObjectivePlugin(Protocol):
     def reported_metrics(cls, config: Any) -> tuple[str, ...]:
         """What the objective reports every epoch; study.metric and early_stopping.monitor must be among them."""
 
+    @classmethod
+    def neutral_keys(cls, config: Any) -> set[str]:
+        """Config keys whose values do not change what a trial's value means (the device, compilation, caches):
+        a study resumes with other values for them. Every other key is in the study's fingerprint, so a run whose
+        file changed it (the data, the model, the training recipe) is refused rather than mixed into the study."""
+
     def prepare(self) -> None:
         """Check and load what trials need (data, the model on two examples); raise an HpoError a user can act on."""
 

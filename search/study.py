@@ -47,13 +47,13 @@ def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorag
         study = optuna.load_study(study_name=name, storage=storage, sampler=build_sampler(settings.sampler,
                                   settings.space, settings.study.pack),
                                   pruner=build_pruner(settings.pruner, settings.study.max_epochs))
-        old = study.user_attrs.get(records.FINGERPRINT)
-        if study.direction.name.lower() != settings.study.direction or (old and old != fingerprint):
-            diffs = _differences(old or {"direction": study.direction.name.lower()}, fingerprint)
+        stored = {"direction": study.direction.name.lower(), **(study.user_attrs.get(records.FINGERPRINT) or {})}
+        diffs = differences(stored, fingerprint)
+        if diffs:
             raise StorageError(
-                f"a study named {name!r} already exists in this storage with a different {diffs}; its trials "
-                "would not be comparable with new ones. Use another name (--study-name NEW or "
-                "--set study.name=NEW) or another storage, or restore the study file's old values."
+                f"a study named {name!r} already exists in this storage with a different {' and '.join(diffs)}; its "
+                "trials would not be comparable with new ones. Run the changed settings as a new study (--study-name "
+                "NEW or --set study.name=NEW, or another storage), or set them back to the values 'there' to resume it."
             )
         return study
     study = optuna.create_study(
@@ -84,16 +84,22 @@ def stored_settings(study: optuna.Study) -> Settings:
     return settings_from_dict({**data, "objective": {"name": name, **objective}}, source=source)
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = [k for k in new if k in old and old[k] != new[k]]
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a stored fingerprint and the file's, in words; only keys the stored one has count, so
+    a study made before a key was added to the fingerprint still resumes."""
     parts = []
-    for key in keys:
+    for key in [k for k in new if k in old and old[k] != new[k]]:
         if key == "space":
             changed = sorted(set(old[key]) ^ set(new[key]) | {p for p in new[key] if old[key].get(p) != new[key][p]})
             parts.append(f"search space (parameters {', '.join(changed)})")
+        elif key == "objective":  # a key only one side has is tuned or unread there: the space or dataset says so
+            changed = [k for k in new[key] if k in old[key] and old[key][k] != new[key][k]]
+            if changed:
+                words = "; ".join(f"{k} {old[key][k]!r} there, {new[key][k]!r} in the file" for k in changed)
+                parts.append(f"objective ({words})")
         else:
             parts.append(f"{key} ({old[key]!r} there, {new[key]!r} in the file)")
-    return " and ".join(parts) or "configuration"
+    return parts
 
 
 class _FailureGuard:

@@ -114,6 +114,15 @@ def test_settings_and_options_reach_the_config(tmp_path: Path) -> None:
     assert (config.device, config.seed, config.settings) == ("cpu", 7, {"hidden": 32, "layers": [64, 32]})
 
 
+def test_fingerprint_sees_the_function_and_its_settings_but_not_the_device(tmp_path: Path) -> None:
+    """Another function, seed or fixed setting gives trials another meaning; the device does not."""
+    path = study(tmp_path, objective='[objective.settings]\nhidden = 32\n')
+    base = load_settings(path).fingerprint()
+    assert load_settings(path, ["objective.device='cpu'"]).fingerprint() == base
+    for changed in ["objective.seed=1", "objective.settings.hidden=64", "objective.train='other.py:train'"]:
+        assert load_settings(path, [changed]).fingerprint() != base, changed
+
+
 # --- importing the function at prepare() -----------------------------------------------------------------------
 
 def prepare_error(path: Path) -> str:

@@ -264,6 +264,54 @@ def test_conflicting_study_is_refused(capsys: pytest.CaptureFixture[str], tmp_pa
     assert len(study.trials) == 1  # nothing added by the refused runs
 
 
+def test_a_copied_study_file_on_other_data_is_refused_not_resumed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The README's advice "copy this file and point data_dir at your folder", keeping the study name: the copy's
+    trials would mean something else, so it must not be mixed into the first file's study."""
+    import optuna
+
+    from search import records
+    from tests.images import make_image_folder
+
+    make_image_folder(tmp_path / "digits", per_class=12, channels=1)
+    make_image_folder(tmp_path / "pets", per_class=12, classes=("ant", "bee", "cow"))
+    example = (REPO / "studies" / "folder_example.toml").read_text()
+    assert 'data_dir = "../data/digits-folder"' in example and "channels = 1 " in example
+    first, copy = tmp_path / "folder_example.toml", tmp_path / "my_copy.toml"
+    first.write_text(example.replace('"../data/digits-folder"', '"digits"'))
+    copy.write_text(example.replace('"../data/digits-folder"', '"pets"').replace("channels = 1 ", "channels = 3 "))
+    runs = str(tmp_path / "runs")
+    small = ("--run-dir", runs, "--quiet", "--set", "study.max_epochs=1", "--set", "objective.widths=[8,16]")
+    code, out, err = run(capsys, "run", str(first), "--trials", "1", *small)
+    assert code == 0 and "1 new in this run" in out, err
+
+    code, _, err = run(capsys, "run", str(copy), "--trials", "2", *small)
+    assert code == 2 and "Traceback" not in err, err
+    there, here = tmp_path.resolve() / "digits", tmp_path.resolve() / "pets"
+    assert (f"already exists in this storage with a different objective (channels 1 there, 3 in the file; "
+            f"data_dir '{there}' there, '{here}' in the file)") in err, err
+    paragraph = err.split("error: ", 1)[1]
+    assert "--study-name NEW" in paragraph and "set them back to the values 'there'" in paragraph, err
+    assert paragraph.count("\n") == 1, err  # one paragraph
+    storage = f"sqlite:///{tmp_path / 'runs/folder_example/optuna.db'}"
+    study = optuna.load_study(study_name="folder_example", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]  # the refused run added nothing
+
+    # How it runs, and a tuned key's default (dropout is in [space]), do not change what a trial means.
+    code, out, err = run(capsys, "run", str(first), "--trials", "2", *small, "--set", "objective.device='cpu'",
+                         "--set", "objective.eval_batch_size=7", "--set", "objective.dropout=0.25")
+    assert code == 0 and "1 new in this run" in out, err
+
+    # A study made before the fingerprint covered the objective has none stored: it still resumes.
+    study.set_user_attr(records.FINGERPRINT, {k: v for k, v in study.user_attrs[records.FINGERPRINT].items()
+                                              if k not in ("objective", "objective_name")})
+    code, out, err = run(capsys, "run", str(copy), "--trials", "3", *small)
+    assert code == 0 and "1 new in this run" in out, err
+    assert [t.state.name for t in optuna.load_study(study_name="folder_example", storage=storage).trials] == \
+        ["COMPLETE"] * 3
+
+
 def test_unreachable_tracking_server_fails_fast_and_creates_no_study(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

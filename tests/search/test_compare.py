@@ -158,6 +158,37 @@ def test_compare_logs_best_models_but_does_not_fill_the_registry(compared: dict)
     assert logged and all(p.data.tags["best_model_version"] == "" for p in logged)
 
 
+@pytest.mark.slow
+def test_a_rerun_with_other_settings_is_refused_and_leaves_the_first_results(
+        compared: dict, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A rerun in the same place once resumed the first run's studies: with max_epochs 4 then 6 it trained nothing
+    and showed 'none' spending 12 epochs, 67% of a 3 x 6 budget. Now it is refused and nothing changes."""
+    from search import records
+
+    work, storage = compared["work"], compared["storage"]
+
+    def trials() -> dict[str, list[tuple[int, str, int]]]:
+        return {s.study_name: [(t.number, t.state.name, records.epochs_trained(t))
+                               for t in optuna.load_study(study_name=s.study_name, storage=storage).trials]
+                for s in optuna.get_all_study_summaries(storage)}
+
+    before, table = trials(), (work / "real" / "compare.csv").read_text()
+    common = ["compare", str(work / "tiny.toml"), "--strategies", STRATEGIES, "--seeds", "1",
+              "--run-dir", str(work / "runs")]
+    assert main([*common, "--out", str(work / "real"), "--set", "study.max_epochs=6"]) == 2
+    err = capsys.readouterr().err
+    assert ("from an earlier `hpo compare` with other settings: 'tiny-cmp-none-s7' has a different "
+            "study.max_epochs (4 there, 6 in the file), and 3 more of its studies differ") in err, err
+    assert "nothing was trained" in err and "--run-dir DIR" in err and "warm-up" not in err, err
+    assert main([*common, "--out", str(work / "real"), "--trials", "2"]) == 2  # the table would count 3 a study
+    assert "number of finished trials (3 there, --trials 2 now)" in capsys.readouterr().err
+    # A replay reads only the 'none' curves: another early stopping replays them, another max_epochs does not.
+    assert main([*common, "--out", str(tmp_path), "--replay", "--set", "early_stopping.patience=2"]) == 0
+    assert main([*common, "--out", str(tmp_path), "--replay", "--set", "study.max_epochs=6"]) == 2
+    assert "study.max_epochs (4 there, 6 in the file)" in capsys.readouterr().err
+    assert trials() == before and (work / "real" / "compare.csv").read_text() == table
+
+
 # --- pieces -------------------------------------------------------------------------------------------------
 
 

@@ -688,6 +688,40 @@ def test_fingerprint_sees_lr_scaling_and_added_params(tmp_path: Path) -> None:
     assert set(added.fingerprint()["space"]) == {"lr", "dropout"}
 
 
+def test_fingerprint_sees_the_data_model_and_recipe_but_not_how_trials_run(tmp_path: Path) -> None:
+    """A trial's value means something else on other data, another model or another recipe, so the study is refused
+    then; the device, compilation, caches and a tuned key's file default change no value, so it resumes."""
+    path = study_file(tmp_path, MINIMAL.replace('name = "cnn"', 'name = "cnn"\ndataset = "folder"') + LOG_LR)
+    base = load_settings(path).fingerprint()
+    assert base["objective"]["data_dir"] == str(tmp_path.resolve() / "data")  # resolved: the same from any folder
+    for changed in ["objective.data_dir='other'", "objective.channels=1", "objective.image_size=32",
+                    "objective.val_size=0.3", "objective.data_seed=1", "objective.train_subset=100",
+                    "objective.model='torchvision:resnet18'", "objective.widths=[8,16]", "objective.optimizer='sgd'",
+                    "objective.schedule='step'", "objective.augment=false", "objective.seed=3"]:
+        assert load_settings(path, [changed]).fingerprint() != base, changed
+    for neutral in ["objective.device='cpu'", "objective.compile=true", "objective.cuda_graphs=true",
+                    "objective.cache_dir='c'", "objective.download=false", "objective.verify_checksums=false",
+                    "objective.data_placement='stream'", "objective.data_budget_mb=10.0",
+                    "objective.eval_batch_size=7", "objective.lr=0.05", "study.max_epochs=3"]:
+        assert load_settings(path, [neutral]).fingerprint() == base, neutral
+
+
+def test_fingerprint_leaves_out_data_keys_the_data_set_does_not_read(tmp_path: Path) -> None:
+    """digits reads no data_dir: a copy of its study file in another folder is the same study."""
+    path = study_file(tmp_path, MINIMAL)
+    base = load_settings(path).fingerprint()
+    assert "data_dir" not in base["objective"] and "synthetic_classes" not in base["objective"]
+    assert load_settings(path, ["objective.data_dir='elsewhere'", "objective.synthetic_classes=3"]).fingerprint() \
+        == base
+    assert load_settings(path, ["objective.test_size=0.3"]).fingerprint() != base
+
+
+def test_run_only_keys_are_training_settings() -> None:
+    from objectives.settings import RUN_ONLY_KEYS
+
+    assert set(TrainConfig.model_fields) >= RUN_ONLY_KEYS  # a misspelt name would leave a key in the fingerprint
+
+
 def test_fingerprint_is_plain_data(tmp_path: Path) -> None:
     import json
 
