@@ -552,7 +552,8 @@ def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>", base
     # metrics it reports. Names first: a misspelt one (`--set space.lrr.low=1`) is that, not "type missing".
     fields = plugin.tunable_names(objective)
     space = data.get("space")
-    names = {k for k, v in space.items() if isinstance(v, Mapping)} if isinstance(space, Mapping) else set()
+    params = space.get("params") if isinstance(space, Mapping) and "params" in space else space  # stored settings
+    names = {k for k, v in params.items() if isinstance(v, Mapping)} if isinstance(params, Mapping) else set()
     if fields is not None and (unknown := sorted(names - fields)):
         raise SettingsError(
             f"{source}: [space] {', '.join(unknown)}: not a setting of objective {plugin_name!r}, so sampling "

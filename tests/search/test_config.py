@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 from pathlib import Path
@@ -761,3 +762,12 @@ def test_a_misspelt_space_name_set_by_one_key_is_named_as_misspelt() -> None:
     message = load_error(PROJECT_STUDIES / "quickstart.toml", "[space] lrr: not a setting of objective 'cnn'",
                          "Tunable names are: ", overrides=("space.lrr.low=1",))
     assert "type" not in message.split("Tunable names")[0]
+
+
+def test_settings_stored_with_a_study_validate_again() -> None:
+    """`hpo export --study NAME` and `hpo compare`'s reuse check rebuild settings from the dump stored with the
+    study, whose space is {"lr_scaling": ..., "params": {...}}: "params" is not a misspelt parameter."""
+    settings = load_settings(PROJECT_STUDIES / "quickstart.toml")
+    dumped = json.loads(settings.model_dump_json(exclude={"objective"}))
+    again = settings_from_dict({**dumped, "objective": {"name": "cnn", **settings.objective.model_dump(mode="json")}})
+    assert again.space == settings.space and again.fingerprint() == settings.fingerprint()
