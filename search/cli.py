@@ -277,6 +277,8 @@ def _paths(args: argparse.Namespace) -> tuple[Settings | None, RunPaths]:
 def _open_existing(args: argparse.Namespace) -> tuple[optuna.Study, RunPaths]:
     import optuna
 
+    from search.records import STUDY_ID
+    from search.run_dir import check_folder
     from search.stores import open_storage, sqlite_path
 
     _, paths = _paths(args)
@@ -287,9 +289,11 @@ def _open_existing(args: argparse.Namespace) -> tuple[optuna.Study, RunPaths]:
                             "Run `hpo run FILE` first, or pass the --run-dir/--storage it used.")
     storage = open_storage(paths.storage_url)
     try:
-        return optuna.load_study(study_name=name, storage=storage), paths
+        study = optuna.load_study(study_name=name, storage=storage)
     except KeyError as exc:
         raise SettingsError(f"the storage {paths.storage_url} has no study named {name!r}.") from exc
+    check_folder(paths, study.user_attrs.get(STUDY_ID))  # reports, exports and recoveries use the folder too
+    return study, paths
 
 
 def _loading() -> contextlib.AbstractContextManager[None]:

@@ -30,6 +30,7 @@ from search.preflight import check_gpus
 from search.progress import Progress
 from search.proxy import is_grpc
 from search.publish import note_writer
+from search.run_dir import check_before_creating, check_folder, stored_id
 from search.stores import RunPaths, close_storages, open_storage
 from search.study import (
     OpenStudy,
@@ -180,11 +181,14 @@ def create_stores_first(settings: Settings, paths: RunPaths) -> set[int]:
     """Before the fork: create the study in its storage (or check the one there), and a local MLflow store's
     file; return the study's trial numbers. The forked workers and this process then open stores that exist, as
     they did when this process opened its own first (several processes making a new SQLite file at once can fail
-    with "database is locked"); a study made by an incompatible study file fails here, once. The Optuna storage
-    is closed again and MLflow's is only copied into place, so a forked worker inherits no open connection."""
+    with "database is locked"); a study made by an incompatible study file, or a run directory stamped for another
+    study, fails here, once. The Optuna storage is closed again and MLflow's is only copied into place, so a forked
+    worker inherits no open connection."""
     quiet_libraries()  # as open_study does: no "A new study created" line from Optuna
+    check_before_creating(paths)
     storage = open_storage(paths.storage_url, retry_seconds=settings.study.storage_retry_seconds)
     try:
+        check_folder(paths, stored_id(storage, settings.study.name))  # as open_study does, before creating it
         before = {t.number for t in load_or_create_study(settings, storage).get_trials(deepcopy=False)}
     finally:
         close_storages()

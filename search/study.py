@@ -29,6 +29,7 @@ from search.progress import Progress
 from search.pruning import build_pruner
 from search.publish import on_study_end
 from search.records import best_trial
+from search.run_dir import check_before_creating, check_folder, claim_folder, stored_id
 from search.samplers import build_sampler, seed_next_trial
 from search.session import StudyContext
 from search.storage_retry import StorageUnavailable
@@ -150,7 +151,8 @@ def quiet_libraries() -> None:
 
 def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
                progress: Progress | None = None, describe: bool = True) -> OpenStudy:
-    """Check the data, open (or create) the Optuna study and the MLflow parent run, attach the objective.
+    """Check the data and the run directory's stamp, open (or create) the Optuna study and the MLflow parent run,
+    stamp the run directory (search/run_dir.py), attach the objective.
     ``describe``: print the objective's line (the data, where it lives, the model); off in a forked worker,
     whose launcher prints the same line."""
     quiet_libraries()
@@ -166,14 +168,17 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
         retry(study, trial)
 
     heartbeat = (settings.study.heartbeat_interval, settings.study.stale_after)
+    check_before_creating(paths)
     storage = open_storage(paths.storage_url, heartbeat=heartbeat, on_stale=on_stale,
                            retry_seconds=settings.study.storage_retry_seconds)
+    check_folder(paths, stored_id(storage, settings.study.name))  # another study's run directory: nothing written
     tracker = holder["tracker"] = Tracker(paths.tracking_uri, settings.study.name, paths.artifacts)
     study = load_or_create_study(settings, storage)  # only once both stores answer
     paths.root.mkdir(parents=True, exist_ok=True)
     lock = _budget_lock(settings, paths)
-    lock.acquire()  # workers starting together must find, not each create, the parent run
+    lock.acquire()  # workers starting together must find, not each create, the parent run (and agree on an id)
     try:
+        claim_folder(paths, study)
         parent = tracker.parent_run(settings.study.name, _study_params(settings, n_trials),
                                     known_id=study.user_attrs.get(records.PARENT_RUN_ID))
         if study.user_attrs.get(records.PARENT_RUN_ID) != parent:
