@@ -637,12 +637,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     mode = "replaying" if args.replay else "running"
-    log(f"{mode} {len(plan.strategies)} strategies x {len(plan.seeds)} seeds of {plan.base.study.name!r}, "
+    n_strategies, n_seeds = len(plan.strategies), len(plan.seeds)
+    strategies = f"{n_strategies} strateg{'ies' if n_strategies != 1 else 'y'}"
+    log(f"{mode} {strategies} x {n_seeds} seed{'s' if n_seeds != 1 else ''} of {plan.base.study.name!r}, "
         f"{plan.n_trials} trials x {plan.base.study.max_epochs} epochs each; studies in {plan.storage_url}")
     register: bool = args.register_models
-    log("best models are logged on their MLflow runs and registered in the model registry (--register-models)"
-        if register else "best models are logged on their MLflow runs but not registered (--register-models "
-        "registers them)")
+    if not args.replay:  # a replay trains nothing (but the 'none' studies it may have to run first)
+        log("best models are logged on their MLflow runs and registered in the model registry (--register-models)"
+            if register else "best models are logged on their MLflow runs but not registered (--register-models "
+            "registers them)")
     rows = replay_compare(plan, args.source, log, register) if args.replay else run_compare(plan, log, register)
     paths = write_outputs(rows, plan.strategy_names, Path(args.out) if args.out else plan.root, args.replay,
                           plan.chart_title(args.replay), plan.describe(args.replay))

@@ -272,7 +272,8 @@ def run_compare(plan: ComparePlan, log: Callable[[str], None] = print, register:
                       _stored_test_accuracy(result.study))
         log(f"[{i}/{total}] {strategy.name} seed {seed}: {row.epochs_spent} epochs "
             f"({row.budget_fraction:.0%} of budget), best val acc {row.best_val_accuracy:.4f}, "
-            f"{time.perf_counter() - started:.1f} s ({result.new_trials} new trials)")
+            f"{row.wall_seconds:.1f} s in trials, the table's wall time ({time.perf_counter() - started:.1f} s in "
+            f"all; {result.new_trials} new trials)")
         rows.append(row)
     return rows
 

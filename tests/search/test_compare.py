@@ -184,6 +184,8 @@ def test_a_rerun_with_other_settings_is_refused_and_leaves_the_first_results(
     assert "number of finished trials (3 there, --trials 2 now)" in capsys.readouterr().err
     # A replay reads only the 'none' curves: another early stopping replays them, another max_epochs does not.
     assert main([*common, "--out", str(tmp_path), "--replay", "--set", "early_stopping.patience=2"]) == 0
+    err = capsys.readouterr().err
+    assert "replaying 4 strategies x 1 seed of 'tiny'" in err and "registered" not in err, err  # it logs no model
     assert main([*common, "--out", str(tmp_path), "--replay", "--set", "study.max_epochs=6"]) == 2
     assert "study.max_epochs (4 there, 6 in the file)" in capsys.readouterr().err
     assert trials() == before and (work / "real" / "compare.csv").read_text() == table
