@@ -42,22 +42,27 @@ def read_user_data(cfg: TrainConfig) -> RawData:
     else:
         images, labels, sources, names = read_arrays(Path(str(cfg.data_file)), cfg.channels, cfg.image_size)
         where, skipped, cache = str(cfg.data_file), (), None
-    index = assign_splits(labels, sources, len(names), cfg.val_size, cfg.test_size, cfg.data_seed, where, names)
+    gap = ("after skipping unreadable ones; every class needs some. Add images or remove the class's folder"
+           if cfg.dataset == "folder" else
+           "in y_train: the classes are the label indices 0..K-1 (K = the length of 'classes', else the largest "
+           "label + 1), so a label that is never used is a class without images. Number the labels 0..K-1 with "
+           "no gaps, or add training images of these classes")
+    index = assign_splits(labels, sources, len(names), cfg.val_size, cfg.test_size, cfg.data_seed, where, names, gap)
     return RawData(images, labels, index, len(names), tuple(names), flip_ok=images.shape[1] == 3,
                    skipped=skipped, cache=cache)
 
 
 def assign_splits(labels: Tensor, sources: Sequence[str], num_classes: int, val_size: float | int,
-                  test_size: float, seed: int, where: str, names: Sequence[str]) -> dict[str, Tensor]:
-    """Indices of train/val/test: the data's own splits where it has them, the rest carved from train."""
+                  test_size: float, seed: int, where: str, names: Sequence[str], gap: str) -> dict[str, Tensor]:
+    """Indices of train/val/test: the data's own splits where it has them, the rest carved from train. ``gap``
+    ends the error for a class without training images: why that happens with this kind of data, what to do."""
     source = np.asarray(sources)
     y = labels.numpy()
     given = {s: np.flatnonzero(source == s) for s in SPLITS}
     missing = [names[c] for c in range(num_classes) if not (y[given["train"]] == c).any()]
     if missing:
         raise BadDataError(
-            f"{where}: class(es) {', '.join(map(repr, missing))} have no training images (after skipping "
-            "unreadable ones); every class needs some. Add images or remove the class."
+            f"{where}: class(es) {', '.join(map(repr, missing))} have no training images ({gap})."
         )
 
     def carve(pool: np.ndarray, size: float | int, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -225,6 +225,9 @@ def test_pt_arrays_with_class_names_conversion_and_resize(tmp_path: Path) -> Non
         (lambda a: a.update(x_test=a["x_test"][:, :8]), "all images must have one shape"),
         (lambda a: a.update(x_val=a["x_test"]), "x_val without y_val"),
         (lambda a: a.update(x_train=a["x_train"][:, :, :, :2]), "neither 1 nor 3 channels"),
+        # labels 0, 1, 3: class '2' has no images, which is a gap in the numbering, not an unreadable image
+        (lambda a: a.update(y_train=np.where(a["y_train"] == 2, 3, a["y_train"])),
+         "class(es) '2' have no training images (in y_train: the classes are the label indices 0..K-1"),
     ],
 )
 def test_bad_arrays_are_named(tmp_path: Path, change, needle: str) -> None:
