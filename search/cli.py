@@ -324,7 +324,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _progress(args, settings, n_trials) as progress:
         print(f"study {settings.study.name!r}: {settings.sampler.name} sampler, {settings.pruner.name} pruner, "
               f"early stopping {'on' if settings.early_stopping.enabled else 'off'}, budget {budget}, "
-              f"{plan.describe()}; results in {paths.root}", file=sys.stderr)
+              f"{plan.describe()}; results go to {paths.root}", file=sys.stderr)
         if len(plan.workers) > 1:
             result = run_parallel(settings, paths, args, plan, n_trials, progress)
         else:

@@ -63,6 +63,13 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join([line, "  ".join("-" * w for w in widths), *body])
 
 
+def value_text(value: float | None) -> str:
+    """A trial's value as the progress lines and the best-trial line show it (0.9930, not 0.993 or 1)."""
+    if value is None:
+        return ""
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.4g}"
+
+
 def study_table(study: optuna.Study) -> str:
     trials = study.get_trials(deepcopy=False)
     retries = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t): t.number for t in trials}
@@ -70,6 +77,7 @@ def study_table(study: optuna.Study) -> str:
     for t in trials:
         row = trial_row(t)
         row["params"] = " ".join(f"{k}={fmt(v)}" for k, v in row["params"].items())
+        row["value"] = value_text(row["value"])
         if t.state == TrialState.FAIL and t.number in retries:
             row["ended"] += f" (retried as #{retries[t.number]})"
         rows.append(row)

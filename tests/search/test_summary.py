@@ -43,3 +43,11 @@ def test_status_says_why_a_trial_failed_and_which_trial_retries_it() -> None:
     assert "  interrupted (retried as #2)  " in rows[3]
     assert rows[4].startswith("2       WAITING")
     assert rows[-1] == "0 complete, 0 pruned, 2 failed, 1 of them retried, 0 running, 1 waiting"
+
+
+def test_the_table_shows_values_as_the_progress_lines_do() -> None:
+    study = optuna.create_study(direction="maximize")
+    for value in (1.0, 0.993, 0.0):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=value))
+    values = [row.split()[2] for row in status_text(study).splitlines()[2:5]]
+    assert values == ["1.0000", "0.9930", "0.0000"]
