@@ -289,7 +289,8 @@ def channel_stats(x: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tupl
 
 def choose_placement(cfg: TrainConfig, nbytes: int, device: torch.device) -> tuple[str, str]:
     """("device" | "stream", why): the whole data set on the device when it fits the budget, else streamed."""
-    size = f"{nbytes / 2**20:.1f} MiB of images"
+    mib = nbytes / 2**20
+    size = f"{mib:.1f} MiB of images" if mib >= 0.1 else f"{nbytes / 2**10:.0f} KiB of images"  # digits: 72 KiB
     if cfg.data_placement != "auto":
         return cfg.data_placement, f"{size}; data_placement = {cfg.data_placement!r}"
     if cfg.data_budget_mb is not None:

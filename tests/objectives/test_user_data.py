@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def test_streamed_placement_trains_exactly_like_the_device_path(tmp_path: Path) 
     assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
     forced = load_data(folder_cfg(root, tmp_path / "cache", data_placement="stream"), CPU)
     assert forced.placement == "stream" and "data_placement = 'stream'" in forced.placement_reason
+    assert re.match(r"[1-9]\d* KiB of images;", forced.placement_reason), forced.placement_reason  # not "0.0 MiB"
 
 
 def test_a_class_folder_model_learns_the_patterns(tmp_path: Path) -> None:
