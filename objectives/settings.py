@@ -231,4 +231,14 @@ class TrainConfig(BaseModel):
                 "model_args is for torchvision and user models; the built-in cnn takes widths, "
                 "blocks_per_stage, activation and pool_first as [objective] keys"
             )
+        # A copied study file's widths would be silently ignored. By value, not by the keys given: a config dumped
+        # and validated again (a checkpoint's, a stored study's) gives every key.
+        fields = type(self).model_fields
+        cnn_only = [k for k in ("widths", "blocks_per_stage", "activation", "pool_first")
+                    if getattr(self, k) != fields[k].get_default(call_default_factory=True)]
+        if self.model != "cnn" and cnn_only:
+            raise ValueError(
+                f"{', '.join(cnn_only)}: read by the built-in model = 'cnn' only, not {self.model!r}; remove "
+                f"{'them' if len(cnn_only) > 1 else 'it'}, or give your factory what it needs in model_args"
+            )
         return self

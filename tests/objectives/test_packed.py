@@ -166,13 +166,14 @@ def test_configs_that_differ_in_shared_fields_are_refused() -> None:
 
 @pytest.mark.parametrize(("extra", "why"), [({"compile": True}, "compile = true"),
                                            ({"cuda_graphs": True}, "cuda_graphs = true"),
-                                           ({"model": "torchvision:resnet18"}, "model 'torchvision:resnet18'")])
+                                           ({"model": "torchvision:resnet18", "widths": (32, 64)},  # cnn's default
+                                            "model 'torchvision:resnet18'")])
 def test_compiled_graphed_and_other_models_do_not_pack_and_say_why(extra: dict[str, Any], why: str) -> None:
     assert unpackable(TrainConfig(**SMALL)) is None
-    reason = unpackable(TrainConfig(**SMALL, **extra))
+    reason = unpackable(TrainConfig(**{**SMALL, **extra}))
     assert reason is not None and reason.startswith(why)
     with pytest.raises(ValueError, match=f"cannot be packed: {why}"):
-        PackedFit(TrainConfig(**SMALL, **extra), max_epochs=1)
+        PackedFit(TrainConfig(**{**SMALL, **extra}), max_epochs=1)
 
 
 def test_a_member_resumed_after_its_last_epoch_trains_no_more() -> None:

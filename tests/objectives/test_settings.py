@@ -82,3 +82,12 @@ def test_nesterov_without_momentum_is_explained() -> None:
     with pytest.raises(ValidationError, match="nesterov = true needs momentum > 0"):
         TrainConfig(optimizer="sgd", momentum=0.0)
     assert TrainConfig(optimizer="sgd", momentum=0.0, nesterov=False).momentum == 0.0
+
+
+def test_built_in_cnn_keys_with_another_model_are_refused_not_ignored() -> None:
+    """A copied study file keeps widths = [64, 128]; with model = 'my_models.py:build' they would do nothing."""
+    with pytest.raises(ValidationError, match=r"widths, activation: read by the built-in model = 'cnn' only, not "
+                                              r"'torchvision:resnet18'; remove them"):
+        TrainConfig(model="torchvision:resnet18", widths=(64, 128), activation="gelu")
+    mine = TrainConfig(model="torchvision:resnet18", widths=(32, 64))  # the default: nothing is lost
+    assert TrainConfig(**mine.model_dump()).model == "torchvision:resnet18"  # a stored config validates again
