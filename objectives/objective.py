@@ -42,8 +42,9 @@ class CNNObjective:
 
     @classmethod
     def tunable_names(cls, config: TrainConfig) -> set[str] | None:
-        """Every TrainConfig field can be sampled; another [space] name would change nothing, so it is refused."""
-        return set(TrainConfig.model_fields)
+        """The TrainConfig fields a trial's value can depend on: not how trials run (the device, caches, ...), nor
+        where the data is or the model's keyword table; another [space] name would change nothing, so is refused."""
+        return set(TrainConfig.model_fields) - RUN_ONLY_KEYS - {"data_dir", "data_file", "model_args"}
 
     @classmethod
     def reported_metrics(cls, config: TrainConfig) -> tuple[str, ...]:

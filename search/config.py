@@ -556,8 +556,9 @@ def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>", base
     names = {k for k, v in params.items() if isinstance(v, Mapping)} if isinstance(params, Mapping) else set()
     if fields is not None and (unknown := sorted(names - fields)):
         raise SettingsError(
-            f"{source}: [space] {', '.join(unknown)}: not a setting of objective {plugin_name!r}, so sampling "
-            f"it would change nothing. Tunable names are: {', '.join(sorted(fields))}."
+            f"{source}: [space] {', '.join(unknown)}: not a setting of objective {plugin_name!r} that a trial's "
+            "result depends on (a misspelt name, or one that only says how trials run, such as the device), so "
+            f"sampling it would change nothing. Tunable names are: {', '.join(sorted(fields))}."
         )
     try:
         settings = Settings.model_validate(

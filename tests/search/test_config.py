@@ -771,3 +771,10 @@ def test_settings_stored_with_a_study_validate_again() -> None:
     dumped = json.loads(settings.model_dump_json(exclude={"objective"}))
     again = settings_from_dict({**dumped, "objective": {"name": "cnn", **settings.objective.model_dump(mode="json")}})
     assert again.space == settings.space and again.fingerprint() == settings.fingerprint()
+
+
+def test_how_trials_run_is_not_tunable() -> None:
+    message = load_error(PROJECT_STUDIES / "quickstart.toml", "[space] device: not a setting of objective 'cnn' that",
+                         overrides=("space.device={type='categorical', choices=['cpu']}",))
+    tunable = message.split("Tunable names are: ")[1]
+    assert "lr," in tunable and not {"device", "cache_dir", "data_dir", "model_args"} & set(tunable[:-1].split(", "))
