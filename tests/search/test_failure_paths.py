@@ -87,7 +87,7 @@ def test_trial_timeout_through_hpo_run_fails_each_trial_with_its_reason(tmp_path
     out = hpo("run", str(QUICKSTART), "--set", "study.name='to'", "--trials", "3", "--set", "study.max_epochs=2",
               "--set", "study.trial_timeout=0.001", "--set", "study.max_failures=2", *SMALL, cwd=tmp_path)
     assert out.returncode == 1, out.stderr
-    assert "last reason: trial_timeout" in out.stderr
+    assert "the last one failed with trial_timeout. Fix" in out.stderr
     study, client = load(tmp_path / "runs" / "to", "to")
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
