@@ -190,8 +190,13 @@ class PruningTrial:
         self.view = FinishedTrialsCache(trial.study, ttl, own)
 
     def report(self, value: float, step: int) -> None:
-        self.trial.report(value, step)  # the storage's write (a step already reported is ignored, as here)
-        self.local.intermediate_values.setdefault(int(step), float(value))
+        """Write the step's value, unless the trial has one: a retry inherits its predecessor's steps and, resumed
+        from an older last.pt (or from epoch 0 without one), trains some of them again; Optuna keeps the first
+        value and would only warn "already reported" once per such epoch."""
+        if int(step) in self.local.intermediate_values:
+            return
+        self.trial.report(value, step)
+        self.local.intermediate_values[int(step)] = float(value)
 
     def should_prune(self) -> bool:
         return bool(self.trial.study.pruner.prune(self.view, self.local))  # type: ignore[arg-type]

@@ -283,3 +283,22 @@ def test_pruning_trial_reads_the_running_trial_once(tmp_path: Path, monkeypatch:
     monkeypatch.undo()
     stored = stored_trial(trial)
     assert stored.intermediate_values == {0: 0.25, 1: 0.375} and stored.system_attrs["completed_rung_0"] == 0.375
+
+
+def test_a_retry_does_not_report_the_steps_it_inherited_again(tmp_path: Path) -> None:
+    """A retry resumed from an older last.pt (or from epoch 0) trains inherited steps again: Optuna would ignore
+    the new values with an "already reported" warning per epoch; the first value stands, silently."""
+    import warnings
+
+    from search.optuna_adapter import PruningTrial
+
+    study = optuna.create_study(storage=storage(tmp_path, heartbeat=False), direction="maximize")
+    trial = study.ask()
+    trial.report(0.25, 0)  # inherited from the failed attempt
+    live = PruningTrial(trial)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        live.report(0.3, 0)
+        live.report(0.5, 1)
+    assert [str(w.message) for w in caught] == []
+    assert stored_trial(trial).intermediate_values == {0: 0.25, 1: 0.5} == live.local.intermediate_values
