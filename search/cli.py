@@ -613,9 +613,14 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     SIGTERM or Ctrl-C counts; later ones are ignored, as they would cut short the recording of the interrupted trial
     (a terminal's Ctrl-C reaches `hpo run --workers` and its workers, which the command then stops with SIGTERM).
     Ignored by a Python handler that does nothing, not SIG_IGN: a signal already caught but not yet handled when
-    SIG_IGN is set makes Python raise "OSError: Signal 15 ignored due to race condition"."""
+    SIG_IGN is set makes Python raise "OSError: Signal 15 ignored due to race condition". While a finished trial's
+    result is being recorded the interrupt waits for the record (search/interrupts.py)."""
+    from search import interrupts
+
     signal.signal(signal.SIGINT, _ignore)
     signal.signal(signal.SIGTERM, _ignore)
+    if interrupts.noted():  # a finished trial is being recorded: raised once its record is whole
+        return
     raise KeyboardInterrupt
 
 

@@ -41,7 +41,7 @@ from typing import Any, Protocol, runtime_checkable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import records
+from search import interrupts, records
 from search.failures import (
     EpochCutShort,
     TrialFailed,
@@ -112,6 +112,15 @@ class Member:
     beat: contextlib.ExitStack
     fixed: dict[str, Any]
     deadline: float | None = None  # when its trial_timeout ends (time.monotonic)
+
+
+@contextlib.contextmanager
+def _released_after() -> Iterator[None]:
+    """A Ctrl-C held while a finished trial's end was recorded (search/interrupts.py) is raised once it is told."""
+    try:
+        yield
+    finally:
+        interrupts.release()
 
 
 class PackRunner:
@@ -231,7 +240,7 @@ class PackRunner:
             print(f"note: study.pack = {self.size}: trial {trial.number} cannot be packed ({reason}); such trials "
                   "run one at a time", file=sys.stderr)
             self.noted_alone = True
-        with heartbeat(trial):
+        with heartbeat(trial), _released_after():
             try:
                 value = float(self.opened.objective(trial))
             except TrialTakenOver:
@@ -298,6 +307,7 @@ class PackRunner:
             raise
         finally:
             member.beat.close()
+            interrupts.release()  # a Ctrl-C held while a finished member's end was recorded and told stops now
 
     def _drop_empty(self) -> None:
         for key in [k for k, pack in self.packs.items() if not len(pack)]:

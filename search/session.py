@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import optuna
 
-from search import records
+from search import interrupts, records
 from search.checkpoint import save_atomic
 from search.config import Settings
 from search.early_stopping import EarlyStopping
@@ -309,6 +309,8 @@ class TrialSession:
         if isinstance(exc, StorageUnavailable):
             self._abandon("storage_lost")
             return
+        if exc is None or isinstance(exc, optuna.TrialPruned):
+            interrupts.hold()  # a finished trial: Ctrl-C waits until its caller has told Optuna (interrupts.release)
         try:
             if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
                 raise exc

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import records
+from search import interrupts, records
 from search.config import Settings
 from search.errors import StorageError
 from search.failures import TrialFailed, TrialTakenOver
@@ -248,7 +248,10 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
         if can_pack(opened.objective):
             runner = PackRunner(opened, n_trials, timeout, settings.study.pack, lock, callbacks,
                                 should_stop=lambda: guard.in_a_row >= guard.limit)
-            ran = runner.run()
+            try:
+                ran = runner.run()
+            finally:
+                interrupts.release()  # after a member's end that its tell did not release (taken over, an error)
             return ran, guard.last_reason if guard.in_a_row >= guard.limit else None
         print(f"note: study.pack = {settings.study.pack}, but objective {settings.objective_name!r} cannot pack "
               "trials; running them one at a time", file=sys.stderr)
@@ -285,6 +288,7 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
             taken_over_at_the_end(opened, current[0])
         finally:
             lock.release()
+            interrupts.release()  # a Ctrl-C held while the trial's end was recorded and told stops the run now
     stopped = guard.last_reason if guard.in_a_row >= guard.limit else None
     return ran, stopped
 
@@ -327,13 +331,15 @@ def run_study(settings: Settings, paths: RunPaths, n_trials: int | None = None, 
 
 def finish_study(opened: OpenStudy, n_trials: int | None, register_model: bool = True) -> dict[str, float]:
     """Score the best trial on the test set and write the study's summaries, once, under the budget lock
-    (several workers may finish at the same moment)."""
+    (several workers may finish at the same moment). A Ctrl-C meanwhile waits for the end: cut short, the best
+    model's MLflow run was left FAILED (search/interrupts.py)."""
     lock = _budget_lock(opened.settings, opened.paths)
     lock.acquire()
     try:
-        test_metrics = score_best(opened.study, opened.objective, opened.tracker, opened.parent_run_id)
-        on_study_end(opened.study, opened.settings, opened.tracker, opened.objective, n_trials,  # note, model
-                     register_model=register_model)
+        with interrupts.held():
+            test_metrics = score_best(opened.study, opened.objective, opened.tracker, opened.parent_run_id)
+            on_study_end(opened.study, opened.settings, opened.tracker, opened.objective, n_trials,  # note, model
+                         register_model=register_model)
     finally:
         lock.release()
     return test_metrics

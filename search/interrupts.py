@@ -1,0 +1,51 @@
+"""Ctrl-C and SIGTERM held while a finished trial's result is being recorded.
+
+A trial that trained to its end is COMPLETE (or PRUNED) only once its session has written its record and Optuna
+has told the state. An interrupt raised in between escaped to Optuna, which recorded the trial FAIL, and the
+session's interrupt path, which re-enqueues an interrupted trial, never ran: a finished result lost for good,
+its MLflow run left RUNNING. So from the moment a session starts recording a finished trial until its caller has
+told Optuna (``release``), the signal handler (search/cli.py ``_terminate``) only notes the interrupt, and
+``release`` raises it: the run then stops between trials, as after any Ctrl-C. The same holds for the end of a
+study (the test score and the best model's logging). Signals arrive on the main thread, where trials run, so
+module state is enough.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+_state = {"holding": False, "pending": False}
+
+
+def hold() -> None:
+    """From now until ``release``, an interrupt is noted, not raised."""
+    _state["holding"] = True
+
+
+def release() -> None:
+    """Stop holding; raise KeyboardInterrupt if one came meanwhile."""
+    _state["holding"] = False
+    if _state["pending"]:
+        _state["pending"] = False
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """``hold`` for the block; an interrupt noted meanwhile is raised when the block ends (even if it raised)."""
+    hold()
+    try:
+        yield
+    finally:
+        release()
+
+
+def noted() -> bool:
+    """For the signal handler: True (and the interrupt kept for ``release``) while holding, else False."""
+    if not _state["holding"]:
+        return False
+    _state["pending"] = True
+    print("\ninterrupted: finishing the record of a finished trial first, then stopping", file=sys.stderr, flush=True)
+    return True

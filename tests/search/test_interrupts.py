@@ -1,0 +1,80 @@
+"""Ctrl-C while a finished trial's result is recorded: the trial stays COMPLETE, then the run stops.
+
+The signal is sent from inside the record (the trial's end work), as a person's Ctrl-C can land there: before,
+Optuna recorded such a trial FAIL, nobody re-enqueued it, and its MLflow run stayed RUNNING.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from search import interrupts, publish, session
+from search.cli import _ignore, _terminate
+from search.config import load_settings
+from search.stores import run_paths
+from search.study import run_study
+from tests.search.workers_helpers import QUICKSTART, child_runs
+
+
+@pytest.fixture
+def ctrl_c_handler() -> Any:
+    """hpo's own SIGINT handler, as `hpo run` installs it; the test's default one is put back after."""
+    before = signal.signal(signal.SIGINT, _terminate)
+    yield
+    signal.signal(signal.SIGINT, before)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_held_raises_a_noted_interrupt_when_it_ends_and_nothing_otherwise() -> None:
+    assert not interrupts.noted()  # not holding: the handler raises it itself
+    went_on = []
+    with pytest.raises(KeyboardInterrupt), interrupts.held():
+        assert interrupts.noted()  # held: kept for the end of the block...
+        went_on.append(True)  # ...which goes on
+    assert went_on == [True]
+    interrupts.release()  # nothing pending: nothing raised
+
+
+@pytest.mark.parametrize("pack", [1, 2])
+def test_ctrl_c_while_a_finished_trial_is_recorded_keeps_it_complete(
+        pack: int, ctrl_c_handler: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    settings = load_settings(QUICKSTART, ["study.max_epochs=2", "objective.widths=[8,16]", "study.name='ctrlc'",
+                                          "early_stopping.enabled=false", "pruner={name='none'}",
+                                          f"study.pack={pack}"])
+    paths = run_paths(tmp_path / "runs", "ctrlc", None)
+    real_end = publish.on_trial_end
+    sent: list[int] = []
+
+    def end_with_ctrl_c(trial_session: Any, state: str) -> None:
+        if not sent:  # the first trial to finish: Ctrl-C in the middle of writing its record
+            sent.append(trial_session.trial.number)
+            os.kill(os.getpid(), signal.SIGINT)
+        real_end(trial_session, state)
+
+    monkeypatch.setattr(session, "on_trial_end", end_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(settings, paths, n_trials=4)
+    signal.signal(signal.SIGINT, _ignore)
+    study = optuna.load_study(study_name="ctrlc", storage=paths.storage_url)
+    trials = {t.number: t for t in study.get_trials()}
+    finished = trials[sent[0]]
+    assert finished.state == TrialState.COMPLETE and finished.value is not None, finished
+    runs = {r.info.run_id: r for r in child_runs(MlflowClient(paths.tracking_uri), "ctrlc")}
+    assert runs[finished.user_attrs["mlflow_run_id"]].info.status == "FINISHED"
+    assert not [t for t in trials.values() if t.state == TrialState.RUNNING]  # the run stopped, nothing left open
+    assert "finishing the record of a finished trial first" in capsys.readouterr().err
+    # a packed partner still training was interrupted as usual: failed and re-enqueued, so nothing is lost
+    for t in trials.values():
+        if t.state == TrialState.FAIL:
+            assert t.user_attrs["reason"] == "interrupted"
+            assert any(w.state == TrialState.WAITING and w.system_attrs.get("failed_trial") == t.number
+                       for w in trials.values())
