@@ -23,3 +23,7 @@ class BadDataError(Exception):
 class ModelError(Exception):
     """The configured model cannot be built or does not map (N, C, H, W) images to (N, num_classes) logits;
     the message names the model and shows the shapes."""
+
+
+class DeviceUnavailable(ValueError):
+    """The config asks for an accelerator (cuda, mps) that torch does not see; the message says what to use."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from objectives.data import DataSplits, load_data, unread_keys
-from objectives.errors import BadDataError, DatasetNotFoundError, ModelError
+from objectives.errors import BadDataError, DatasetNotFoundError, DeviceUnavailable, ModelError
 from objectives.networks import build_network, check_network
 from objectives.packed import SHARED_FIELDS, PackedFit, PackMember, unpackable
 from objectives.runtime import resolve_runtime
@@ -21,6 +21,7 @@ from objectives.train import METRIC_KEYS, FitResult, evaluate, fit, spec_for
 from search.checkpoint import load_checkpoint
 from search.config import Settings
 from search.errors import HpoError
+from search.failures import is_out_of_memory
 from search.session import StudyContext
 from search.space import resolve, suggest
 
@@ -69,8 +70,14 @@ class CNNObjective:
         try:
             data = self.data()
             check_network(spec_for(self.config, data), data.inputs(data.train_x[:2]).cpu())
-        except (DatasetNotFoundError, BadDataError, ModelError) as exc:
+        except (DatasetNotFoundError, BadDataError, ModelError, DeviceUnavailable) as exc:
             raise DataError(str(exc)) from exc
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            why = str(exc).strip().splitlines()[0][:200]
+            raise DataError(f"model {self.config.model!r} does not fit in memory for two images before any trial "
+                            f"({why}); make it smaller (widths, model_args) or the images (image_size)") from exc
 
     def describe(self) -> str:
         """One line for the start of a run: the data, where it lives, and the model."""

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from objectives.errors import DeviceUnavailable
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -55,7 +57,8 @@ def resolve_runtime(device: str) -> Runtime:
         device = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device = 'cuda' was requested but torch sees no CUDA GPU; use 'auto' or 'cpu'")
+            raise DeviceUnavailable("device = 'cuda' was requested but torch sees no CUDA GPU (no GPU, or a CPU-only "
+                                    "torch); set objective.device to 'auto' or 'cpu'")
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 matmuls; cuDNN convolutions use TF32 by default
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
@@ -64,7 +67,8 @@ def resolve_runtime(device: str) -> Runtime:
         return Runtime(here, autocast_dtype=dtype, channels_last=True, fused_optimizer=True)
     if device == "mps":
         if not _mps_available():
-            raise ValueError("device = 'mps' was requested but torch sees no Apple GPU; use 'auto' or 'cpu'")
+            raise DeviceUnavailable("device = 'mps' was requested but torch sees no Apple GPU; set objective.device "
+                                    "to 'auto' or 'cpu'")
         return Runtime(torch.device("mps"), autocast_dtype=None, channels_last=False)
     if device == "cpu":
         return Runtime(torch.device("cpu"), autocast_dtype=None, channels_last=True, fused_optimizer=True)

@@ -415,3 +415,15 @@ def test_the_printed_commands_run_in_the_users_shell(tmp_path: Path, monkeypatch
     assert hpo_command() == "hpo"
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     assert hpo_command() == str(venv / "hpo")
+
+
+def test_an_accelerator_torch_does_not_see_is_one_paragraph_and_creates_nothing(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Checked when the data and model are prepared, before any store exists (not at load: `hpo status` of a GPU
+    study works on a laptop). No Apple GPU on Linux, so 'mps' is missing wherever the tests run."""
+    code, out, err = run(capsys, "run", str(QUICKSTART), "--run-dir", str(tmp_path / "runs"),
+                         "--set", "objective.device='mps'")
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: device = 'mps' was requested but torch sees no Apple GPU") and "Traceback" not in err
+    assert "set objective.device to 'auto' or 'cpu'" in last and list(tmp_path.iterdir()) == []
