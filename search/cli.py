@@ -518,6 +518,19 @@ def _exec(argv: list[str]) -> int:
     return 0  # pragma: no cover
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """`mlflow ui` on a port in use logs uvicorn's error and exits 0, after hpo printed where to open it: bind
+    the port once first and say so in one paragraph, as `hpo dashboard` does."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise HpoError(f"cannot listen on {host}:{port}: {exc.strerror or exc}. Another program may use the port; "
+                       "pass --port N (and --host ADDRESS to listen elsewhere than 127.0.0.1).") from exc
+
+
 def _tool(name: str) -> str:
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
@@ -562,6 +575,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if db is not None and not db.is_file():
         raise SettingsError(f"no MLflow results here yet: {db} does not exist. Run "
                             "`hpo run FILE` first, or pass the --run-dir/--tracking-uri it used.")
+    _check_port_free(args.host, args.port)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     base = f"http://{shown}:{args.port}"
     tracker = existing_tracker(uri, name) if name else None  # for a link straight to the study's runs

@@ -427,3 +427,17 @@ def test_an_accelerator_torch_does_not_see_is_one_paragraph_and_creates_nothing(
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: device = 'mps' was requested but torch sees no Apple GPU") and "Traceback" not in err
     assert "set objective.device to 'auto' or 'cpu'" in last and list(tmp_path.iterdir()) == []
+
+
+def test_hpo_ui_on_a_port_in_use_says_so_instead_of_starting_mlflow(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`mlflow ui` itself logs the bind error and exits 0, after hpo printed where to open it."""
+    import socket
+
+    db = tmp_path / "mlflow.db"
+    db.touch()
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code, _, err = run(capsys, "ui", "--tracking-uri", f"sqlite:///{db}", "--port", str(port))
+    assert code == 1 and f"error: cannot listen on 127.0.0.1:{port}" in err and "pass --port N" in err, err
+    assert "MLflow UI on" not in err and "$ " not in err  # nothing promised, nothing started
