@@ -591,6 +591,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from search.report import write_report
 
+    if args.out:
+        from search.preflight import check_out_dir
+
+        check_out_dir(args.out)
     study, paths = _open_existing(args)
     report = write_report(study, paths.tracking_uri, Path(args.out) if args.out else paths.root / "report",
                           log_to_mlflow=not args.no_mlflow)
@@ -604,8 +608,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from search.export import export_best
+    from search.preflight import check_out_dir
     from search.study import stored_settings
 
+    check_out_dir(args.out)
     study, _ = _open_existing(args)
     settings = _settings(args) if args.file else stored_settings(study)
     done = export_best(study, settings, Path(args.out))

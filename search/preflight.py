@@ -69,21 +69,33 @@ def check_gpus(gpus: str, visible: list[str]) -> list[str]:
 def check_run_dir(run_dir: str | Path) -> None:
     """Results go under ``run_dir``: its nearest existing folder must take new files (tested, not guessed:
     as root, permission bits say yes to everything, while a read-only mount or immutable folder says no)."""
-    path = Path(run_dir).absolute()
+    _check_folder_target(run_dir, "--run-dir", "Pass a folder for the results (default: runs).",
+                         "Results, checkpoints and artifacts go there; pass a folder you can write to, for example "
+                         "--run-dir ~/hpo-runs.")
+
+
+def check_out_dir(out: str | Path) -> None:
+    """`hpo report --out` and `hpo export --out`: a folder (new, or existing) that can be written, checked as
+    ``check_run_dir`` checks the run directory, so a file in the way is one paragraph, not a traceback."""
+    if Path(out).is_file():
+        raise SettingsError(f"--out {out} is a file; pass a folder (a new one, or an empty one for an export).")
+    _check_folder_target(out, "--out", "Pass a folder.", "Pass a folder you can write to.")
+
+
+def _check_folder_target(target: str | Path, option: str, not_a_folder: str, cannot_write: str) -> None:
+    path = Path(target).absolute()
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise SettingsError(f"--run-dir {run_dir}: {existing} is a file, not a folder. Pass a folder for the "
-                            "results (default: runs).")
+        raise SettingsError(f"{option} {target}: {existing} is a file, not a folder. {not_a_folder}")
     try:
         Path(tempfile.mkdtemp(prefix=".hpo-write-test-", dir=existing)).rmdir()
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         hint = " (a read-only file system)" if exc.errno == errno.EROFS else ""
-        raise SettingsError(f"--run-dir {run_dir}: cannot create folders in {existing}: {why}{hint}. Results, "
-                            "checkpoints and artifacts go there; pass a folder you can write to, for example "
-                            "--run-dir ~/hpo-runs.") from exc
+        raise SettingsError(f"{option} {target}: cannot create folders in {existing}: {why}{hint}. "
+                            f"{cannot_write}") from exc
 
 
 def check_tracking_uri(uri: str) -> None:

@@ -441,3 +441,18 @@ def test_hpo_ui_on_a_port_in_use_says_so_instead_of_starting_mlflow(
         code, _, err = run(capsys, "ui", "--tracking-uri", f"sqlite:///{db}", "--port", str(port))
     assert code == 1 and f"error: cannot listen on 127.0.0.1:{port}" in err and "pass --port N" in err, err
     assert "MLflow UI on" not in err and "$ " not in err  # nothing promised, nothing started
+
+
+@pytest.mark.parametrize(("command", "out", "expected"), [
+    ("export", "afile/sub", "afile is a file, not a folder. Pass a folder."),
+    ("export", "afile", "--out {tmp}/afile is a file; pass a folder"),
+    ("report", "afile", "--out {tmp}/afile is a file; pass a folder"),
+])
+def test_an_out_folder_that_cannot_be_is_one_paragraph(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str, out: str, expected: str) -> None:
+    """Checked before the study is opened: these were FileExistsError tracebacks (exit 1)."""
+    (tmp_path / "afile").write_text("mine")
+    code, _, err = run(capsys, command, str(QUICKSTART), "--run-dir", str(tmp_path / "runs"),
+                       "--out", str(tmp_path / out))
+    assert code == 2 and expected.format(tmp=tmp_path) in err and "Traceback" not in err, err
+    assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "runs").exists()
