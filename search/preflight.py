@@ -108,6 +108,10 @@ def check_tracking_uri(uri: str) -> None:
         raise SettingsError(f"--tracking-uri {uri}: {what}. Write sqlite:///PATH/mlflow.db for a file, "
                             "http://HOST:PORT for an MLflow server, or postgresql://USER@HOST/DB for a database; "
                             "or leave --tracking-uri out to use the run directory's mlflow.db.")
+    if base == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise SettingsError(f"--tracking-uri {uri}: MLflow's filesystem store is in maintenance mode and MLflow 3 "
+                            "refuses it (unless MLFLOW_ALLOW_FILE_STORE=true); use sqlite:///PATH/mlflow.db for a "
+                            "file, or leave --tracking-uri out to use the run directory's mlflow.db.")
     if base == "sqlite" and sqlite_path(uri) is None:
         raise SettingsError(f"--tracking-uri {uri}: an SQLite URI has three slashes and a path, "
                             "sqlite:///PATH/mlflow.db (four for an absolute path: sqlite:////abs/mlflow.db).")

@@ -96,6 +96,8 @@ BAD_INPUTS = [
                  id="tracking-sqlite-typo"),
     pytest.param(QS, "run --tracking-uri sqlite:/{tmp}/mlflow.db", "an SQLite URI has three slashes",
                  id="tracking-sqlite-missing-slashes"),
+    pytest.param(QS, "run --tracking-uri file://{tmp}/mlruns", "MLflow's filesystem store is in maintenance mode",
+                 id="tracking-file-store"),
 ]
 
 
