@@ -464,21 +464,24 @@ def _open_torchvision(cfg: TrainConfig) -> tuple[Any, Any]:
             directory=str(root),
         )
     if not cfg.download:
-        raise _missing(cfg.dataset, root, "and `download = false`, so no download was tried")
+        raise _missing(cfg.dataset, root, "and `download = false`, so no download was tried",
+                       "or set `download = true` on a machine with network access")
     try:
         return cls(str(root), train=True, download=True), cls(str(root), train=False, download=False)
     except (RuntimeError, OSError) as exc:  # URLError and socket errors are OSErrors
-        reason = f"and downloading it failed (is the network reachable? {type(exc).__name__}: {exc})"
-        raise _missing(cfg.dataset, root, reason) from exc
+        first = (str(exc).strip().splitlines() or [""])[0]
+        reason = f"and downloading it failed (is the network reachable? {type(exc).__name__}: {first})"
+        raise _missing(cfg.dataset, root, reason, "or run once where the network is reachable (it downloads "
+                       f"by itself) and copy {source.folder}/ here") from exc
 
 
-def _missing(name: str, root: Path, reason: str) -> DatasetNotFoundError:
+def _missing(name: str, root: Path, reason: str, otherwise: str) -> DatasetNotFoundError:
     source = _SOURCES[name]
     files = ", ".join(source.files)
     return DatasetNotFoundError(
         f"Data set '{name}' was not found under {root} {reason}. Put the files {files} in "
         f"{root / source.folder}/, taken from {source.url}; or point `data_dir` at the directory that holds "
-        f"{source.folder}/, or set `download = true` on a machine with network access.",
+        f"{source.folder}/, {otherwise}.",
         dataset=name,
         directory=str(root),
     )

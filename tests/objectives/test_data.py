@@ -223,6 +223,7 @@ def test_failed_download_says_the_network_is_unreachable(tmp_path: Path, monkeyp
     assert calls, "a download should have been attempted"
     message = str(info.value)
     assert "downloading it failed" in message and "network" in message and str(tmp_path) in message
+    assert "set `download = true`" not in message and "\n" not in message  # it was true; one paragraph
 
 
 def test_existing_copy_is_read_without_downloading(tmp_path: Path, make_mnist, monkeypatch) -> None:
