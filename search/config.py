@@ -337,7 +337,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     (``--set pruner.name=none`` does too, see ``drop_options_of_old_choice``).
     """
     key, sep, raw = text.partition("=")
-    path = [p for p in key.strip().split(".") if p]
+    path = key.strip().split(".")
+    if any(not p for p in path) and key.strip():  # `study..name`, `.study.name`: a typo, not study.name
+        path = []
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]

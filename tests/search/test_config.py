@@ -601,7 +601,8 @@ def test_parse_override(text: str, path: list[str], value: object) -> None:
     assert parse_override(text) == (path, value)
 
 
-@pytest.mark.parametrize("text", ["nokey", "study=3", "n_trials=3", "=3", "study.n_trials"])
+@pytest.mark.parametrize("text", ["nokey", "study=3", "n_trials=3", "=3", "study.n_trials", "study..n_trials=3",
+                                  ".study.n_trials=3"])
 def test_malformed_override(text: str) -> None:
     with pytest.raises(SettingsError, match=re.escape(f"--set {text!r}: expected section.key=value")):
         parse_override(text)
