@@ -72,7 +72,11 @@ def make_app(storage_url: str, root: Path | None, run_dir: Path | None = None) -
     from optuna_dashboard import wsgi
 
     storage = open_for_reading(storage_url)
-    artifacts = artifact_store(root) if root is not None else store_artifacts(storage, run_dir or Path("runs"))
+    try:
+        artifacts = artifact_store(root) if root is not None else store_artifacts(storage, run_dir or Path("runs"))
+    except OSError as exc:  # the artifact folder is made if missing
+        raise HpoError(f"cannot create the dashboard's artifact folder under {root or run_dir}: "
+                       f"{exc.strerror or exc}. Run the dashboard where the run directory is writable.") from exc
     app: WSGIApplication = wsgi(storage, artifact_store=artifacts)
     return app
 

@@ -132,6 +132,9 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
         ) from exc
     except Exception as exc:  # sqlalchemy errors, bad URLs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        db = sqlite_path(url)
+        if db is not None:
+            raise sqlite_unopened(db, exc) from exc
         raise StorageError(
             f"could not open the Optuna storage {redact(url)!r}: {first}. Check that the database server is "
             "running and reachable, and that the user, password and database name in the URL are right; or "
@@ -205,7 +208,22 @@ def open_for_reading(url: str) -> optuna.storages.BaseStorage:
     storage = optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True,
                                          engine_kwargs={"connect_args": {"timeout": SQLITE_READ_TIMEOUT_S}})
     _OPENED.add(storage)
+    try:
+        storage.get_all_studies()  # connects now: a file that cannot be opened is said here, not mid-request
+    except Exception as exc:
+        raise sqlite_unopened(path, exc) from exc
     return storage
+
+
+def sqlite_unopened(db: Path, exc: BaseException) -> StorageError:
+    """An SQLite file that exists but cannot be opened, most often a read-only folder: WAL mode needs its side
+    files even to read."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StorageError(
+        f"could not open the SQLite file {db}: {first}. SQLite (in WAL mode, as hpo uses it) writes {db.name}-wal "
+        f"and {db.name}-shm beside the file even to read it, so its folder must be writable (not a read-only disk "
+        "or mount); copy the run directory somewhere writable, or check the path."
+    )
 
 
 def close_storages() -> None:

@@ -458,3 +458,25 @@ def test_an_out_folder_that_cannot_be_is_one_paragraph(
                        "--out", str(tmp_path / out))
     assert code == 2 and expected.format(tmp=tmp_path) in err and "Traceback" not in err, err
     assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "runs").exists()
+
+
+def test_a_run_directory_on_a_read_only_disk_is_named_as_such(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """SQLite in WAL mode writes side files even to read: the message said "is the database server running?"."""
+    import os
+
+    import optuna
+
+    folder = tmp_path / "runs" / "q"
+    folder.mkdir(parents=True)
+    optuna.create_study(study_name="q", storage=f"sqlite:///{folder / 'optuna.db'}").optimize(
+        lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    if os.geteuid() != 0 or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("needs root and chattr to make a folder read-only for root")
+    try:
+        for command in ("status", "dashboard"):
+            code, _, err = run(capsys, command, "--study", "q", "--run-dir", str(tmp_path / "runs"))
+            assert code in (1, 2) and err.startswith("error: ") and "Traceback" not in err, err
+            assert "writable" in err and "database server" not in err, err
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
