@@ -10,6 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import records
 from search.records import fmt
+from search.workers import is_local_orphan
 
 
 def trial_row(t: FrozenTrial) -> dict[str, Any]:
@@ -80,6 +81,8 @@ def study_table(study: optuna.Study) -> str:
         row["value"] = value_text(row["value"])
         if t.state == TrialState.FAIL and t.number in retries:
             row["ended"] += f" (retried as #{retries[t.number]})"
+        if is_local_orphan(t):  # killed (kill -9, a crash): the storage still says RUNNING until a run retries it
+            row["ended"] = "worker gone; the next run retries it"
         rows.append(row)
     return format_table(rows, ["number", "state", "value", "epochs", "ended", "params"])
 

@@ -51,3 +51,23 @@ def test_the_table_shows_values_as_the_progress_lines_do() -> None:
         study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=value))
     values = [row.split()[2] for row in status_text(study).splitlines()[2:5]]
     assert values == ["1.0000", "0.9930", "0.0000"]
+
+
+def test_a_running_trial_whose_worker_is_gone_says_so() -> None:
+    """After a kill -9 the storage says RUNNING until the next run retries it; the table says why it will."""
+    import subprocess
+    import sys
+
+    from search.workers import identity
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # exited and reaped: its pid names no process
+    study = optuna.create_study(direction="maximize")
+    dead, alive = study.ask(), study.ask()
+    dead.set_user_attr("host", identity()["host"])
+    dead.set_user_attr("pid", gone.pid)
+    for key, value in identity().items():  # this process: alive
+        alive.set_user_attr(key, value)
+    rows = status_text(study).splitlines()
+    assert "RUNNING" in rows[2] and "worker gone; the next run retries it" in rows[2]
+    assert "RUNNING" in rows[3] and "worker gone" not in rows[3]
