@@ -24,6 +24,12 @@ from search.study import run_study
 from tests.search.workers_helpers import QUICKSTART, child_runs
 
 
+@pytest.fixture(autouse=True)
+def nothing_held() -> None:
+    """Sessions driven directly by other tests (no caller to tell Optuna and release) may leave a hold behind."""
+    interrupts._state.update(holding=False, pending=False)
+
+
 @pytest.fixture
 def ctrl_c_handler() -> Any:
     """hpo's own SIGINT handler, as `hpo run` installs it; the test's default one is put back after."""
