@@ -418,7 +418,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     study, paths = _open_existing(args)
     tracker = Tracker(paths.tracking_uri, study.study_name, paths.artifacts)
-    numbers = recover_older_than(study, args.older_than, on_fail=lambda t: mark_killed(tracker, t))
+    numbers = recover_older_than(study, args.older_than, on_fail=lambda t: mark_killed(tracker, t, "stale_recovered"))
     if numbers:
         print(f"failed and re-enqueued trials {numbers}; run `hpo run` to resume them")
     else:

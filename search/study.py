@@ -164,7 +164,7 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
         if "tracker" in holder:
-            mark_killed(holder["tracker"], trial)
+            mark_killed(holder["tracker"], trial, "stale_heartbeat")
         retry(study, trial)
 
     heartbeat = (settings.study.heartbeat_interval, settings.study.stale_after)

@@ -604,8 +604,9 @@ def save_model(model: Any, example: Any, out: Path) -> None:
                               pip_requirements=_requirements(), metadata=_metadata(model))
 
 
-def mark_killed(tracker: Tracker, trial: FrozenTrial) -> None:
-    """An orphaned trial's MLflow run must not stay RUNNING: end it KILLED with the reason."""
+def mark_killed(tracker: Tracker, trial: FrozenTrial, reason: str = "worker_died") -> None:
+    """An orphaned trial's MLflow run must not stay RUNNING: end it KILLED with the reason Optuna's record has
+    (``worker_died``, ``stale_heartbeat``, ``stale_recovered``)."""
     run_id = trial.user_attrs.get(records.MLFLOW_RUN_ID)
     if run_id:
-        tracker.end_orphan(run_id)
+        tracker.end_orphan(run_id, reason)

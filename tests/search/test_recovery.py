@@ -76,7 +76,8 @@ def _assert_resumed(study: optuna.Study, client, interrupted: str, epochs: int) 
     assert len(finished) == 2 and not [t for t in trials if t.state == TrialState.RUNNING]
     runs = {r.info.run_id: r for r in child_runs(client, study.study_name)}
     assert "RUNNING" not in {r.info.status for r in runs.values()}
-    assert runs[first.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+    killed = runs[first.user_attrs["mlflow_run_id"]]
+    assert killed.info.status == "KILLED" and killed.data.tags["hpo.reason"] == interrupted  # MLflow says as Optuna
     resumed_run = runs[retry.user_attrs["mlflow_run_id"]]
     assert resumed_run.data.tags["hpo.resumed_from_run"] == first.user_attrs["mlflow_run_id"]
     assert resumed_run.data.tags["hpo.resumed_at_epoch"] == str(retry.user_attrs["resumed_at_epoch"])
