@@ -261,7 +261,13 @@ def run_trials(opened: OpenStudy, n_trials: int | None, timeout: float | None,
     def objective(trial: optuna.Trial) -> float:
         lock.release()  # the trial is RUNNING now, so other workers count it
         current[:] = [trial]
-        return float(opened.objective(trial))
+        try:
+            return float(opened.objective(trial))
+        except KeyboardInterrupt:
+            if records.REASON not in trial.user_attrs:  # before its session began (sampling): Optuna fails it
+                with contextlib.suppress(Exception):  # with no reason; it trained nothing, so no retry is due
+                    trial.set_user_attr(records.REASON, "interrupted")
+            raise
 
     while guard.in_a_row < guard.limit:
         if timeout is not None and time.monotonic() - started >= timeout:

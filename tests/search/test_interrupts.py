@@ -84,3 +84,20 @@ def test_ctrl_c_while_a_finished_trial_is_recorded_keeps_it_complete(
             assert t.user_attrs["reason"] == "interrupted"
             assert any(w.state == TrialState.WAITING and w.system_attrs.get("failed_trial") == t.number
                        for w in trials.values())
+
+
+def test_ctrl_c_while_a_trial_samples_its_params_names_the_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before its session starts a trial has no record of its own: Optuna failed it with no reason at all."""
+    import objectives.objective
+
+    def interrupted(*args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(objectives.objective, "suggest", interrupted)
+    settings = load_settings(QUICKSTART, ["study.max_epochs=1", "objective.widths=[8,16]", "study.name='early'"])
+    paths = run_paths(tmp_path / "runs", "early", None)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(settings, paths, n_trials=2)
+    trials = optuna.load_study(study_name="early", storage=paths.storage_url).get_trials()
+    assert [(t.state, t.user_attrs.get("reason")) for t in trials] == [(TrialState.FAIL, "interrupted")]
