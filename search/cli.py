@@ -639,6 +639,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
     signal.signal(signal.SIGINT, _ignore)
     signal.signal(signal.SIGTERM, _ignore)
+    interrupts.signalled()
     if interrupts.noted():  # a finished trial is being recorded: raised once its record is whole
         return
     raise KeyboardInterrupt
@@ -704,6 +705,9 @@ def main(argv: list[str] | None = None) -> int:
 
         args.file_given, args.file = args.file, find_study_file(args.file)
     if threading.current_thread() is threading.main_thread():
+        from search import interrupts
+
+        interrupts.reset()
         signal.signal(signal.SIGTERM, _terminate)
         signal.signal(signal.SIGINT, _terminate)
     try:

@@ -16,7 +16,25 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-_state = {"holding": False, "pending": False}
+_state = {"holding": False, "pending": False, "signalled": False}
+
+
+def signalled() -> None:
+    """The signal handler's first call: remembered, so that ``check`` can raise it again if it was lost."""
+    _state["signalled"] = True
+
+
+def check() -> None:
+    """At each epoch's end: a Ctrl-C or SIGTERM that arrived but did not stop training (its KeyboardInterrupt
+    raised inside a finalizer, where Python only prints "Exception ignored", so a worker trained on and its
+    launcher waited for ever) is raised now."""
+    if _state["signalled"]:
+        raise KeyboardInterrupt
+
+
+def reset() -> None:
+    """A command's start (`main` called again in one process, as tests do): nothing held, nothing signalled."""
+    _state.update(holding=False, pending=False, signalled=False)
 
 
 def hold() -> None:

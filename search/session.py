@@ -208,6 +208,7 @@ class TrialSession:
     def on_epoch(self, epoch: int, metrics: dict[str, float], state: EpochState) -> bool:
         """The training loop's hook: log, decide early stopping, report, maybe prune. True = stop."""
         assert self.run is not None and self.stopper is not None
+        interrupts.check()  # a Ctrl-C/SIGTERM whose KeyboardInterrupt was swallowed stops the trial now
         metric = self.settings.study.metric
         if metric not in metrics:
             raise KeyError(f"the objective reported no {metric!r} (it reported {', '.join(metrics)})")
