@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
-from search.errors import HpoError, SettingsError
+from search.errors import HpoError, SettingsError, cannot_listen
 from search.loading import collector_off
 
 if TYPE_CHECKING:  # imported late at run time: `hpo --help` must not wait for optuna, torch and mlflow
@@ -527,8 +527,7 @@ def _check_port_free(host: str, port: int) -> None:
         with socket.create_server((host, port)):
             pass
     except OSError as exc:
-        raise HpoError(f"cannot listen on {host}:{port}: {exc.strerror or exc}. Another program may use the port; "
-                       "pass --port N (and --host ADDRESS to listen elsewhere than 127.0.0.1).") from exc
+        raise cannot_listen(host, port, exc) from exc
 
 
 def _tool(name: str) -> str:

@@ -17,7 +17,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from search.errors import HpoError
+from search.errors import HpoError, cannot_listen
 from search.publish import ARTIFACT_DIR, artifact_store
 from search.stores import open_for_reading
 
@@ -87,8 +87,7 @@ def serve(storage_url: str, root: Path | None, host: str, port: int, run_dir: Pa
     try:
         server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
     except OSError as exc:
-        raise HpoError(f"cannot listen on {host}:{port}: {exc.strerror or exc}. Another program may use the port; "
-                       "pass --port N (and --host ADDRESS to listen elsewhere than 127.0.0.1).") from exc
+        raise cannot_listen(host, port, exc) from exc
     what = f"artifacts {root / ARTIFACT_DIR}" if root is not None else f"every study, artifacts under {run_dir}"
     print(f"optuna-dashboard on http://{host}:{port}/ (storage {storage_url}, {what}); Ctrl-C stops it",
           file=sys.stderr, flush=True)

@@ -23,3 +23,9 @@ class TrackingError(HpoError):
     """The MLflow tracking store cannot be reached."""
 
     exit_code = 2
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> HpoError:
+    """`hpo dashboard` and `hpo ui` on a port they cannot bind: one paragraph, the same for both."""
+    return HpoError(f"cannot listen on {host}:{port}: {exc.strerror or exc}. Another program may use the port; "
+                    "pass --port N (and --host ADDRESS to listen elsewhere than 127.0.0.1).")
