@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import records
 from search.records import best_trial
-from search.summary import counts, failed_short
+from search.summary import counts, failed_short, state_counts
 
 # tqdm puts ", " before a postfix, so each postfix follows a field it can be joined to.
 STUDY_BAR = "{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed, ETA {remaining}{postfix}"
@@ -162,8 +162,8 @@ class Progress:
         its workers writes it up to a second later, when other trials may have finished since)."""
         trials = study.get_trials(deepcopy=False)
         then = finished_by(trials, trial)
-        c = {state: sum(t.state == state for t in then) for state in (TrialState.COMPLETE, TrialState.PRUNED)}
-        finished = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
+        c = state_counts(then)
+        finished = c["COMPLETE"] + c["PRUNED"]
         budget = f"/{self.budget}" if self.budget else ""
         value = "" if trial.value is None else f"{self.metric} {trial.value:.4f}  "
         best = best_of(then, study.direction)
@@ -171,7 +171,7 @@ class Progress:
         how = trial.user_attrs.get(records.REASON, "")
         failed = failed_short(then, trials)
         return (f"trial {trial.number:>3} {trial.state.name:<8} {value}epochs {records.epochs_run(trial)}"
-                f" ({how})  | finished {finished}{budget} pruned {c[TrialState.PRUNED]} {failed}  {best_text}"
+                f" ({how})  | finished {finished}{budget} pruned {c['PRUNED']} {failed}  {best_text}"
                 f"  {self._elapsed()}")
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:

@@ -28,10 +28,20 @@ def trial_row(t: FrozenTrial) -> dict[str, Any]:
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
+    return state_counts(study.get_trials(deepcopy=False))
+
+
+def state_counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    """Trials per state name, every state present (a progress line counts a part of the study)."""
     out = {s.name: 0 for s in TrialState}
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         out[t.state.name] += 1
     return out
+
+
+def retries_of(trials: Sequence[FrozenTrial]) -> dict[int | None, int]:
+    """Failed trial number -> the number of the trial that retries it (Optuna's retry history)."""
+    return {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t): t.number for t in trials}
 
 
 def failed_counts(trials: Sequence[FrozenTrial], everything: Sequence[FrozenTrial] | None = None) -> tuple[int, int]:
@@ -39,7 +49,7 @@ def failed_counts(trials: Sequence[FrozenTrial], everything: Sequence[FrozenTria
     worker, an out-of-memory pack) is not a result lost, and a summary or progress line that said only "1 failed"
     after a Ctrl-C read as one. Takes the study's trials, read once by the caller; ``everything`` (default:
     ``trials``) is where the retries are looked for when ``trials`` is a part of the study."""
-    retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in everything or trials}
+    retried = retries_of(everything or trials)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     return len(failed), sum(t.number in retried for t in failed)
 
@@ -73,7 +83,7 @@ def value_text(value: float | None) -> str:
 
 def study_table(study: optuna.Study) -> str:
     trials = study.get_trials(deepcopy=False)
-    retries = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t): t.number for t in trials}
+    retries = retries_of(trials)
     rows = []
     for t in trials:
         row = trial_row(t)
