@@ -390,7 +390,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _reason(recorded: str) -> str:
     """A trial's recorded reason inside a sentence: 'error: X: msg.' -> 'X: msg' (no doubled 'error:' or '..')."""
-    return recorded.removeprefix("error: ").rstrip(". ")
+    from search.records import reason_text
+
+    return reason_text(recorded).rstrip(". ")
 
 
 def _proxy_note(url: str) -> None:

@@ -95,12 +95,17 @@ def outcome(t: FrozenTrial) -> str:
 REASON_SHOWN = 60  # characters of a failed trial's reason in the tables; `--json` has all of it
 
 
+def reason_text(reason: str) -> str:
+    """A recorded reason as words: without the "error: " that failures.failure_reason puts before an error."""
+    return reason.removeprefix("error: ")
+
+
 def ended_at(t: FrozenTrial) -> str:
     """"pruned at E" or "stopped at E" (epochs count from 0), a failed trial's reason (so the table says why
     without --json), or "" for a trial that ran its course."""
     attrs = t.user_attrs
     if t.state == TrialState.FAIL:
-        reason = str(attrs.get(REASON) or "failed").removeprefix("error: ")
+        reason = reason_text(str(attrs.get(REASON) or "failed"))
         return reason if len(reason) <= REASON_SHOWN else reason[:REASON_SHOWN - 3] + "..."
     if attrs.get(PRUNED_EPOCH) is not None:
         return f"pruned at {attrs[PRUNED_EPOCH]}"

@@ -109,7 +109,7 @@ def refusal(paths: RunPaths, stamp: Stamp | None, study_id: str | None) -> str |
                 "has that study (the database, or the study in it, was deleted), so the folder's checkpoints and "
                 "MLflow runs belong to a study that is gone. Nothing was changed. To start over, delete the whole "
                 f"folder {root} (not only its optuna.db), or pass another --run-dir.")
-    own = run_paths(root.parent, root.name).storage_url == stamp.storage
+    own = _own_storage(root) == stamp.storage
     use_its = "leave --storage out" if own else f"pass --storage {stamp.storage}"
     return (f"the run directory {root} belongs to another study: {_owner(stamp)} of the storage {stamp.storage}, "
             f"whose checkpoints and MLflow runs it holds. This command's study {paths.study_name!r} of the storage "
@@ -128,11 +128,16 @@ def _owner(stamp: Stamp) -> str:
     return f"{stamp.study_name!r} ({f'id {stamp.study_id}' if stamp.study_id else 'made before studies had ids'})"
 
 
+def _own_storage(root: Path) -> str:
+    """The storage URL of the folder's own optuna.db (what a run without --storage uses)."""
+    return run_paths(root.parent, root.name).storage_url
+
+
 def implied_stamp(paths: RunPaths) -> Stamp | None:
     """The owner of a folder made before stamps, when this command uses another storage than the folder's own
     optuna.db and that file holds a study of this name: that study (its id, or "" if it has none yet). A folder
     without a stamp and without such a file is anyone's: the first run stamps it."""
-    own = run_paths(paths.root.parent, paths.root.name).storage_url
+    own = _own_storage(paths.root)
     db, used = sqlite_path(own), sqlite_path(paths.storage_url)
     if db is None or not db.is_file() or (used is not None and used.resolve() == db.resolve()):
         return None
