@@ -308,7 +308,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from search.records import best_trial
         from search.stores import run_paths
         from search.study import run_study
-        from search.summary import counts, epochs_spent, failed_text, study_table
+        from search.summary import epochs_spent, failed_text, state_counts, study_table
 
         settings = _settings(args)
     paths = run_paths(args.run_dir, settings.study.name, args.storage, args.tracking_uri)
@@ -330,13 +330,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress)
     study = result.study
-    c, failed = counts(study), failed_text(study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    c, failed = state_counts(trials), failed_text(trials)
     print(study_table(study))
     print()
     finished = c["COMPLETE"] + c["PRUNED"]
     print(f"finished {finished} trial{'s' if finished != 1 else ''} ({c['COMPLETE']} complete, {c['PRUNED']} pruned, "
           f"{failed}); {result.new_trials} new in this run; {epochs_spent(study)} epochs spent of "
-          f"{len(study.trials) * settings.study.max_epochs} without early stopping or pruning")
+          f"{len(trials) * settings.study.max_epochs} without early stopping or pruning")
     if result.new_trials == 0 and n_trials is not None and finished >= n_trials:  # a rerun that had nothing to do
         print(f"note: the study's budget of {n_trials} finished trial{'s' if n_trials != 1 else ''} (study.n_trials "
               f"or --trials) was met before this run, so it trained none; give --trials with more than {finished} "

@@ -17,18 +17,18 @@ import optuna
 
 from search import records
 from search.records import best_trial
-from search.summary import counts, failed_text, study_table
+from search.summary import counts, failed_text, state_counts, study_table
 
 CLEAR = "\033[H\033[2J"
 
 
 def status_text(study: optuna.Study) -> str:
     """What `hpo status` prints: the trials table, the counts and the best trial."""
-    c = counts(study)
+    trials = study.get_trials(deepcopy=False)
+    c = state_counts(trials)
     waiting = f", {c['WAITING']} waiting" if c["WAITING"] else ""  # retries and enqueued trials, not yet started
     lines = [study_table(study), "",
-             f"{c['COMPLETE']} complete, {c['PRUNED']} pruned, {failed_text(study.get_trials(deepcopy=False))}, "
-             f"{c['RUNNING']} running{waiting}"]
+             f"{c['COMPLETE']} complete, {c['PRUNED']} pruned, {failed_text(trials)}, {c['RUNNING']} running{waiting}"]
     best = best_trial(study)
     if best:
         lines.append(f"best trial #{best.number}: value {best.value:.4f} params {best.params}")
