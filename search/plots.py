@@ -68,7 +68,19 @@ def quiet_plots() -> Iterator[None]:
         optuna.logging.set_verbosity(verbosity)
 
 
-def _optuna_png(plot: Callable[..., Any], study: optuna.Study, path: Path) -> Path | None:
+# Optuna draws these empty (and warns) with fewer complete trials; importances need two to compare. Read by the
+# PNGs here and the HTML report's figures (search/report.py), by the plot function's name (plotly and matplotlib).
+COMPLETE_TRIALS_NEEDED = {"plot_optimization_history": 1, "plot_parallel_coordinate": 1, "plot_slice": 1,
+                          "plot_param_importances": 2}
+
+
+def complete_trials_needed(plot: Callable[..., Any]) -> int:
+    return COMPLETE_TRIALS_NEEDED.get(plot.__name__, 0)
+
+
+def _optuna_png(plot: Callable[..., Any], study: optuna.Study, path: Path, complete: int) -> Path | None:
+    if complete < complete_trials_needed(plot):
+        return None
     with quiet_plots():
         try:
             ax = plot(study)
@@ -90,10 +102,9 @@ def study_pngs(study: optuna.Study, max_epochs: int, out: Path) -> list[Path]:
     trials = study.get_trials(deepcopy=False)
     complete = sum(t.state == TrialState.COMPLETE for t in trials)
     paths = [
-        # Optuna draws these empty (and warns) without complete trials, importances need two to compare.
-        _optuna_png(ovm.plot_optimization_history, study, out / "optimization_history.png") if complete else None,
-        _optuna_png(ovm.plot_intermediate_values, study, out / "intermediate_values.png"),
-        _optuna_png(ovm.plot_param_importances, study, out / "param_importances.png") if complete >= 2 else None,
+        _optuna_png(ovm.plot_optimization_history, study, out / "optimization_history.png", complete),
+        _optuna_png(ovm.plot_intermediate_values, study, out / "intermediate_values.png", complete),
+        _optuna_png(ovm.plot_param_importances, study, out / "param_importances.png", complete),
         epochs_by_outcome_png(trials, max_epochs, out / "epochs_by_outcome.png"),
     ]
     return [p for p in paths if p is not None]

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search import records
 from search.diagnosis import Diagnosis
 from search.notes import epoch_account
-from search.plots import OUTCOME_COLORS, quiet_plots, study_pngs
+from search.plots import OUTCOME_COLORS, complete_trials_needed, quiet_plots, study_pngs
 from search.records import best_trial, outcome
 from search.summary import counts
 from search.tracking import Tracker, existing_tracker, log_files, run_url, set_tags
@@ -169,24 +169,25 @@ def build_html(study: optuna.Study, fits: list[TrialFit], max_epochs: int) -> st
         f"{acc.saved_by_early_stopping}.</p>",
         f"<p id='best'>Best: {best_line}</p>",
     ]
-    def complete(n: int, make: Callable[[], Any]) -> Callable[[], Any]:
-        """Optuna draws these empty without complete trials (importances need two to compare): say so instead."""
+    def optuna_figure(plot: Callable[..., Any]) -> Callable[[], Any]:
+        """The plot of the study, or what it needs when Optuna would draw it empty (plots.COMPLETE_TRIALS_NEEDED)."""
+        n = complete_trials_needed(plot)
         if c["COMPLETE"] >= n:
-            return make
+            return lambda: plot(study)
         return lambda: f"needs {n} complete trial{'s' if n > 1 else ''}; the study has {c['COMPLETE']}"
 
     figures = [
         ("Optimization history", "Each trial's value and the best so far.",
-         complete(1, lambda: vis.plot_optimization_history(study))),
+         optuna_figure(vis.plot_optimization_history)),
         ("Intermediate values", "The study metric per epoch of every trial: pruned curves stop early.",
-         lambda: vis.plot_intermediate_values(study)),
+         optuna_figure(vis.plot_intermediate_values)),
         ("Epochs spent per trial, by outcome", "Bars below the dashed line are epochs saved by pruning or early "
          "stopping.", lambda: epochs_figure(trials, max_epochs)),
         ("Parallel coordinates", "Parameters of each trial, coloured by value.",
-         complete(1, lambda: vis.plot_parallel_coordinate(study))),
+         optuna_figure(vis.plot_parallel_coordinate)),
         ("Parameter importances", "fANOVA importance of each parameter for the value.",
-         complete(2, lambda: vis.plot_param_importances(study))),
-        ("Slice", "Value against each parameter.", complete(1, lambda: vis.plot_slice(study))),
+         optuna_figure(vis.plot_param_importances)),
+        ("Slice", "Value against each parameter.", optuna_figure(vis.plot_slice)),
     ]
     first = True
     for title, text, make in figures:
