@@ -52,15 +52,23 @@ TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def probe_server(uri: str, seconds: float = 10) -> None:
-    """Fail in seconds, not after MLflow's minutes of retries, when a tracking server does not answer."""
+    """Fail in seconds, not after MLflow's minutes of retries, when a tracking server does not answer, and before
+    anything is created when what answers is not MLflow (another service's port, such as optuna-dashboard's):
+    MLflow's client would only fail at its first call, after the study's storage was made."""
     import urllib.error
     import urllib.request
 
+    api = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=seconds):
-            return
-    except urllib.error.HTTPError:
-        return  # it answered: a server (perhaps behind auth) is there
+        with urllib.request.urlopen(api, timeout=seconds) as response:
+            kind = response.headers.get_content_type()
+            if kind == "application/json":
+                return
+            got = f"an answer of type {kind}"
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return  # an MLflow server behind authentication: MLflow's client sends the credentials
+        got = f"HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrackingError(
@@ -68,6 +76,11 @@ def probe_server(uri: str, seconds: float = 10) -> None:
             f"`mlflow server --backend-store-uri postgresql://... --host 0.0.0.0 --port 5000`), check the "
             "address and port, or leave --tracking-uri out to use the run directory's mlflow.db."
         ) from exc
+    raise TrackingError(
+        f"{uri} answers but is not an MLflow tracking server: MLflow's API there gave {got}. Check the port "
+        "(`mlflow server` listens on 5000 unless told otherwise; optuna-dashboard's port is not MLflow's) and "
+        "any path prefix, or leave --tracking-uri out to use the run directory's mlflow.db."
+    )
 
 
 def _params(values: Mapping[str, Any], prefix: str = "") -> list[Param]:

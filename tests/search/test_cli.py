@@ -327,6 +327,31 @@ def test_unreachable_tracking_server_fails_fast_and_creates_no_study(
     assert not db.exists() or optuna.get_all_study_summaries(f"sqlite:///{db}") == []
 
 
+def test_a_tracking_uri_that_answers_but_is_not_mlflow_is_refused_before_the_study_is_made(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Another service's port (here Python's own file server) answers /health-style probes; MLflow's client would
+    only fail at its first call, after the run made optuna.db. Its API is asked instead."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+            """Not on the test's stderr."""
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        code, _, err = run(capsys, "run", str(QUICKSTART), "--run-dir", str(tmp_path / "runs"), "--tracking-uri", uri)
+    finally:
+        server.shutdown()
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{uri} answers but is not an MLflow tracking server" in err and "HTTP 404" in err
+    assert not (tmp_path / "runs" / "quickstart" / "optuna.db").exists()
+
+
 def test_wrong_database_in_a_postgresql_url_is_a_clear_error(capsys: pytest.CaptureFixture[str],
                                                              tmp_path: Path) -> None:
     import os

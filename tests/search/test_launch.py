@@ -322,8 +322,9 @@ class _AnswersOnce(http.server.BaseHTTPRequestHandler):
             first = server.requests == 1
         if first:
             self.send_response(200)
+            self.send_header("Content-Type", "application/json")
             self.end_headers()
-            self.wfile.write(b"OK")
+            self.wfile.write(b"{}")
             return
         with server.lock:
             server.held += 1
