@@ -162,15 +162,16 @@ def check_before_creating(paths: RunPaths) -> None:
         check_folder(paths, None)
 
 
-def claim_folder(paths: RunPaths, study: optuna.Study) -> None:
+def claim_folder(paths: RunPaths, study: optuna.Study) -> str | None:
     """Give the study its id and stamp the folder with it, or refuse when another study stamped it first. Under the
     budget lock (see ``ensure_id``). A study in memory is neither given an id nor stamps: nothing can come back to
-    it, and a later study may have the folder."""
+    it, and a later study may have the folder. Returns the id (None in memory)."""
     if paths.storage_url == "memory":
         check_folder(paths, None)
-        return
+        return None
     study_id = ensure_id(study)
     stamp = write_stamp(paths.root, Stamp(study_id, paths.study_name, shown(paths.storage_url)))
     message = refusal(paths, stamp, study_id)
     if message is not None:
         raise StorageError(message)
+    return study_id

@@ -90,8 +90,11 @@ def _params(values: Mapping[str, Any], prefix: str = "") -> list[Param]:
 class Tracker:
     """An MLflow experiment for one study, reached through one client."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, artifact_root: Path | None = None) -> None:
+    def __init__(self, tracking_uri: str, experiment_name: str, artifact_root: Path | None = None,
+                 writing: bool = True) -> None:
+        """``writing``: refuse an experiment in MLflow's trash (runs cannot be written there), not only read."""
         self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         prepare_local_store(tracking_uri)
@@ -122,6 +125,35 @@ class Tracker:
                 "and reachable; or leave --tracking-uri out to use the run directory's mlflow.db."
             ) from exc
         self.experiment_id = experiment_id
+        if writing and experiment is not None and experiment.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"the MLflow experiment {experiment_name!r} in {tracking_uri} was deleted (it is in MLflow's trash, "
+                f"id {experiment_id}), so no run can be recorded in it, and MLflow keeps its name taken. Restore it "
+                f"(`MLFLOW_TRACKING_URI={tracking_uri} mlflow experiments restore --experiment-id {experiment_id}`, or "
+                "in the MLflow UI) and run again; or give this study another name (--study-name NEW). `mlflow gc "
+                f"--experiment-ids {experiment_id}` frees the name for good, dropping its runs."
+            )
+
+    def check_owner(self, study_id: str | None) -> None:
+        """Refuse (TrackingError) an experiment that another study of the same name records into (the experiment's
+        ``hpo.study_id`` tag, set by ``claim``): two studies' trial runs, each named ``trial-N``, would mix under one
+        parent run. ``study_id`` None: a new study, or one in memory, which never claims one."""
+        owner = self.client.get_experiment(self.experiment_id).tags.get(records.STUDY_ID)
+        if owner is not None and owner != study_id:
+            raise TrackingError(
+                f"the MLflow experiment {self.experiment_name!r} in {self.tracking_uri} holds the runs of another "
+                f"study named {self.experiment_name!r} (study id {owner}; this one is "
+                f"{f'id {study_id}' if study_id else 'new'}, in another storage or made again), and their trials' "
+                "runs would mix. Give this study its own name (--study-name NEW, or study.name in the file), or "
+                "use another --tracking-uri."
+            )
+
+    def claim(self, study_id: str) -> None:
+        """Tag the experiment with the study's id (one made before the tag is adopted), then read it back: of two
+        studies that tag it at once, the last write wins and ``check_owner`` refuses the other."""
+        if self.client.get_experiment(self.experiment_id).tags.get(records.STUDY_ID) is None:
+            self.client.set_experiment_tag(self.experiment_id, records.STUDY_ID, study_id)
+        self.check_owner(study_id)
 
     @property
     def is_server(self) -> bool:
@@ -138,10 +170,17 @@ class Tracker:
         run_id = None
         if known_id:
             try:
-                self.client.get_run(known_id)
+                deleted = self.client.get_run(known_id).info.lifecycle_stage == "deleted"
                 run_id = known_id
-            except MlflowException:
-                pass
+            except MlflowException:  # gone for good (`mlflow gc`): a new parent run
+                deleted = False
+            if deleted:
+                raise TrackingError(
+                    f"the MLflow run of study {study_name!r} (run {known_id}, the parent of its trials' runs) was "
+                    f"deleted, so the trials cannot be recorded under it. Restore it (`MLFLOW_TRACKING_URI="
+                    f"{self.tracking_uri} mlflow runs restore --run-id {known_id}`, or in the MLflow UI) and run "
+                    "again; or start another study (--study-name NEW)."
+                )
         if run_id is None:
             found = self.client.search_runs(
                 [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = 'study'", max_results=1
@@ -502,7 +541,7 @@ def existing_tracker(tracking_uri: str, experiment_name: str) -> Tracker | None:
             return None
     except MlflowException:
         return None
-    return Tracker(tracking_uri, experiment_name)
+    return Tracker(tracking_uri, experiment_name, writing=False)
 
 
 def run_url(tracker: Tracker, run_id: str) -> str:

@@ -1,0 +1,141 @@
+"""The study's MLflow experiment (search/tracking.py ``Tracker``): one study per experiment, so that two studies of
+one name sharing a tracking store (a team's server) cannot mix their trial runs; and an experiment or parent run
+deleted in the MLflow UI is a one-paragraph error that says how to restore it, not MLflow's traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search import records
+from search.cli import main
+from search.errors import TrackingError
+from search.tracking import Tracker
+
+pytestmark = pytest.mark.usefixtures("quiet_optuna")
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "studies" / "quickstart.toml"
+SMALL = ("--set", "study.max_epochs=1", "--quiet")
+
+
+def hpo(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
+    """`hpo ARGS` in this process: (exit code, stderr)."""
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def one_paragraph(err: str) -> str:
+    assert err.count("error: ") == 1 and "Traceback" not in err, err
+    text = err[err.index("error: "):].strip()
+    assert "\n" not in text, text
+    return text
+
+
+def trials(db: Path, name: str = "quickstart") -> list[str]:
+    return [t.state.name for t in optuna.load_study(study_name=name, storage=f"sqlite:///{db}").get_trials()]
+
+
+def test_a_second_study_of_the_same_name_on_a_shared_tracking_store_is_refused_before_it_writes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'shared-mlflow.db'}"  # one tracking store, as a team's server would be
+    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "alice", "--tracking-uri", uri,
+                    "--trials", "1", *SMALL)
+    assert code == 0, err
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("quickstart")
+    alice = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{tmp_path / 'alice/quickstart/optuna.db'}")
+    assert experiment.tags[records.STUDY_ID] == alice.user_attrs[records.STUDY_ID]
+    runs_before = sorted(r.info.run_id for r in client.search_runs([experiment.experiment_id]))
+    assert len(runs_before) == 2  # the study's parent run and its trial's run
+
+    # Bob's study has the same name, its own storage and run directory, the same tracking store.
+    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "bob", "--tracking-uri", uri,
+                    "--trials", "1", *SMALL)
+    text = one_paragraph(err)
+    assert code == 2
+    assert f"the MLflow experiment 'quickstart' in {uri} holds the runs of another study named 'quickstart'" in text
+    assert f"study id {alice.user_attrs[records.STUDY_ID]}; this one is new" in text and "--study-name NEW" in text
+    assert sorted(r.info.run_id for r in client.search_runs([experiment.experiment_id])) == runs_before
+    assert optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'bob/quickstart/optuna.db'}") == []
+
+    # With its own name it runs beside Alice's, in an experiment of its own; Alice's study resumes as before.
+    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "bob", "--tracking-uri", uri,
+                    "--study-name", "quickstart-bob", "--trials", "1", *SMALL)
+    assert code == 0, err
+    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "alice", "--tracking-uri", uri,
+                    "--trials", "2", *SMALL)
+    assert code == 0, err
+    assert trials(tmp_path / "alice/quickstart/optuna.db") == ["COMPLETE", "COMPLETE"]
+    assert len(client.search_runs([experiment.experiment_id])) == 3
+
+
+def test_claiming_an_experiment_adopts_an_untagged_one_and_the_last_of_two_claims_wins(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("s")  # made before experiments were tagged, or by hand
+    first, second = Tracker(uri, "s"), Tracker(uri, "s")
+    first.check_owner("a")  # untagged: anyone may use it
+    first.claim("a")
+    first.claim("a")  # its own again: fine
+    assert MlflowClient(uri).get_experiment_by_name("s").tags[records.STUDY_ID] == "a"
+    with pytest.raises(TrackingError, match="holds the runs of another study named 's' \\(study id a; this one is "
+                                            "id b"):
+        second.claim("b")
+    with pytest.raises(TrackingError, match="this one is new"):
+        second.check_owner(None)  # a new study, or one in memory
+
+
+def test_an_experiment_deleted_in_mlflow_is_a_clear_error_and_runs_again_once_restored(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    root = tmp_path / "runs" / "quickstart"
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "runs", "--trials", "1", *SMALL)
+    assert code == 0, err
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name("quickstart").experiment_id
+    client.delete_experiment(experiment_id)  # what the MLflow UI's delete does
+
+    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "runs", "--trials", "2", *SMALL)
+    text = one_paragraph(err)
+    assert code == 2
+    assert f"the MLflow experiment 'quickstart' in {uri} was deleted (it is in MLflow's trash, id {experiment_id})" \
+        in text
+    assert f"MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {experiment_id}" in text
+    assert trials(root / "optuna.db") == ["COMPLETE"]  # nothing was started
+    code, err = hpo(capsys, "best", "--study", "quickstart", "--run-dir", tmp_path / "runs")  # reading still works
+    assert code == 0, err
+
+    client.restore_experiment(experiment_id)
+    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "runs", "--trials", "2", *SMALL)
+    assert code == 0, err
+    assert trials(root / "optuna.db") == ["COMPLETE", "COMPLETE"]
+
+
+def test_a_parent_run_deleted_in_mlflow_is_a_clear_error_and_runs_again_once_restored(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    root = tmp_path / "runs" / "quickstart"
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "runs", "--trials", "1", *SMALL)
+    assert code == 0, err
+    parent = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{root / 'optuna.db'}").user_attrs[
+        records.PARENT_RUN_ID]
+    client = MlflowClient(uri)
+    client.delete_run(parent)
+
+    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "runs", "--trials", "2", *SMALL)
+    text = one_paragraph(err)
+    assert code == 2
+    assert f"the MLflow run of study 'quickstart' (run {parent}, the parent of its trials' runs) was deleted" in text
+    assert f"MLFLOW_TRACKING_URI={uri} mlflow runs restore --run-id {parent}" in text
+    assert trials(root / "optuna.db") == ["COMPLETE"]
+
+    client.restore_run(parent)
+    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "runs", "--trials", "2", *SMALL)
+    assert code == 0, err
+    assert trials(root / "optuna.db") == ["COMPLETE", "COMPLETE"]
+    assert client.get_run(parent).info.lifecycle_stage == "active"
