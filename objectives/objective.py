@@ -20,7 +20,7 @@ from objectives.settings import RUN_ONLY_KEYS, TrainConfig
 from objectives.train import METRIC_KEYS, FitResult, evaluate, fit, spec_for
 from search.checkpoint import load_checkpoint
 from search.config import Settings
-from search.errors import HpoError
+from search.errors import HpoError, first_line
 from search.failures import is_out_of_memory
 from search.session import StudyContext
 from search.space import resolve, suggest
@@ -75,7 +75,7 @@ class CNNObjective:
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
-            why = str(exc).strip().splitlines()[0][:200]
+            why = first_line(exc)[:200]
             raise DataError(f"model {self.config.model!r} does not fit in memory for two images before any trial "
                             f"({why}); make it smaller (widths, model_args) or the images (image_size)") from exc
 

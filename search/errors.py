@@ -25,6 +25,15 @@ class TrackingError(HpoError):
     exit_code = 2
 
 
+def first_line(exc: BaseException, empty: str | None = None) -> str:
+    """The first line of an exception's message, what a one-paragraph error quotes; for an exception without a
+    message, ``empty`` (by default its type's name)."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if empty is None else empty
+
+
 def cannot_listen(host: str, port: int, exc: OSError) -> HpoError:
     """`hpo dashboard` and `hpo ui` on a port they cannot bind: one paragraph, the same for both."""
     return HpoError(f"cannot listen on {host}:{port}: {exc.strerror or exc}. Another program may use the port; "

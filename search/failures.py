@@ -13,6 +13,8 @@ import time
 import traceback
 from typing import Any
 
+from search.errors import first_line
+
 
 class TrialFailed(Exception):
     """A trial failed for a reason recorded on it; the study continues with the next trial."""
@@ -126,4 +128,4 @@ def failure_reason(exc: BaseException) -> str:
         return "trial_timeout"
     if is_out_of_memory(exc):
         return "out_of_memory"
-    return f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+    return f"error: {type(exc).__name__}: {first_line(exc, empty='')}"[:500]

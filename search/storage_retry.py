@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from search import errors
 from search.errors import HpoError
 
 log = logging.getLogger("hpo")
@@ -121,5 +122,5 @@ class Retrier:
 
 
 def first_line(exc: BaseException) -> str:
-    text = str(exc.__cause__ or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The database driver's own words: the cause SQLAlchemy wrapped, else the exception."""
+    return errors.first_line(exc.__cause__ or exc)

@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from search.errors import HpoError, SettingsError, StorageError
+from search.errors import HpoError, SettingsError, StorageError, first_line
 from search.optuna_adapter import RetryingRDBStorage
 from search.storage_retry import POSTGRES_TIMEOUTS, Retrier
 from search.workers import advisory_lock
@@ -131,7 +131,7 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None,
             "mysql+pymysql://..."
         ) from exc
     except Exception as exc:  # sqlalchemy errors, bad URLs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         db = sqlite_path(url)
         if db is not None:
             raise sqlite_unopened(db, exc) from exc
@@ -218,7 +218,7 @@ def open_for_reading(url: str) -> optuna.storages.BaseStorage:
 def sqlite_unopened(db: Path, exc: BaseException) -> StorageError:
     """An SQLite file that exists but cannot be opened, most often a read-only folder: WAL mode needs its side
     files even to read."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     return StorageError(
         f"could not open the SQLite file {db}: {first}. SQLite (in WAL mode, as hpo uses it) writes {db.name}-wal "
         f"and {db.name}-shm beside the file even to read it, so its folder must be writable (not a read-only disk "

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from search import records
 from search.cache import cache_home
-from search.errors import TrackingError
+from search.errors import TrackingError, first_line
 from search.metric_queue import MAX_PER_CALL, MetricQueue, in_calls
 from search.stores import sqlite_path, sqlite_url
 
@@ -120,7 +120,7 @@ class Tracker:
                 experiment_id = experiment.experiment_id
         except (MlflowException, OSError) as exc:
             raise TrackingError(
-                f"could not open the MLflow tracking store {tracking_uri!r}: {str(exc).splitlines()[0]}. "
+                f"could not open the MLflow tracking store {tracking_uri!r}: {first_line(exc)}. "
                 "Check that the URI is right and, for an http:// server, that `mlflow server` is running "
                 "and reachable; or leave --tracking-uri out to use the run directory's mlflow.db."
             ) from exc
