@@ -11,27 +11,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search import records
-from search.cli import main
 from search.errors import TrackingError
 from search.tracking import Tracker
+from tests.search.test_run_dir import QUICKSTART, SMALL, hpo, one_paragraph
 
 pytestmark = pytest.mark.usefixtures("quiet_optuna")
-
-QUICKSTART = Path(__file__).resolve().parents[2] / "studies" / "quickstart.toml"
-SMALL = ("--set", "study.max_epochs=1", "--quiet")
-
-
-def hpo(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
-    """`hpo ARGS` in this process: (exit code, stderr)."""
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
-def one_paragraph(err: str) -> str:
-    assert err.count("error: ") == 1 and "Traceback" not in err, err
-    text = err[err.index("error: "):].strip()
-    assert "\n" not in text, text
-    return text
 
 
 def trials(db: Path, name: str = "quickstart") -> list[str]:
