@@ -712,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
         interrupts.reset()
         signal.signal(signal.SIGTERM, _terminate)
         signal.signal(signal.SIGINT, _terminate)
+        if args.command == "worker":
+            interrupts.follow_launcher()
     try:
         check_options(args)
         return COMMANDS[args.command](args)

@@ -13,6 +13,8 @@ module state is enough.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -67,3 +69,22 @@ def noted() -> bool:
     _state["pending"] = True
     print("\ninterrupted: finishing the record of a finished trial first, then stopping", file=sys.stderr, flush=True)
     return True
+
+
+LAUNCHER_ENV = "HPO_LAUNCHER_PID"  # set by `hpo run --workers` for each worker it starts (forked or new)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def follow_launcher() -> None:
+    """A worker of `hpo run --workers` stops as on its launcher's SIGTERM (its trials failed and re-enqueued, its
+    MLflow runs KILLED) when the launcher dies without stopping it (kill -9, the kernel's out-of-memory killer),
+    instead of training on unseen: Linux sends the signal when the parent exits. If the launcher is gone before
+    this runs, the signal is sent now. Elsewhere a worker outlives its launcher and finishes its trials."""
+    launcher = os.environ.pop(LAUNCHER_ENV, None)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0 and \
+            os.getppid() != int(launcher):
+        os.kill(os.getpid(), signal.SIGTERM)

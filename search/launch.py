@@ -24,6 +24,7 @@ from typing import NoReturn, Protocol
 
 from search.config import Settings
 from search.errors import SettingsError
+from search.interrupts import LAUNCHER_ENV
 from search.loading import collector_off
 from search.plugins import load_objective
 from search.preflight import check_gpus
@@ -118,8 +119,10 @@ class ForkedWorker:
     def __init__(self, argv: list[str]) -> None:
         sys.stdout.flush()  # or the child would write the launcher's buffered output again
         sys.stderr.flush()
+        launcher = os.getpid()
         pid = os.fork()
         if pid == 0:
+            os.environ[LAUNCHER_ENV] = str(launcher)  # the worker stops if the launcher dies (follow_launcher)
             _run_forked(argv)
         self.pid = pid
         self.returncode: int | None = None
@@ -218,7 +221,7 @@ def start_workers(args: argparse.Namespace, plan: WorkerPlan, n_trials: int | No
             if fork:
                 procs.append(ForkedWorker([*cmd[3:], "--forked"]))
                 continue
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            env = dict(os.environ, PYTHONUNBUFFERED="1", **{LAUNCHER_ENV: str(os.getpid())})
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
             procs.append(subprocess.Popen(cmd, env=env))

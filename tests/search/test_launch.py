@@ -155,6 +155,58 @@ def test_kill_9_of_one_worker_leaves_the_other_to_finish_the_exact_budget(tmp_pa
     assert {runs[t.user_attrs["mlflow_run_id"]].info.status for t in finished} == {"FINISHED"}
 
 
+# A parent that starts `hpo worker` as `hpo run --workers` starts a GPU worker (a new process, told the launcher's pid)
+# and then waits: the new-process path of a launcher that is killed.
+NEW_PROCESS_LAUNCHER = ("import os, subprocess, sys, time; subprocess.Popen(sys.argv[1:], env=dict(os.environ, "
+                        "HPO_LAUNCHER_PID=str(os.getpid()))); time.sleep(600)")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a worker follows its launcher on Linux only (prctl)")
+@pytest.mark.parametrize("started", ["forked", "new process"])
+def test_kill_9_of_the_launcher_stops_its_workers_as_a_sigterm_would(tmp_path: Path, started: str) -> None:
+    """`kill -9` of `hpo run --workers` (or the kernel's out-of-memory killer) cannot pass a signal on: each worker
+    gets SIGTERM from the kernel instead, fails and re-enqueues its trial and ends its MLflow run KILLED, rather
+    than training on unseen, beyond the user's reach."""
+    name = "k9l"
+    if started == "forked":
+        study_file, proc, held = _start(tmp_path, name, trials=2)
+    else:
+        study_file = faulty_study(tmp_path, name, ["hold"], n_trials=2, max_epochs=EPOCHS, at_epoch=1)
+        proc = subprocess.Popen([sys.executable, "-c", NEW_PROCESS_LAUNCHER,
+                                 *hpo_cmd("worker", str(study_file), "--quiet")], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+        def one_held(trials: list[FrozenTrial]) -> bool:
+            return any(t.state == TrialState.RUNNING and len(t.intermediate_values) >= 1 and
+                       (tmp_path / "runs" / name / "checkpoints" / f"trial-{t.number}" / "last.pt").exists()
+                       for t in trials)
+
+        trials_now = wait_for(proc, tmp_path / "runs" / name / "optuna.db", name, one_held)
+        held = [t for t in trials_now if t.state == TrialState.RUNNING]
+    pids = {t.user_attrs["pid"] for t in held}
+    assert proc.pid not in pids and len(pids) == (2 if started == "forked" else 1)
+    proc.kill()
+    proc.wait()
+    for pid in pids:
+        _wait_dead(pid)  # the workers exit on their own (reaped by init): none is left training
+    study, client = load(tmp_path / "runs" / name, name)
+    trials = {t.number: t for t in study.get_trials()}
+    runs = {r.info.run_id: r for r in child_runs(client, name)}
+    for t in held:
+        stopped = trials[t.number]
+        assert stopped.state == TrialState.FAIL and stopped.user_attrs["reason"] == "interrupted", stopped.user_attrs
+        assert runs[stopped.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+    waiting = [t for t in trials.values() if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in held)
+
+    (tmp_path / "model.go").touch()  # and the next run resumes them
+    again = hpo("run", str(study_file), "--quiet", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    done = [t for t in load(tmp_path / "runs" / name, name)[0].get_trials() if t.state == TrialState.COMPLETE]
+    assert sorted(t.user_attrs["resumed_from_trial"] for t in done if "resumed_from_trial" in t.user_attrs) == \
+        sorted(t.number for t in held)
+
+
 def test_a_killed_worker_not_yet_reaped_is_dead() -> None:
     """Between SIGKILL and its parent's next poll a worker is a zombie; its trial must count as an orphan then."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
