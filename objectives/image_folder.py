@@ -82,6 +82,20 @@ def _class_files(folder: Path, extensions: frozenset[str]) -> tuple[list[Path], 
     return images, other
 
 
+def _one_level_too_deep(only: Path, layout: str) -> str:
+    """The fix when the one class folder holds no images of its own but 2 or more subfolders: the classes are
+    one level further down (data_dir/images/<class>/*), else ""."""
+    inner = [p.name for p in _visible_dirs(only)]
+    if len(inner) < 2 or any(p.is_file() and not p.name.startswith(".") for p in only.iterdir()):
+        return ""
+    names = ", ".join(map(repr, inner[:5])) + (", ..." if len(inner) > 5 else "")
+    fix = (f"point data_dir at {only}" if layout == "flat" else
+           f"move the class folders from {only} up into {only.parent}")
+    return (f"{only.parent} holds a single folder, {only.name!r}, with no images of its own but the folders "
+            f"{names}: those look like the classes, one level deeper than hpo reads them (each folder in "
+            f"{only.parent} is a class). {fix[0].upper()}{fix[1:]}.")
+
+
 def scan(root: Path) -> FolderIndex:
     """List a folder's images by class and split folder; every way the layout can be wrong is a BadDataError
     (or DatasetNotFoundError for a missing folder) naming the folder and what to do."""
@@ -105,7 +119,8 @@ def scan(root: Path) -> FolderIndex:
         )
     if len(train_classes) < 2:
         raise BadDataError(
-            f"{where} has a single class folder ({train_classes[0]!r}); a classifier needs at least 2 classes. "
+            _one_level_too_deep(where / train_classes[0], layout)
+            or f"{where} has a single class folder ({train_classes[0]!r}); a classifier needs at least 2 classes. "
             "Add a folder per class."
         )
     extensions = image_extensions()

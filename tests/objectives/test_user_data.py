@@ -164,6 +164,16 @@ def test_no_class_folders_and_a_single_class(tmp_path: Path) -> None:
     _fails(folder_cfg(one, tmp_path / "c"), BadDataError, "single class folder", "'only'", "at least 2 classes")
 
 
+def test_class_folders_one_level_too_deep_say_where_to_point(tmp_path: Path) -> None:
+    inner = make_image_folder(tmp_path / "data" / "pets", per_class=3)
+    message = _fails(folder_cfg(tmp_path / "data", tmp_path / "c"), BadDataError, "'cat', 'dog', 'fox'",
+                     "one level deeper", f"Point data_dir at {inner}.")
+    assert "single class folder" not in message
+    split = make_image_folder(tmp_path / "s" / "train" / "images", per_class=3)
+    _fails(folder_cfg(tmp_path / "s", tmp_path / "c"), BadDataError,
+           f"Move the class folders from {split} up into {tmp_path / 's' / 'train'}.")
+
+
 def test_class_folder_without_images(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "d", per_class=4, classes=("a", "b"))
     (root / "c").mkdir()
