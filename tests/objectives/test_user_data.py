@@ -70,6 +70,20 @@ def test_images_are_resized_cropped_and_converted(tmp_path: Path) -> None:
     assert single.shape == (3, 6, 6) and (single == 90).all()  # grayscale -> RGB repeats the channel
 
 
+def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white(tmp_path: Path) -> None:
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 65535, 8).round().astype(np.uint16), (8, 1))  # a 16-bit PNG: mode I;16
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    for channels in (1, 3):
+        pixels = image_folder.decode_image(tmp_path / "deep.png", 8, channels)
+        assert pixels.shape == (channels, 8, 8)
+        assert np.abs(pixels[0, 0].astype(int) - (ramp[0] / 257).round()).max() <= 1  # 0..65535 -> 0..255
+    Image.fromarray(np.full((4, 4), 200, np.int32), "I").save(tmp_path / "wide.tif")  # 8-bit values, 32-bit type
+    assert (image_folder.decode_image(tmp_path / "wide.tif", 4, 1) == 200).all()
+
+
 def test_folder_of_grayscale_jpegs_as_one_channel(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "g", per_class=8, ext="jpg", channels=1, classes=("a", "b"))
     data = load_data(folder_cfg(root, tmp_path / "cache", channels=1, image_size=12), CPU)
