@@ -195,6 +195,16 @@ def test_class_folder_without_images(tmp_path: Path) -> None:
     _fails(folder_cfg(root, tmp_path / "c"), BadDataError, f"class folder {root / 'c'} holds no images")
 
 
+def test_classes_emptied_by_carving_the_held_out_splits_are_refused(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", per_class=1)  # test and validation each take one of the 3 images
+    message = _fails(folder_cfg(root, tmp_path / "c"), BadDataError, str(root), "test and validation",
+                     "no training images left", "(1 image)", "val/ and test/ folders")
+    assert len(re.findall(r"'(?:cat|dog|fox)' \(1 image\)", message)) == 2
+    given = make_image_folder(tmp_path / "e", layout="split", splits={"train": 1, "val": 1, "test": 1})
+    data = load_data(folder_cfg(given, tmp_path / "c"), CPU)  # nothing carved: one training image each is enough
+    assert sorted(data.train_y.tolist()) == [0, 1, 2]
+
+
 def test_val_class_missing_from_train(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "d", layout="split", splits={"train": 4, "val": 2}, classes=("a", "b"))
     write_image(root / "val" / "zebra" / "0.png", class_image(0, 0))
