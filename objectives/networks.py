@@ -431,11 +431,15 @@ def _factory(reference: str) -> Callable[..., Any]:
     factory: Any = module
     for part in attr.split("."):
         if not hasattr(factory, part):
-            public = sorted(name for name in vars(module) if not name.startswith("_"))
+            public = sorted(name for name, value in vars(factory).items()  # its own, not what it imported
+                            if not name.startswith("_") and callable(value)
+                            and getattr(value, "__module__", module.__name__) == module.__name__)
+            close = difflib.get_close_matches(part, public, n=3)
+            guess = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise ModelError(
-                f"model {reference!r}: {where} has no attribute {attr!r} (it defines {public}). Fix the name after "
-                f"':' or define `def {attr or 'build'}(num_classes, in_channels, dropout, **model_args)` there, "
-                "returning an nn.Module."
+                f"model {reference!r}: {where} has no attribute {attr!r} (its functions and classes: {public}{guess})."
+                f" Fix the name after ':' or define `def {attr or 'build'}(num_classes, in_channels, dropout, "
+                "**model_args)` there, returning an nn.Module."
             )
         factory = getattr(factory, part)
     if not callable(factory):

@@ -377,6 +377,13 @@ def test_a_users_model_is_checked_in_evaluation_mode_only_and_training_says_what
         fit(cfg, 1)
 
 
+def test_a_typo_in_the_factory_name_suggests_the_close_one(models_py: Path) -> None:
+    with pytest.raises(ModelError, match=r"has no attribute 'biuld' \(its functions and classes: \[.*'build'.*\]; "
+                                         r"did you mean 'build'\?\)") as err:
+        build_network(_spec(f"{models_py}:biuld"))
+    assert "'Path'" not in str(err.value) and "'nn'" not in str(err.value)  # what the file imports is not listed
+
+
 def test_unknown_model_arg_for_a_factory_shows_the_signature(models_py: Path) -> None:
     with pytest.raises(ModelError, match=r"build\(num_classes, in_channels, dropout, \*\*model_args\)") as err:
         build_network(_spec(f"{models_py}:build", depth=3))
