@@ -22,13 +22,14 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from objectives.errors import BadDataError, DatasetNotFoundError
 from search.cache import cache_home
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit grayscale images scaled to 8 bits, not clipped
 SPLIT_FOLDERS = ("train", "val", "test")
 
 
@@ -82,6 +83,20 @@ def _class_files(folder: Path, extensions: frozenset[str]) -> tuple[list[Path], 
     return images, other
 
 
+def _one_level_too_deep(only: Path, layout: str) -> str:
+    """The fix when the one class folder holds no images of its own but 2 or more subfolders: the classes are
+    one level further down (data_dir/images/<class>/*), else ""."""
+    inner = [p.name for p in _visible_dirs(only)]
+    if len(inner) < 2 or any(p.is_file() and not p.name.startswith(".") for p in only.iterdir()):
+        return ""
+    names = ", ".join(map(repr, inner[:5])) + (", ..." if len(inner) > 5 else "")
+    fix = (f"point data_dir at {only}" if layout == "flat" else
+           f"move the class folders from {only} up into {only.parent}")
+    return (f"{only.parent} holds a single folder, {only.name!r}, with no images of its own but the folders "
+            f"{names}: those look like the classes, one level deeper than hpo reads them (each folder in "
+            f"{only.parent} is a class). {fix[0].upper()}{fix[1:]}.")
+
+
 def scan(root: Path) -> FolderIndex:
     """List a folder's images by class and split folder; every way the layout can be wrong is a BadDataError
     (or DatasetNotFoundError for a missing folder) naming the folder and what to do."""
@@ -105,7 +120,8 @@ def scan(root: Path) -> FolderIndex:
         )
     if len(train_classes) < 2:
         raise BadDataError(
-            f"{where} has a single class folder ({train_classes[0]!r}); a classifier needs at least 2 classes. "
+            _one_level_too_deep(where / train_classes[0], layout)
+            or f"{where} has a single class folder ({train_classes[0]!r}); a classifier needs at least 2 classes. "
             "Add a folder per class."
         )
     extensions = image_extensions()
@@ -148,7 +164,7 @@ def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     mode = "RGB" if channels == 3 else "L"
     with Image.open(path) as image:
         image.draft(mode, (image_size, image_size))  # JPEG: decode at a reduced scale, still >= the target
-        image = image.convert(mode)
+        image = _eight_bit(image).convert(mode)
         width, height = image.size
         scale = image_size / min(width, height)
         size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
@@ -157,6 +173,20 @@ def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
         image = image.crop((left, top, left + image_size, top + image_size))
         pixels = np.asarray(image, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _eight_bit(image: Any) -> Any:
+    """A 16-bit grayscale image (PNG, TIFF: Pillow's modes I;16* and I) scaled to 8 bits (0..65535 -> 0..255);
+    Pillow's own convert() to L or RGB clips every value above 255 instead, turning most such images white. An
+    "I" image whose values all fit in 0..255 is 8-bit data in a wider type and is kept as it is."""
+    from PIL import Image
+
+    if not image.mode.startswith("I"):
+        return image
+    pixels = np.asarray(image).astype(np.int64)
+    if image.mode == "I" and pixels.max(initial=0) <= 255:
+        return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L")
+    return Image.fromarray((pixels.clip(0, 65535) / 257).round().astype(np.uint8), "L")
 
 
 def default_cache_root() -> Path:

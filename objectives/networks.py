@@ -151,9 +151,10 @@ def _check_output(model: nn.Module, spec: Mapping[str, Any], example: Tensor, tr
         with torch.no_grad():
             output = model(example)
     except Exception as exc:  # any failure inside the user's or torchvision's forward is reported, not raised
+        hint = _channels_hint(model, shape) or _small_image_hint(reference, shape)
         raise ModelError(
-            f"model {reference!r} fails{mode} on a {shape} batch of images: {type(exc).__name__}: {exc}."
-            f"{_small_image_hint(reference, shape)}"
+            f"model {reference!r} fails{mode} on a {shape} batch of images: {type(exc).__name__}: {exc}"
+            f"{_where_raised(exc, reference)}.{hint}"
         ) from exc
     if not isinstance(output, Tensor):
         aux = any(hasattr(output, name) for name in ("aux_logits", "aux_logits1", "aux_logits2"))
@@ -175,6 +176,38 @@ def _cnn(spec: dict[str, Any]) -> nn.Module:
         return build_model(spec)
     except ValueError as exc:
         raise ModelError(f"model 'cnn': {exc}. Rebuild the spec from the study settings with network_spec.") from exc
+
+
+def _channels_hint(model: nn.Module, shape: tuple[int, ...]) -> str:
+    """The fix when the model's first convolution takes another number of channels than the images have."""
+    first = next(((name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is None or len(shape) != 4 or first[1].in_channels == shape[1]:
+        return ""
+    name, conv = first
+    wanted = conv.in_channels
+    setting = f", or set channels = {wanted} in [objective]" if wanted in (1, 3) else ""
+    return (
+        f" The images have {shape[1]} channel{'s' if shape[1] > 1 else ''} but the model's first convolution "
+        f"({name}: {type(conv).__name__}) takes {wanted}: build it with the in_channels the factory is given "
+        f"(nn.Conv2d(in_channels, ...)){setting}."
+    )
+
+
+def _where_raised(exc: BaseException, reference: str) -> str:
+    """' (raised at my_models.py line 12, in forward: `...`)': the last line of the user's own code in the
+    traceback (not torch's), so the message points into their file; "" for the built-in and torchvision models."""
+    import traceback
+
+    if reference == "cnn" or reference.startswith("torchvision:"):
+        return ""
+    library = os.path.dirname(os.path.dirname(torch.__file__))  # site-packages: torch's and others' frames
+    own = [f for f in traceback.extract_tb(exc.__traceback__)
+           if not f.filename.startswith(library) and f.filename != __file__]
+    if not own:
+        return ""
+    frame = own[-1]
+    code = f": `{frame.line}`" if frame.line else ""
+    return f" (raised at {frame.filename} line {frame.lineno}, in {frame.name}{code})"
 
 
 def _small_image_hint(reference: str, shape: tuple[int, ...]) -> str:
@@ -398,11 +431,15 @@ def _factory(reference: str) -> Callable[..., Any]:
     factory: Any = module
     for part in attr.split("."):
         if not hasattr(factory, part):
-            public = sorted(name for name in vars(module) if not name.startswith("_"))
+            public = sorted(name for name, value in vars(factory).items()  # its own, not what it imported
+                            if not name.startswith("_") and callable(value)
+                            and getattr(value, "__module__", module.__name__) == module.__name__)
+            close = difflib.get_close_matches(part, public, n=3)
+            guess = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise ModelError(
-                f"model {reference!r}: {where} has no attribute {attr!r} (it defines {public}). Fix the name after "
-                f"':' or define `def {attr or 'build'}(num_classes, in_channels, dropout, **model_args)` there, "
-                "returning an nn.Module."
+                f"model {reference!r}: {where} has no attribute {attr!r} (its functions and classes: {public}{guess})."
+                f" Fix the name after ':' or define `def {attr or 'build'}(num_classes, in_channels, dropout, "
+                "**model_args)` there, returning an nn.Module."
             )
         factory = getattr(factory, part)
     if not callable(factory):

@@ -79,6 +79,18 @@ def assign_splits(labels: Tensor, sources: Sequence[str], num_classes: int, val_
     val = given["val"]
     if not len(val):
         train, val = carve(train, val_size, "validation")
+    emptied = [c for c in range(num_classes) if not (y[train] == c).any()]
+    if emptied:
+        held = " and ".join(s for s, g in (("test", given["test"]), ("validation", given["val"])) if not len(g))
+        counts = [int((y[given["train"]] == c).sum()) for c in emptied]
+        which = ", ".join(f"{names[c]!r} ({n} image{'s' if n > 1 else ''})"
+                          for c, n in zip(emptied, counts, strict=True))
+        raise BadDataError(
+            f"{where}: after the {held} images are held out of the training images, class(es) {which} have no "
+            "training images left; the model could never learn them. Add images (a few per class at the very "
+            "least, more for a useful score), or bring the held-out images yourself (val/ and test/ folders, or "
+            "x_val/x_test arrays)."
+        )
     return {k: torch.as_tensor(np.sort(v), dtype=torch.int64) for k, v in zip(SPLITS, (train, val, test), strict=True)}
 
 

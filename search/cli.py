@@ -274,6 +274,23 @@ def _paths(args: argparse.Namespace) -> tuple[Settings | None, RunPaths]:
     return settings, run_paths(args.run_dir, name, args.storage, args.tracking_uri)
 
 
+def _results_elsewhere(args: argparse.Namespace, name: str) -> str:
+    """When the default run directory under the current directory has no study NAME but one next to the study
+    file (or up to two folders above it) has: that --run-dir is relative to where hpo runs, not to the study
+    file as data_dir is. The sentence that says so and what to do, else ""."""
+    if not getattr(args, "file", None) or args.storage or Path(args.run_dir).is_absolute():
+        return ""
+    here = (Path(args.run_dir) / name).resolve()
+    start = Path(args.file).resolve().parent
+    for folder in (start, *start.parents[:2]):
+        candidate = folder / args.run_dir / name
+        if candidate.resolve() != here and (candidate / "optuna.db").is_file():
+            return (f"The run directory ({args.run_dir}/) is relative to the current directory, not to the study "
+                    f"file; this study's results are in {candidate}: run hpo from {folder}, or pass --run-dir "
+                    f"{folder / args.run_dir}.")
+    return ""
+
+
 def _open_existing(args: argparse.Namespace) -> tuple[optuna.Study, RunPaths]:
     import optuna
 
@@ -285,8 +302,8 @@ def _open_existing(args: argparse.Namespace) -> tuple[optuna.Study, RunPaths]:
     name = paths.study_name
     db = sqlite_path(paths.storage_url)
     if db is not None and not db.exists():
-        raise SettingsError(f"no results for study {name!r} yet: {db} does not exist. "
-                            "Run `hpo run FILE` first, or pass the --run-dir/--storage it used.")
+        fix = _results_elsewhere(args, name) or "Run `hpo run FILE` first, or pass the --run-dir/--storage it used."
+        raise SettingsError(f"no results for study {name!r} yet: {db} does not exist. {fix}")
     storage = open_storage(paths.storage_url)
     try:
         study = optuna.load_study(study_name=name, storage=storage)
@@ -325,6 +342,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"study {settings.study.name!r}: {settings.sampler.name} sampler, {settings.pruner.name} pruner, "
               f"early stopping {'on' if settings.early_stopping.enabled else 'off'}, budget {budget}, "
               f"{plan.describe()}; results go to {paths.root}", file=sys.stderr)
+        elsewhere = "" if paths.root.exists() else _results_elsewhere(args, settings.study.name)
+        if elsewhere:
+            print(f"note: {paths.root} is a new folder, so this is a new study. {elsewhere}", file=sys.stderr)
         if len(plan.workers) > 1:
             result = run_parallel(settings, paths, args, plan, n_trials, progress)
         else:

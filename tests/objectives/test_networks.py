@@ -269,6 +269,19 @@ def breaks_in_forward(num_classes, in_channels, dropout):
     return Net(num_classes, in_channels, dropout, width=8, features=12)
 
 
+def grayscale_only(num_classes, in_channels, dropout):
+    return Net(num_classes, 1, dropout)
+
+
+class RaisingNet(Net):
+    def forward(self, x):
+        raise ValueError("no forward yet")
+
+
+def raises_in_forward(num_classes, in_channels, dropout):
+    return RaisingNet(num_classes, in_channels, dropout)
+
+
 NOT_CALLABLE = 3
 """
 
@@ -329,6 +342,10 @@ def test_factory_from_an_importable_module(user_package: str) -> None:
         ("wrong_classes", r"maps a \(2, 3, 32, 32\) batch to \(2, 7\); expected \(2, 10\) logits"),
         ("tuple_output", r"returns a value of type tuple for a \(2, 3, 32, 32\) batch"),
         ("breaks_in_forward", r"fails on a \(2, 3, 32, 32\) batch of images: RuntimeError: .*set image_size"),
+        ("grayscale_only", r"The images have 3 channels but the model's first convolution \(body.0: Conv2d\) takes "
+                           r"1: build it with the in_channels the factory is given .*, or set channels = 1"),
+        ("raises_in_forward", r"ValueError: no forward yet \(raised at .*my_models.py line \d+, in forward: "
+                              r"`raise ValueError\(\"no forward yet\"\)`\)"),
     ],
 )
 def test_bad_factories_are_reported(models_py: Path, attr: str, expected: str) -> None:
@@ -358,6 +375,13 @@ def test_a_users_model_is_checked_in_evaluation_mode_only_and_training_says_what
     with pytest.raises(ModelError, match=rf"model {re.escape(repr(reference))} returns a value of type tuple in "
                                          r"training mode; the training loop needs the logits tensor only"):
         fit(cfg, 1)
+
+
+def test_a_typo_in_the_factory_name_suggests_the_close_one(models_py: Path) -> None:
+    with pytest.raises(ModelError, match=r"has no attribute 'biuld' \(its functions and classes: \[.*'build'.*\]; "
+                                         r"did you mean 'build'\?\)") as err:
+        build_network(_spec(f"{models_py}:biuld"))
+    assert "'Path'" not in str(err.value) and "'nn'" not in str(err.value)  # what the file imports is not listed
 
 
 def test_unknown_model_arg_for_a_factory_shows_the_signature(models_py: Path) -> None:

@@ -70,6 +70,20 @@ def test_images_are_resized_cropped_and_converted(tmp_path: Path) -> None:
     assert single.shape == (3, 6, 6) and (single == 90).all()  # grayscale -> RGB repeats the channel
 
 
+def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white(tmp_path: Path) -> None:
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 65535, 8).round().astype(np.uint16), (8, 1))  # a 16-bit PNG: mode I;16
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    for channels in (1, 3):
+        pixels = image_folder.decode_image(tmp_path / "deep.png", 8, channels)
+        assert pixels.shape == (channels, 8, 8)
+        assert np.abs(pixels[0, 0].astype(int) - (ramp[0] / 257).round()).max() <= 1  # 0..65535 -> 0..255
+    Image.fromarray(np.full((4, 4), 200, np.int32), "I").save(tmp_path / "wide.tif")  # 8-bit values, 32-bit type
+    assert (image_folder.decode_image(tmp_path / "wide.tif", 4, 1) == 200).all()
+
+
 def test_folder_of_grayscale_jpegs_as_one_channel(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "g", per_class=8, ext="jpg", channels=1, classes=("a", "b"))
     data = load_data(folder_cfg(root, tmp_path / "cache", channels=1, image_size=12), CPU)
@@ -164,11 +178,31 @@ def test_no_class_folders_and_a_single_class(tmp_path: Path) -> None:
     _fails(folder_cfg(one, tmp_path / "c"), BadDataError, "single class folder", "'only'", "at least 2 classes")
 
 
+def test_class_folders_one_level_too_deep_say_where_to_point(tmp_path: Path) -> None:
+    inner = make_image_folder(tmp_path / "data" / "pets", per_class=3)
+    message = _fails(folder_cfg(tmp_path / "data", tmp_path / "c"), BadDataError, "'cat', 'dog', 'fox'",
+                     "one level deeper", f"Point data_dir at {inner}.")
+    assert "single class folder" not in message
+    split = make_image_folder(tmp_path / "s" / "train" / "images", per_class=3)
+    _fails(folder_cfg(tmp_path / "s", tmp_path / "c"), BadDataError,
+           f"Move the class folders from {split} up into {tmp_path / 's' / 'train'}.")
+
+
 def test_class_folder_without_images(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "d", per_class=4, classes=("a", "b"))
     (root / "c").mkdir()
     (root / "c" / "notes.txt").write_text("not an image")
     _fails(folder_cfg(root, tmp_path / "c"), BadDataError, f"class folder {root / 'c'} holds no images")
+
+
+def test_classes_emptied_by_carving_the_held_out_splits_are_refused(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", per_class=1)  # test and validation each take one of the 3 images
+    message = _fails(folder_cfg(root, tmp_path / "c"), BadDataError, str(root), "test and validation",
+                     "no training images left", "(1 image)", "val/ and test/ folders")
+    assert len(re.findall(r"'(?:cat|dog|fox)' \(1 image\)", message)) == 2
+    given = make_image_folder(tmp_path / "e", layout="split", splits={"train": 1, "val": 1, "test": 1})
+    data = load_data(folder_cfg(given, tmp_path / "c"), CPU)  # nothing carved: one training image each is enough
+    assert sorted(data.train_y.tolist()) == [0, 1, 2]
 
 
 def test_val_class_missing_from_train(tmp_path: Path) -> None:

@@ -205,6 +205,30 @@ def test_status_without_results_says_what_to_do(capsys: pytest.CaptureFixture[st
     assert code == 2 and "Run `hpo run FILE` first" in err
 
 
+def test_results_next_to_the_study_file_are_named_when_hpo_runs_from_another_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data_dir is relative to the study file but runs/ to the current directory: from another folder, `hpo
+    status` names where the results are instead of only "no results", and a run says it starts a new study."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "studies").mkdir(parents=True)
+    elsewhere.mkdir()
+    study = project / "studies" / "quickstart.toml"
+    study.write_text(QUICKSTART.read_text())
+    monkeypatch.chdir(project)
+    code, _, err = run(capsys, "run", "studies/quickstart.toml", "--trials", "1", "--quiet", "--set",
+                       "study.max_epochs=1")
+    assert code == 0 and "note:" not in err, err
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run(capsys, "status", str(study))
+    assert code == 2 and "no results for study 'quickstart' yet" in err, err
+    assert (f"this study's results are in {project / 'runs' / 'quickstart'}: run hpo from {project}, or pass "
+            f"--run-dir {project / 'runs'}.") in " ".join(err.split())
+    assert list(elsewhere.iterdir()) == []
+    code, _, err = run(capsys, "run", str(study), "--trials", "1", "--quiet", "--set", "study.max_epochs=1")
+    assert code == 0 and f"note: {elsewhere / 'runs' / 'quickstart'} is a new folder, so this is a new study" in err
+
+
 def test_a_study_named_without_its_path_is_the_projects_study_file_from_any_folder(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
