@@ -73,6 +73,19 @@ class DataSplits:
         """`inputs(x[idx])`, with `idx` moved to where `x` lives."""
         return self.inputs(x[idx.to(x.device)])
 
+    def identity(self) -> dict[str, Any]:
+        """What the trials train and are scored on beyond the settings: the images of each class in each split (a
+        digest) and their totals. A folder that gained or lost images gives another identity, and a study resumed
+        on it is refused (its old and new trials would be scored on different validation images)."""
+        import hashlib
+        import json
+
+        counts = {split: torch.bincount(y.detach().to("cpu", torch.int64), minlength=self.num_classes).tolist()
+                  for split, y in (("train", self.train_y), ("val", self.val_y), ("test", self.test_y))}
+        text = json.dumps([self.name, list(self.class_names), self.in_channels, self.image_size, counts])
+        return {"classes": self.num_classes, **{f"{split}_images": sum(c) for split, c in counts.items()},
+                "digest": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
     def describe(self) -> dict[str, Any]:
         """What a run records about its data (MLflow params and data.json, the run's first line)."""
         return {

@@ -79,6 +79,10 @@ class CNNObjective:
             raise DataError(f"model {self.config.model!r} does not fit in memory for two images before any trial "
                             f"({why}); make it smaller (widths, model_args) or the images (image_size)") from exc
 
+    def data_identity(self) -> dict[str, Any]:
+        """The data beyond the settings (objectives/data.py ``DataSplits.identity``), in the study's fingerprint."""
+        return self.data().identity()
+
     def describe(self) -> str:
         """One line for the start of a run: the data, where it lives, and the model."""
         data = self.data()

@@ -20,13 +20,13 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 from search.config import Settings
 from search.errors import SettingsError
 from search.interrupts import LAUNCHER_ENV
 from search.loading import collector_off
-from search.plugins import load_objective
+from search.plugins import data_identity, load_objective
 from search.preflight import check_gpus
 from search.progress import Progress
 from search.proxy import is_grpc
@@ -180,7 +180,7 @@ def forks_workers(plan: WorkerPlan, storage_url: str, threads: int | None = None
             and threads == 1)
 
 
-def create_stores_first(settings: Settings, paths: RunPaths) -> set[int]:
+def create_stores_first(settings: Settings, paths: RunPaths, data: dict[str, Any] | None = None) -> set[int]:
     """Before the fork: create the study in its storage (or check the one there), and a local MLflow store's
     file; return the study's trial numbers. The forked workers and this process then open stores that exist, as
     they did when this process opened its own first (several processes making a new SQLite file at once can fail
@@ -192,7 +192,7 @@ def create_stores_first(settings: Settings, paths: RunPaths) -> set[int]:
     storage = open_storage(paths.storage_url, retry_seconds=settings.study.storage_retry_seconds)
     try:
         check_folder(paths, stored_id(storage, settings.study.name))  # as open_study does, before creating it
-        before = {t.number for t in load_or_create_study(settings, storage).get_trials(deepcopy=False)}
+        before = {t.number for t in load_or_create_study(settings, storage, data).get_trials(deepcopy=False)}
     finally:
         close_storages()
     prepare_local_store(paths.tracking_uri)
@@ -247,8 +247,9 @@ def run_parallel(settings: Settings, paths: RunPaths, args: argparse.Namespace, 
     or an incompatible study fails here, before any worker starts), and the launcher opens the stores beside
     them, as workers started together do."""
     if forks_workers(plan, paths.storage_url):
-        load_objective(settings.objective_name)(settings).prepare()
-        before = create_stores_first(settings, paths)
+        objective = load_objective(settings.objective_name)(settings)
+        objective.prepare()
+        before = create_stores_first(settings, paths, data_identity(objective))
         import_before_fork(paths.tracking_uri)
         procs = start_workers(args, plan, n_trials, fork=True)
         try:

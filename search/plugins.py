@@ -28,7 +28,9 @@ class ObjectivePlugin(Protocol):
     The search side never imports an objective; it finds the class by name (``load_objective``) and uses
     only these members. Everything about a particular model or data set stays behind them. Optional: trial
     packing's ``pack_key`` and ``open_pack`` (``search.packing.PackingObjective``); without them ``--pack``
-    runs the objective's trials one at a time.
+    runs the objective's trials one at a time. And ``data_identity()`` (after ``prepare``): a JSON-able dict
+    of what the data is beyond the settings (classes, images per split), kept in the study's fingerprint so a
+    study resumed on changed data is refused; without it only the settings are compared.
     """
 
     config_model: type[BaseModel]
@@ -66,6 +68,12 @@ class ObjectivePlugin(Protocol):
     def load_model(self, checkpoint_path: str) -> tuple[Any, Any]:
         """(a torch module taking raw inputs, an example input batch) for MLflow logging and `hpo export`;
         raise ExportUnsupported when the objective cannot rebuild its model."""
+
+
+def data_identity(objective: Any) -> dict[str, Any] | None:
+    """The objective's optional ``data_identity()`` (see ``ObjectivePlugin``), or None without one."""
+    method = getattr(objective, "data_identity", None)
+    return method() if callable(method) else None
 
 
 def available() -> list[str]:

@@ -42,7 +42,7 @@ PER_ATTEMPT = (MLFLOW_RUN_ID, MLFLOW_RUN_URL, CHECKPOINT, BEST_EPOCH, EPOCHS_RUN
 # --- study attributes ---------------------------------------------------------------------------------------
 PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run
 STUDY_ID = "hpo.study_id"  # set once; the run directory's stamp names it (search/run_dir.py)
-FINGERPRINT = "hpo.fingerprint"  # direction, metric, space, objective settings: what a resumed study must not change
+FINGERPRINT = "hpo.fingerprint"  # direction, metric, space, objective settings, data: what a resume must keep
 SETTINGS = "hpo.settings"  # the study file's settings but [objective], as JSON
 OBJECTIVE = "hpo.objective"  # the [objective] section, as JSON
 BUDGET = "hpo.n_trials"  # the trial budget of the latest run; `hpo status --watch` stops when it is met

@@ -24,7 +24,7 @@ from search.config import Settings
 from search.errors import StorageError
 from search.failures import TrialFailed, TrialTakenOver
 from search.optuna_adapter import fail_stale, heartbeat_enabled, refused_tell, stored_trial
-from search.plugins import ObjectivePlugin, load_objective
+from search.plugins import ObjectivePlugin, data_identity, load_objective
 from search.progress import Progress
 from search.pruning import build_pruner
 from search.publish import on_study_end
@@ -39,10 +39,13 @@ from search.tracking import Tracker, mark_killed
 from search.workers import BudgetLock, budget_lock, recover_local_orphans, retry
 
 
-def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    """Create the study, or load it after checking it was made by a compatible study file."""
+def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorage,
+                         data: dict[str, Any] | None = None) -> optuna.Study:
+    """Create the study, or load it after checking it was made by a compatible study file and, given the
+    objective's ``data`` identity (``data_identity``), on the same data. A study made before a part of the
+    fingerprint existed gets that part now, so later runs are checked on it."""
     name = settings.study.name
-    fingerprint = settings.fingerprint()
+    fingerprint = {**settings.fingerprint(), **({"data": data} if data else {})}
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if name in existing:
         study = optuna.load_study(study_name=name, storage=storage, sampler=build_sampler(settings.sampler,
@@ -56,6 +59,9 @@ def load_or_create_study(settings: Settings, storage: optuna.storages.BaseStorag
                 "trials would not be comparable with new ones. Run the changed settings as a new study (--study-name "
                 "NEW or --set study.name=NEW, or another storage), or set them back to the values 'there' to resume it."
             )
+        stored = study.user_attrs.get(records.FINGERPRINT) or {}
+        if set(fingerprint) - {"direction"} - set(stored):
+            study.set_user_attr(records.FINGERPRINT, {**fingerprint, **stored})
         return study
     study = optuna.create_study(
         study_name=name, storage=storage, direction=settings.study.direction, load_if_exists=True,
@@ -93,6 +99,9 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if key == "space":
             changed = sorted(set(old[key]) ^ set(new[key]) | {p for p in new[key] if old[key].get(p) != new[key][p]})
             parts.append(f"search space (parameters {', '.join(changed)})")
+        elif key == "data":
+            parts.append(f"data (its images changed: {_images(old[key], new[key])}; the old trials were scored on "
+                         "other validation images)")
         elif key == "objective":  # a key only one side has is tuned or unread there: the space or dataset says so
             changed = [k for k in new[key] if k in old[key] and old[key][k] != new[key][k]]
             if changed:
@@ -101,6 +110,17 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         else:
             parts.append(f"{key} ({old[key]!r} there, {new[key]!r} in the file)")
     return parts
+
+
+def _images(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """'26/3/7 train/val/test images of 3 classes there, 31/3/8 of 3 now', or that only the images per class moved."""
+    def totals(data: dict[str, Any]) -> str:
+        return "/".join(str(data.get(f"{s}_images", "?")) for s in ("train", "val", "test"))
+
+    if totals(old) == totals(new) and old.get("classes") == new.get("classes"):
+        return f"the same {totals(new)} train/val/test images of {new.get('classes')} classes, not of the same classes"
+    return (f"{totals(old)} train/val/test images of {old.get('classes', '?')} classes there, {totals(new)} of "
+            f"{new.get('classes', '?')} now")
 
 
 class _FailureGuard:
@@ -175,7 +195,7 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
     check_folder(paths, known)  # another study's run directory: nothing written
     tracker = holder["tracker"] = Tracker(paths.tracking_uri, settings.study.name, paths.artifacts)
     tracker.check_owner(known)  # another study's MLflow experiment (a shared tracking server): nothing written
-    study = load_or_create_study(settings, storage)  # only once both stores answer
+    study = load_or_create_study(settings, storage, data_identity(objective))  # once both stores answer
     paths.root.mkdir(parents=True, exist_ok=True)
     lock = _budget_lock(settings, paths)
     lock.acquire()  # workers starting together must find, not each create, the parent run (and agree on an id)

@@ -235,3 +235,22 @@ def test_existing_copy_is_read_without_downloading(tmp_path: Path, make_mnist, m
     monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", no_network)
     data = load_data(TrainConfig(dataset="mnist", data_dir=str(tmp_path), download=True, val_size=10), CPU)
     assert len(data.test_y) == 20
+
+
+def test_identity_names_the_images_per_class_and_split_not_the_settings() -> None:
+    """A study's fingerprint holds it (search/study.py): equal data, equal identity; one image moved from one class
+    to another (same totals) changes the digest; one image more changes the totals too."""
+    def splits(train_y: list[int]) -> DataSplits:
+        y = torch.tensor(train_y)
+        x = torch.zeros(len(y), 1, 8, 8)
+        held = torch.tensor([0, 1])
+        return DataSplits(x, y, x[:2], held, x[:2], held, num_classes=3, in_channels=1, image_size=8,
+                          flip_ok=False, name="folder", class_names=("a", "b", "c"))
+
+    base = splits([0, 0, 1, 1, 2, 2]).identity()
+    assert base == splits([2, 1, 0, 2, 1, 0]).identity()  # the order of the images is not the data
+    assert base["train_images"] == 6 and base["val_images"] == 2 and base["classes"] == 3
+    moved = splits([0, 0, 0, 1, 2, 2]).identity()
+    assert moved["train_images"] == 6 and moved["digest"] != base["digest"]
+    assert splits([0, 0, 1, 1, 2, 2, 2]).identity()["train_images"] == 7
+

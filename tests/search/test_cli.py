@@ -330,13 +330,55 @@ def test_a_copied_study_file_on_other_data_is_refused_not_resumed(
                          "--set", "objective.eval_batch_size=7", "--set", "objective.dropout=0.25")
     assert code == 0 and "1 new in this run" in out, err
 
-    # A study made before the fingerprint covered the objective has none stored: it still resumes.
+    # A study made before the fingerprint covered the objective and the data has neither stored: it still resumes,
+    # and from then on it holds them, so the next run on other data is refused.
     study.set_user_attr(records.FINGERPRINT, {k: v for k, v in study.user_attrs[records.FINGERPRINT].items()
-                                              if k not in ("objective", "objective_name")})
+                                              if k not in ("objective", "objective_name", "data")})
     code, out, err = run(capsys, "run", str(copy), "--trials", "3", *small)
     assert code == 0 and "1 new in this run" in out, err
     assert [t.state.name for t in optuna.load_study(study_name="folder_example", storage=storage).trials] == \
         ["COMPLETE"] * 3
+    stored = optuna.load_study(study_name="folder_example", storage=storage).user_attrs[records.FINGERPRINT]
+    assert stored["objective"]["data_dir"] == str(here) and stored["data"]["classes"] == 3
+    code, _, err = run(capsys, "run", str(first), "--trials", "4", *small)
+    assert code == 2 and "different objective" in err and "data (" in err, err
+
+
+def test_a_study_resumed_on_a_folder_that_gained_images_is_refused_and_resumes_once_it_is_back(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Same study file, same data_dir, other images in it: the old trials were scored on other validation images."""
+    import optuna
+
+    from objectives.data import clear_data_cache
+    from tests.images import class_image, make_image_folder, write_image
+
+    make_image_folder(tmp_path / "pets", per_class=12, classes=("ant", "bee", "cow"))
+    study_file = tmp_path / "pets.toml"
+    study_file.write_text((REPO / "studies" / "folder_example.toml").read_text()
+                          .replace('"../data/digits-folder"', '"pets"').replace("channels = 1 ", "channels = 3 "))
+    small = ("--run-dir", str(tmp_path / "runs"), "--quiet", "--set", "study.max_epochs=1",
+             "--set", "objective.widths=[8,16]")
+    code, out, err = run(capsys, "run", str(study_file), "--trials", "1", *small)
+    assert code == 0, err
+    added = [write_image(tmp_path / "pets" / "bee" / f"new-{i}.png", class_image(1, 100 + i, (24, 20), 3))
+             for i in range(6)]
+    clear_data_cache()  # as a new `hpo` process starts: this one keeps what it loaded
+
+    code, _, err = run(capsys, "run", str(study_file), "--trials", "2", *small)
+    assert code == 2 and "Traceback" not in err, err
+    assert ("already exists in this storage with a different data (its images changed: 26/3/7 train/val/test images "
+            "of 3 classes there, 31/3/8 of 3 now; the old trials were scored on other validation images)") in err
+    assert "--study-name NEW" in err and err.split("error: ", 1)[1].count("\n") == 1, err
+    storage = f"sqlite:///{tmp_path / 'runs/folder_example/optuna.db'}"
+    assert [t.state.name for t in optuna.load_study(study_name="folder_example", storage=storage).trials] == \
+        ["COMPLETE"]  # nothing trained on the changed folder
+
+    for path in added:
+        path.unlink()
+    clear_data_cache()
+    code, out, err = run(capsys, "run", str(study_file), "--trials", "2", *small)
+    assert code == 0 and "1 new in this run" in out, err
 
 
 def test_unreachable_tracking_server_fails_fast_and_creates_no_study(

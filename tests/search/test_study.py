@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+from search.study import differences
 from tests.search.workers_helpers import QUICKSTART, hpo, load
 
 pytestmark = pytest.mark.slow
@@ -42,3 +43,13 @@ def test_timeout_option_overrides_the_file_and_stops_before_the_trial_budget(tmp
     assert out.returncode == 0, out.stderr
     assert "budget 50 trials x 2 epochs, started for 1 s" in out.stderr
     assert 1 <= _finished(tmp_path, "cut") < 50
+
+
+def test_a_changed_data_set_is_named_in_words_in_the_study_s_differences() -> None:
+    old = {"data": {"classes": 3, "train_images": 26, "val_images": 3, "test_images": 7, "digest": "a"}}
+    grown = {"data": {**old["data"], "train_images": 31, "digest": "b"}}
+    moved = {"data": {**old["data"], "digest": "c"}}
+    assert differences(old, old) == []
+    assert differences(old, grown) == ["data (its images changed: 26/3/7 train/val/test images of 3 classes there, "
+                                       "31/3/7 of 3 now; the old trials were scored on other validation images)"]
+    assert "the same 26/3/7 train/val/test images of 3 classes, not of the same classes" in differences(old, moved)[0]
