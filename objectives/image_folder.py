@@ -29,7 +29,7 @@ import numpy as np
 from objectives.errors import BadDataError, DatasetNotFoundError
 from search.cache import cache_home
 
-CACHE_VERSION = 2  # 2: 16-bit grayscale images scaled to 8 bits, not clipped
+CACHE_VERSION = 3  # 2: 16-bit grayscale images scaled to 8 bits, not clipped; 3: EXIF orientation applied
 SPLIT_FOLDERS = ("train", "val", "test")
 
 
@@ -43,7 +43,8 @@ def image_extensions() -> frozenset[str]:
 @dataclass(frozen=True)
 class FolderIndex:
     """The images of a folder: paths relative to `root`, their class index and split folder ("train" for a
-    flat layout), and how many files were not images."""
+    flat layout), how many files in the class folders were not images, and how many files lay outside any class
+    folder (next to them: an image there belongs to no class)."""
 
     root: Path
     class_names: tuple[str, ...]
@@ -52,6 +53,7 @@ class FolderIndex:
     sources: tuple[str, ...]
     layout: str  # "split" or "flat"
     ignored: int
+    outside: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,9 +127,10 @@ def scan(root: Path) -> FolderIndex:
             "Add a folder per class."
         )
     extensions = image_extensions()
-    files, labels, sources, ignored = [], [], [], 0
+    files, labels, sources, ignored, outside = [], [], [], 0, 0
     for split, folder in top.items():
         classes = [p.name for p in _visible_dirs(folder)]
+        outside += sum(p.is_file() and not p.name.startswith(".") for p in folder.iterdir())
         unknown = sorted(set(classes) - set(train_classes))
         if unknown:
             raise BadDataError(
@@ -145,7 +148,8 @@ def scan(root: Path) -> FolderIndex:
             files += [str(p.relative_to(root)) for p in found]
             labels += [train_classes.index(name)] * len(found)
             sources += [split] * len(found)
-    return FolderIndex(root, tuple(train_classes), tuple(files), tuple(labels), tuple(sources), layout, ignored)
+    return FolderIndex(root, tuple(train_classes), tuple(files), tuple(labels), tuple(sources), layout, ignored,
+                       outside)
 
 
 def cache_key(index: FolderIndex, image_size: int, channels: int) -> str:
@@ -164,7 +168,7 @@ def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     mode = "RGB" if channels == 3 else "L"
     with Image.open(path) as image:
         image.draft(mode, (image_size, image_size))  # JPEG: decode at a reduced scale, still >= the target
-        image = _eight_bit(image).convert(mode)
+        image = _eight_bit(_upright(image)).convert(mode)
         width, height = image.size
         scale = image_size / min(width, height)
         size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
@@ -173,6 +177,14 @@ def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
         image = image.crop((left, top, left + image_size, top + image_size))
         pixels = np.asarray(image, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _upright(image: Any) -> Any:
+    """The photo as a viewer shows it: cameras and phones store the pixels as the sensor read them and the
+    rotation in EXIF (Orientation), which Pillow does not apply by itself."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
 
 
 def _eight_bit(image: Any) -> Any:
@@ -227,7 +239,8 @@ def _write_cache(index: FolderIndex, image_size: int, channels: int, cache: Path
 
     n = len(index.files)
     print(f"data folder {index.root}: {n} images in {len(index.class_names)} classes ({index.layout} layout"
-          f"{f', {index.ignored} other files ignored' if index.ignored else ''}); decoding once to "
+          f"{f', {index.ignored} other files ignored' if index.ignored else ''}"
+          f"{f', {index.outside} files outside the class folders ignored' if index.outside else ''}); decoding once to "
           f"{image_size}x{image_size}x{channels} into {cache}", file=sys.stderr)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))

@@ -70,6 +70,33 @@ def test_images_are_resized_cropped_and_converted(tmp_path: Path) -> None:
     assert single.shape == (3, 6, 6) and (single == 90).all()  # grayscale -> RGB repeats the channel
 
 
+def test_a_photo_is_decoded_upright_as_its_exif_orientation_says(tmp_path: Path) -> None:
+    """A phone's photo: pixels as the sensor read them (40x20, left half black), EXIF Orientation 6 (turn 90 degrees
+    clockwise to view). Upright it is 20x40 with the black half on top; the crop keeps the middle rows."""
+    from PIL import Image
+
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, 20:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = image_folder.decode_image(tmp_path / "phone.jpg", 10, 1)[0]
+    assert (upright[:4] < 40).all() and (upright[6:] > 215).all(), upright  # black above, white below
+    plain = image_folder.decode_image(write_image(tmp_path / "plain.jpg", pixels), 10, 1)[0]
+    assert (plain[:, :4] < 40).all() and (plain[:, 6:] > 215).all()  # no tag: as stored
+
+
+def test_files_beside_the_class_folders_are_counted_as_ignored(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_image_folder(tmp_path / "pets", per_class=10)
+    write_image(root / "stray.png", class_image(0, 99))  # an image in no class folder belongs to no class
+    (root / "notes.txt").write_text("labels by hand")
+    (root / ".DS_Store").write_text("")  # hidden: not counted
+    data = load_data(folder_cfg(root, tmp_path / "cache"), CPU)
+    assert len(data.train_y) + len(data.val_y) + len(data.test_y) == 30
+    assert "30 images in 3 classes (flat layout, 2 files outside the class folders ignored)" in capsys.readouterr().err
+
+
 def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white(tmp_path: Path) -> None:
     from PIL import Image
 
