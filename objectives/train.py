@@ -152,6 +152,7 @@ def new_state(cfg: TrainConfig, data: DataSplits, runtime: Runtime, max_epochs: 
     seed_everything(cfg.seed)
     spec = spec_for(cfg, data)
     model = build_network(spec).to(runtime.device)
+    _materialize(model, data)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model, runtime)
@@ -160,6 +161,20 @@ def new_state(cfg: TrainConfig, data: DataSplits, runtime: Runtime, max_epochs: 
     if not runtime.graphs(cfg.cuda_graphs):  # a graph replays draws of torch's default generator only
         use_generator(model, generator)
     return TrainingState(model, optimizer, EpochSchedule(optimizer, cfg, max_epochs), generator, spec)
+
+
+def _materialize(model: nn.Module, data: DataSplits) -> None:
+    """Give a user's lazy layers (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) their shapes with one forward pass
+    on two training images, in evaluation mode and without gradients: the memory-format conversion and the
+    optimiser cannot take uninitialised parameters. Their weights are drawn then, from the seeded generator."""
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    if not any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules()):
+        return
+    model.eval()
+    with torch.no_grad():
+        model(data.inputs(data.train_x[:2]))
+    model.train()
 
 
 def augmentation(cfg: TrainConfig, data: DataSplits) -> tuple[int, bool]:

@@ -727,9 +727,10 @@ def main(argv: list[str] | None = None) -> int:
 
         args.file_given, args.file = args.file, find_study_file(args.file)
     if threading.current_thread() is threading.main_thread():
-        from search import interrupts
+        from search import failures, interrupts
 
         interrupts.reset()
+        failures.reset_shown()
         signal.signal(signal.SIGTERM, _terminate)
         signal.signal(signal.SIGINT, _terminate)
         if args.command == "worker":

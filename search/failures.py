@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -120,6 +121,36 @@ def drop_frames(exc: BaseException) -> None:
     imports lazily while the trial's error is being handled (optuna-dashboard, from the dashboard note) keeps
     its own ImportError, and through that error's context this one, for the life of the process."""
     traceback.clear_frames(exc.__traceback__)
+
+
+_shown = {"traceback": False}
+
+
+def error_site(exc: BaseException) -> str:
+    """Where an error was raised in code written for the study (the user's model, data or loop; this project's
+    code), not in Python or an installed library: its innermost such frame, '/path/my_models.py line 12, in
+    forward'; "" when there is none."""
+    import sysconfig
+
+    installed = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    own = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(installed)]
+    return f"{own[-1].filename} line {own[-1].lineno}, in {own[-1].name}" if own else ""
+
+
+def show_first_traceback(number: int, exc: BaseException, text: str) -> None:
+    """The traceback of a process's first trial that failed with an error, on stderr: a one-line reason does not
+    debug a user's model. Later ones are only in their MLflow runs (error.txt), or a broken model would print
+    one per trial until max_failures stops the study."""
+    if _shown["traceback"]:
+        return
+    _shown["traceback"] = True
+    print(f"trial {number} failed with {type(exc).__name__}; its traceback (the first failed trial's of this run; "
+          f"each failed trial's is error.txt in its MLflow run):\n{text.rstrip()}", file=sys.stderr)
+
+
+def reset_shown() -> None:
+    """A command's start (`main` called again in one process, as tests do): no traceback shown yet."""
+    _shown["traceback"] = False
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -34,10 +34,11 @@ OOM_PACK_SIZE = "oom_pack_size"  # trial packing: the pack ran out of memory at 
 FIT_DIAGNOSIS = "fit_diagnosis"
 REPLAYED_FROM = "replayed_from"  # replays (hpo compare --replay): the source trial
 REPLAY_SECONDS = "replay_seconds"  # replays: the recorded seconds of the epochs replayed
+ERROR_AT = "error_at"  # a trial failed by an error: where it was raised (failures.error_site)
 # One attempt's own record: a retry starts without these (search/workers.py ``retry``) and writes its own.
 PER_ATTEMPT = (MLFLOW_RUN_ID, MLFLOW_RUN_URL, CHECKPOINT, BEST_EPOCH, EPOCHS_RUN, PRUNED_EPOCH, STOPPED_EPOCH,
                EARLY_STOPPED, REASON, RESUMED_FROM_TRIAL, RESUMED_AT_EPOCH, OOM_BATCH_SIZE, PACKED_WITH, OOM_PACK_SIZE,
-               FIT_DIAGNOSIS)
+               FIT_DIAGNOSIS, ERROR_AT)
 
 # --- study attributes ---------------------------------------------------------------------------------------
 PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run

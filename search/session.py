@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +36,11 @@ from search.failures import (
     TrialInterrupted,
     TrialTakenOver,
     drop_frames,
+    error_site,
     failure_reason,
     is_out_of_memory,
     release_memory,
+    show_first_traceback,
 )
 from search.optuna_adapter import PruningTrial, set_user_attrs, stored_trial
 from search.progress import Progress
@@ -103,6 +106,7 @@ class TrialSession:
     last_model: Weights | None = None
     early_stopped: bool = False
     reason: str = "completed"
+    error: tuple[str, str] | None = None  # a trial failed by an error: where it was raised, its traceback
     resume_training: dict[str, Any] | None = None
     resumed_from: int | None = None
     _deadline: TrialDeadline | None = None
@@ -280,6 +284,8 @@ class TrialSession:
             attrs[records.PRUNED_EPOCH] = stopped
         if self.early_stopped:
             attrs[records.STOPPED_EPOCH] = stopped
+        if self.error is not None and self.error[0]:
+            attrs[records.ERROR_AT] = self.error[0]
         set_user_attrs(self.trial, attrs)
         final = self._final_metrics() if state == "COMPLETE" else {}
         metrics = {"epochs_run": float(self.epochs_run)}
@@ -293,7 +299,11 @@ class TrialSession:
             "stopped_epoch": "" if stopped is None else stopped,
             "hpo.reason": self.reason,
         }
+        if self.error is not None:
+            tags["hpo.error_at"] = self.error[0]
         if self.run is not None:
+            if self.error is not None:
+                self.run.log_text(self.error[1], "error.txt")
             self.run.finish(state, tags, metrics, killed=killed)  # waits for a pending resume upload too
             if state in ("COMPLETE", "PRUNED") and self.ctx.tracker.is_server:
                 delete_resume(self.ctx.tracker, [self.run.run_id, *self._earlier_runs.values()])
@@ -351,6 +361,10 @@ class TrialSession:
             retry(self.trial.study, stored_trial(self.trial))
             return
         self.reason = failure_reason(exc)
+        if self.reason.startswith("error: "):
+            text = "".join(traceback.format_exception(exc))
+            self.error = (error_site(exc), text)
+            show_first_traceback(self.trial.number, exc, text)
         if is_out_of_memory(exc):
             self.trial.set_user_attr(records.OOM_BATCH_SIZE, self.resolved.get("batch_size"))
         self._record("FAIL")

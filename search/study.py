@@ -135,6 +135,8 @@ class _FailureGuard:
         if trial.state == TrialState.FAIL:
             self.in_a_row += 1
             self.last_reason = str(trial.user_attrs.get(records.REASON, "unknown"))
+            if trial.user_attrs.get(records.ERROR_AT):
+                self.last_reason += f" (at {trial.user_attrs[records.ERROR_AT]})"
         else:
             self.in_a_row = 0
 

@@ -398,6 +398,10 @@ class TrialRun:
             self._remote = RemoteResume(self.client, self.run_id)
         return self._remote.submit(path, epoch)
 
+    def log_text(self, text: str, name: str) -> None:
+        """A text artifact on the run (a failed trial's traceback)."""
+        self.client.log_text(self.run_id, text, name)
+
     def finish(
         self, state: str, tags: Mapping[str, Any], metrics: Mapping[str, float] | None = None, killed: bool = False
     ) -> None:

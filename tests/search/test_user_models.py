@@ -71,6 +71,26 @@ def not_a_module(num_classes, in_channels, dropout):
 
 def raises(num_classes, in_channels, dropout):
     raise RuntimeError("the factory broke")
+
+
+class Training(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.head = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+    def forward(self, x):
+        if self.training:  # the check before the first trial runs a user's model in evaluation mode only
+            raise ValueError("the training path broke")
+        return self.head(x)
+
+
+def breaks_in_training(num_classes, in_channels, dropout):
+    return Training(num_classes)
+
+
+def lazy(num_classes, in_channels, dropout):
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(dropout),
+                         nn.LazyLinear(num_classes))
 '''
 
 
@@ -156,6 +176,50 @@ def test_factory_from_a_file_and_from_a_package(tmp_path: Path, capsys: pytest.C
     assert code == 0, err
     study = optuna.load_study(study_name="pkg", storage=f"sqlite:///{tmp_path / 'r2/pkg/optuna.db'}")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+
+
+def test_a_model_with_lazy_layers_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """nn.LazyLinear sizes itself on its first input: each trial's model gets it before the optimiser is made (all
+    its trials failed with "uninitialized parameter")."""
+    images(tmp_path)
+    (tmp_path / "models.py").write_text(FACTORY)
+    objective = 'dataset = "folder"\ndata_dir = "pets"\nimage_size = 12\nmodel = "models.py:lazy"'
+    code, _, err = run(capsys, "run", str(study_file(tmp_path, objective)), "--run-dir", str(tmp_path / "runs"))
+    assert code == 0, err
+    study = optuna.load_study(study_name="mine", storage=f"sqlite:///{tmp_path / 'runs/mine/optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    weights = torch.load(study.best_trial.user_attrs["checkpoint"], weights_only=True)["state_dict"]
+    assert weights["4.weight"].shape == (3, 4 * 10 * 10)  # 3 classes from 4 maps of 10x10 (12x12, 3x3 kernel)
+    code, _, err = run(capsys, "best", str(study_file(tmp_path, objective)), "--run-dir", str(tmp_path / "runs"))
+    assert code == 0, err
+
+
+def test_a_model_that_fails_in_training_shows_its_traceback_once_and_keeps_each_in_mlflow(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A one-line reason does not debug a model: the first failed trial's traceback goes to stderr, every failed
+    trial's to error.txt in its MLflow run, where it was raised to the trial's record and the stop message."""
+    images(tmp_path)
+    (tmp_path / "models.py").write_text(FACTORY)
+    line = FACTORY.splitlines().index('            raise ValueError("the training path broke")') + 1
+    objective = 'dataset = "folder"\ndata_dir = "pets"\nimage_size = 12\nmodel = "models.py:breaks_in_training"'
+    code, _, err = run(capsys, "run", str(study_file(tmp_path, objective)), "--run-dir", str(tmp_path / "runs"),
+                       "--set", "study.max_failures=2")
+    assert code == 1, err
+    site = f"{tmp_path.resolve() / 'models.py'} line {line}, in forward"
+    assert err.count("Traceback (most recent call last)") == 1 and f'File "{tmp_path.resolve() / "models.py"}", ' \
+        f"line {line}, in forward" in err, err
+    assert f"the last one failed with ValueError: the training path broke (at {site})" in err
+    study = optuna.load_study(study_name="mine", storage=f"sqlite:///{tmp_path / 'runs/mine/optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs/mine/mlflow.db'}")
+    for trial in study.trials:
+        assert trial.user_attrs["reason"] == "error: ValueError: the training path broke"
+        assert trial.user_attrs["error_at"] == site
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert client.get_run(run_id).data.tags["hpo.error_at"] == site
+        text = Path(client.download_artifacts(run_id, "error.txt", str(tmp_path / f"dl{trial.number}"))).read_text()
+        assert text.startswith("Traceback") and "ValueError: the training path broke" in text
+        assert f'File "{tmp_path.resolve() / "models.py"}", line {line}, in forward' in text
 
 
 def test_arrays_study_records_class_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
