@@ -193,10 +193,9 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
     check_before_creating(paths)
     storage = open_storage(paths.storage_url, heartbeat=heartbeat, on_stale=on_stale,
                            retry_seconds=settings.study.storage_retry_seconds)
-    known = stored_id(storage, settings.study.name)
-    check_folder(paths, known)  # another study's run directory: nothing written
+    check_folder(paths, stored_id(storage, settings.study.name))  # another study's run directory: nothing written
     tracker = holder["tracker"] = Tracker(paths.tracking_uri, settings.study.name, paths.artifacts)
-    tracker.check_owner(known)  # another study's MLflow experiment (a shared tracking server): nothing written
+    tracker.check_owner(lambda: stored_id(storage, settings.study.name))  # another study's MLflow experiment
     study = load_or_create_study(settings, storage, data_identity(objective))  # once both stores answer
     paths.root.mkdir(parents=True, exist_ok=True)
     lock = _budget_lock(settings, paths)
@@ -204,7 +203,7 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
     try:
         study_id = claim_folder(paths, study)
         if study_id is None:
-            tracker.check_owner(None)
+            tracker.check_owner(lambda: None)
         else:
             tracker.claim(study_id)
         parent = tracker.parent_run(settings.study.name, _study_params(settings, n_trials),

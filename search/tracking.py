@@ -134,12 +134,17 @@ class Tracker:
                 f"--experiment-ids {experiment_id}` frees the name for good, dropping its runs."
             )
 
-    def check_owner(self, study_id: str | None) -> None:
+    def check_owner(self, read_id: Callable[[], str | None]) -> None:
         """Refuse (TrackingError) an experiment that another study of the same name records into (the experiment's
         ``hpo.study_id`` tag, set by ``claim``): two studies' trial runs, each named ``trial-N``, would mix under one
-        parent run. ``study_id`` None: a new study, or one in memory, which never claims one."""
+        parent run. ``read_id`` reads this study's id (None: a new study, or one in memory, which never claims
+        one) after the tag is read: a worker of the same study may give it its id and tag the experiment meanwhile,
+        and the id is set before the tag."""
         owner = self.client.get_experiment(self.experiment_id).tags.get(records.STUDY_ID)
-        if owner is not None and owner != study_id:
+        if owner is None:
+            return
+        study_id = read_id()
+        if owner != study_id:
             raise TrackingError(
                 f"the MLflow experiment {self.experiment_name!r} in {self.tracking_uri} holds the runs of another "
                 f"study named {self.experiment_name!r} (study id {owner}; this one is "
@@ -153,7 +158,7 @@ class Tracker:
         studies that tag it at once, the last write wins and ``check_owner`` refuses the other."""
         if self.client.get_experiment(self.experiment_id).tags.get(records.STUDY_ID) is None:
             self.client.set_experiment_tag(self.experiment_id, records.STUDY_ID, study_id)
-        self.check_owner(study_id)
+        self.check_owner(lambda: study_id)
 
     @property
     def is_server(self) -> bool:

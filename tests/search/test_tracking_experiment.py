@@ -61,7 +61,7 @@ def test_claiming_an_experiment_adopts_an_untagged_one_and_the_last_of_two_claim
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(uri).create_experiment("s")  # made before experiments were tagged, or by hand
     first, second = Tracker(uri, "s"), Tracker(uri, "s")
-    first.check_owner("a")  # untagged: anyone may use it
+    first.check_owner(lambda: "a")  # untagged: anyone may use it
     first.claim("a")
     first.claim("a")  # its own again: fine
     assert MlflowClient(uri).get_experiment_by_name("s").tags[records.STUDY_ID] == "a"
@@ -69,7 +69,7 @@ def test_claiming_an_experiment_adopts_an_untagged_one_and_the_last_of_two_claim
                                             "id b"):
         second.claim("b")
     with pytest.raises(TrackingError, match="this one is new"):
-        second.check_owner(None)  # a new study, or one in memory
+        second.check_owner(lambda: None)  # a new study, or one in memory
 
 
 def test_an_experiment_deleted_in_mlflow_is_a_clear_error_and_runs_again_once_restored(
@@ -123,3 +123,22 @@ def test_a_parent_run_deleted_in_mlflow_is_a_clear_error_and_runs_again_once_res
     assert code == 0, err
     assert trials(root / "optuna.db") == ["COMPLETE", "COMPLETE"]
     assert client.get_run(parent).info.lifecycle_stage == "active"
+
+
+def test_workers_starting_together_on_a_new_study_are_not_refused_as_another_study(tmp_path: Path) -> None:
+    """Workers started together (`hpo run --workers N`, or several `hpo worker`): one gives the new study its id and
+    tags the experiment while another is between opening the storage and checking the experiment. The check
+    reads the study's id after the tag (the id is set first), so it finds the same study."""
+    from search.run_dir import ensure_id, stored_id
+    from search.stores import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    read_early = stored_id(storage, "s")  # what the second worker read when it opened the storage
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first, second = Tracker(uri, "s"), Tracker(uri, "s")
+    first.claim(ensure_id(study))  # the first worker, under the budget lock
+    assert read_early is None
+    second.check_owner(lambda: stored_id(storage, "s"))  # read now: the same study
+    with pytest.raises(TrackingError, match="this one is new"):
+        second.check_owner(lambda: read_early)  # an id read before the tag would refuse its own study
