@@ -26,7 +26,7 @@ from objectives.runtime import resolve_runtime, seed_everything
 from objectives.settings import ModelArg, NonNegativeInt, resolve_reference
 from objectives.user_code import import_file
 from search.config import Settings
-from search.errors import HpoError
+from search.errors import HpoError, first_line
 from search.plugins import ExportUnsupported
 from search.session import StudyContext
 from search.space import REFERENCE_BATCH, resolve, suggest
@@ -156,7 +156,7 @@ def load_train_function(reference: str) -> TrainFunction:
     except CustomLoopError:
         raise
     except Exception as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         if where.endswith(".py"):
             hint = f"fix that file; `python {where}` shows the whole traceback"
         elif isinstance(exc, ModuleNotFoundError) and exc.name == where.split(".")[0]:

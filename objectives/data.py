@@ -17,6 +17,7 @@ from torch import Tensor
 
 from objectives.errors import DatasetNotFoundError
 from objectives.settings import USER_DATA, TrainConfig
+from search.errors import first_line
 
 FLIP_OK = frozenset({"cifar10", "cifar100", "synthetic"})  # digits and clothes change meaning when mirrored
 
@@ -482,7 +483,7 @@ def _open_torchvision(cfg: TrainConfig) -> tuple[Any, Any]:
     try:
         return cls(str(root), train=True, download=True), cls(str(root), train=False, download=False)
     except (RuntimeError, OSError) as exc:  # URLError and socket errors are OSErrors
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first_line(exc, empty="")
         reason = f"and downloading it failed (is the network reachable? {type(exc).__name__}: {first})"
         raise _missing(cfg.dataset, root, reason, "or run once where the network is reachable (it downloads "
                        f"by itself) and copy {source.folder}/ here") from exc

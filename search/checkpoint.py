@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from search.errors import HpoError
+from search.errors import HpoError, first_line
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> Path:
@@ -41,7 +41,7 @@ def load_checkpoint(path: str | Path, key: str = "state_dict") -> dict[str, Any]
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
             IndexError, KeyError, AssertionError, struct.error) as exc:
         # Damaged bytes surface as any of these, depending on where the unpickler trips (fuzzed).
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]  # EOFError() has an empty message
+        reason = first_line(exc)  # EOFError() has an empty message: its type's name
         raise HpoError(
             f"checkpoint {str(path)!r} is corrupt or holds more than tensors and plain values "
             f"({reason}). It was refused by torch.load(weights_only=True); delete it "
