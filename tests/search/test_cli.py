@@ -191,6 +191,20 @@ def test_unreachable_storage_is_a_clear_error(capsys: pytest.CaptureFixture[str]
     assert "could not open the Optuna storage" in err and "secret" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("option", "url", "expected"), [
+    ("--storage", "postgresq://me:SECRET@127.0.0.1:5432/hpo", "its scheme 'postgresq' is not a database"),
+    ("--storage", "postgres://me:SECRET@127.0.0.1:5432/hpo",
+     "reads the scheme 'postgresql://', not 'postgres://'; write --storage postgresql://me:***@127.0.0.1:5432/hpo"),
+    ("--tracking-uri", "postgresq://me:SECRET@127.0.0.1:5432/mlflow", "its scheme 'postgresq' is not one MLflow"),
+])
+def test_a_misspelt_url_is_named_without_its_password(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                      option: str, url: str, expected: str) -> None:
+    code, out, err = run(capsys, "worker", str(QUICKSTART), "--run-dir", str(tmp_path / "runs"), option, url)
+    assert code == 2 and err.startswith("error: ") and expected in err, err
+    assert "SECRET" not in err + out and "me:***@127.0.0.1" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_dataset_names_the_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     data = tmp_path / "nodata"
     code, _, err = run(capsys, "run", str(REPO / "studies" / "cifar10.toml"), "--run-dir", str(tmp_path / "runs"),
