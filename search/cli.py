@@ -477,13 +477,23 @@ def _print_where(args: argparse.Namespace, paths: RunPaths, exportable: bool = T
     hpo = hpo_command()
     export = (f"\n  {hpo} export {target}{extra} --out best-model    # the best model as an MLflow model directory"
               if exportable else "")
+    if paths.tracking_uri.startswith(("http://", "https://")):  # `hpo ui` refuses a server: it serves the UI itself
+        from search.tracking import existing_tracker, experiments_url
+
+        tracker = existing_tracker(paths.tracking_uri, paths.study_name)
+        stored = "artifacts on that server"
+        ui = (f"open {experiments_url(paths.tracking_uri, tracker.experiment_id if tracker else None)}    "
+              "# MLflow UI: the tracking server serves it")
+    else:
+        stored = f"artifacts in {paths.artifacts}"
+        ui = f"{hpo} ui {target}{extra}           # MLflow UI, http://127.0.0.1:5000"
     print(f"""
 results:    {paths.root}
   Optuna:   {paths.storage_url}
-  MLflow:   {paths.tracking_uri} (artifacts in {paths.artifacts})
+  MLflow:   {paths.tracking_uri} ({stored})
 open them:
   {hpo} dashboard {target}{extra}    # optuna-dashboard, http://127.0.0.1:8080
-  {hpo} ui {target}{extra}           # MLflow UI, http://127.0.0.1:5000
+  {ui}
   {hpo} report {target}{extra}       # HTML report and PNG plots in {paths.root / 'report'}{export}
   {hpo} status {target}{extra}       # this table again""")
 
@@ -634,9 +644,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from search.study import stored_settings
 
     check_out_dir(args.out)
-    study, _ = _open_existing(args)
+    study, paths = _open_existing(args)
     settings = _settings(args) if args.file else stored_settings(study)
-    done = export_best(study, settings, Path(args.out))
+    done = export_best(study, settings, Path(args.out), paths.tracking_uri)
     print(f"exported trial #{done.trial} (value {done.value:.4f}) to {done.out}: an MLflow model taking float32 "
           f"images of shape (N, {', '.join(map(str, done.input_shape))}) and predicting class indices (the class "
           f"names are in its metadata, model.metadata.metadata['class_names']); load it with "
