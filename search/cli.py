@@ -291,24 +291,48 @@ def _results_elsewhere(args: argparse.Namespace, name: str) -> str:
     return ""
 
 
+def _stamped_storage(args: argparse.Namespace, paths: RunPaths) -> str:
+    """When the study folder is stamped with another storage's study (--storage left out or wrong for workers on a
+    PostgreSQL storage): the sentence that names that storage, else ""."""
+    from search.run_dir import read_stamp
+    from search.stores import redact
+
+    stamp = read_stamp(paths.root)
+    if stamp is None or stamp.storage == redact(paths.storage_url):
+        return ""
+    password = " (with the password where *** stands)" if "***" in stamp.storage else ""
+    return (f"The folder {paths.root} holds study {stamp.study_name!r} of the storage {stamp.storage}: pass "
+            f"--storage {stamp.storage}{password}, as its runs did.")
+
+
 def _open_existing(args: argparse.Namespace) -> tuple[optuna.Study, RunPaths]:
     import optuna
 
     from search.records import STUDY_ID
     from search.run_dir import check_folder
-    from search.stores import open_storage, sqlite_path
+    from search.stores import open_storage, redact, sqlite_path
 
     _, paths = _paths(args)
     name = paths.study_name
     db = sqlite_path(paths.storage_url)
     if db is not None and not db.exists():
-        fix = _results_elsewhere(args, name) or "Run `hpo run FILE` first, or pass the --run-dir/--storage it used."
+        fix = (_stamped_storage(args, paths) or _results_elsewhere(args, name)
+               or "Run `hpo run FILE` first, or pass the --run-dir/--storage it used.")
         raise SettingsError(f"no results for study {name!r} yet: {db} does not exist. {fix}")
     storage = open_storage(paths.storage_url)
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError as exc:
-        raise SettingsError(f"the storage {paths.storage_url} has no study named {name!r}.") from exc
+        import difflib
+
+        names = sorted(s.study_name for s in storage.get_all_studies())
+        close = difflib.get_close_matches(name, names, n=1)
+        there = (f"{f'Did you mean {close[0]!r}? ' if close else ''}It holds {', '.join(map(repr, names[:20]))}"
+                 f"{' and more' if len(names) > 20 else ''}: pass one as --study NAME (or --study-name NAME)"
+                 if names else "It holds no study at all")
+        fix = _stamped_storage(args, paths) or "Or pass the --storage the study was run with."
+        raise SettingsError(f"the storage {redact(paths.storage_url)} has no study named {name!r}. {there}. {fix}"
+                            ) from exc
     check_folder(paths, study.user_attrs.get(STUDY_ID))  # reports, exports and recoveries use the folder too
     return study, paths
 
@@ -477,13 +501,23 @@ def _print_where(args: argparse.Namespace, paths: RunPaths, exportable: bool = T
     hpo = hpo_command()
     export = (f"\n  {hpo} export {target}{extra} --out best-model    # the best model as an MLflow model directory"
               if exportable else "")
+    if paths.tracking_uri.startswith(("http://", "https://")):  # `hpo ui` refuses a server: it serves the UI itself
+        from search.tracking import existing_tracker, experiments_url
+
+        tracker = existing_tracker(paths.tracking_uri, paths.study_name)
+        stored = "artifacts on that server"
+        ui = (f"open {experiments_url(paths.tracking_uri, tracker.experiment_id if tracker else None)}    "
+              "# MLflow UI: the tracking server serves it")
+    else:
+        stored = f"artifacts in {paths.artifacts}"
+        ui = f"{hpo} ui {target}{extra}           # MLflow UI, http://127.0.0.1:5000"
     print(f"""
 results:    {paths.root}
   Optuna:   {paths.storage_url}
-  MLflow:   {paths.tracking_uri} (artifacts in {paths.artifacts})
+  MLflow:   {paths.tracking_uri} ({stored})
 open them:
   {hpo} dashboard {target}{extra}    # optuna-dashboard, http://127.0.0.1:8080
-  {hpo} ui {target}{extra}           # MLflow UI, http://127.0.0.1:5000
+  {ui}
   {hpo} report {target}{extra}       # HTML report and PNG plots in {paths.root / 'report'}{export}
   {hpo} status {target}{extra}       # this table again""")
 
@@ -634,9 +668,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from search.study import stored_settings
 
     check_out_dir(args.out)
-    study, _ = _open_existing(args)
+    study, paths = _open_existing(args)
     settings = _settings(args) if args.file else stored_settings(study)
-    done = export_best(study, settings, Path(args.out))
+    done = export_best(study, settings, Path(args.out), paths.tracking_uri)
     print(f"exported trial #{done.trial} (value {done.value:.4f}) to {done.out}: an MLflow model taking float32 "
           f"images of shape (N, {', '.join(map(str, done.input_shape))}) and predicting class indices (the class "
           f"names are in its metadata, model.metadata.metadata['class_names']); load it with "

@@ -105,7 +105,7 @@ def check_tracking_uri(uri: str) -> None:
     base = scheme.split("+", 1)[0]
     if base not in TRACKING_SCHEMES:
         what = f"its scheme {scheme!r} is not one MLflow knows" if scheme else "it has no scheme"
-        raise SettingsError(f"--tracking-uri {uri}: {what}. Write sqlite:///PATH/mlflow.db for a file, "
+        raise SettingsError(f"--tracking-uri {redact(uri)}: {what}. Write sqlite:///PATH/mlflow.db for a file, "
                             "http://HOST:PORT for an MLflow server, or postgresql://USER@HOST/DB for a database; "
                             "or leave --tracking-uri out to use the run directory's mlflow.db.")
     if base == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
@@ -136,9 +136,13 @@ def check_storage_url(url: str) -> None:
         return
     scheme = urlsplit(url).scheme.lower()
     base = scheme.split("+", 1)[0]
+    if base == "postgres":  # Heroku's and libpq's spelling, which SQLAlchemy refuses
+        fixed = "postgresql" + url[len("postgres"):]
+        raise SettingsError(f"--storage {redact(url)}: SQLAlchemy, which opens the storage, reads the scheme "
+                            f"'postgresql://', not 'postgres://'; write --storage {redact(fixed)}.")
     if base not in STORAGE_SCHEMES:
         what = f"its scheme {scheme!r} is not a database Optuna can use" if scheme else "it has no scheme"
-        raise SettingsError(f"--storage {url}: {what}. Write sqlite:///PATH/optuna.db, "
+        raise SettingsError(f"--storage {redact(url)}: {what}. Write sqlite:///PATH/optuna.db, "
                             "postgresql://USER:PASSWORD@HOST:5432/DB, mysql+pymysql://..., journal:PATH or "
                             "grpc://HOST:PORT (an `hpo storage-proxy`); or leave --storage out to use the run "
                             "directory's optuna.db.")

@@ -21,11 +21,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import records
 from search.diagnosis import Diagnosis
+from search.errors import TrackingError
 from search.notes import epoch_account
 from search.plots import OUTCOME_COLORS, complete_trials_needed, quiet_plots, study_pngs
 from search.records import best_trial, outcome
+from search.stores import redact
 from search.summary import counts
-from search.tracking import Tracker, existing_tracker, log_files, run_url, set_tags
+from search.tracking import Tracker, existing_tracker, log_files, probe_server, run_url, set_tags
 
 log = logging.getLogger(__name__)
 LABEL_COLORS = {"underfitting": "#e9c46a", "overfitting": "#e76f51", "good fit": "#2a9d8f", "unknown": "#adb5bd"}
@@ -202,11 +204,29 @@ def build_html(study: optuna.Study, fits: list[TrialFit], max_epochs: int) -> st
     return "\n".join(parts)
 
 
+def _study_tracker(study: optuna.Study, tracking_uri: str) -> Tracker | None:
+    """The study's experiment in ``tracking_uri``, for its loss curves. A study that logged to MLflow (it has a
+    parent run) but is not in that store was logged elsewhere: a report without its curves would label every trial
+    "unknown" (and replace a good report), so it is refused before anything is written. A tracking server is asked
+    first, in seconds (MLflow's client retries for minutes where nothing answers)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        probe_server(tracking_uri)  # one paragraph when nothing, or something other than MLflow, answers there
+    tracker = existing_tracker(tracking_uri, study.study_name)
+    if tracker is None and study.user_attrs.get(records.PARENT_RUN_ID):
+        raise TrackingError(
+            f"the MLflow tracking store {redact(tracking_uri)} has no experiment {study.study_name!r}, but the study "
+            "logged its trials to MLflow: it was run with another --tracking-uri (the one its `hpo run` or `hpo "
+            "worker` commands used, such as http://HOST:5000 for workers on several machines). Pass that "
+            "--tracking-uri; the report reads each trial's loss curves from there. Nothing was written."
+        )
+    return tracker
+
+
 def write_report(study: optuna.Study, tracking_uri: str, out: Path, log_to_mlflow: bool = True) -> Report:
     """Write ``out/report.html`` and ``out/*.png``; log them on the parent run and tag each child with its fit."""
+    tracker = _study_tracker(study, tracking_uri)
     out.mkdir(parents=True, exist_ok=True)
     max_epochs = max_epochs_of(study)
-    tracker = existing_tracker(tracking_uri, study.study_name)
     fits = trial_fits(study, tracker, max_epochs)
     page = out / "report.html"
     page.write_text(build_html(study, fits, max_epochs), encoding="utf-8")

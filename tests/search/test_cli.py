@@ -191,6 +191,20 @@ def test_unreachable_storage_is_a_clear_error(capsys: pytest.CaptureFixture[str]
     assert "could not open the Optuna storage" in err and "secret" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("option", "url", "expected"), [
+    ("--storage", "postgresq://me:SECRET@127.0.0.1:5432/hpo", "its scheme 'postgresq' is not a database"),
+    ("--storage", "postgres://me:SECRET@127.0.0.1:5432/hpo",
+     "reads the scheme 'postgresql://', not 'postgres://'; write --storage postgresql://me:***@127.0.0.1:5432/hpo"),
+    ("--tracking-uri", "postgresq://me:SECRET@127.0.0.1:5432/mlflow", "its scheme 'postgresq' is not one MLflow"),
+])
+def test_a_misspelt_url_is_named_without_its_password(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                      option: str, url: str, expected: str) -> None:
+    code, out, err = run(capsys, "worker", str(QUICKSTART), "--run-dir", str(tmp_path / "runs"), option, url)
+    assert code == 2 and err.startswith("error: ") and expected in err, err
+    assert "SECRET" not in err + out and "me:***@127.0.0.1" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_dataset_names_the_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     data = tmp_path / "nodata"
     code, _, err = run(capsys, "run", str(REPO / "studies" / "cifar10.toml"), "--run-dir", str(tmp_path / "runs"),
@@ -571,3 +585,27 @@ def test_a_run_directory_on_a_read_only_disk_is_named_as_such(
             assert "writable" in err and "database server" not in err, err
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_wrong_study_name_or_storage_names_what_there_is(capsys: pytest.CaptureFixture[str],
+                                                           tmp_path: Path) -> None:
+    import optuna
+
+    from search.run_dir import Stamp, write_stamp
+
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"  # stands for the workers' PostgreSQL storage
+    for name in ("team-study", "other"):
+        optuna.create_study(study_name=name, storage=shared)
+    runs = tmp_path / "runs"
+    write_stamp(runs / "team-study", Stamp("some-id", "team-study", shared))  # a worker's folder on this machine
+    code, out, err = run(capsys, "best", "--study", "team-studdy", "--storage", shared, "--run-dir", str(runs))
+    assert code == 2 and "has no study named 'team-studdy'. Did you mean 'team-study'?" in err, err
+    assert "It holds 'other', 'team-study'" in err
+    code, out, err = run(capsys, "status", "--study", "team-study", "--run-dir", str(runs))  # --storage left out
+    assert code == 2 and f"holds study 'team-study' of the storage {shared}: pass --storage {shared}" in err, err
+    empty = f"sqlite:///{tmp_path / 'shared.db'}".replace("shared.db", "empty.db")
+    optuna.create_study(study_name="x", storage=empty)
+    code, out, err = run(capsys, "best", "--study", "team-study", "--storage", empty, "--run-dir", str(runs))
+    assert code == 2 and f"pass --storage {shared}" in err, err  # the wrong storage: the folder's is named
+    assert "Traceback" not in err and "\n\n" not in err.strip() and out == ""
+    assert sorted(p.name for p in runs.rglob("*")) == ["study.json", "team-study"]  # nothing created
