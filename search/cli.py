@@ -383,9 +383,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{failed}); {result.new_trials} new in this run; {epochs_spent(study)} epochs spent of "
           f"{len(trials) * settings.study.max_epochs} without early stopping or pruning")
     if result.new_trials == 0 and n_trials is not None and finished >= n_trials:  # a rerun that had nothing to do
-        print(f"note: the study's budget of {n_trials} finished trial{'s' if n_trials != 1 else ''} (study.n_trials "
-              f"or --trials) was met before this run, so it trained none; give --trials with more than {finished} "
-              "to run more, or --study-name NAME for a new study", file=sys.stderr)
+        print(f"note: {_budget_met(n_trials, finished)}", file=sys.stderr)
     best = best_trial(study)
     if best is not None:
         test = ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())
@@ -407,6 +405,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget_met(n_trials: int, finished: int) -> str:
+    """Why a run or worker trained nothing: the study's budget was met before it started."""
+    return (f"the study's budget of {n_trials} finished trial{'s' if n_trials != 1 else ''} (study.n_trials or "
+            f"--trials) was met before this run, so it trained none; give --trials with more than {finished} to run "
+            "more, or --study-name NAME for a new study")
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     with _loading():
         from search.stores import run_paths
@@ -423,8 +428,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         result = run_study(settings, paths, n_trials=args.trials, timeout=args.timeout, progress=progress,
                            finish=not args.no_finish, describe=not args.forked)  # a forked worker's launcher did
     if not args.no_finish:  # not for the workers of `hpo run --workers`: their launcher reports the end
-        ran = result.new_trials
-        print(f"worker done: ran {ran} trial{'s' if ran != 1 else ''} of study {settings.study.name!r}",
+        from search.summary import counts
+
+        ran, c = result.new_trials, counts(result.study)
+        finished = c["COMPLETE"] + c["PRUNED"]
+        why = f"; {_budget_met(n_trials, finished)}" if ran == 0 and n_trials and finished >= n_trials else ""
+        print(f"worker done: ran {ran} trial{'s' if ran != 1 else ''} of study {settings.study.name!r}{why}",
               file=sys.stderr)
     if result.stopped_by_failures:
         print(f"error: stopped after {settings.study.max_failures} failed trials in a row; the last one failed with "
@@ -498,6 +507,8 @@ def _print_where(args: argparse.Namespace, paths: RunPaths, exportable: bool = T
         extra += f" --storage {args.storage}"
     if args.tracking_uri:
         extra += f" --tracking-uri {args.tracking_uri}"
+    from search.stores import redact
+
     hpo = hpo_command()
     export = (f"\n  {hpo} export {target}{extra} --out best-model    # the best model as an MLflow model directory"
               if exportable else "")
@@ -513,7 +524,7 @@ def _print_where(args: argparse.Namespace, paths: RunPaths, exportable: bool = T
         ui = f"{hpo} ui {target}{extra}           # MLflow UI, http://127.0.0.1:5000"
     print(f"""
 results:    {paths.root}
-  Optuna:   {paths.storage_url}
+  Optuna:   {redact(paths.storage_url)}
   MLflow:   {paths.tracking_uri} ({stored})
 open them:
   {hpo} dashboard {target}{extra}    # optuna-dashboard, http://127.0.0.1:8080

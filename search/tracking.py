@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# MLflow prints "View run ... at URL" to stdout for every run ended on a server: two lines per trial between the
+# run's summary lines; the study note and `hpo status` carry each trial's link instead.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402

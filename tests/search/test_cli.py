@@ -609,3 +609,28 @@ def test_a_wrong_study_name_or_storage_names_what_there_is(capsys: pytest.Captur
     assert code == 2 and f"pass --storage {shared}" in err, err  # the wrong storage: the folder's is named
     assert "Traceback" not in err and "\n\n" not in err.strip() and out == ""
     assert sorted(p.name for p in runs.rglob("*")) == ["study.json", "team-study"]  # nothing created
+
+
+def test_the_run_summary_hides_the_storage_password(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The summary's "Optuna:" line names the storage without its password (a job's log is read by others)."""
+    from tests.search.workers_helpers import postgres_database
+
+    with postgres_database() as url:
+        secret = url.replace("postgresql://postgres@", "postgresql://postgres:s3cret-pw@", 1)  # trust auth: any
+        assert "s3cret-pw" in secret
+        code, out, err = run(capsys, "run", str(QUICKSTART), "--trials", "1", "--set", "study.max_epochs=1",
+                             "--storage", secret, "--run-dir", str(tmp_path / "runs"), "--quiet")
+        assert code == 0, err
+        (line,) = [line for line in out.splitlines() if line.strip().startswith("Optuna:")]
+        assert "s3cret-pw" not in line and "***" in line, line
+
+
+def test_a_worker_that_finds_the_budget_met_says_so(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    args = ("worker", str(QUICKSTART), "--trials", "1", "--set", "study.max_epochs=1", "--run-dir",
+            str(tmp_path / "runs"), "--quiet")
+    code, _, err = run(capsys, *args)
+    assert code == 0 and "worker done: ran 1 trial of study 'quickstart'\n" in err, err
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    assert ("worker done: ran 0 trials of study 'quickstart'; the study's budget of 1 finished trial (study.n_trials "
+            "or --trials) was met before this run, so it trained none; give --trials with more than 1") in err

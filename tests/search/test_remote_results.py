@@ -38,6 +38,7 @@ def _reading(remote: dict, *args: str, run_dir: str = "machine-b") -> list[str]:
 def test_the_printed_commands_work_with_a_tracking_server(remote: dict) -> None:
     lines = remote["out"].split("open them:\n", 1)[1].splitlines()
     assert f"MLflow:   {remote['uri']} (artifacts on that server)" in remote["out"]  # not machine A's mlartifacts/
+    assert "View run" not in remote["out"]  # MLflow's own two lines per trial ended on a server
     (ui,) = [line for line in lines if "MLflow UI" in line]
     assert ui.strip().startswith(f"open {remote['uri']}/#/experiments/") and " ui " not in ui  # `hpo ui` refuses it
     for line in lines:
