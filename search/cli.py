@@ -721,8 +721,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from search.compare_render import write_outputs
 
     _check_destinations(args)
-    plan = plan_compare(args.file, _overrides(args), args.strategies or DEFAULT_STRATEGIES, args.seeds, args.trials,
-                        args.run_dir, args.storage, args.tracking_uri)
+    strategies = DEFAULT_STRATEGIES if args.strategies is None else args.strategies  # '' is refused, not the default
+    plan = plan_compare(args.file, _overrides(args), strategies, args.seeds, args.trials, args.run_dir, args.storage,
+                        args.tracking_uri)
     if args.source and not args.replay:
         raise SettingsError("--source names the study whose curves --replay replays; add --replay")
 

@@ -42,6 +42,7 @@ class Strategy:
     name: str
     pruner: str
     early_stopping: bool
+    given: str = ""  # as written in --strategies (``early_stopping+median`` is named ``median+early_stopping``)
 
     @property
     def slug(self) -> str:
@@ -65,11 +66,16 @@ def parse_strategies(text: str) -> list[Strategy]:
                 f"a pruner and early stopping joined by '+' (median+early_stopping). Pruners: "
                 f"{', '.join(sorted(PRUNER_OPTIONS))}."
             )
-        out.append(Strategy(name, pruners[0] if pruners else "none", "early_stopping" in parts))
+        pruner, early = (pruners[0] if pruners else "none"), "early_stopping" in parts
+        # One spelling per strategy (its studies' names): the pruner first, "none" only alone.
+        canonical = "+".join([pruner] * (pruner != "none") + ["early_stopping"] * early) or "none"
+        twice = [s for s in out if s.name == canonical]
+        if twice:
+            raise SettingsError(f"--strategies names the strategy {canonical!r} twice ({name!r} is the same as "
+                                f"{twice[0].given!r}); list each strategy once.")
+        out.append(Strategy(canonical, pruner, early, given=name))
     if not out:
         raise SettingsError("--strategies is empty; for example --strategies none,median+early_stopping")
-    if len({s.name for s in out}) != len(out):
-        raise SettingsError(f"--strategies names a strategy twice: {text!r}")
     return out
 
 

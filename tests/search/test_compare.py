@@ -226,6 +226,22 @@ def test_strategies_parse_and_refuse_unknown_names() -> None:
     for bad in ("medain", "median+hyperband", "early_stopping+early_stopping", "none,none", ""):
         with pytest.raises(SettingsError):
             parse_strategies(bad)
+    # One name per strategy, whatever order its parts are written in: its studies are found again by that name.
+    spelled = parse_strategies("early_stopping+median, none+early_stopping, median+none")
+    assert [s.name for s in spelled] == ["median+early_stopping", "early_stopping", "median"]
+    with pytest.raises(SettingsError, match="names the strategy 'median\\+early_stopping' twice \\('early_stopping\\+"
+                                            "median' is the same as 'median\\+early_stopping'\\); list each strategy"):
+        parse_strategies("median+early_stopping,early_stopping+median")
+
+
+def test_compare_with_an_empty_strategies_list_is_refused_not_the_default(capsys: pytest.CaptureFixture[str],
+                                                                         tmp_path: Path) -> None:
+    from search.cli import main
+
+    code = main(["compare", str(Path(__file__).resolve().parents[2] / "studies" / "quickstart.toml"),
+                 "--strategies", "", "--run-dir", str(tmp_path / "runs")])
+    assert code == 2 and "--strategies is empty" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_plan_keeps_shared_pruner_options_and_varies_only_strategy(tmp_path: Path) -> None:
