@@ -788,7 +788,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        if not getattr(args, "no_finish", False):  # the workers of `hpo run --workers`: their launcher says it once
+        if args.command not in ("run", "worker", "compare"):  # reading, reporting, serving: no trial to resume
+            print("\ninterrupted.", file=sys.stderr)
+        elif not getattr(args, "no_finish", False):  # the workers of `hpo run --workers`: their launcher says it once
             print("\ninterrupted: finished trials are saved; run the same command again to resume the study.",
                   file=sys.stderr)
         return 130

@@ -634,3 +634,17 @@ def test_a_worker_that_finds_the_budget_met_says_so(capsys: pytest.CaptureFixtur
     assert code == 0, err
     assert ("worker done: ran 0 trials of study 'quickstart'; the study's budget of 1 finished trial (study.n_trials "
             "or --trials) was met before this run, so it trained none; give --trials with more than 1") in err
+
+
+@pytest.mark.parametrize(("command", "resume"), [("report", False), ("run", True)])
+def test_an_interrupted_command_speaks_of_resuming_only_where_trials_run(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str, resume: bool) -> None:
+    from search import cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, interrupted)
+    code, _, err = run(capsys, command, str(QUICKSTART))
+    assert code == 130 and err.strip().startswith("interrupted")
+    assert ("run the same command again to resume the study" in err) == resume, err
