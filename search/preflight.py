@@ -175,9 +175,11 @@ def _connect_once(url: str) -> None:
                 f"(createdb -h {engine.url.host or 'HOST'} -U {engine.url.username or 'USER'} {database}, or "
                 f"CREATE DATABASE {database}), or fix the name in the URL. Nothing was created."
             ) from exc
-        first = " ".join(text.split())[:300]
+        # libpq's lines as sentences ("Connection refused" / "Is the server running ...?"), on one line
+        lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+        said = " ".join(line if line[-1] in ".?!" else line + "." for line in lines)[:300]
         raise StorageError(
-            f"could not open the Optuna storage {redact(url)!r}: {first}. Check that the database server is "
+            f"could not open the Optuna storage {redact(url)!r}: {said} Check that the database server is "
             "running and reachable, and that the user, password and database name in the URL are right; or "
             "leave --storage out to use the SQLite file in the run directory."
         ) from exc

@@ -189,6 +189,8 @@ def test_unreachable_storage_is_a_clear_error(capsys: pytest.CaptureFixture[str]
                        "--storage", "postgresql://nobody:secret@127.0.0.1:1/none")
     assert code == 2
     assert "could not open the Optuna storage" in err and "secret" not in err and "Traceback" not in err
+    # libpq's two lines read as two sentences, on one line
+    assert "Connection refused. Is the server running on that host and accepting TCP/IP connections? Check" in err
 
 
 @pytest.mark.parametrize(("option", "url", "expected"), [
