@@ -72,13 +72,18 @@ def test_claiming_an_experiment_adopts_an_untagged_one_and_the_last_of_two_claim
         second.check_owner(lambda: None)  # a new study, or one in memory
 
 
+def one_trial(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> tuple[Path, str]:
+    """A quickstart study of one trial in tmp_path/runs: its folder and tracking URI."""
+    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "runs", "--trials", "1", *SMALL)
+    assert code == 0, err
+    root = tmp_path / "runs" / "quickstart"
+    return root, f"sqlite:///{root / 'mlflow.db'}"
+
+
 def test_an_experiment_deleted_in_mlflow_is_a_clear_error_and_runs_again_once_restored(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    root = tmp_path / "runs" / "quickstart"
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "runs", "--trials", "1", *SMALL)
-    assert code == 0, err
+    root, uri = one_trial(capsys, tmp_path)
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name("quickstart").experiment_id
     client.delete_experiment(experiment_id)  # what the MLflow UI's delete does
@@ -102,10 +107,7 @@ def test_an_experiment_deleted_in_mlflow_is_a_clear_error_and_runs_again_once_re
 def test_a_parent_run_deleted_in_mlflow_is_a_clear_error_and_runs_again_once_restored(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    root = tmp_path / "runs" / "quickstart"
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    code, err = hpo(capsys, "run", QUICKSTART, "--run-dir", tmp_path / "runs", "--trials", "1", *SMALL)
-    assert code == 0, err
+    root, uri = one_trial(capsys, tmp_path)
     parent = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{root / 'optuna.db'}").user_attrs[
         records.PARENT_RUN_ID]
     client = MlflowClient(uri)
