@@ -16,6 +16,7 @@ from search.records import (
     BEST_EPOCH,
     EARLY_STOPPED,
     EPOCHS_RUN,
+    ERROR_AT,
     MLFLOW_RUN_URL,
     PRUNED_EPOCH,
     REASON,
@@ -149,17 +150,27 @@ def trial_note(
     diagnosis: str | None = None,
 ) -> str:
     """A trial's note: how it ended and why, its fit, and a link to its MLflow run."""
-    epochs = attrs.get(EPOCHS_RUN)
+    epochs, reason = attrs.get(EPOCHS_RUN), str(attrs.get(REASON, ""))
     ended = "ran the full budget" if state == "COMPLETE" else state.lower()
     if attrs.get(PRUNED_EPOCH) is not None:
         ended = f"pruned at epoch {attrs[PRUNED_EPOCH]}"
     elif attrs.get(EARLY_STOPPED):
         ended = f"early stopped at epoch {attrs.get(STOPPED_EPOCH)}"
+    elif reason == "interrupted":
+        ended = "interrupted (Ctrl-C or SIGTERM)"
+    elif reason.startswith("error: "):
+        ended = "failed with an error"
     lines = [
         f"## Trial {number}: {state}",
         "",
-        f"**Ended:** {ended}: {epochs} of {max_epochs} epochs; reason `{attrs.get(REASON, '')}`.",
+        f"**Ended:** {ended}: {epochs} of {max_epochs} epochs; reason `{reason}`.",
     ]
+    if reason == "interrupted":
+        lines.append("\nThe next `hpo run` of the study retries it as a new trial with the same params, from its "
+                     "last checkpoint where it saved one.")
+    if reason.startswith("error: "):
+        where = f" at `{attrs[ERROR_AT]}`" if attrs.get(ERROR_AT) else ""
+        lines.append(f"\n**Raised{where}**; the traceback is `error.txt` in its MLflow run.")
     if attrs.get(BEST_EPOCH) is not None:
         lines.append(f"\n**Kept weights of epoch** {attrs[BEST_EPOCH]}.")
     if diagnosis:

@@ -98,9 +98,13 @@ def on_trial_end(session: Any, state: str) -> None:
 
 def _trial_end(session: Any, state: str) -> None:
     trial, ctx, run = session.trial, session.ctx, session.run
-    if run is None or session.reason == "interrupted":  # Ctrl-C: stop now, publish nothing
+    if run is None:
         return
     max_epochs = session.settings.study.max_epochs
+    if session.reason == "interrupted":  # Ctrl-C: stop now, only the note (one write) says what happened to it
+        attrs = {**trial.user_attrs, "mlflow_run_url": run_url(ctx.tracker, run.run_id)}
+        note_writer()(trial, trial_note(trial.number, state, attrs, max_epochs))
+        return
     store = artifact_store(ctx.checkpoint_root.parent)
     history = run.curves(CURVES)  # what this process logged; the store holds the same
     diagnosis = diagnose(history, max_epochs)

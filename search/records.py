@@ -47,6 +47,8 @@ FINGERPRINT = "hpo.fingerprint"  # direction, metric, space, objective settings,
 SETTINGS = "hpo.settings"  # the study file's settings but [objective], as JSON
 OBJECTIVE = "hpo.objective"  # the [objective] section, as JSON
 BUDGET = "hpo.n_trials"  # the trial budget of the latest run; `hpo status --watch` stops when it is met
+MAX_EPOCHS = "hpo.max_epochs"  # the per-trial epoch budget of the latest run (a resume may change it): the report's
+#   epoch account and fit rules use it, as the study note does
 TEST_METRICS = "hpo.test_metrics"  # the best trial's test metrics ...
 TEST_SCORED_TRIAL = "hpo.test_scored_trial"  # ... valid while this is still the best trial's number
 MODEL_TRIAL = "hpo.model_trial"  # the trial whose model was logged and registered

@@ -50,9 +50,10 @@ class Report:
 
 
 def max_epochs_of(study: optuna.Study) -> int:
-    """The per-trial epoch budget recorded on the study (else the most any trial ran)."""
+    """The per-trial epoch budget of the study's latest run; for a study run before that was recorded, the one it
+    was created with (else the most any trial ran)."""
     settings = study.user_attrs.get(records.SETTINGS) or {}
-    value = settings.get("study", {}).get("max_epochs")
+    value = study.user_attrs.get(records.MAX_EPOCHS) or settings.get("study", {}).get("max_epochs")
     if value:
         return int(value)
     return max((int(t.user_attrs.get(records.EPOCHS_RUN) or 0) for t in study.trials), default=0)

@@ -212,6 +212,8 @@ def open_study(settings: Settings, paths: RunPaths, n_trials: int | None = None,
             study.set_user_attr(records.PARENT_RUN_ID, parent)
         if study.user_attrs.get(records.BUDGET, "unset") != n_trials:
             study.set_user_attr(records.BUDGET, n_trials)
+        if study.user_attrs.get(records.MAX_EPOCHS) != settings.study.max_epochs:
+            study.set_user_attr(records.MAX_EPOCHS, settings.study.max_epochs)
     finally:
         lock.release()
     if progress is not None:

@@ -93,3 +93,20 @@ def test_trial_note_says_how_it_ended_and_links_its_run() -> None:
     done = trial_note(1, "COMPLETE", {"epochs_run": 8, "early_stopped": True, "stopped_epoch": 7, "best_epoch": 4,
                                       "reason": "early_stopped:patience"}, 20, "good fit: fine")
     assert "early stopped at epoch 7" in done and "epoch** 4" in done and "**Fit:** good fit: fine" in done
+
+
+def test_a_failed_trials_note_says_where_it_raised_and_where_its_traceback_is() -> None:
+    note = trial_note(2, "FAIL", {"epochs_run": 0, "reason": "error: ValueError: dropout too high",
+                                  "error_at": "/study/model.py line 14, in forward",
+                                  "mlflow_run_url": "http://x/#/experiments/1/runs/r2"}, 20)
+    assert "**Ended:** failed with an error: 0 of 20 epochs; reason `error: ValueError: dropout too high`." in note
+    assert "**Raised at `/study/model.py line 14, in forward`**; the traceback is `error.txt` in its MLflow run" in note
+    assert "[MLflow run trial-2](http://x/#/experiments/1/runs/r2)" in note
+
+
+def test_an_interrupted_trials_note_says_so_and_that_the_next_run_retries_it() -> None:
+    note = trial_note(30, "FAIL", {"epochs_run": 3, "reason": "interrupted",
+                                   "mlflow_run_url": "http://x/#/experiments/1/runs/r30"}, 20)
+    assert "**Ended:** interrupted (Ctrl-C or SIGTERM): 3 of 20 epochs; reason `interrupted`." in note
+    assert "The next `hpo run` of the study retries it as a new trial with the same params" in note
+    assert "Raised" not in note and "[MLflow run trial-30](http://x/#/experiments/1/runs/r30)" in note

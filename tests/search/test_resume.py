@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
+from optuna_dashboard import get_note
 
 from tests.search.failure_helpers import faulty_study
 from tests.search.workers_helpers import child_runs, hpo, load
@@ -78,3 +80,16 @@ def _assert_retry_ran_every_epoch_once(study, client, resumed_at: int | None) ->
     assert runs[retry.user_attrs["mlflow_run_id"]].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(retry.user_attrs["mlflow_run_id"], "val_accuracy")]
     assert sorted(steps) == list(range(EPOCHS))
+
+
+def test_an_interrupted_trial_has_a_dashboard_note_with_its_mlflow_link(tmp_path: Path) -> None:
+    """Ctrl-C publishes no curves, but the trial's page must not be blank: its note says it was interrupted, that
+    the next run retries it, and links its (KILLED) MLflow run."""
+    _interrupt(tmp_path, "noted", 1)
+    study, _ = load(tmp_path / "runs" / "noted", "noted")
+    first = study.get_trials()[0]
+    note = get_note(optuna.trial.Trial(study, first._trial_id))
+    assert "## Trial 0: FAIL" in note
+    assert f"**Ended:** interrupted (Ctrl-C or SIGTERM): 3 of {EPOCHS} epochs; reason `interrupted`." in note
+    assert "The next `hpo run` of the study retries it" in note
+    assert f"[MLflow run trial-0]({first.user_attrs['mlflow_run_url']})" in note

@@ -15,6 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from optuna_dashboard import get_note
 
 from objectives.data import clear_data_cache
 from search.cli import main
@@ -220,6 +221,8 @@ def test_a_model_that_fails_in_training_shows_its_traceback_once_and_keeps_each_
         text = Path(client.download_artifacts(run_id, "error.txt", str(tmp_path / f"dl{trial.number}"))).read_text()
         assert text.startswith("Traceback") and "ValueError: the training path broke" in text
         assert f'File "{tmp_path.resolve() / "models.py"}", line {line}, in forward' in text
+        note = get_note(optuna.trial.Trial(study, trial._trial_id))  # the dashboard's note says where, too
+        assert f"**Raised at `{site}`**; the traceback is `error.txt` in its MLflow run" in note
 
 
 def test_arrays_study_records_class_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
