@@ -113,3 +113,45 @@ def test_a_signal_whose_interrupt_was_swallowed_stops_the_next_epoch() -> None:
     interrupts.signalled()
     with pytest.raises(KeyboardInterrupt):
         interrupts.check()
+
+
+@pytest.mark.parametrize("pack", [1, 2])
+def test_a_second_ctrl_c_while_an_interrupted_trial_is_recorded_still_retries_it(
+        pack: int, ctrl_c_handler: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """People press Ctrl-C twice. The second one lands while the first one's interrupted trial is recorded (its
+    dashboard note, its MLflow run) and must not cut that short before the trial is re-enqueued: hpo's handler
+    ignores every signal after the first (search/cli.py ``_terminate``)."""
+    settings = load_settings(QUICKSTART, ["study.max_epochs=50", "objective.widths=[8,16]", "study.name='twice'",
+                                          "early_stopping.enabled=false", "pruner={name='none'}",
+                                          f"study.pack={pack}"])
+    paths = run_paths(tmp_path / "runs", "twice", None)
+    real_epoch, real_end = session.TrialSession.on_epoch, publish.on_trial_end
+    sent: list[str] = []
+
+    def epoch_then_ctrl_c(self: Any, epoch: int, metrics: Any, state: Any) -> bool:
+        stop = real_epoch(self, epoch, metrics, state)
+        if epoch == 1 and not sent:
+            sent.append("first")
+            os.kill(os.getpid(), signal.SIGINT)
+        return stop
+
+    def end_with_another_ctrl_c(trial_session: Any, state: str) -> None:
+        if trial_session.reason == "interrupted" and sent == ["first"]:
+            sent.append("second")
+            os.kill(os.getpid(), signal.SIGINT)
+        real_end(trial_session, state)
+
+    monkeypatch.setattr(session.TrialSession, "on_epoch", epoch_then_ctrl_c)
+    monkeypatch.setattr(session, "on_trial_end", end_with_another_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(settings, paths, n_trials=4)
+    signal.signal(signal.SIGINT, _ignore)
+    assert sent == ["first", "second"]
+    trials = optuna.load_study(study_name="twice", storage=paths.storage_url).get_trials()
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stopped) == pack and not [t for t in trials if t.state == TrialState.RUNNING]
+    runs = {r.info.run_id: r for r in child_runs(MlflowClient(paths.tracking_uri), "twice")}
+    for t in stopped:  # every interrupted trial recorded and re-enqueued, the one recorded under the second Ctrl-C too
+        assert t.user_attrs["reason"] == "interrupted" and runs[t.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in stopped)
