@@ -176,5 +176,6 @@ def trial_note(
     if diagnosis:
         lines.append(f"\n**Fit:** {diagnosis}")
     if attrs.get(MLFLOW_RUN_URL):
-        lines.append(f"\n[MLflow run trial-{number}]({attrs[MLFLOW_RUN_URL]}) (start `hpo ui` to open it)")
+        lines.append(f"\n[MLflow run trial-{number}]({attrs[MLFLOW_RUN_URL]}) (for a local MLflow store, "
+                     "`hpo ui STUDY_FILE` serves it)")
     return "\n".join(lines)
