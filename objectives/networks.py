@@ -196,13 +196,11 @@ def _channels_hint(model: nn.Module, shape: tuple[int, ...]) -> str:
 def _where_raised(exc: BaseException, reference: str) -> str:
     """' (raised at my_models.py line 12, in forward: `...`)': the last line of the user's own code in the
     traceback (not torch's), so the message points into their file; "" for the built-in and torchvision models."""
-    import traceback
+    from search.failures import own_frames
 
     if reference == "cnn" or reference.startswith("torchvision:"):
         return ""
-    library = os.path.dirname(os.path.dirname(torch.__file__))  # site-packages: torch's and others' frames
-    own = [f for f in traceback.extract_tb(exc.__traceback__)
-           if not f.filename.startswith(library) and f.filename != __file__]
+    own = [f for f in own_frames(exc) if f.filename != __file__]
     if not own:
         return ""
     frame = own[-1]

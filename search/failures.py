@@ -126,14 +126,19 @@ def drop_frames(exc: BaseException) -> None:
 _shown = {"traceback": False}
 
 
-def error_site(exc: BaseException) -> str:
-    """Where an error was raised in code written for the study (the user's model, data or loop; this project's
-    code), not in Python or an installed library: its innermost such frame, '/path/my_models.py line 12, in
-    forward'; "" when there is none."""
+def own_frames(exc: BaseException) -> list[traceback.FrameSummary]:
+    """The frames of an error's traceback in code written for the study (the user's model, data or loop; this
+    project's code), not in Python or an installed library, outermost first."""
     import sysconfig
 
     installed = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
-    own = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(installed)]
+    return [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(installed)]
+
+
+def error_site(exc: BaseException) -> str:
+    """Where an error was raised in code written for the study: its innermost such frame (``own_frames``),
+    '/path/my_models.py line 12, in forward'; "" when there is none."""
+    own = own_frames(exc)
     return f"{own[-1].filename} line {own[-1].lineno}, in {own[-1].name}" if own else ""
 
 
