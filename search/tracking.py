@@ -143,10 +143,23 @@ class Tracker:
         parent run. ``read_id`` reads this study's id (None: a new study, or one in memory, which never claims
         one) after the tag is read: a worker of the same study may give it its id and tag the experiment meanwhile,
         and the id is set before the tag."""
-        owner = self.client.get_experiment(self.experiment_id).tags.get(records.STUDY_ID)
+        owner = self._owner()
+        if owner is not None:
+            self._refuse_other(owner, read_id())
+
+    def claim(self, study_id: str) -> None:
+        """Tag the experiment with the study's id (one made before the tag is adopted), then read it back: of two
+        studies that tag it at once, the last write wins and the other is refused."""
+        owner = self._owner()
         if owner is None:
-            return
-        study_id = read_id()
+            self.client.set_experiment_tag(self.experiment_id, records.STUDY_ID, study_id)
+            owner = self._owner()
+        self._refuse_other(owner, study_id)
+
+    def _owner(self) -> str | None:
+        return self.client.get_experiment(self.experiment_id).tags.get(records.STUDY_ID)
+
+    def _refuse_other(self, owner: str | None, study_id: str | None) -> None:
         if owner != study_id:
             raise TrackingError(
                 f"the MLflow experiment {self.experiment_name!r} in {self.tracking_uri} holds the runs of another "
@@ -155,13 +168,6 @@ class Tracker:
                 "runs would mix. Give this study its own name (--study-name NEW, or study.name in the file), or "
                 "use another --tracking-uri."
             )
-
-    def claim(self, study_id: str) -> None:
-        """Tag the experiment with the study's id (one made before the tag is adopted), then read it back: of two
-        studies that tag it at once, the last write wins and ``check_owner`` refuses the other."""
-        if self.client.get_experiment(self.experiment_id).tags.get(records.STUDY_ID) is None:
-            self.client.set_experiment_tag(self.experiment_id, records.STUDY_ID, study_id)
-        self.check_owner(lambda: study_id)
 
     @property
     def is_server(self) -> bool:
