@@ -430,9 +430,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not args.no_finish:  # not for the workers of `hpo run --workers`: their launcher reports the end
         from search.summary import counts
 
-        ran, c = result.new_trials, counts(result.study)
-        finished = c["COMPLETE"] + c["PRUNED"]
-        why = f"; {_budget_met(n_trials, finished)}" if ran == 0 and n_trials and finished >= n_trials else ""
+        ran, why = result.new_trials, ""
+        if ran == 0 and n_trials:  # only then are the study's trials read again, to say why
+            c = counts(result.study)
+            finished = c["COMPLETE"] + c["PRUNED"]
+            why = f"; {_budget_met(n_trials, finished)}" if finished >= n_trials else ""
         print(f"worker done: ran {ran} trial{'s' if ran != 1 else ''} of study {settings.study.name!r}{why}",
               file=sys.stderr)
     if result.stopped_by_failures:
