@@ -16,6 +16,8 @@ from typing import Any
 
 from search.errors import first_line
 
+ERROR_PREFIX = "error: "  # what ``failure_reason`` puts before a trial's error (not a timeout, OOM or NaN loss)
+
 
 class TrialFailed(Exception):
     """A trial failed for a reason recorded on it; the study continues with the next trial."""
@@ -164,4 +166,4 @@ def failure_reason(exc: BaseException) -> str:
         return "trial_timeout"
     if is_out_of_memory(exc):
         return "out_of_memory"
-    return f"error: {type(exc).__name__}: {first_line(exc, empty='')}"[:500]
+    return f"{ERROR_PREFIX}{type(exc).__name__}: {first_line(exc, empty='')}"[:500]

@@ -24,6 +24,7 @@ from search.records import (
     epochs_run,
     epochs_trained,
     fmt,
+    is_error,
     outcome,
 )
 
@@ -158,7 +159,7 @@ def trial_note(
         ended = f"early stopped at epoch {attrs.get(STOPPED_EPOCH)}"
     elif reason == "interrupted":
         ended = "interrupted (Ctrl-C or SIGTERM)"
-    elif reason.startswith("error: "):
+    elif is_error(reason):
         ended = "failed with an error"
     lines = [
         f"## Trial {number}: {state}",
@@ -168,7 +169,7 @@ def trial_note(
     if reason == "interrupted":
         lines.append("\nThe next `hpo run` of the study retries it as a new trial with the same params, from its "
                      "last checkpoint where it saved one.")
-    if reason.startswith("error: "):
+    if is_error(reason):
         where = f" at `{attrs[ERROR_AT]}`" if attrs.get(ERROR_AT) else ""
         lines.append(f"\n**Raised{where}**; the traceback is `error.txt` in its MLflow run.")
     if attrs.get(BEST_EPOCH) is not None:

@@ -14,6 +14,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.failures import ERROR_PREFIX
+
 # --- trial attributes ---------------------------------------------------------------------------------------
 MLFLOW_RUN_ID = "mlflow_run_id"
 MLFLOW_RUN_URL = "mlflow_run_url"
@@ -98,9 +100,14 @@ def outcome(t: FrozenTrial) -> str:
 REASON_SHOWN = 60  # characters of a failed trial's reason in the tables; `--json` has all of it
 
 
+def is_error(reason: str) -> bool:
+    """Whether a recorded reason is an error raised in the trial (its record has ``error_at``, its run error.txt)."""
+    return reason.startswith(ERROR_PREFIX)
+
+
 def reason_text(reason: str) -> str:
     """A recorded reason as words: without the "error: " that failures.failure_reason puts before an error."""
-    return reason.removeprefix("error: ")
+    return reason.removeprefix(ERROR_PREFIX)
 
 
 def ended_at(t: FrozenTrial) -> str:

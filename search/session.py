@@ -361,7 +361,7 @@ class TrialSession:
             retry(self.trial.study, stored_trial(self.trial))
             return
         self.reason = failure_reason(exc)
-        if self.reason.startswith("error: "):
+        if records.is_error(self.reason):
             text = "".join(traceback.format_exception(exc))
             self.error = (error_site(exc), text)
             show_first_traceback(self.trial.number, exc, text)
