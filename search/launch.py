@@ -10,6 +10,7 @@ that a new process pays (BENCHMARKS.md section 6). GPU workers are new processes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import signal
@@ -267,29 +268,44 @@ def run_parallel(settings: Settings, paths: RunPaths, args: argparse.Namespace, 
     return result
 
 
+def start_warm_up() -> threading.Thread:
+    """Pay the end's model-logging set-up (``tracking.warm_model_logging``, 1-2 s of CPU) while the workers train,
+    in a thread at the lowest CPU priority (Linux sets it per thread): it runs on the cycles the workers leave idle
+    (their storage commits, the core of a worker that ended first), not on theirs, and not after the last trial,
+    where the study's end used to wait for it whenever the workers ended together. The caller joins it before
+    logging the model."""
+
+    def warm() -> None:
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        warm_model_logging()
+
+    thread = threading.Thread(target=warm, name="hpo-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def _follow_workers(opened: OpenStudy, procs: list[Worker], before: set[int], n_trials: int | None,
                     progress: Progress | None) -> RunResult:
     study, paths = opened.study, opened.paths
     if progress is not None:
         progress.start(study)
-    shown = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number in before}
-    read_at, warmed, cores = 0.0, False, os.cpu_count() or 1
+    shown = set() if progress is None else {
+        t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number in before}
+    read_at = 0.0
+    warm_up = start_warm_up()
     try:
         while True:  # the workers' exits seen within 0.1 s, so the study ends then; the storage read once a second
-            running = sum(p.poll() is None for p in procs)
-            done = running == 0
-            if not warmed and 0 < running < cores:  # a core is free: take the end's model logging set-up off it
-                warm_model_logging()
-                warmed = True
-            if done or time.monotonic() - read_at >= 1.0:
+            done = all(p.poll() is not None for p in procs)  # (only to show progress: --quiet reads it not at all)
+            if progress is not None and (done or time.monotonic() - read_at >= 1.0):
                 read_at = time.monotonic()
                 ended = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
                 for trial in sorted(ended, key=lambda t: (t.datetime_complete or datetime.min, t.number)):
                     if trial.number not in shown:
                         shown.add(trial.number)
-                        if progress is not None:
-                            progress(study, trial)
-                if progress is not None and not done:
+                        progress(study, trial)
+                if not done:
                     progress.workers_running(study)
             if done:
                 break
@@ -298,6 +314,7 @@ def _follow_workers(opened: OpenStudy, procs: list[Worker], before: set[int], n_
         stop_workers(procs)
         raise
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    warm_up.join()  # the end logs the model: not while torch.export is being set up beside it
     test_metrics = finish_study(opened, n_trials)
     new = [t for t in study.get_trials(deepcopy=False) if t.number not in before]
     # A worker that stopped after max_failures failed trials says so itself (above); here we only know it exited.

@@ -422,3 +422,23 @@ def test_sigterm_while_the_launcher_opens_its_stores_beside_forked_workers_stops
         server.release.set()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the priority of one thread is Linux's (elsewhere it is the process's)")
+def test_the_end_s_model_logging_set_up_runs_beside_the_workers_at_the_lowest_priority(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import search.launch as launch
+
+    seen: dict[str, int] = {}
+
+    def warm() -> None:  # what the thread runs, in place of the 1-2 s set-up itself
+        seen["priority"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        seen["thread"] = threading.get_native_id()
+
+    monkeypatch.setattr(launch, "warm_model_logging", warm)
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    launch.start_warm_up().join(timeout=30)
+    assert seen["priority"] == 19
+    assert seen["thread"] != threading.get_native_id()
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # this thread keeps its own
