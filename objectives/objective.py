@@ -84,12 +84,34 @@ class CNNObjective:
         return self.data().identity()
 
     def describe(self) -> str:
-        """One line for the start of a run: the data, where it lives, and the model."""
+        """One line for the start of a run: the data, where it lives, and the model; then a warning line when a
+        trial's batch can be larger than the training split (it would run silently, one step an epoch)."""
         data = self.data()
-        return (f"data {data.name}: {len(data.train_y)} train / {len(data.val_y)} val / {len(data.test_y)} test "
+        line = (f"data {data.name}: {len(data.train_y)} train / {len(data.val_y)} val / {len(data.test_y)} test "
                 f"images, {data.num_classes} classes, {data.in_channels}x{data.image_size}x{data.image_size}; "
                 f"on {'the device' if data.placement == 'device' else 'host memory, streamed'} "
                 f"({data.placement_reason}); {self._model_words()}")
+        small = self._batch_over(len(data.train_y))
+        return f"{line}\n{small}" if small else line
+
+    def _batch_over(self, train: int) -> str | None:
+        """A warning when a trial's batch size (the setting, or the largest [space.batch_size] can sample) is more
+        than the ``train`` images: that trial's batch is the whole split, so each epoch is one optimiser step."""
+        spec = self.settings.space.params.get("batch_size")
+        if spec is None:
+            batch, what = self.config.batch_size, f"batch_size {self.config.batch_size}"
+        else:
+            values = spec.grid_values() or [spec.high]
+            sizes = [int(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+            if not sizes:
+                return None
+            batch = max(sizes)
+            what = f"batch sizes up to {batch} ([space.batch_size])"
+        if train >= batch:
+            return None
+        return (f"warning: the training split has {train} images, fewer than {what}: a trial whose batch size is "
+                f"above {train} trains on the whole split as one batch, one optimiser step an epoch, so it learns "
+                f"little. Add training images, or lower the batch size to {train} or less.")
 
     def _model_words(self) -> str:
         """The model and how its steps run: pool-first, compiled, CUDA graphs (or why they are not used here)."""

@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from search.errors import HpoError, SettingsError, cannot_listen
 from search.loading import collector_off
@@ -577,9 +577,27 @@ def cmd_best(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2, default=str))
     else:
+        elsewhere = _checkpoint_elsewhere(attrs)
         for key, value in data.items():
-            print(f"{key:>14}: {value}")
+            print(f"{key:>14}: {value}{f' ({elsewhere})' if key == records.CHECKPOINT and elsewhere else ''}")
     return 0
+
+
+def _checkpoint_elsewhere(attrs: dict[str, Any]) -> str | None:
+    """Why the best trial's checkpoint path is not a file to use on this machine (None when it is): with workers
+    on several machines, each keeps the checkpoints of its own trials, and the path names the other one's disk."""
+    from search import records
+    from search.workers import HOST
+
+    path, host = attrs.get(records.CHECKPOINT), attrs.get("host")
+    other = host is not None and host != HOST
+    if not path:
+        return None
+    if Path(path).is_file():
+        return f"written on {host}; a file is at this path here too" if other else None
+    fetch = ("`hpo export` fetches it from MLflow" if attrs.get(records.MLFLOW_RUN_ID)
+             else "its trial has no MLflow run to fetch it from")
+    return f"on {host}, not this machine; {fetch}" if other else f"not found on this machine; {fetch}"
 
 
 def _exec(argv: list[str]) -> int:

@@ -20,6 +20,8 @@ from search.records import (
     MLFLOW_RUN_URL,
     PRUNED_EPOCH,
     REASON,
+    RESUMED_AT_EPOCH,
+    RESUMED_FROM_TRIAL,
     STOPPED_EPOCH,
     epochs_run,
     epochs_trained,
@@ -166,6 +168,9 @@ def trial_note(
         "",
         f"**Ended:** {ended}: {epochs} of {max_epochs} epochs; reason `{reason}`.",
     ]
+    if attrs.get(RESUMED_FROM_TRIAL) is not None:
+        lines.append(f"\n**Retry of trial #{attrs[RESUMED_FROM_TRIAL]}**: resumed from its checkpoint, training from "
+                     f"epoch {attrs.get(RESUMED_AT_EPOCH)} on (the earlier epochs are that trial's).")
     if reason == "interrupted":
         lines.append("\nThe next `hpo run` of the study retries it as a new trial with the same params, from its "
                      "last checkpoint where it saved one.")

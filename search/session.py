@@ -294,11 +294,9 @@ class TrialSession:
             metrics[f"best_{metric}"] = final[metric]
         if state == "COMPLETE" and self.trial.user_attrs.get(records.BEST_EPOCH) is not None:
             metrics["best_epoch"] = float(self.trial.user_attrs[records.BEST_EPOCH])
-        tags = {
-            "early_stopped": str(self.early_stopped).lower(),
-            "stopped_epoch": "" if stopped is None else stopped,
-            "hpo.reason": self.reason,
-        }
+        tags: dict[str, object] = {"early_stopped": str(self.early_stopped).lower(), "hpo.reason": self.reason}
+        if self.early_stopped:  # a pruned or full-length run has no stopped_epoch: it would read as early-stopped
+            tags["stopped_epoch"] = stopped
         if self.error is not None:
             tags["hpo.error_at"] = self.error[0]
         if self.run is not None:

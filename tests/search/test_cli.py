@@ -613,6 +613,33 @@ def test_a_wrong_study_name_or_storage_names_what_there_is(capsys: pytest.Captur
     assert sorted(p.name for p in runs.rglob("*")) == ["study.json", "team-study"]  # nothing created
 
 
+@pytest.mark.parametrize(("host", "on_disk", "note"), [
+    ("gpu-box-7", False, " (on gpu-box-7, not this machine; `hpo export` fetches it from MLflow)"),
+    (None, False, " (not found on this machine; `hpo export` fetches it from MLflow)"),
+    (None, True, ""),
+], ids=["other-machine", "file-gone", "here"])
+def test_best_says_when_the_checkpoint_is_not_on_this_machine(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, host: str | None, on_disk: bool, note: str) -> None:
+    """With workers on several machines, the best trial's checkpoint path names the disk of the one that ran it."""
+    import optuna
+
+    from search.workers import HOST
+
+    checkpoint = tmp_path / "checkpoints" / "trial-0" / "best.pt"
+    if on_disk:
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"weights")
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    study = optuna.create_study(study_name="team-study", storage=storage, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(
+        params={"x": 0.5}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)}, value=0.9,
+        user_attrs={"host": host or HOST, "checkpoint": str(checkpoint), "mlflow_run_id": "0123abcd"}))
+    code, out, err = run(capsys, "best", "--study", "team-study", "--storage", storage, "--run-dir",
+                         str(tmp_path / "runs"))
+    assert code == 0, err
+    assert f"    checkpoint: {checkpoint}{note}\n" in out, out
+
+
 def test_the_run_summary_hides_the_storage_password(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """The summary's "Optuna:" line names the storage without its password (a job's log is read by others)."""
     from tests.search.workers_helpers import postgres_database

@@ -110,3 +110,10 @@ def test_an_interrupted_trials_note_says_so_and_that_the_next_run_retries_it() -
     assert "**Ended:** interrupted (Ctrl-C or SIGTERM): 3 of 20 epochs; reason `interrupted`." in note
     assert "The next `hpo run` of the study retries it as a new trial with the same params" in note
     assert "Raised" not in note and "[MLflow run trial-30](http://x/#/experiments/1/runs/r30)" in note
+
+
+def test_a_retrys_note_names_the_trial_it_resumes() -> None:
+    note = trial_note(7, "COMPLETE", {"epochs_run": 12, "reason": "completed", "resumed_from_trial": 3,
+                                      "resumed_at_epoch": 5}, 20)
+    assert "**Retry of trial #3**: resumed from its checkpoint, training from epoch 5 on" in note
+    assert "Retry of" not in trial_note(3, "COMPLETE", {"epochs_run": 12, "reason": "completed"}, 20)

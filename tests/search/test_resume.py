@@ -52,6 +52,9 @@ def test_checkpoint_every_2_resumes_from_the_last_epoch_it_saved(tmp_path: Path)
     assert again.returncode == 0, again.stderr
     study, client = load(tmp_path / "runs" / "every2", "every2")
     _assert_retry_ran_every_epoch_once(study, client, 2)
+    note = get_note(optuna.trial.Trial(study, study.get_trials()[1]._trial_id))
+    assert "## Trial 1: COMPLETE" in note
+    assert "**Retry of trial #0**: resumed from its checkpoint, training from epoch 2 on" in note
 
 
 def test_a_corrupt_last_checkpoint_is_reported_and_the_retry_starts_from_epoch_0(tmp_path: Path) -> None:

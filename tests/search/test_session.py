@@ -112,6 +112,27 @@ def test_pruner_decision_marks_trial_pruned(tracker: Tracker, tmp_path: Path) ->
     assert trial.user_attrs["epochs_run"] == 2
 
 
+def test_stopped_epoch_tag_only_on_early_stopped_runs(tracker: Tracker, tmp_path: Path) -> None:
+    """A pruned run and one that ran every epoch have no ``stopped_epoch`` tag: it means early stopping."""
+    settings = settings_from_dict({**BASE, "pruner": {"name": "threshold", "lower": 0.5},
+                                   "study": {**BASE["study"], "max_epochs": 2}})
+    ctx = StudyContext(settings, tracker, tracker.parent_run("unit", {}), tmp_path)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    pruned = study.ask()
+    with pytest.raises(optuna.TrialPruned), ctx.trial(pruned, {"lr": 0.1}, {"lr": 0.1}) as session:
+        session.on_epoch(0, metrics(1.0, 0.7), state_for(torch.nn.Linear(1, 1)))
+        session.on_epoch(1, metrics(0.9, 0.4), state_for(torch.nn.Linear(1, 1)))
+    full = study.ask()
+    with ctx.trial(full, {"lr": 0.1}, {"lr": 0.1}) as session:
+        for epoch in range(2):
+            session.on_epoch(epoch, metrics(1.0 - epoch / 10, 0.7), state_for(torch.nn.Linear(1, 1)))
+        session.complete({"model_spec": {}, "settings": {}})
+    for trial, state in ((pruned, "PRUNED"), (full, "COMPLETE")):
+        tags = run_of(tracker, trial).data.tags
+        assert tags["optuna.state"] == state and tags["early_stopped"] == "false"
+        assert "stopped_epoch" not in tags
+
+
 def test_out_of_memory_fails_trial_with_batch_size(ctx: StudyContext, tracker: Tracker) -> None:
     study = optuna.create_study(direction="maximize")
     trial = study.ask()
