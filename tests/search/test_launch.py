@@ -424,7 +424,7 @@ def test_sigterm_while_the_launcher_opens_its_stores_beside_forked_workers_stops
         server.server_close()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="the priority of one thread is Linux's (elsewhere it is the process's)")
+@pytest.mark.skipif(sys.platform != "linux", reason="only Linux gives one thread its own priority")
 def test_the_end_s_model_logging_set_up_runs_beside_the_workers_at_the_lowest_priority(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
