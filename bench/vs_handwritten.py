@@ -53,8 +53,8 @@ same on both sides: the digits split (objectives.data.load_data), the CNN (objec
   one fresh process each (OMP_NUM_THREADS=1 unless --handwritten-threads / --workers say otherwise), start-up
   and imports counted in the wall time.
 what differs (each is part of what the side is):
-  hpo stops a trial early inside it (patience 4, min_delta 0.002 on val_accuracy) and returns its best epoch's
-    accuracy (restore_best); the script trains every unpruned trial to max_epochs and returns the last epoch's.
+  hpo stops a trial early inside it (patience {patience}, min_delta {min_delta} on val_accuracy) and returns its best
+    epoch's accuracy (restore_best); the script trains every unpruned trial to max_epochs and returns the last epoch's.
   hpo trains from one normalised tensor with index slices; the script uses a DataLoader over TensorDatasets.
   hpo's runtime trains channels_last with a fused AdamW step on the CPU; the script NCHW with torch's AdamW.
   hpo logs 7 metrics per epoch in one MLflow call; the script 3 metrics, one log_metric call each.
@@ -190,7 +190,8 @@ def main() -> None:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     print(f"search: quickstart, {args.trials} trials x {args.epochs} epochs, seeds "
           f"{args.first_seed}..{args.first_seed + args.seeds - 1}", flush=True)
-    print(DIFFERENCES, flush=True)
+    stopping = load_settings(QUICKSTART).early_stopping
+    print(DIFFERENCES.format(patience=stopping.patience, min_delta=stopping.min_delta), flush=True)
     tmp = tempfile.TemporaryDirectory(prefix="vs-handwritten-")
     root = args.keep or Path(tmp.name)
     root.mkdir(parents=True, exist_ok=True)
