@@ -110,27 +110,20 @@ def test_pruner_decision_marks_trial_pruned(tracker: Tracker, tmp_path: Path) ->
         session.on_epoch(1, metrics(0.9, 0.4), state_for(torch.nn.Linear(1, 1)))
     assert trial.user_attrs["reason"] == "pruned" and trial.user_attrs["pruned_epoch"] == 1
     assert trial.user_attrs["epochs_run"] == 2
+    tags = run_of(tracker, trial).data.tags  # stopped_epoch means early stopping: not on a pruned run
+    assert tags["optuna.state"] == "PRUNED" and tags["early_stopped"] == "false" and "stopped_epoch" not in tags
 
 
-def test_stopped_epoch_tag_only_on_early_stopped_runs(tracker: Tracker, tmp_path: Path) -> None:
-    """A pruned run and one that ran every epoch have no ``stopped_epoch`` tag: it means early stopping."""
-    settings = settings_from_dict({**BASE, "pruner": {"name": "threshold", "lower": 0.5},
-                                   "study": {**BASE["study"], "max_epochs": 2}})
+def test_a_run_that_used_every_epoch_has_no_stopped_epoch_tag(tracker: Tracker, tmp_path: Path) -> None:
+    settings = settings_from_dict({**BASE, "study": {**BASE["study"], "max_epochs": 2}})
     ctx = StudyContext(settings, tracker, tracker.parent_run("unit", {}), tmp_path)
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
-    pruned = study.ask()
-    with pytest.raises(optuna.TrialPruned), ctx.trial(pruned, {"lr": 0.1}, {"lr": 0.1}) as session:
-        session.on_epoch(0, metrics(1.0, 0.7), state_for(torch.nn.Linear(1, 1)))
-        session.on_epoch(1, metrics(0.9, 0.4), state_for(torch.nn.Linear(1, 1)))
-    full = study.ask()
+    full = optuna.create_study(direction="maximize").ask()
     with ctx.trial(full, {"lr": 0.1}, {"lr": 0.1}) as session:
         for epoch in range(2):
             session.on_epoch(epoch, metrics(1.0 - epoch / 10, 0.7), state_for(torch.nn.Linear(1, 1)))
         session.complete({"model_spec": {}, "settings": {}})
-    for trial, state in ((pruned, "PRUNED"), (full, "COMPLETE")):
-        tags = run_of(tracker, trial).data.tags
-        assert tags["optuna.state"] == state and tags["early_stopped"] == "false"
-        assert "stopped_epoch" not in tags
+    tags = run_of(tracker, full).data.tags
+    assert tags["optuna.state"] == "COMPLETE" and tags["early_stopped"] == "false" and "stopped_epoch" not in tags
 
 
 def test_out_of_memory_fails_trial_with_batch_size(ctx: StudyContext, tracker: Tracker) -> None:
