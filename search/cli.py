@@ -702,10 +702,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     study, paths = _open_existing(args)
     settings = _settings(args) if args.file else stored_settings(study)
     done = export_best(study, settings, Path(args.out), paths.tracking_uri)
-    print(f"exported trial #{done.trial} (value {done.value:.4f}) to {done.out}: an MLflow model taking float32 "
-          f"images of shape (N, {', '.join(map(str, done.input_shape))}) and predicting class indices (the class "
-          f"names are in its metadata, model.metadata.metadata['class_names']); load it with "
-          f"mlflow.pyfunc.load_model({str(done.out)!r})")
+    shape = f"float32 (N, {', '.join(map(str, done.input_shape))})"
+    lines = [f"exported trial #{done.trial} (value {done.value:.4f}) to {done.out}, an MLflow model; load it with "
+             f"mlflow.pyfunc.load_model({str(done.out)!r})",
+             f"  input:       {done.input_info.get('input', shape)}"]
+    if "image_files" in done.input_info:
+        lines.append(f"  image files: {done.input_info['image_files']}")
+    lines.append("  output:      class indices (int64), named by model.metadata.metadata['class_names']")
+    print("\n".join(lines))
     return 0
 
 
