@@ -111,6 +111,7 @@ def test_best_model_is_logged_with_signature_and_registered_under_the_study_name
     accuracy = (model.predict(images) == labels).mean()  # class indices
     assert accuracy > 0.8, accuracy
     assert model.metadata.metadata["class_names"] == [str(i) for i in range(10)]
+    assert model.metadata.metadata["input"].startswith("float32 images (N, 1, 8, 8), pixel values 0..16")
 
 
 def test_report_writes_offline_html_and_pngs_and_logs_them_on_the_parent_run(
