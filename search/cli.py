@@ -196,7 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write the best trial's model as an MLflow model directory",
                             description="Write the best trial's model as an MLflow model (pytorch and pyfunc "
-                                        "flavours, signature, input example); see README 'Export'.")
+                                        "flavours, signature, input example), loadable with "
+                                        "mlflow.pyfunc.load_model(DIR) without this project. It takes float32 "
+                                        "images (N, C, H, W) at the data set's own pixel scale (0..255 for image "
+                                        "folders, not 0..1; normalisation is inside) and predicts class indices. "
+                                        "The command prints the exact input and, for an image folder, how to "
+                                        "turn a file into it; see README 'Export'.")
     _common(export, file_required=False)
     export.add_argument("--out", metavar="DIR", required=True, help="new (or empty) folder for the model")
     compare = sub.add_parser(
