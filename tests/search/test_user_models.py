@@ -338,3 +338,11 @@ def test_a_folder_model_exported_predicts_image_files_prepared_as_the_readme_and
     predicted = [names[i] for i in served.predict(prepared)]
     decoded = np.stack([decode_image(f, 12, 3) for f in files]).astype(np.float32)
     assert predicted == [names[i] for i in served.predict(decoded)]
+    module = mlflow.pytorch.load_model(str(model_dir))  # the torch module: uint8 too, at the same scale
+    with torch.no_grad():
+        as_uint8 = module(torch.from_numpy(decoded.astype(np.uint8))).numpy()
+        with pytest.raises(RuntimeError, match="expected scalar type Double but found Float"):
+            module(torch.from_numpy(decoded.astype(np.float64)))
+        with pytest.raises(AssertionError, match=r"Guard failed: x.size\(\)\[2\] == 12"):
+            module(torch.zeros(1, 3, 16, 16))
+    np.testing.assert_array_equal(as_uint8, served.predict(decoded))
