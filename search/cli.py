@@ -196,7 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write the best trial's model as an MLflow model directory",
                             description="Write the best trial's model as an MLflow model (pytorch and pyfunc "
-                                        "flavours, signature, input example); see README 'Export'.")
+                                        "flavours, signature, input example), loadable with "
+                                        "mlflow.pyfunc.load_model(DIR) without this project. It takes float32 "
+                                        "images (N, C, H, W) at the data set's own pixel scale (0..255 for image "
+                                        "folders, not 0..1; normalisation is inside) and predicts class indices. "
+                                        "The command prints the exact input and, for an image folder, how to "
+                                        "turn a file into it; see README 'Export'.")
     _common(export, file_required=False)
     export.add_argument("--out", metavar="DIR", required=True, help="new (or empty) folder for the model")
     compare = sub.add_parser(
@@ -702,10 +707,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     study, paths = _open_existing(args)
     settings = _settings(args) if args.file else stored_settings(study)
     done = export_best(study, settings, Path(args.out), paths.tracking_uri)
-    print(f"exported trial #{done.trial} (value {done.value:.4f}) to {done.out}: an MLflow model taking float32 "
-          f"images of shape (N, {', '.join(map(str, done.input_shape))}) and predicting class indices (the class "
-          f"names are in its metadata, model.metadata.metadata['class_names']); load it with "
-          f"mlflow.pyfunc.load_model({str(done.out)!r})")
+    shape = f"float32 (N, {', '.join(map(str, done.input_shape))})"
+    lines = [f"exported trial #{done.trial} (value {done.value:.4f}) to {done.out}, an MLflow model; load it with "
+             f"mlflow.pyfunc.load_model({str(done.out)!r})",
+             f"  input:       {done.input_info.get('input', shape)}"]
+    if "image_files" in done.input_info:
+        lines.append(f"  image files: {done.input_info['image_files']}")
+    lines.append("  output:      class indices (int64), named by model.metadata.metadata['class_names']")
+    print("\n".join(lines))
     return 0
 
 

@@ -31,6 +31,7 @@ class Exported:
     value: float
     out: Path
     input_shape: tuple[int, ...]
+    input_info: dict[str, str]  # the model's words on its input (pixel scale; how image files are prepared)
 
 
 def export_best(study: optuna.Study, settings: Settings, out: Path, tracking_uri: str | None = None) -> Exported:
@@ -52,7 +53,8 @@ def export_best(study: optuna.Study, settings: Settings, out: Path, tracking_uri
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, example, out)
     value = best.value if best.value is not None else float("nan")  # a COMPLETE trial always has one
-    return Exported(best.number, float(value), out, tuple(example.shape[1:]))
+    info = {str(k): str(v) for k, v in (getattr(model, "input_info", None) or {}).items()}
+    return Exported(best.number, float(value), out, tuple(example.shape[1:]), info)
 
 
 def _checkpoint(best: optuna.trial.FrozenTrial, tracking_uri: str | None, scratch: Path) -> str:

@@ -603,9 +603,12 @@ def _signature(model: Any, example: Any) -> tuple[Any, Any]:
 
 
 def _metadata(model: Any) -> dict[str, Any] | None:
-    """The class names a served model's outputs index into, for the MLflow model's metadata."""
+    """For the MLflow model's metadata: the class names a served model's outputs index into, and what its input
+    must be (``input``; ``image_files`` for a folder study), which its signature alone does not say."""
     names = getattr(model, "class_names", None)
-    return {"class_names": list(names)} if names else None
+    meta: dict[str, Any] = {"class_names": list(names)} if names else {}
+    meta.update(getattr(model, "input_info", None) or {})
+    return meta or None
 
 
 def _requirements() -> list[str]:

@@ -44,6 +44,14 @@ def test_help_teaches_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--set SECTION.KEY=VALUE" in text and "resumes the study" in text
 
 
+def test_export_help_says_what_the_exported_model_takes_and_returns(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "mlflow.pyfunc.load_model(DIR)" in text and "float32 images (N, C, H, W)" in text
+    assert "0..255 for image folders, not 0..1" in text and "predicts class indices" in text
+
+
 # Bad input, one row each: (study file, command and options, what the one-paragraph error must say). The study
 # file is the quickstart (QS), a file with this text or these bytes (named in the error), or a folder (DIR).
 # {tmp} is the test's folder, {pg} the test PostgreSQL server's user@host, {ro} a folder nobody may write to.

@@ -111,6 +111,7 @@ def test_best_model_is_logged_with_signature_and_registered_under_the_study_name
     accuracy = (model.predict(images) == labels).mean()  # class indices
     assert accuracy > 0.8, accuracy
     assert model.metadata.metadata["class_names"] == [str(i) for i in range(10)]
+    assert model.metadata.metadata["input"].startswith("float32 images (N, 1, 8, 8), pixel values 0..16")
 
 
 def test_report_writes_offline_html_and_pngs_and_logs_them_on_the_parent_run(
@@ -148,7 +149,9 @@ def test_report_writes_offline_html_and_pngs_and_logs_them_on_the_parent_run(
 def test_export_writes_an_mlflow_model_that_predicts_digits(done: dict, capsys: pytest.CaptureFixture[str]) -> None:
     out = done["work"] / "best-model"
     assert main(["export", str(QUICKSTART), *done["opts"], "--out", str(out)]) == 0
-    assert f"exported trial #{done['study'].best_trial.number}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"exported trial #{done['study'].best_trial.number}" in printed
+    assert "input:       float32 images (N, 1, 8, 8), pixel values 0..16" in printed and "image files" not in printed
     assert (out / "MLmodel").is_file()
     images, labels = _digits(100)
     served = mlflow.pyfunc.load_model(str(out))
@@ -156,6 +159,7 @@ def test_export_writes_an_mlflow_model_that_predicts_digits(done: dict, capsys: 
     assert predicted.shape == (100,) and predicted.dtype == np.int64  # class indices, named in the metadata
     assert (predicted == labels).mean() > 0.8
     assert served.metadata.metadata["class_names"] == [str(i) for i in range(10)]
+    assert "pixel values 0..16" in served.metadata.metadata["input"]
     module = mlflow.pytorch.load_model(str(out))
     with torch.no_grad():
         again = module(torch.from_numpy(images)).numpy()

@@ -292,3 +292,57 @@ def test_resnet18_on_an_image_folder_end_to_end(tmp_path: Path, capsys: pytest.C
     predicted = served.predict(pictures)
     assert predicted.shape == (6,) and set(predicted.tolist()) <= {0, 1, 2}
     assert [names[i] for i in predicted] and all(isinstance(names[i], str) for i in predicted)
+
+
+def test_a_folder_model_exported_predicts_image_files_prepared_as_the_readme_and_its_metadata_say(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The path after tuning: `hpo best`, `hpo export`, then predict on the files a user has. The export says
+    what the input must be (pixels 0..255, not 0..1; how a file is resized and cropped), and the README's
+    `prepare` turns a file into exactly the pixels training saw, so predictions match the test score."""
+    import re
+
+    from objectives.data import load_data
+    from objectives.image_folder import decode_image
+    from search.config import load_settings
+
+    make_image_folder(tmp_path / "pets", per_class=12, size=(24, 20), ext="jpg")  # not square: cropped
+    study_path = study_file(tmp_path, 'dataset = "folder"\ndata_dir = "pets"\nimage_size = 12', name="pets")
+    opts = [str(study_path), "--run-dir", str(tmp_path / "runs")]
+    assert run(capsys, "run", *opts)[0] == 0
+    code, out, err = run(capsys, "best", *opts, "--json")
+    assert code == 0, err
+    reported = json.loads(out)["test_metrics"]["test_accuracy"]
+    model_dir = tmp_path / "best-model"
+    code, out, err = run(capsys, "export", *opts, "--out", str(model_dir))
+    assert code == 0, err
+    assert "input:       float32 images (N, 3, 12, 12), pixel values 0..255 (not 0..1)" in out, out
+    assert "image files: as in training: open with Pillow, apply the EXIF orientation, convert to RGB, resize " \
+           "the shorter side to 12 (bilinear), center-crop 12x12" in out, out
+
+    served = mlflow.pyfunc.load_model(str(model_dir))
+    meta = served.metadata.metadata
+    assert meta["class_names"] == ["cat", "dog", "fox"]
+    assert "0..255 (not 0..1)" in meta["input"] and "center-crop 12x12" in meta["image_files"]
+    data = load_data(load_settings(study_path).objective, torch.device("cpu"))
+    test_x, test_y = data.test_x.float().numpy(), data.test_y.numpy()
+    assert (served.predict(test_x) == test_y).mean() == pytest.approx(reported)
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "def prepare(" in b)
+    namespace: dict = {}
+    exec(block[: block.index("model = mlflow")], namespace)  # the README's prepare(), as a user copies it
+    files = sorted((tmp_path / "pets").glob("*/*.jpg"))
+    prepared = np.stack([namespace["prepare"](f, 12, "RGB") for f in files])
+    np.testing.assert_array_equal(prepared, np.stack([decode_image(f, 12, 3) for f in files]).astype(np.float32))
+    names = meta["class_names"]
+    predicted = [names[i] for i in served.predict(prepared)]
+    decoded = np.stack([decode_image(f, 12, 3) for f in files]).astype(np.float32)
+    assert predicted == [names[i] for i in served.predict(decoded)]
+    module = mlflow.pytorch.load_model(str(model_dir))  # the torch module: uint8 too, at the same scale
+    with torch.no_grad():
+        as_uint8 = module(torch.from_numpy(decoded.astype(np.uint8))).numpy()
+        with pytest.raises(RuntimeError, match="expected scalar type Double but found Float"):
+            module(torch.from_numpy(decoded.astype(np.float64)))
+        with pytest.raises(AssertionError, match=r"Guard failed: x.size\(\)\[2\] == 12"):
+            module(torch.zeros(1, 3, 16, 16))
+    np.testing.assert_array_equal(as_uint8, served.predict(decoded))
