@@ -297,8 +297,8 @@ def _follow_workers(opened: OpenStudy, procs: list[Worker], before: set[int], n_
     warm_up = start_warm_up()
     try:
         while True:  # the workers' exits seen within 0.1 s, so the study ends then; the storage read once a second
-            done = all(p.poll() is not None for p in procs)  # (only to show progress: --quiet reads it not at all)
-            if progress is not None and (done or time.monotonic() - read_at >= 1.0):
+            done = all(p.poll() is not None for p in procs)
+            if progress is not None and (done or time.monotonic() - read_at >= 1.0):  # --quiet: never read
                 read_at = time.monotonic()
                 ended = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
                 for trial in sorted(ended, key=lambda t: (t.datetime_complete or datetime.min, t.number)):
