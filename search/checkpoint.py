@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from search import interrupts
 from search.errors import HpoError, first_line
 
 
@@ -25,8 +26,11 @@ def save_atomic(obj: dict[str, Any], path: Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        interrupt = interrupts.cause(exc)
+        if interrupt is not exc:  # Ctrl-C mid-write, then the zip writer's own error on closing: the Ctrl-C counts
+            raise interrupt from None
         raise
     return path
 

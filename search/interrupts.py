@@ -34,6 +34,20 @@ def check() -> None:
         raise KeyboardInterrupt
 
 
+def cause(exc: BaseException) -> BaseException:
+    """The KeyboardInterrupt behind ``exc`` if there is one, else ``exc``. An interrupt raised in the middle of a
+    write can make the writer's clean-up raise its own error (torch.save's zip writer: "unexpected pos ..."), which
+    then hides the interrupt: the trial would be recorded as failed with that error, not interrupted and resumed."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, KeyboardInterrupt):
+            return link
+        seen.add(id(link))
+        link = link.__context__
+    return exc
+
+
 def reset() -> None:
     """A command's start (`main` called again in one process, as tests do): nothing held, nothing signalled."""
     _state.update(holding=False, pending=False, signalled=False)

@@ -314,7 +314,14 @@ class TrialSession:
 
         Two ends are not this worker's to record: the storage stopped answering (``StorageUnavailable``), or
         another worker already failed the trial as stale and retried it (Optuna refuses to update a finished
-        trial). Then only the MLflow run is ended, KILLED, and the Optuna trial is left as it is."""
+        trial). Then only the MLflow run is ended, KILLED, and the Optuna trial is left as it is. A Ctrl-C hidden
+        behind a writer's own error (``interrupts.cause``) is recorded and raised as the interrupt it was."""
+        cause = None if exc is None else interrupts.cause(exc)
+        self._close(cause)
+        if cause is not None and cause is not exc:
+            raise cause from None
+
+    def _close(self, exc: BaseException | None) -> None:
         if isinstance(exc, StorageUnavailable):
             self._abandon("storage_lost")
             return

@@ -115,6 +115,51 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypa
     assert files_in(tmp_path) == ["best.pt"]
 
 
+def interrupt_on_write(monkeypatch: pytest.MonkeyPatch, nth: int, interrupt: Any) -> None:
+    """save_atomic's file calls ``interrupt`` on its ``nth`` write, as a Ctrl-C landing mid-write does."""
+    real = checkpoint.os.fdopen
+
+    class Cut:
+        def __init__(self, fh: Any) -> None:
+            self.fh, self.writes = fh, 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.fh, name)
+
+        def __enter__(self) -> Cut:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.fh.__exit__(*exc)
+
+        def write(self, data: bytes) -> int:
+            self.writes += 1
+            if self.writes == nth:
+                interrupt()
+            return int(self.fh.write(data))
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: Cut(real(fd, mode)))
+
+
+def test_ctrl_c_mid_write_is_raised_as_itself_not_as_the_zip_writers_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save's zip writer, closed after a Ctrl-C cut its write short, raises its own RuntimeError ("unexpected
+    pos"), which hid the interrupt: a packed trial was recorded failed with that traceback, not interrupted (CI)."""
+    path = tmp_path / "last.pt"
+    save_atomic(sample(), path)
+    before = path.read_bytes()
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    interrupt_on_write(monkeypatch, 3, ctrl_c)
+    with pytest.raises(KeyboardInterrupt) as raised:
+        save_atomic({**sample(), "epoch": 9}, path)
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    monkeypatch.undo()
+    assert path.read_bytes() == before and files_in(tmp_path) == ["last.pt"]
+
+
 def test_failed_replace_removes_the_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "best.pt"
     save_atomic(sample(), path)

@@ -115,6 +115,60 @@ def test_a_signal_whose_interrupt_was_swallowed_stops_the_next_epoch() -> None:
         interrupts.check()
 
 
+def test_the_interrupt_behind_a_writers_own_error_is_found() -> None:
+    plain = RuntimeError("disk full")
+    assert interrupts.cause(plain) is plain
+    ctrl_c = KeyboardInterrupt()
+    try:
+        try:
+            raise ctrl_c
+        except KeyboardInterrupt:
+            raise RuntimeError("unexpected pos 40448 vs 40344") from None  # context kept, only not shown
+    except RuntimeError as hiding:
+        assert interrupts.cause(hiding) is ctrl_c
+    looped = ValueError("a")
+    looped.__context__ = ValueError("b")
+    looped.__context__.__context__ = looped
+    assert interrupts.cause(looped) is looped
+
+
+@pytest.mark.parametrize("pack", [1, 2])
+def test_ctrl_c_while_last_pt_is_written_interrupts_the_trial_and_retries_it(
+        pack: int, ctrl_c_handler: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl-C landing inside torch.save of a last.pt: the zip writer's error on closing hid it, so a packed trial
+    was recorded failed with a traceback instead of interrupted and re-enqueued (one CI run)."""
+    from tests.search.test_checkpoint import interrupt_on_write
+
+    settings = load_settings(QUICKSTART, ["study.max_epochs=50", "objective.widths=[8,16]", "study.name='mid'",
+                                          "early_stopping.enabled=false", "pruner={name='none'}",
+                                          "study.checkpoint_every_seconds=0", f"study.pack={pack}"])
+    paths = run_paths(tmp_path / "runs", "mid", None)
+    real_epoch = session.TrialSession.on_epoch
+    epochs: list[int] = []
+
+    def count(self: Any, epoch: int, metrics: Any, state: Any) -> bool:
+        epochs.append(epoch)
+        return real_epoch(self, epoch, metrics, state)
+
+    def ctrl_c() -> None:
+        if len(epochs) >= 2 * pack:  # epoch 1's last.pt: a checkpoint of epoch 0 is on disk to resume from
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(session.TrialSession, "on_epoch", count)
+    interrupt_on_write(monkeypatch, 3, ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(settings, paths, n_trials=4)
+    signal.signal(signal.SIGINT, _ignore)
+    trials = optuna.load_study(study_name="mid", storage=paths.storage_url).get_trials()
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stopped) == pack and not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.COMPLETE)]
+    assert all(t.user_attrs["reason"] == "interrupted" and "error" not in t.user_attrs for t in stopped)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in stopped)
+    assert "Traceback" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("pack", [1, 2])
 def test_a_second_ctrl_c_while_an_interrupted_trial_is_recorded_still_retries_it(
         pack: int, ctrl_c_handler: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
