@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Print the best trial: its value, parameters, checkpoint path, MLflow run, "
                                       "epochs and test metrics.")
     _common(best, file_required=False)
-    best.add_argument("--json", action="store_true", help="print JSON")
+    best.add_argument("--json", action="store_true",
+                      help="print JSON; host, checkpoint_here and checkpoint_note say whose disk holds the checkpoint")
 
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage (127.0.0.1)",
                           description="Serve optuna-dashboard on one study (FILE or --study NAME), or with only "
@@ -579,10 +580,13 @@ def cmd_best(args: argparse.Namespace) -> int:
             **{key: attrs.get(key) for key in (records.CHECKPOINT, records.MLFLOW_RUN_ID, records.EPOCHS_RUN,
                                                records.BEST_EPOCH)},
             "test_metrics": records.test_metrics(study, best)}
-    if args.json:
+    elsewhere = _checkpoint_elsewhere(attrs)
+    if args.json:  # a script learns what the text's note says: whose disk holds the checkpoint, and if it is here
+        path = attrs.get(records.CHECKPOINT)
+        data.update(host=attrs.get("host"), checkpoint_here=bool(path) and Path(path).is_file(),
+                    checkpoint_note=elsewhere)
         print(json.dumps(data, indent=2, default=str))
     else:
-        elsewhere = _checkpoint_elsewhere(attrs)
         for key, value in data.items():
             print(f"{key:>14}: {value}{f' ({elsewhere})' if key == records.CHECKPOINT and elsewhere else ''}")
     return 0

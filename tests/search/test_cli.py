@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -646,6 +647,11 @@ def test_best_says_when_the_checkpoint_is_not_on_this_machine(
                          str(tmp_path / "runs"))
     assert code == 0, err
     assert f"    checkpoint: {checkpoint}{note}\n" in out, out
+    code, out, err = run(capsys, "best", "--study", "team-study", "--storage", storage, "--run-dir",
+                         str(tmp_path / "runs"), "--json")
+    best = json.loads(out)
+    assert code == 0 and best["checkpoint"] == str(checkpoint) and best["host"] == (host or HOST)
+    assert best["checkpoint_here"] is on_disk and best["checkpoint_note"] == (note[2:-1] or None)
 
 
 def test_the_run_summary_hides_the_storage_password(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
