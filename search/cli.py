@@ -583,7 +583,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     elsewhere = _checkpoint_elsewhere(attrs)
     if args.json:  # a script learns what the text's note says: whose disk holds the checkpoint, and if it is here
         path = attrs.get(records.CHECKPOINT)
-        data.update(host=attrs.get("host"), checkpoint_here=bool(path) and Path(path).is_file(),
+        data.update(host=attrs.get("host"), checkpoint_here=path is not None and Path(path).is_file(),
                     checkpoint_note=elsewhere)
         print(json.dumps(data, indent=2, default=str))
     else:
