@@ -22,6 +22,7 @@ from search.records import (
     REASON,
     RESUMED_AT_EPOCH,
     RESUMED_FROM_TRIAL,
+    RETRY_OF,
     STOPPED_EPOCH,
     epochs_run,
     epochs_trained,
@@ -171,6 +172,9 @@ def trial_note(
     if attrs.get(RESUMED_FROM_TRIAL) is not None:
         lines.append(f"\n**Retry of trial #{attrs[RESUMED_FROM_TRIAL]}**: resumed from its checkpoint, training from "
                      f"epoch {attrs.get(RESUMED_AT_EPOCH)} on (the earlier epochs are that trial's).")
+    elif attrs.get(RETRY_OF) is not None:
+        lines.append(f"\n**Retry of trial #{attrs[RETRY_OF]}**: with its params, trained from epoch 0 (it left no "
+                     "checkpoint this retry could read).")
     if reason == "interrupted":
         lines.append("\nThe next `hpo run` of the study retries it as a new trial with the same params, from its "
                      "last checkpoint where it saved one.")

@@ -30,6 +30,7 @@ REASON = "reason"  # completed | pruned | nan_loss | early_stopped:<why> | out_o
 #   | stale_heartbeat | stale_recovered | error: ...  (MLflow hpo.reason also: taken_over, storage_lost)
 RESUMED_FROM_TRIAL = "resumed_from_trial"
 RESUMED_AT_EPOCH = "resumed_at_epoch"
+RETRY_OF = "retry_of"  # a retry (of an interrupted or dead attempt): the attempt it retries, resumed or not
 OOM_BATCH_SIZE = "oom_batch_size"
 PACKED_WITH = "packed_with"  # trial packing: the trial numbers in its pack when it joined, itself included
 OOM_PACK_SIZE = "oom_pack_size"  # trial packing: the pack ran out of memory at this size; retried in a smaller one
@@ -40,7 +41,7 @@ ERROR_AT = "error_at"  # a trial failed by an error: where it was raised (failur
 # One attempt's own record: a retry starts without these (search/workers.py ``retry``) and writes its own.
 PER_ATTEMPT = (MLFLOW_RUN_ID, MLFLOW_RUN_URL, CHECKPOINT, BEST_EPOCH, EPOCHS_RUN, PRUNED_EPOCH, STOPPED_EPOCH,
                EARLY_STOPPED, REASON, RESUMED_FROM_TRIAL, RESUMED_AT_EPOCH, OOM_BATCH_SIZE, PACKED_WITH, OOM_PACK_SIZE,
-               FIT_DIAGNOSIS, ERROR_AT)
+               FIT_DIAGNOSIS, ERROR_AT, RETRY_OF)
 
 # --- study attributes ---------------------------------------------------------------------------------------
 PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run

@@ -139,7 +139,8 @@ class TrialSession:
         self.run = self.ctx.tracker.start_trial(self.ctx.parent_run_id, self.trial.number, self.params, self.resolved)
         # A retry enqueued by an earlier version carries its predecessor's record; this attempt writes its own.
         inherited = {key: None for key in records.PER_ATTEMPT if key in self.trial.user_attrs}
-        set_user_attrs(self.trial, {**inherited, records.MLFLOW_RUN_ID: self.run.run_id, **identity(),
+        retry = {records.RETRY_OF: earlier[-1]} if earlier else {}
+        set_user_attrs(self.trial, {**inherited, records.MLFLOW_RUN_ID: self.run.run_id, **identity(), **retry,
                                     records.MLFLOW_RUN_URL: run_url(self.ctx.tracker, self.run.run_id)})
         if resume is not None:
             self._apply_resume(resume, previous_run)

@@ -117,3 +117,11 @@ def test_a_retrys_note_names_the_trial_it_resumes() -> None:
                                       "resumed_at_epoch": 5}, 20)
     assert "**Retry of trial #3**: resumed from its checkpoint, training from epoch 5 on" in note
     assert "Retry of" not in trial_note(3, "COMPLETE", {"epochs_run": 12, "reason": "completed"}, 20)
+    both = trial_note(7, "COMPLETE", {"epochs_run": 12, "reason": "completed", "retry_of": 6,
+                                      "resumed_from_trial": 3, "resumed_at_epoch": 5}, 20)
+    assert both.count("Retry of") == 1 and "**Retry of trial #3**: resumed" in both  # 6 had none: 3's was read
+
+
+def test_a_retry_with_no_checkpoint_to_resume_says_it_trained_from_epoch_0() -> None:
+    note = trial_note(7, "COMPLETE", {"epochs_run": 12, "reason": "completed", "retry_of": 3}, 20)
+    assert "**Retry of trial #3**: with its params, trained from epoch 0 (it left no checkpoint" in note

@@ -52,6 +52,7 @@ def test_checkpoint_every_2_resumes_from_the_last_epoch_it_saved(tmp_path: Path)
     assert again.returncode == 0, again.stderr
     study, client = load(tmp_path / "runs" / "every2", "every2")
     _assert_retry_ran_every_epoch_once(study, client, 2)
+    assert study.get_trials()[1].user_attrs["retry_of"] == 0
     note = get_note(optuna.trial.Trial(study, study.get_trials()[1]._trial_id))
     assert "## Trial 1: COMPLETE" in note
     assert "**Retry of trial #0**: resumed from its checkpoint, training from epoch 2 on" in note
@@ -67,6 +68,10 @@ def test_a_corrupt_last_checkpoint_is_reported_and_the_retry_starts_from_epoch_0
     assert f"not resuming from {last}" in again.stderr
     study, client = load(tmp_path / "runs" / "corrupt", "corrupt")
     _assert_retry_ran_every_epoch_once(study, client, None)
+    retry = study.get_trials()[1]
+    assert retry.user_attrs["retry_of"] == 0
+    note = get_note(optuna.trial.Trial(study, retry._trial_id))
+    assert "**Retry of trial #0**: with its params, trained from epoch 0" in note
 
 
 def _assert_retry_ran_every_epoch_once(study, client, resumed_at: int | None) -> None:  # noqa: ANN001
