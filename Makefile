@@ -5,6 +5,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STUDY  ?= studies/quickstart.toml
 PYTEST_ARGS ?=
+# test files spread over this many pytest-xdist processes, each file's tests in one of them (--dist loadfile keeps
+# a module's fixtures together); the suite alone keeps about one core busy. 0: one process, as plain pytest
+PYTEST_WORKERS ?= 2
 
 .PHONY: run test setup setup-dev lint clean sample-folder
 
@@ -29,7 +32,7 @@ run: setup
 test: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
 # scikit-learn's digits as an image folder (data/digits-folder/{train,val}/<digit>/*.png), for
 # studies/folder_example.toml: `make sample-folder && .venv/bin/hpo run studies/folder_example.toml`
