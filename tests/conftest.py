@@ -9,7 +9,9 @@ import pytest
 from tests.services import (  # noqa: F401  (hooks: pytest finds them here)
     pytest_collection_modifyitems,
     pytest_runtest_makereport,
+    pytest_sessionfinish,
     pytest_terminal_summary,
+    pytest_testnodedown,
 )
 
 

@@ -57,6 +57,19 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 _GPU_DESELECTED = pytest.StashKey[int]()
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A pytest-xdist worker hands its count to the controller, which prints the summary (`make test`)."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["gpu_deselected"] = session.config.stash.get(_GPU_DESELECTED, 0)
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent without it
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    count = int(getattr(node, "workeroutput", {}).get("gpu_deselected", 0))  # every worker collects every test
+    node.config.stash[_GPU_DESELECTED] = max(node.config.stash.get(_GPU_DESELECTED, 0), count)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Generator[None, Any, Any]:
     report = yield
