@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from pathlib import Path
 
 import optuna
@@ -10,6 +12,7 @@ import pytest
 from search.errors import SettingsError
 from search.stores import (
     close_storages,
+    enable_wal,
     is_postgres,
     open_for_reading,
     open_storage,
@@ -52,6 +55,24 @@ def test_sqlite_storage_is_opened_in_wal_mode_and_read_without_creating(tmp_path
     optuna.create_study(study_name="s", storage=open_storage(url))
     assert (tmp_path / "o.db-wal").exists() or (tmp_path / "o.db").read_bytes()[18:20] == b"\x02\x02"  # WAL
     assert [s.study_name for s in optuna.get_all_study_summaries(open_for_reading(url))] == ["s"]
+
+
+def test_switching_to_wal_waits_for_a_writer_that_holds_the_new_file(tmp_path: Path) -> None:
+    """Another process mid-write on a file not yet in WAL (`hpo run --workers 2` opening a new file together) made
+    SQLite refuse the switch at once with "database is locked", past its busy timeout: one CI run."""
+    db = tmp_path / "o.db"
+    writer = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("BEGIN IMMEDIATE")  # the write lock held, as by a worker creating Optuna's tables
+    writer.execute("INSERT INTO t VALUES (1)")
+    released = threading.Timer(0.5, lambda: writer.execute("COMMIT"))
+    released.start()
+    enable_wal(db)
+    released.join()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT x FROM t").fetchall() == [(1,)]  # the writer's row kept
+    writer.close()
 
 
 def test_close_storages_leaves_each_sqlite_storage_whole_in_its_file(tmp_path: Path) -> None:
