@@ -1,5 +1,5 @@
-"""Shared by the failure-path tests: a digits study whose model is tests/search/faulty_model.py, and waiting for a
-study to reach a state (instead of sleeping a fixed time)."""
+"""Shared by the failure-path tests: a digits study whose model is tests/search/faulty_model.py, waiting for a
+study to reach a state (instead of sleeping a fixed time), and a Ctrl-C landing inside a checkpoint's write."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
+import pytest
 from optuna.trial import FrozenTrial
 
+import search.checkpoint as checkpoint
 from search.stores import open_storage
 
 FAULTY_MODEL = Path(__file__).with_name("faulty_model.py")
@@ -89,3 +92,29 @@ def wait_for(proc: subprocess.Popen, db: Path, name: str, ready: Callable[[list[
     proc.kill()
     _, err = proc.communicate()
     raise AssertionError(f"the study never reached the state waited for (exit code {proc.returncode}): {err}")
+
+
+def interrupt_on_write(monkeypatch: pytest.MonkeyPatch, nth: int, interrupt: Any) -> None:
+    """save_atomic's file calls ``interrupt`` on its ``nth`` write, as a Ctrl-C landing mid-write does."""
+    real = checkpoint.os.fdopen
+
+    class Cut:
+        def __init__(self, fh: Any) -> None:
+            self.fh, self.writes = fh, 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.fh, name)
+
+        def __enter__(self) -> Cut:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.fh.__exit__(*exc)
+
+        def write(self, data: bytes) -> int:
+            self.writes += 1
+            if self.writes == nth:
+                interrupt()
+            return int(self.fh.write(data))
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: Cut(real(fd, mode)))

@@ -13,6 +13,7 @@ import torch
 import search.checkpoint as checkpoint
 from search.checkpoint import load_checkpoint, save_atomic
 from search.errors import HpoError
+from tests.search.failure_helpers import interrupt_on_write
 
 CALLS: list[str] = []
 
@@ -113,32 +114,6 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypa
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert files_in(tmp_path) == ["best.pt"]
-
-
-def interrupt_on_write(monkeypatch: pytest.MonkeyPatch, nth: int, interrupt: Any) -> None:
-    """save_atomic's file calls ``interrupt`` on its ``nth`` write, as a Ctrl-C landing mid-write does."""
-    real = checkpoint.os.fdopen
-
-    class Cut:
-        def __init__(self, fh: Any) -> None:
-            self.fh, self.writes = fh, 0
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.fh, name)
-
-        def __enter__(self) -> Cut:
-            return self
-
-        def __exit__(self, *exc: Any) -> None:
-            self.fh.__exit__(*exc)
-
-        def write(self, data: bytes) -> int:
-            self.writes += 1
-            if self.writes == nth:
-                interrupt()
-            return int(self.fh.write(data))
-
-    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: Cut(real(fd, mode)))
 
 
 def test_ctrl_c_mid_write_is_raised_as_itself_not_as_the_zip_writers_error(

@@ -21,6 +21,7 @@ from search.cli import _ignore, _terminate
 from search.config import load_settings
 from search.stores import run_paths
 from search.study import run_study
+from tests.search.failure_helpers import interrupt_on_write
 from tests.search.workers_helpers import QUICKSTART, child_runs
 
 
@@ -138,8 +139,6 @@ def test_ctrl_c_while_last_pt_is_written_interrupts_the_trial_and_retries_it(
         capsys: pytest.CaptureFixture[str]) -> None:
     """A Ctrl-C landing inside torch.save of a last.pt: the zip writer's error on closing hid it, so a packed trial
     was recorded failed with a traceback instead of interrupted and re-enqueued (one CI run)."""
-    from tests.search.test_checkpoint import interrupt_on_write
-
     settings = load_settings(QUICKSTART, ["study.max_epochs=50", "objective.widths=[8,16]", "study.name='mid'",
                                           "early_stopping.enabled=false", "pruner={name='none'}",
                                           "study.checkpoint_every_seconds=0", f"study.pack={pack}"])
