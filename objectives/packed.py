@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from objectives.augment import augment_batch
 from objectives.data import DataSplits, batch_indices, load_data
 from objectives.model import CNN, dropout_keep, dropout_with
+from objectives.optimizer_update import OptimizerUpdate
 from objectives.runtime import Runtime, resolve_runtime
 from objectives.settings import TrainConfig
 from objectives.train import (
@@ -158,6 +159,10 @@ class PackMember:
     stopped_by_hook: bool = False
     error: Exception | None = None
     last_lr: float = field(default=0.0)
+    update: OptimizerUpdate = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.update = OptimizerUpdate(self.state.optimizer)
 
     @property
     def model(self) -> nn.Module:
@@ -287,10 +292,10 @@ class PackedFit:
                     for j, m in enumerate(members)
                 ])
             for m in members:
-                m.state.optimizer.zero_grad(set_to_none=True)
+                m.update.zero_grad()
             losses.sum().backward()
             for m in members:
-                optimizer_step(m.cfg, m.state.model, m.state.optimizer)
+                optimizer_step(m.cfg, m.state.model, m.state.optimizer, m.update)
             totals += losses.detach() * b
         return (totals / n).tolist()
 

@@ -22,6 +22,7 @@ from objectives.data import DataSplits, batch_indices, load_data
 from objectives.errors import ModelError
 from objectives.model import use_generator
 from objectives.networks import build_network, network_spec
+from objectives.optimizer_update import OptimizerUpdate
 from objectives.runtime import Runtime, resolve_runtime, seed_everything
 from objectives.schedule import EpochSchedule
 from objectives.settings import TrainConfig
@@ -239,11 +240,16 @@ def epoch_metrics(train_loss: float, val: dict[str, float], lr: float, epoch_sec
             "lr": lr, "epoch_seconds": epoch_seconds, "images_per_second": images_per_second}
 
 
-def optimizer_step(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """A training step's update once the gradients are in: clip (when set), step, SGD's decoupled decay."""
+def optimizer_step(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   update: OptimizerUpdate | None = None) -> None:
+    """A training step's update once the gradients are in: clip (when set), step, SGD's decoupled decay.
+    ``update``: the optimiser's direct update (objectives/optimizer_update.py), where the caller keeps one."""
     if cfg.grad_clip is not None:
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
+    if update is None:
+        optimizer.step()
+    else:
+        update.step()
     if cfg.optimizer == "sgd":
         apply_decoupled_decay(optimizer)
 
@@ -286,6 +292,7 @@ def _step_fn(
     total: Tensor, *, zero_grad: bool, cache: bool,
 ) -> Callable[[Tensor, Tensor], None]:
     """One training step on a prepared batch, its loss x batch size added to `total` (on the device)."""
+    update = OptimizerUpdate(optimizer)
 
     def step(x: Tensor, y: Tensor) -> None:
         with runtime.autocast(cache=cache):
@@ -298,9 +305,9 @@ def _step_fn(
             )
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         if zero_grad:
-            optimizer.zero_grad(set_to_none=True)
+            update.zero_grad()
         loss.backward()
-        optimizer_step(cfg, model, optimizer)
+        optimizer_step(cfg, model, optimizer, update)
         total.add_(loss.detach() * len(y))
 
     return step
