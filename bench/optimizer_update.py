@@ -76,10 +76,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median is printed")
     parser.add_argument("--k", type=int, default=4, help="members of the pack")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--images", type=int, help="train on this many of digits' training images (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
-    runs = cases(quickstart_config(args.device), args.k, args.epochs)
+    base = quickstart_config(args.device)
+    if args.images:
+        base = base.model_copy(update={"train_subset": args.images})
+    runs = cases(base, args.k, args.epochs)
     ways = {"torch step": TorchStep, "direct": OptimizerUpdate}
     seconds: dict[tuple[str, str], list[float]] = {}
     losses: dict[tuple[str, str], list[float]] = {}
