@@ -110,7 +110,7 @@ class TrialSession:
     resume_training: dict[str, Any] | None = None
     resumed_from: int | None = None
     _deadline: TrialDeadline | None = None
-    _pruning: PruningTrial = field(init=False)  # report/should_prune, no per-epoch storage read for the decision
+    _pruning: PruningTrial | None = None  # report/should_prune, no per-epoch storage read for the decision
     _last_saved: float = field(default_factory=time.monotonic)  # the trial's start, then the last last.pt
     _earlier_runs: dict[int, str] = field(default_factory=dict)  # MLflow runs of the attempts this one retries
 
@@ -202,7 +202,8 @@ class TrialSession:
             return
         if time.monotonic() - self._last_saved < study.checkpoint_every_seconds:
             return
-        assert self.stopper is not None and self.run is not None
+        assert self.stopper is not None and self.run is not None and self._pruning is not None
+        self._pruning.flush()  # the steps first: a retry inherits them with this file; a taken-over trial stops here
         save_resume(self.last_path, epoch=epoch, training=state.state_dict(), stopper=self.stopper.state_dict(),
                     best_state=self.best_state, best_metrics=self.best_metrics, trial=self.trial.number,
                     run_id=self.run.run_id)
@@ -212,7 +213,7 @@ class TrialSession:
 
     def on_epoch(self, epoch: int, metrics: dict[str, float], state: EpochState) -> bool:
         """The training loop's hook: log, decide early stopping, report, maybe prune. True = stop."""
-        assert self.run is not None and self.stopper is not None
+        assert self.run is not None and self.stopper is not None and self._pruning is not None
         interrupts.check()  # a Ctrl-C/SIGTERM whose KeyboardInterrupt was swallowed stops the trial now
         metric = self.settings.study.metric
         if metric not in metrics:
@@ -318,9 +319,23 @@ class TrialSession:
         trial). Then only the MLflow run is ended, KILLED, and the Optuna trial is left as it is. A Ctrl-C hidden
         behind a writer's own error (``interrupts.cause``) is recorded and raised as the interrupt it was."""
         cause = None if exc is None else interrupts.cause(exc)
+        cause = self._write_held(cause)
         self._close(cause)
         if cause is not None and cause is not exc:
             raise cause from None
+
+    def _write_held(self, cause: BaseException | None) -> BaseException | None:
+        """Write the reported steps still held (``PruningTrial.flush``) before the trial is recorded and told (a
+        pruned trial's value is its last stored step). If that write fails, the trial ends as the failed write
+        would have ended it in ``on_epoch``: storage lost, taken over, or failed with the error; returned as the
+        new cause. Not for a trial that is not this worker's to write (those two causes already)."""
+        if self._pruning is None or isinstance(cause, (StorageUnavailable, optuna.exceptions.UpdateFinishedTrialError)):
+            return cause
+        try:
+            self._pruning.flush()
+        except Exception as error:  # noqa: BLE001 - the trial's end records it
+            return error
+        return cause
 
     def _close(self, exc: BaseException | None) -> None:
         if isinstance(exc, StorageUnavailable):

@@ -158,6 +158,7 @@ def test_pruner_reads_finished_trials_once_per_ttl(tmp_path: Path, monkeypatch) 
     live = PruningTrial(study.ask(), ttl=3600)
     live.report(0.1, 0)
     assert live.should_prune() is True  # below the finished trial's 0.9: the same answer Optuna gives
+    live.flush()  # (Optuna's own decision reads the stored step)
     assert bool(live.trial.should_prune()) is True
     reads.clear()
     for epoch in range(1, 5):
@@ -237,6 +238,7 @@ def test_local_decision_is_optunas_at_every_step(options: dict[str, Any], tmp_pa
             decisions["optuna"][-1].append(bool(twin.should_prune()))
             if decisions["optuna"][-1][-1]:
                 break
+        local.flush()  # as the session does before the trial is told (a pruned trial's value is its last step)
         for study, trial in zip(studies, (local.trial, twin), strict=True):
             if decisions["optuna"][-1][-1]:
                 study.tell(trial, state=TrialState.PRUNED)
@@ -253,7 +255,7 @@ def test_local_decision_is_optunas_at_every_step(options: dict[str, Any], tmp_pa
 
 def test_pruning_trial_reads_the_running_trial_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The trial is read from the storage when the session starts (values reported before it included), never
-    again; what it reports still lands in the storage at once."""
+    again; what it reports lands in the storage when it is flushed."""
     from search.optuna_adapter import PruningTrial
 
     study = optuna.create_study(storage=storage(tmp_path, heartbeat=False), direction="maximize",
@@ -281,6 +283,7 @@ def test_pruning_trial_reads_the_running_trial_once(tmp_path: Path, monkeypatch:
     assert live.local.system_attrs["completed_rung_0"] == 0.375
     assert reads == []
     monkeypatch.undo()
+    live.flush()
     stored = stored_trial(trial)
     assert stored.intermediate_values == {0: 0.25, 1: 0.375} and stored.system_attrs["completed_rung_0"] == 0.375
 
@@ -300,5 +303,43 @@ def test_a_retry_does_not_report_the_steps_it_inherited_again(tmp_path: Path) ->
         warnings.simplefilter("always")
         live.report(0.3, 0)
         live.report(0.5, 1)
+        live.flush()
     assert [str(w.message) for w in caught] == []
     assert stored_trial(trial).intermediate_values == {0: 0.25, 1: 0.5} == live.local.intermediate_values
+
+
+def test_reported_values_are_held_then_written_together(tmp_path: Path) -> None:
+    """Within ``hold`` seconds the values wait in ``pending`` (the pruner decides on ``local``, which has them);
+    ``flush`` writes them in one go; past ``hold`` a report writes what is held, itself included."""
+    from search.optuna_adapter import PruningTrial
+
+    study = optuna.create_study(storage=storage(tmp_path, heartbeat=False), direction="maximize")
+    trial = study.ask()
+    held = PruningTrial(trial, hold=3600)
+    for step in range(4):
+        held.report(0.1 * step, step)
+    assert stored_trial(trial).intermediate_values == {}
+    assert held.pending == held.local.intermediate_values == {0: 0.0, 1: 0.1, 2: 0.2, 3: 0.30000000000000004}
+    held.flush()
+    assert held.pending == {}
+    assert stored_trial(trial).intermediate_values == {0: 0.0, 1: 0.1, 2: 0.2, 3: 0.30000000000000004}
+    held.hold = 0.0  # an epoch longer than hold: written as it ends
+    held.report(0.9, 4)
+    assert stored_trial(trial).intermediate_values[4] == 0.9 and held.pending == {}
+    with pytest.raises(ValueError, match="non-negative"):
+        held.report(0.5, -1)
+
+
+def test_a_held_value_on_a_trial_finished_elsewhere_is_refused_at_the_flush(tmp_path: Path) -> None:
+    """Another worker failed the trial (a stale heartbeat) while this one held values: the write is refused as
+    Optuna refuses a late report, so the session takes the trial as taken over."""
+    from search.optuna_adapter import PruningTrial
+
+    study = optuna.create_study(storage=storage(tmp_path, heartbeat=False), direction="maximize")
+    trial = study.ask()
+    held = PruningTrial(trial, hold=3600)
+    held.report(0.5, 0)
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        held.flush()
+    assert stored_trial(trial).intermediate_values == {}

@@ -20,6 +20,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
+from search import optuna_adapter
 from search.config import Settings, load_settings
 from search.optuna_adapter import heartbeat
 from search.stores import run_paths
@@ -319,10 +320,10 @@ def test_a_storage_that_stops_answering_stops_the_worker_and_ends_every_members_
     from search.storage_retry import StorageUnavailable
 
     def storage_goes_away(call: int, pack: Any) -> bool:
-        if call == 2:  # epoch 1 of both members: reporting it finds the storage gone (its retries spent)
-            def report(self: optuna.Trial, value: float, step: int) -> None:
+        if call == 2:  # epoch 1 of both members: writing its report finds the storage gone (its retries spent)
+            def report_values(trial: optuna.Trial, values: Any) -> None:
                 raise StorageUnavailable("the Optuna storage did not answer for 0 s")
-            monkeypatch.setattr(optuna.Trial, "report", report)
+            monkeypatch.setattr(optuna_adapter, "report_values", report_values)
         return False
 
     patched_epochs.append(storage_goes_away)

@@ -114,6 +114,30 @@ def test_pruner_decision_marks_trial_pruned(tracker: Tracker, tmp_path: Path) ->
     assert tags["optuna.state"] == "PRUNED" and tags["early_stopped"] == "false" and "stopped_epoch" not in tags
 
 
+def test_reported_steps_are_held_during_the_trial_and_stored_before_it_is_told(
+        tracker: Tracker, tmp_path: Path) -> None:
+    """On SQLite: epochs shorter than the hold leave their steps unwritten while the trial runs (the pruner
+    decides on the session's own copy); the session's end writes them all, so Optuna's tell of a pruned trial
+    takes its last step as the value, and a retry would inherit every step."""
+    from search.optuna_adapter import stored_trial
+    from search.stores import open_storage
+
+    settings = settings_from_dict({**BASE, "pruner": {"name": "threshold", "lower": 0.5}})
+    ctx = StudyContext(settings, tracker, tracker.parent_run("unit", {}), tmp_path)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5),
+                                storage=open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
+    trial = study.ask()
+    seen: list[dict[int, float]] = []
+    with pytest.raises(optuna.TrialPruned) as pruned, ctx.trial(trial, {"lr": 0.1}, {"lr": 0.1}) as session:
+        for epoch, acc in enumerate([0.7, 0.8, 0.4]):
+            session.on_epoch(epoch, metrics(1.0, acc), state_for(torch.nn.Linear(1, 1)))
+            seen.append(dict(stored_trial(trial).intermediate_values))
+    assert seen == [{}, {}]  # the third epoch pruned: on_epoch raised before a third look
+    assert stored_trial(trial).intermediate_values == {0: 0.7, 1: 0.8, 2: 0.4}
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    assert study.trials[0].value == 0.4 and "epoch 2" in str(pruned.value)
+
+
 def test_a_run_that_used_every_epoch_has_no_stopped_epoch_tag(tracker: Tracker, tmp_path: Path) -> None:
     settings = settings_from_dict({**BASE, "study": {**BASE["study"], "max_epochs": 2}})
     ctx = StudyContext(settings, tracker, tracker.parent_run("unit", {}), tmp_path)
