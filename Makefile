@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # a module's fixtures together); the suite alone keeps about one core busy. 0: one process, as plain pytest
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test setup setup-dev lint clean sample-folder
+.PHONY: run test setup setup-dev lint clean sample-folder bytecode
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(VENV)/.installed $@
 
-setup: $(VENV)/.installed
-setup-dev: $(VENV)/.installed-dev
+setup: $(VENV)/.installed bytecode
+setup-dev: $(VENV)/.installed-dev bytecode
+
+# The project's own modules compiled ahead (what `pip install .` does for an installed package, and an editable
+# install does not): where PYTHONDONTWRITEBYTECODE is set (CI images, containers) every `hpo` process would
+# otherwise compile them again, about 0.2 s of each start. Quick when nothing changed.
+bytecode: | $(BIN)/python
+	$(BIN)/python -m compileall -q search objectives >/dev/null
 
 run: setup
 	$(BIN)/hpo run $(STUDY)
