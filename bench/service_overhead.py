@@ -1,15 +1,15 @@
 """Per-epoch cost of the service around training, in milliseconds and as a share of an epoch.
 
-Each epoch, a trial's session (search/session.py) queues the metrics for MLflow (search/metric_queue.py),
-updates early stopping, copies the best weights when they improve, reports to Optuna and asks the pruner
-(on the trial as the session knows it, finished trials read at most every 10 s), and writes the resumable
-last.pt checkpoint at most every ``checkpoint_every_seconds``. Each part is also timed the way the previous
-versions did it (synchronous log_batch, a pruner given the running trial read back from the storage, one that
-reads every finished trial too, last.pt every epoch), side by side. On SQLite the report is also timed on a
-second study file whose connections use ``PRAGMA synchronous=NORMAL`` (no fsync per commit), for comparison. This script
-times that hook (``TrialSession.on_epoch``, the real one, with a real model and optimiser state) and each
-part of it on its own, for SQLite and, when a server answers, PostgreSQL storage, in a study that already
-holds finished trials (so the pruner has a median to compute).
+Each epoch, a trial's session (search/session.py) queues the metrics for MLflow (search/metric_queue.py), updates
+early stopping, copies the best weights when they improve, reports to Optuna (held, written every 2 s and as the
+trial ends) and asks the pruner (on the trial as the session knows it, finished trials read at most every 10 s),
+and writes the resumable last.pt checkpoint at most every ``checkpoint_every_seconds``. Each part is also timed
+the way the previous versions did it (a report written every epoch, synchronous log_batch, a pruner given the
+running trial read back, one that reads every finished trial too, last.pt every epoch), side by side. On SQLite
+the report is also timed on a second study file whose connections use ``PRAGMA synchronous=NORMAL`` (no fsync per
+commit), for comparison. This script times that hook (``TrialSession.on_epoch``, the real one, with a real model
+and optimiser state) and each part of it on its own, for SQLite and, when a server answers, PostgreSQL storage, in
+a study that already holds finished trials (so the pruner has a median to compute).
 It also counts MLflow client calls per epoch, to show the metrics go in one batched call, and times the
 alternative of one call per metric. The shares are against measured epoch times of the quickstart CNN on
 digits and of a CNN on synthetic CIFAR-shaped data, on this machine.
@@ -116,12 +116,13 @@ def measure_backend(label: str, storage_url: str, work: Path, state: TrainingSta
     counter = Counting(tracker.client, ("log_batch", "log_metric", "log_param", "set_tag"))
     hook: list[float] = []
     calls_per_epoch: list[int] = []
-    trial_end_writes: list[float] = []  # the run's end in MLflow: the epochs' merged metrics and the final state
+    trial_end_writes: list[float] = []  # the trial's end: held steps to Optuna, merged metrics and state to MLflow
     for _ in range(args.trials):
         trial = study.ask()
+        ends: list[float] = []
         with ctx.trial(trial, {"lr": 1e-3}, {"lr": 1e-3}) as session:
-            assert session.run is not None
-            session.run.finish = timed(session.run.finish, trial_end_writes)  # type: ignore[method-assign]
+            assert session.run is not None and session._pruning is not None
+            session.run.finish = timed(session.run.finish, ends)  # type: ignore[method-assign]
             for epoch in range(args.epochs):
                 before = sum(counter.counts.values())
                 start = time.perf_counter()
@@ -129,14 +130,18 @@ def measure_backend(label: str, storage_url: str, work: Path, state: TrainingSta
                 hook.append(time.perf_counter() - start)
                 calls_per_epoch.append(sum(counter.counts.values()) - before)
                 assert not stop
+            session._pruning.flush = timed(session._pruning.flush, ends)  # type: ignore[method-assign]
+        trial_end_writes.append(sum(ends))  # the held steps written as the trial ends, and the run's end
         study.tell(trial, 0.9)
 
     # the parts on their own, on a fresh trial and run
     trial = study.ask()
     run = tracker.start_trial(parent, trial.number, {"lr": 1e-3}, {})
     pruning = PruningTrial(trial)
+    each_epoch = PruningTrial(study.ask(), hold=0.0)  # the previous version: a storage write every epoch
     normal = sync_normal_trial(work, label, settings) if label == "sqlite" else None
-    parts: dict[str, list[float]] = {k: [] for k in ("report", "report_synchronous_normal", "should_prune_local",
+    parts: dict[str, list[float]] = {k: [] for k in ("report", "report_written_each_epoch",
+                                                     "report_synchronous_normal", "should_prune_local",
                                                      "should_prune_read_back", "should_prune_uncached",
                                                      "mlflow_metrics_queued",
                                                      "mlflow_log_batch_sync", "mlflow_one_call_per_metric",
@@ -144,7 +149,9 @@ def measure_backend(label: str, storage_url: str, work: Path, state: TrainingSta
     for epoch in range(args.epochs * args.trials):
         metrics = epoch_metrics(epoch)
         ta = time.perf_counter()
-        pruning.report(metrics["val_accuracy"], epoch)  # Optuna's trial.report, and the value kept locally
+        pruning.report(metrics["val_accuracy"], epoch)  # what the session does: held, written every 2 s
+        te = time.perf_counter()
+        each_epoch.report(metrics["val_accuracy"], epoch)
         tn = time.perf_counter()
         if normal is not None:
             normal.report(metrics["val_accuracy"], epoch)
@@ -168,12 +175,15 @@ def measure_backend(label: str, storage_url: str, work: Path, state: TrainingSta
         t4 = time.perf_counter()
         save_atomic({"training": state.state_dict(), "epoch": epoch}, work / f"last-{label}.pt")
         t5 = time.perf_counter()
-        spans = ((ta, tn), (tn, tb), (tb, tr), (tr, t0), (t0, t1), (t1, t2), (t2, t2b), (t2b, t3), (t3, t4), (t4, t5))
+        spans = ((ta, te), (te, tn), (tn, tb), (tb, tr), (tr, t0), (t0, t1), (t1, t2), (t2, t2b), (t2b, t3), (t3, t4),
+                 (t4, t5))
         for key, (a, b) in zip(parts, spans, strict=True):
             if normal is not None or key != "report_synchronous_normal":
                 parts[key].append(b - a)
     run.flush()
+    pruning.flush()
     study.tell(trial, 0.9)
+    study.tell(each_epoch.trial, 0.9)
     return {"backend": label, "hook": ms(hook), "parts": {k: ms(v) for k, v in parts.items() if v},
             "trial_end_write": ms(trial_end_writes),
             "mlflow_calls_per_epoch": statistics.median(calls_per_epoch),
@@ -273,11 +283,12 @@ def main() -> None:
                 print(f"  {part:<28} {figures['median_ms']:7.2f} ms  (p90 {figures['p90_ms']:.2f})")
             end = r["trial_end_write"]["median_ms"]
             per_epoch = r["hook"]["median_ms"] + end / args.epochs
-            print(f"  the run's end in MLflow (the epochs' metrics, the final state): {end:.1f} ms a trial of "
+            print(f"  the trial's end (held steps to Optuna; epochs' metrics, final state to MLflow): {end:.1f} ms "
+                  f"a trial of "
                   f"{args.epochs} epochs, {end / args.epochs:.2f} ms an epoch")
             for k, v in epochs.items():
                 print(f"  share of an epoch, {k}: {r['hook']['median_ms'] / 1000 / v:.1%} (hook), "
-                      f"{per_epoch / 1000 / v:.1%} (hook + the run's end, per epoch)")
+                      f"{per_epoch / 1000 / v:.1%} (hook + the trial's end, per epoch)")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "epoch_seconds": epochs, "results": results},
                                               indent=2, default=str))

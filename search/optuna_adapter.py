@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Container, Mapping
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import optuna
 from optuna.storages import RDBStorage
@@ -77,12 +77,27 @@ def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
 
 
 def report_values(trial: optuna.Trial, values: Mapping[int, float]) -> None:
-    """``trial.report(value, step)`` for each of ``values``, in one transaction on an RDB storage. Optuna's own
-    per-step write does the work (a finished trial is refused alike); the caller has checked each step is new."""
+    """``trial.report(value, step)`` for each of ``values``, in one transaction on an RDB storage: the trial is
+    checked once (a finished trial is refused as Optuna refuses a report; ``RetryingRDBStorage`` takes its row
+    lock), its stored steps read once, and the new rows inserted together. Optuna's per-step write queries the
+    trial and the step each time, a round trip each on a server: 20 steps took 250 ms on PostgreSQL."""
+    from optuna.storages._rdb import models
 
     def rdb(backend: RDBStorage, session: Any) -> None:
+        if isinstance(backend, RetryingRDBStorage):
+            _lock_trial_row(session, trial._trial_id)
+        row = models.TrialModel.find_or_raise_by_id(trial._trial_id, session)
+        backend.check_trial_is_updatable(trial._trial_id, cast(TrialState, row.state))
+        model = models.TrialIntermediateValueModel
+        stored = {v.step: v for v in session.query(model).filter(model.trial_id == trial._trial_id,
+                                                                  model.step.in_(list(values)))}
         for step, value in values.items():
-            backend._set_trial_intermediate_value_without_commit(session, trial._trial_id, step, value)
+            number, kind = model.intermediate_value_to_stored_repr(value)
+            if step in stored:  # as Optuna's write does: the new value replaces it
+                stored[step].intermediate_value, stored[step].intermediate_value_type = number, kind
+            else:
+                session.add(model(trial_id=trial._trial_id, step=step, intermediate_value=number,
+                                  intermediate_value_type=kind))
 
     def each(storage: optuna.storages.BaseStorage) -> None:
         for step, value in values.items():

@@ -343,3 +343,15 @@ def test_a_held_value_on_a_trial_finished_elsewhere_is_refused_at_the_flush(tmp_
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         held.flush()
     assert stored_trial(trial).intermediate_values == {}
+
+
+def test_report_values_writes_new_steps_and_replaces_a_stored_one_as_optunas_write_does(tmp_path: Path) -> None:
+    from search.optuna_adapter import report_values
+
+    study = optuna.create_study(storage=storage(tmp_path, heartbeat=False), direction="maximize")
+    trial = study.ask()
+    trial.report(0.25, 0)
+    report_values(trial, {0: 0.5, 1: float("nan"), 2: float("inf"), 3: 0.75})
+    stored = stored_trial(trial).intermediate_values
+    assert stored[0] == 0.5 and math.isnan(stored[1]) and stored[2] == float("inf") and stored[3] == 0.75
+    assert trial._cached_frozen_trial.intermediate_values.keys() == {0, 1, 2, 3}

@@ -225,3 +225,45 @@ def test_a_cut_off_writer_delays_the_takeover_only_until_the_server_ends_its_ses
             worker.set_trial_intermediate_value(trial_id, 4, 0.9)
         trial = optuna.load_study(study_name="fence", storage=url).trials[0]
         assert trial.state == TrialState.FAIL and trial.intermediate_values == {}  # the late write rolled back
+
+
+def test_held_steps_written_together_wait_for_a_takeover_that_holds_the_row_and_are_then_refused() -> None:
+    """``report_values`` (a session's held steps) takes the trial's row lock before its check, like one report:
+    a takeover in progress makes it wait, and once that FAIL commits the write is refused, nothing stored."""
+    from optuna.storages._rdb import models
+
+    from search.optuna_adapter import report_values
+
+    with postgres_database() as url:
+        worker = open_storage(url, retry_seconds=5)
+        study = optuna.create_study(study_name="fence", storage=worker, direction="maximize")
+        trial = study.ask()
+        other = open_storage(url, retry_seconds=5)
+        assert isinstance(other, optuna.storages.RDBStorage)
+        taker = other.scoped_session()  # another worker failing the trial: its row locked, not yet committed
+        row = taker.query(models.TrialModel).filter(
+            models.TrialModel.trial_id == trial._trial_id).with_for_update().one()
+        row.state = TrialState.FAIL
+        taker.flush()
+        outcome: list[BaseException | None] = []
+
+        def write() -> None:
+            try:
+                report_values(trial, {0: 0.5, 1: 0.6})
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - the test reads it
+                outcome.append(exc)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(1.0)
+        assert writer.is_alive(), "the write waits for the takeover that holds the trial's row"
+        taker.commit()
+        taker.close()
+        writer.join(10)
+        assert isinstance(outcome[0], optuna.exceptions.UpdateFinishedTrialError)
+        stored = optuna.load_study(study_name="fence", storage=url).trials[0]
+        assert stored.state == TrialState.FAIL and stored.intermediate_values == {}
+        report = optuna.create_study(study_name="fresh", storage=worker, direction="maximize").ask()
+        report_values(report, {0: 0.5, 1: 0.6})
+        assert optuna.load_study(study_name="fresh", storage=url).trials[0].intermediate_values == {0: 0.5, 1: 0.6}
