@@ -57,8 +57,8 @@ class OptimizerUpdate:
         """Each group with its parameters, moments and step counts, gathered after torch's first `step()` made
         them; None where the direct call is not exact (or the state is not made yet)."""
         opt = self.optimizer
-        if self._lists is not None and self._state is opt.state and all(
-                a is b[0] for a, b in zip(opt.param_groups, self._lists, strict=False)):
+        if (self._lists is not None and self._state is opt.state and len(opt.param_groups) == len(self._lists)
+                and all(a is b[0] for a, b in zip(opt.param_groups, self._lists, strict=True))):
             return self._lists
         self._lists = None
         if not self._exact() or any(p not in opt.state or "exp_avg" not in opt.state[p] for p in self.params):

@@ -73,6 +73,10 @@ class Resumable(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
 
+# A write that raises one of these found the trial no longer this worker's to record (see TrialSession.__exit__).
+OWNERSHIP_LOST = (StorageUnavailable, optuna.exceptions.UpdateFinishedTrialError)
+
+
 def build_stopper(settings: Settings) -> EarlyStopping:
     return EarlyStopping(**settings.early_stopping_kwargs())
 
@@ -326,15 +330,19 @@ class TrialSession:
 
     def _write_held(self, cause: BaseException | None) -> BaseException | None:
         """Write the reported steps still held (``PruningTrial.flush``) before the trial is recorded and told (a
-        pruned trial's value is its last stored step). If that write fails, the trial ends as the failed write
-        would have ended it in ``on_epoch``: storage lost, taken over, or failed with the error; returned as the
-        new cause. Not for a trial that is not this worker's to write (those two causes already)."""
-        if self._pruning is None or isinstance(cause, (StorageUnavailable, optuna.exceptions.UpdateFinishedTrialError)):
+        pruned trial's value is its last stored step), and return what the trial ends with. If the write fails:
+        a Ctrl-C or SIGTERM still ends it as interrupted, and so does the trial's own error, unless the write
+        found the trial not this worker's any more (storage lost, taken over); otherwise the write's error, as
+        a failed report in ``on_epoch`` would have ended it. Nothing is written for a trial that is already
+        not this worker's."""
+        if self._pruning is None or isinstance(cause, OWNERSHIP_LOST):
             return cause
         try:
             self._pruning.flush()
         except Exception as error:  # noqa: BLE001 - the trial's end records it
-            return error
+            if cause is None or (isinstance(cause, Exception) and isinstance(error, OWNERSHIP_LOST)):
+                return error
+            return cause
         return cause
 
     def _close(self, exc: BaseException | None) -> None:

@@ -138,6 +138,37 @@ def test_reported_steps_are_held_during_the_trial_and_stored_before_it_is_told(
     assert study.trials[0].value == 0.4 and "epoch 2" in str(pruned.value)
 
 
+@pytest.mark.parametrize("trial_raises", [None, "ValueError", "KeyboardInterrupt"])
+def test_a_failed_write_of_the_held_steps_ends_the_trial_and_never_hides_its_own_end(
+        ctx: StudyContext, tracker: Tracker, monkeypatch: pytest.MonkeyPatch, trial_raises: str | None) -> None:
+    """The held steps' write fails with an ordinary error as the trial ends: a trial that ended well fails with
+    that error (as a failed report in on_epoch would fail it); a trial ending with its own error or a Ctrl-C
+    ends with that, recorded as usual."""
+    from search import optuna_adapter
+
+    def report_values(trial: optuna.Trial, values: object) -> None:
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr(optuna_adapter, "report_values", report_values)
+    trial = optuna.create_study(direction="maximize").ask()
+    expected = KeyboardInterrupt if trial_raises == "KeyboardInterrupt" else TrialFailed
+    with pytest.raises(expected), ctx.trial(trial, {"lr": 0.1}, {"lr": 0.1}) as session:
+        session.on_epoch(0, metrics(1.0, 0.7), state_for(torch.nn.Linear(1, 1)))
+        if trial_raises == "ValueError":
+            raise ValueError("its own error")
+        if trial_raises == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        session.complete({"model_spec": {}, "settings": {}})
+    reason = trial.user_attrs["reason"]
+    if trial_raises is None:
+        assert reason == "error: RuntimeError: the disk is full"
+    elif trial_raises == "ValueError":
+        assert reason == "error: ValueError: its own error"
+    else:
+        assert reason == "interrupted"
+    assert run_of(tracker, trial).info.status in ("FAILED", "KILLED")
+
+
 def test_a_run_that_used_every_epoch_has_no_stopped_epoch_tag(tracker: Tracker, tmp_path: Path) -> None:
     settings = settings_from_dict({**BASE, "study": {**BASE["study"], "max_epochs": 2}})
     ctx = StudyContext(settings, tracker, tracker.parent_run("unit", {}), tmp_path)
