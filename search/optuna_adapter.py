@@ -3,12 +3,13 @@
 Checked against Optuna 5.0.0 (``CHECKED_AGAINST``; ``tests/search/test_optuna_adapter.py`` covers each
 function on a real SQLite storage). Public API is used wherever it exists: ``study.tell(...,
 skip_if_finished=True)``, ``RetryHeartbeatStaleTrialCallback``.
-What is left needs the storage itself: a live trial's stored record (to see which trials it retries), several
-user attrs written in one transaction, an atomic "fail this RUNNING trial unless someone else finished it" with
-a reason attached first (also for the trials whose heartbeat stopped, which ``optuna.storages.fail_stale_trials``
-fails without one), telling whether Optuna refused to tell a finished trial, and ``RDBStorage`` with its calls
-(private ones included: ``_get_trials``, which Optuna's cache calls, and ``_get_stale_trial_ids``) retried on
-lost connections, whose writes to a trial are fenced by the trial's row lock (``RetryingRDBStorage``).
+What is left needs the storage itself: a live trial's stored record (to see which trials it retries), several user
+attrs written in one transaction, a trial's held reported steps written with one insert, an atomic "fail this
+RUNNING trial unless someone else finished it" with a reason attached first (also for the trials whose heartbeat
+stopped, which ``optuna.storages.fail_stale_trials`` fails without one), telling whether Optuna refused to tell a
+finished trial, and ``RDBStorage`` with its calls (private ones included: ``_get_trials``, which Optuna's cache
+calls, and ``_get_stale_trial_ids``) retried on lost connections, whose writes to a trial are fenced by the
+trial's row lock (``RetryingRDBStorage``).
 """
 
 from __future__ import annotations
@@ -224,12 +225,13 @@ class PruningTrial:
     Reported values are held for up to ``hold`` seconds and written together, one transaction (``flush``):
     on a short epoch the write was most of the per-epoch hook (about 3-4 ms a step on SQLite inside a run,
     a round trip on a server), and the pruner decides on ``local``, which has every value at once. The
-    session flushes as the trial ends, before it is told (a pruned trial's value is its last step as stored),
-    and on every way out; what a ``kill -9`` loses (at most ``hold`` seconds of steps) the retry trains again
-    or takes from its resume checkpoint's history. Epochs longer than ``hold`` are written as they end.
+    session flushes before every ``last.pt`` (a retry inherits every step before the epoch it resumes at) and as
+    the trial ends, before it is told (a pruned trial's value is its last step as stored); what a ``kill -9``
+    loses (at most ``hold`` seconds of steps) the retry trains again. Epochs longer than ``hold`` are written as
+    they end.
 
     The pruner gets the trial as this worker knows it: read from the storage once, at the start (params,
-    inherited intermediate values, system attrs), then each reported value added locally after Optuna wrote it.
+    inherited intermediate values, system attrs), then each reported value added locally as it is reported.
     Only this worker reports for its trial, and the only system attrs written while it runs are the pruners' own
     (through ``OwnSystemAttrs``), so the pruner sees what a fresh read would give. Finished trials come through a
     ``FinishedTrialsCache``."""
