@@ -71,26 +71,27 @@ def same(a: Net, b: Net, oa: torch.optim.Optimizer, ob: torch.optim.Optimizer) -
     return params and moments
 
 
-def test_the_direct_update_is_bit_for_bit_torchs_step_and_skips_step_after_the_first() -> None:
-    ref, net = model(), model()
+def side_by_side(steps: int, unused: bool = False) -> tuple[Net, torch.optim.Optimizer, list[int]]:
+    """``steps`` of torch's step on one copy and of the direct update on another; the second copy, its
+    optimiser and the count of its ``step()`` calls, after checking both copies are bit for bit alike."""
+    ref, net = model(unused), model(unused)
     ref_opt, opt = adamw(ref), adamw(net)
     calls = counted(opt)
     update = OptimizerUpdate(opt)
-    train(ref, lambda: ref_opt.zero_grad(set_to_none=True), ref_opt.step, ref_opt, 12)
-    train(net, update.zero_grad, update.step, opt, 12)
+    train(ref, lambda: ref_opt.zero_grad(set_to_none=True), ref_opt.step, ref_opt, steps)
+    train(net, update.zero_grad, update.step, opt, steps)
     assert same(ref, net, ref_opt, opt)
+    return net, opt, calls
+
+
+def test_the_direct_update_is_bit_for_bit_torchs_step_and_skips_step_after_the_first() -> None:
+    _, opt, calls = side_by_side(12)
     assert calls[0] == 1  # torch made the state at the first step; the other 11 went direct
     assert float(opt.state[opt.param_groups[0]["params"][0]]["step"]) == 12
 
 
 def test_a_parameter_without_a_gradient_goes_to_torchs_step_which_skips_it() -> None:
-    ref, net = model(unused=True), model(unused=True)
-    ref_opt, opt = adamw(ref), adamw(net)
-    calls = counted(opt)
-    update = OptimizerUpdate(opt)
-    train(ref, lambda: ref_opt.zero_grad(set_to_none=True), ref_opt.step, ref_opt, 5)
-    train(net, update.zero_grad, update.step, opt, 5)
-    assert same(ref, net, ref_opt, opt)
+    net, opt, calls = side_by_side(5, unused=True)
     assert calls[0] == 5
     assert net.spare is not None and net.spare.weight not in opt.state
 
