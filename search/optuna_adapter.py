@@ -217,6 +217,15 @@ class OwnSystemAttrs:
             self._attrs[key] = value
 
 
+def report_hold(trial: optuna.Trial) -> float:
+    """How long ``PruningTrial`` holds reported steps on ``trial``'s storage: 2 s on an SQLite file (one machine,
+    where the write was most of a short epoch's hook), none on a database server or proxy, where other machines'
+    workers and viewers read a running trial's steps and the write is one round trip per epoch, as before."""
+    storage = trial.study._storage
+    backend = getattr(storage, "_backend", storage)
+    return 2.0 if isinstance(backend, RDBStorage) and backend.engine.name == "sqlite" else 0.0
+
+
 class PruningTrial:
     """``optuna.Trial.report`` and ``should_prune`` as the per-epoch decision calls them, with no read of the
     running trial per epoch (a ``get_trial`` was most of a decision's cost on SQLite; Optuna's own

@@ -355,3 +355,10 @@ def test_report_values_writes_new_steps_and_replaces_a_stored_one_as_optunas_wri
     stored = stored_trial(trial).intermediate_values
     assert stored[0] == 0.5 and math.isnan(stored[1]) and stored[2] == float("inf") and stored[3] == 0.75
     assert trial._cached_frozen_trial.intermediate_values.keys() == {0, 1, 2, 3}
+
+
+def test_steps_are_held_on_an_sqlite_file_only(tmp_path: Path) -> None:
+    from search.optuna_adapter import report_hold
+
+    assert report_hold(optuna.create_study(storage=storage(tmp_path, heartbeat=False)).ask()) == 2.0
+    assert report_hold(optuna.create_study().ask()) == 0.0  # in memory: nothing to save by holding

@@ -140,7 +140,8 @@ def test_reported_steps_are_held_during_the_trial_and_stored_before_it_is_told(
 
 @pytest.mark.parametrize("trial_raises", [None, "ValueError", "KeyboardInterrupt"])
 def test_a_failed_write_of_the_held_steps_ends_the_trial_and_never_hides_its_own_end(
-        ctx: StudyContext, tracker: Tracker, monkeypatch: pytest.MonkeyPatch, trial_raises: str | None) -> None:
+        ctx: StudyContext, tracker: Tracker, monkeypatch: pytest.MonkeyPatch, trial_raises: str | None,
+        tmp_path: Path) -> None:
     """The held steps' write fails with an ordinary error as the trial ends: a trial that ended well fails with
     that error (as a failed report in on_epoch would fail it); a trial ending with its own error or a Ctrl-C
     ends with that, recorded as usual."""
@@ -150,7 +151,10 @@ def test_a_failed_write_of_the_held_steps_ends_the_trial_and_never_hides_its_own
         raise RuntimeError("the disk is full")
 
     monkeypatch.setattr(optuna_adapter, "report_values", report_values)
-    trial = optuna.create_study(direction="maximize").ask()
+    from search.stores import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")  # an SQLite file: steps are held
+    trial = optuna.create_study(direction="maximize", storage=storage).ask()
     expected = KeyboardInterrupt if trial_raises == "KeyboardInterrupt" else TrialFailed
     with pytest.raises(expected), ctx.trial(trial, {"lr": 0.1}, {"lr": 0.1}) as session:
         session.on_epoch(0, metrics(1.0, 0.7), state_for(torch.nn.Linear(1, 1)))
