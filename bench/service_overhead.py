@@ -149,7 +149,7 @@ def measure_backend(label: str, storage_url: str, work: Path, state: TrainingSta
     for epoch in range(args.epochs * args.trials):
         metrics = epoch_metrics(epoch)
         ta = time.perf_counter()
-        pruning.report(metrics["val_accuracy"], epoch)  # what the session does: held, written every 2 s
+        pruning.report(metrics["val_accuracy"], epoch)  # what the session does (held on SQLite: report_hold)
         te = time.perf_counter()
         each_epoch.report(metrics["val_accuracy"], epoch)
         tn = time.perf_counter()

@@ -231,13 +231,13 @@ class PruningTrial:
     running trial per epoch (a ``get_trial`` was most of a decision's cost on SQLite; Optuna's own
     ``Trial.should_prune`` reads the trial's system attrs whenever the pruner looks at them).
 
-    Reported values are held for up to ``hold`` seconds and written together, one transaction (``flush``):
-    on a short epoch the write was most of the per-epoch hook (about 3-4 ms a step on SQLite inside a run,
-    a round trip on a server), and the pruner decides on ``local``, which has every value at once. The
-    session flushes before every ``last.pt`` (a retry inherits every step before the epoch it resumes at) and as
-    the trial ends, before it is told (a pruned trial's value is its last step as stored); what a ``kill -9``
-    loses (at most ``hold`` seconds of steps) the retry trains again. Epochs longer than ``hold`` are written as
-    they end.
+    Reported values are held for up to ``hold`` seconds (by default ``report_hold``'s) and written together, one
+    transaction (``flush``): on a short epoch the write was most of the per-epoch hook (about 3-4 ms a step on
+    SQLite inside a run, a round trip on a server), and the pruner decides on ``local``, which has every value at
+    once. The session flushes before every ``last.pt`` (a retry inherits every step before the epoch it resumes
+    at) and as the trial ends, before it is told (a pruned trial's value is its last step as stored); what a
+    ``kill -9`` loses (at most ``hold`` seconds of steps) the retry trains again. Epochs longer than ``hold`` are
+    written as they end.
 
     The pruner gets the trial as this worker knows it: read from the storage once, at the start (params,
     inherited intermediate values, system attrs), then each reported value added locally as it is reported.
@@ -246,13 +246,13 @@ class PruningTrial:
     ``FinishedTrialsCache``."""
 
     def __init__(self, trial: optuna.Trial, ttl: float = 10.0, stored: FrozenTrial | None = None,
-                 hold: float = 2.0) -> None:
+                 hold: float | None = None) -> None:
         self.trial = trial
         # In memory: get_trial gives the storage's own object. `stored`: the caller's read of it, made just now.
         self.local = copy.deepcopy(stored if stored is not None else stored_trial(trial))
         own = OwnSystemAttrs(trial.study._storage, trial._trial_id, self.local.system_attrs)
         self.view = FinishedTrialsCache(trial.study, ttl, own)
-        self.hold = hold
+        self.hold = report_hold(trial) if hold is None else hold
         self.pending: dict[int, float] = {}
         self._written = time.monotonic()
 

@@ -42,7 +42,7 @@ from search.failures import (
     release_memory,
     show_first_traceback,
 )
-from search.optuna_adapter import PruningTrial, report_hold, set_user_attrs, stored_trial
+from search.optuna_adapter import PruningTrial, set_user_attrs, stored_trial
 from search.progress import Progress
 from search.publish import on_trial_end
 from search.resume import find_resume, last_path, retried_trials, save_resume, trial_dir
@@ -132,7 +132,7 @@ class TrialSession:
 
     def __enter__(self) -> TrialSession:
         stored = stored_trial(self.trial)  # one read: the pruner's view of the trial, and what it retries
-        self._pruning = PruningTrial(self.trial, stored=stored, hold=report_hold(self.trial))
+        self._pruning = PruningTrial(self.trial, stored=stored)
         self.stopper = build_stopper(self.settings)
         earlier = retried_trials(stored)
         self._earlier_runs = self._runs_of(earlier)
