@@ -69,7 +69,7 @@ def update_us(base: TrainConfig, k: int, blocks: int, calls: int) -> dict[str, f
 
     runtime = resolve_runtime(base.device)
     data = load_data(base, runtime.device)
-    sides: dict[str, list[tuple[OptimizerUpdate, list[Any], list[Any]]]] = {}
+    sides: dict[str, list[tuple[OptimizerUpdate, list[Any]]]] = {}
     for way, update in (("torch step", TorchStep), ("direct", OptimizerUpdate)):
         sides[way] = []
         for cfg in members(base, k):
@@ -78,8 +78,8 @@ def update_us(base: TrainConfig, k: int, blocks: int, calls: int) -> dict[str, f
             if runtime.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             torch.nn.functional.cross_entropy(state.model(x), data.train_y[: cfg.batch_size]).backward()
-            params = [p for g in state.optimizer.param_groups for p in g["params"]]
-            sides[way].append((update(state.optimizer), params, [p.grad for p in params]))
+            opt = update(state.optimizer)
+            sides[way].append((opt, [p.grad for p in opt.params]))
     cuda = runtime.device.type == "cuda"
     clock = time.perf_counter if cuda else time.process_time
     spent = {way: 0.0 for way in sides}
@@ -89,9 +89,9 @@ def update_us(base: TrainConfig, k: int, blocks: int, calls: int) -> dict[str, f
                 torch.cuda.synchronize()
             start = clock()
             for _ in range(calls):
-                for update, params, grads in opts:
+                for update, grads in opts:
                     update.zero_grad()
-                    for p, g in zip(params, grads, strict=True):
+                    for p, g in zip(update.params, grads, strict=True):
                         p.grad = g
                     update.step()
             if cuda:
