@@ -7,6 +7,7 @@ a worker killed with -9, a worker cut off from the network while it keeps traini
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 import optuna
 import pytest
+import sqlalchemy
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
@@ -58,8 +60,19 @@ def _tail(log: Path, lines: int = 40) -> str:
     return f"--- {log}\n" + "\n".join(text[-lines:])
 
 
+@functools.cache
+def _reader(storage: str) -> optuna.storages.RDBStorage:
+    """One storage per database for the tests' polls, each call on a connection of its own that is closed after
+    it. An RDBStorage made per poll keeps its pooled connection open until the garbage collector frees it (it
+    sits in a reference cycle), and polls every 0.2 s filled the cluster server's 100 connections. Opening one
+    creates Optuna's tables where they are missing, so it waits for the lock the workers create them under (a
+    poll racing a worker's CREATE TABLE failed that worker with a duplicate key in ``pg_type``)."""
+    with advisory_lock(storage, "schema", per_machine=False):
+        return optuna.storages.RDBStorage(storage, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
+
+
 def _trials(storage: str, study: str) -> list[FrozenTrial]:
-    return optuna.load_study(study_name=study, storage=storage).get_trials()
+    return optuna.load_study(study_name=study, storage=_reader(storage)).get_trials()
 
 
 def _pointer(client: MlflowClient, run_id: str) -> dict[str, Any] | None:
