@@ -152,7 +152,8 @@ def _create_rdb(url: str, beats: dict[str, Any], engine: dict[str, Any],
                 retrier: Retrier | None = None) -> optuna.storages.RDBStorage:
     """Open an RDB storage. Processes opening a new database together (workers, or `hpo status` while
     `hpo run` starts) would all try to create Optuna's tables (and PostgreSQL's enum types) at once and all
-    but one fail; on PostgreSQL an advisory lock serialises that, elsewhere a lost race is retried."""
+    but one fail; on PostgreSQL an advisory lock serialises hpo's own, and a race lost to a process that does
+    not take it (or, elsewhere, to any other) is retried."""
     import sqlalchemy.exc
 
     def create() -> optuna.storages.RDBStorage:
@@ -164,19 +165,22 @@ def _create_rdb(url: str, beats: dict[str, Any], engine: dict[str, Any],
         _OPENED.add(storage)
         return storage
 
-    if is_postgres(url):
-        with advisory_lock(url, "schema"):
-            return create()
-    for attempt in range(3):
-        try:
-            return create()
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            pass
-        except sqlalchemy.exc.OperationalError as exc:  # SQLite: "table studies already exists"
-            if "already exists" not in str(exc):
-                raise
-        time.sleep(0.5 * (attempt + 1))
-    return create()
+    def create_retried() -> optuna.storages.RDBStorage:
+        for attempt in range(3):
+            try:
+                return create()
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                pass  # PostgreSQL: a duplicate key in pg_type; lost to another creator, whose tables are there now
+            except sqlalchemy.exc.OperationalError as exc:  # SQLite: "table studies already exists"
+                if "already exists" not in str(exc):
+                    raise
+            time.sleep(0.5 * (attempt + 1))
+        return create()
+
+    if is_postgres(url):  # the lock orders hpo's processes; a lost race is retried for whatever does not take it
+        with advisory_lock(url, "schema"):  # (optuna-dashboard or a script opening the new database just then)
+            return create_retried()
+    return create_retried()
 
 
 def enable_wal(path: Path, seconds: float = 120) -> None:

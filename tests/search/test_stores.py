@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -21,6 +23,7 @@ from search.stores import (
     sqlite_path,
     sqlite_url,
 )
+from tests.search.workers_helpers import postgres_database
 
 
 def test_sqlite_urls_round_trip_and_other_schemes_have_no_path(tmp_path: Path) -> None:
@@ -89,3 +92,40 @@ def test_close_storages_leaves_each_sqlite_storage_whole_in_its_file(tmp_path: P
     copy.mkdir()
     (copy / "optuna.db").write_bytes((tmp_path / "optuna.db").read_bytes())
     assert len(optuna.load_study(study_name="s", storage=sqlite_url(copy / "optuna.db")).trials) == 2
+
+
+def test_a_new_postgresql_storage_opens_after_losing_the_table_race_to_a_program_without_the_lock() -> None:
+    """hpo's processes take an advisory lock to create Optuna's tables in a new database; optuna-dashboard or a
+    script opening it at the same moment does not. Here that other program has created the tables and not yet
+    committed: hpo's CREATE waits for it, then fails on a duplicate key in ``pg_type`` once it commits. The lost
+    race is retried, and the second try finds the tables there."""
+    import sqlalchemy
+    from optuna.storages._rdb import models  # the tables Optuna's RDBStorage creates
+
+    with postgres_database() as url:
+        other = sqlalchemy.create_engine(url)
+        try:
+            with other.connect() as conn:
+                transaction = conn.begin()
+                models.BaseModel.metadata.create_all(conn)  # created in the other program's open transaction
+                opened: dict[str, Any] = {}
+
+                def open_it() -> None:
+                    try:
+                        opened["storage"] = open_storage(url)
+                    except Exception as exc:  # noqa: BLE001 - the test reports it
+                        opened["error"] = exc
+
+                thread = threading.Thread(target=open_it)
+                thread.start()
+                time.sleep(2)
+                assert thread.is_alive(), opened  # hpo's CREATE waits on the other program's
+                transaction.commit()
+            thread.join(60)
+            assert "error" not in opened, opened.get("error")
+            study = optuna.create_study(study_name="raced", storage=opened["storage"])
+            study.tell(study.ask(), 1.0)
+            assert [t.value for t in optuna.load_study(study_name="raced", storage=url).trials] == [1.0]
+        finally:
+            close_storages()
+            other.dispose()
