@@ -44,6 +44,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient as MlflowClient  # noqa: E402  (re-exported for replay)
 
 PARENT_TAG = "hpo.role"
+LATEST_TAG = "hpo.latest."  # + a parent run's param key: the value of the study's latest run, where it differs
 MAX_PARAM_LENGTH = 6000
 # MLflow 3's UI opens an experiment in its GenAI view unless told it is for model training. Two ways, both used:
 # the experiment tag below (name and value are the UI's own, ExperimentKind.CUSTOM_MODEL_DEVELOPMENT in
@@ -205,7 +206,25 @@ class Tracker:
             self.client.log_batch(run.info.run_id, params=_params(params))
             return str(run.info.run_id)
         self.reopen(run_id)
+        self._note_changed_params(run_id, params)
         return run_id
+
+    def _note_changed_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """MLflow keeps a run's params as first logged: they cannot change. A later run of the study with other
+        settings (a bigger budget, another pruner) says so in tags, ``hpo.latest.KEY`` with its value for each key
+        whose value differs from the param's; a tag whose key matches again is removed; a key the run has no
+        param for yet (logged by an older hpo) becomes a param."""
+        data = self.client.get_run(run_id).data
+        values = _params(params)
+        new = [p for p in values if p.key not in data.params]
+        changed = [RunTag(f"{LATEST_TAG}{v.key}", v.value) for v in values
+                   if v.key in data.params and data.params[v.key] != v.value]
+        kept = {t.key for t in changed}
+        if new or any(data.tags.get(t.key) != t.value for t in changed):
+            self.client.log_batch(run_id, params=new, tags=changed)
+        for key in data.tags:
+            if key.startswith(LATEST_TAG) and key not in kept:
+                self.client.delete_tag(run_id, key)
 
     def _mark_model_development(self) -> None:
         """Tag an experiment made before hpo set the tag (or by hand), so the UI opens it on its runs."""

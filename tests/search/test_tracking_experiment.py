@@ -144,3 +144,21 @@ def test_workers_starting_together_on_a_new_study_are_not_refused_as_another_stu
     second.check_owner(lambda: stored_id(storage, "s"))  # read now: the same study
     with pytest.raises(TrackingError, match="this one is new"):
         second.check_owner(lambda: read_early)  # an id read before the tag would refuse its own study
+
+
+def test_a_later_run_with_other_settings_says_so_in_tags_on_the_parent_run(tmp_path: Path) -> None:
+    """MLflow params cannot change: the parent run keeps the first run's, and ``hpo.latest.KEY`` tags hold what
+    the latest run used where it differs; they go again once it matches, and a key new to the run is a param."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "study", tmp_path / "mlartifacts")
+    parent = tracker.parent_run("study", {"n_trials": 12, "max_epochs": 20})
+
+    assert tracker.parent_run("study", {"n_trials": 30, "max_epochs": 20, "pruner": "median"}, parent) == parent
+    data = MlflowClient(uri).get_run(parent).data
+    assert data.params == {"n_trials": "12", "max_epochs": "20", "pruner": "median"}
+    assert {k: v for k, v in data.tags.items() if k.startswith("hpo.latest.")} == {"hpo.latest.n_trials": "30"}
+
+    tracker.parent_run("study", {"n_trials": 12, "max_epochs": 5, "pruner": "median"}, parent)
+    data = MlflowClient(uri).get_run(parent).data
+    assert data.params == {"n_trials": "12", "max_epochs": "20", "pruner": "median"}
+    assert {k: v for k, v in data.tags.items() if k.startswith("hpo.latest.")} == {"hpo.latest.max_epochs": "5"}
