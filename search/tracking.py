@@ -224,7 +224,8 @@ class Tracker:
             self.client.log_batch(run_id, params=new, tags=changed)
         for key in data.tags:
             if key.startswith(LATEST_TAG) and key not in kept:
-                self.client.delete_tag(run_id, key)
+                with contextlib.suppress(MlflowException):  # gone already: another worker of the study removed it
+                    self.client.delete_tag(run_id, key)
 
     def _mark_model_development(self) -> None:
         """Tag an experiment made before hpo set the tag (or by hand), so the UI opens it on its runs."""
