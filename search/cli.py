@@ -718,8 +718,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     if "image_files" in done.input_info:
         lines.append(f"  image files: {done.input_info['image_files']}")
     lines.append("  output:      class indices (int64), named by model.metadata.metadata['class_names']")
+    lines.append(f"  serve it:    {serve_command(done.out)}   # POST /invocations {{\"inputs\": images}}")
     print("\n".join(lines))
     return 0
+
+
+def serve_command(model: Path, port: int = 5001) -> str:
+    """MLflow's scoring server for an exported model, as a shell command. `mlflow models serve` starts `uvicorn` by
+    name, so the folder of this install's scripts must be on PATH (else it fails with exit code 127): the command
+    puts it there unless it already is."""
+    scripts = Path(sys.executable).parent
+    cmd = f"mlflow models serve -m {shlex.quote(str(model))} --env-manager local --port {port}"
+    found = [shutil.which(name) for name in ("mlflow", "uvicorn")]
+    if all(f is not None and Path(f).parent == scripts for f in found):
+        return cmd
+    return f"PATH={shlex.quote(str(scripts))}:\"$PATH\" {cmd}"
 
 
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "recover": cmd_recover, "status": cmd_status, "best": cmd_best,

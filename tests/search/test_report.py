@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -26,6 +30,7 @@ from search.diagnosis import LABELS, diagnose
 from search.notes import epoch_account
 from search.publish import CURVES
 from tests.finished_study import MAX_EPOCHS, QUICKSTART, TRIALS, finished_study
+from tests.mlflow_server import free_port, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -167,6 +172,38 @@ def test_export_writes_an_mlflow_model_that_predicts_digits(done: dict, capsys: 
     assert main(["export", str(QUICKSTART), *done["opts"], "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "already exists and is not an empty folder" in err and err.count("\n") == 1
+
+
+def test_the_serve_command_export_prints_serves_the_model_without_an_activated_venv(
+    done: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mlflow models serve` starts uvicorn by name: run from a shell whose PATH lacks the venv (not activated),
+    it exits 127. The command `hpo export` prints puts the venv's scripts on PATH; run as printed, it serves."""
+    out = done["work"] / "served-model"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert main(["export", str(QUICKSTART), *done["opts"], "--out", str(out)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("serve it:"))
+    command = line.split("serve it:", 1)[1].split("   #", 1)[0].strip()
+    assert command.endswith("--port 5001")
+    port = free_port()
+    log = done["work"] / "serve.log"
+    with log.open("w") as sink:
+        server = subprocess.Popen(["bash", "-c", command.removesuffix("5001") + str(port)], stdout=sink,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "PATH": "/usr/bin:/bin"},
+                                  start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", 180, server, log)
+        images, _ = _digits(20)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = json.loads(response.read())["predictions"]
+        assert served == mlflow.pyfunc.load_model(str(out)).predict(images).tolist()
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
 
 
 def test_export_by_study_name_uses_the_settings_stored_with_the_study(
