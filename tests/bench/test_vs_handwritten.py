@@ -24,5 +24,10 @@ def test_repeated_pairs_alternate_order_and_the_summary_is_their_median(tmp_path
     ratios = [p["hand-written"]["wall_s"] / p["hpo"]["wall_s"] for p in pairs]
     assert figures["ratios"] == ratios and figures["median_ratio"] == statistics.median(ratios)
     assert f"median {statistics.median(ratios):.2f}x" in printed
+    first = pairs[0]
+    hand, hpo = first["hand-written"], first["hpo"]
+    parts = (f"(trials {hand['trials_span_s'] / hpo['trials_span_s']:.2f}x, rest "
+             f"{(hand['wall_s'] - hand['trials_span_s']) / (hpo['wall_s'] - hpo['trials_span_s']):.2f}x)")
+    assert f"hand-written/hpo wall {ratios[0]:.2f}x {parts}" in printed
     assert {d.name for d in (tmp_path / "kept").iterdir() if d.is_dir()} == {
         "handwritten-42-r1", "handwritten-42-r2", "hpo-42-r1", "hpo-42-r2"}
