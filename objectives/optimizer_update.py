@@ -15,10 +15,17 @@ a CUDA-graphed step, an optimiser whose state was reloaded since) goes to `optim
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 from torch.optim.adam import adam
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+# The direct call passes AdamW's `decoupled_weight_decay` to the functional `adam`, as AdamW's own step does
+# where AdamW is Adam with that flag. An older torch (the project allows 2.4) has no such argument, and its
+# AdamW groups no such key: there every step is `optimizer.step()`.
+DIRECT_CALL = "decoupled_weight_decay" in inspect.signature(adam).parameters
 
 
 class OptimizerUpdate:
@@ -71,7 +78,7 @@ class OptimizerUpdate:
 
     def _exact(self) -> bool:
         opt = self.optimizer
-        if type(opt) is not torch.optim.AdamW or getattr(opt, "grad_scale", None) is not None:
+        if not DIRECT_CALL or type(opt) is not torch.optim.AdamW or getattr(opt, "grad_scale", None) is not None:
             return False
         if opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks:
             return False
@@ -79,6 +86,7 @@ class OptimizerUpdate:
             return False
         if sum(len(g["params"]) for g in opt.param_groups) != len(self.params):
             return False
-        return all(g["fused"] and not (g["amsgrad"] or g["capturable"] or g["differentiable"] or g["maximize"])
+        return all(g["fused"] and "decoupled_weight_decay" in g
+                   and not (g["amsgrad"] or g["capturable"] or g["differentiable"] or g["maximize"])
                    and not isinstance(g["lr"], Tensor) and not any(p.is_complex() for p in g["params"])
                    for g in opt.param_groups)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from objectives import optimizer_update
 from objectives.optimizer_update import OptimizerUpdate
 
 
@@ -112,8 +113,11 @@ def test_a_reloaded_state_is_gathered_again_and_trains_on_exactly() -> None:
     assert calls[0] == 0  # the loaded state already had its moments: gathered from it, no torch step needed
 
 
-@pytest.mark.parametrize("case", ["sgd", "amsgrad", "not fused", "step hook"])
-def test_what_the_direct_call_does_not_cover_goes_to_torchs_step(case: str) -> None:
+@pytest.mark.parametrize("case", ["sgd", "amsgrad", "not fused", "step hook", "older torch"])
+def test_what_the_direct_call_does_not_cover_goes_to_torchs_step(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert optimizer_update.DIRECT_CALL  # this torch takes the direct call: the other tests here cover it
+    if case == "older torch":  # a functional `adam` without decoupled_weight_decay (AdamW apart from Adam)
+        monkeypatch.setattr(optimizer_update, "DIRECT_CALL", False)
     net = model()
     if case == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
