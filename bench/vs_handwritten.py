@@ -7,9 +7,9 @@ per seed and in total: wall time of the whole process (imports, data, every tria
 does at the end), epochs trained, seconds per epoch, the best validation accuracy each found, and the
 ratio of wall times hand-written / hpo (above 1: hpo finished sooner). The wall time is split into the
 trials (first trial's start to last trial's end, from the storage) and the rest (process start-up, imports,
-data, and what the tool does before the first and after the last trial), each with its own ratio; seconds per epoch are the trials'
-time over the epochs trained. Before the timed runs each side runs once untimed (1 trial x 1 epoch), so
-first-use costs of the machine (file caches) fall on neither side.
+data, and what the tool does before the first and after the last trial), each with its own ratio; seconds per
+epoch are the trials' time over the epochs trained. Before the timed runs each side runs once untimed (1 trial
+x 1 epoch), so first-use costs of the machine (file caches) fall on neither side.
 
 "Best validation accuracy" is read the same way from both studies' storage: the highest val_accuracy
 reported at any epoch of any trial. Each study's own best value is printed next to it; they differ where
