@@ -352,10 +352,11 @@ def _loading() -> contextlib.AbstractContextManager[None]:
 def cmd_run(args: argparse.Namespace) -> int:
     with _loading():
         from search.launch import plan_workers, run_parallel
+        from search.notes import epoch_account
         from search.records import best_trial
         from search.stores import run_paths
         from search.study import run_study
-        from search.summary import epochs_spent, failed_text, state_counts, study_table
+        from search.summary import failed_text, state_counts, study_table
 
         settings = _settings(args)
     paths = run_paths(args.run_dir, settings.study.name, args.storage, args.tracking_uri)
@@ -384,10 +385,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     c, failed = state_counts(trials), failed_text(trials)
     print(study_table(study))
     print()
-    finished = c["COMPLETE"] + c["PRUNED"]
+    finished, acc = c["COMPLETE"] + c["PRUNED"], epoch_account(trials, settings.study.max_epochs)
     print(f"finished {finished} trial{'s' if finished != 1 else ''} ({c['COMPLETE']} complete, {c['PRUNED']} pruned, "
-          f"{failed}); {result.new_trials} new in this run; {epochs_spent(study)} epochs spent of "
-          f"{len(trials) * settings.study.max_epochs} without early stopping or pruning")
+          f"{failed}); {result.new_trials} new in this run; {acc.spent} epochs spent of {acc.full} without early "
+          "stopping or pruning")
     if result.new_trials == 0 and n_trials is not None and finished >= n_trials:  # a rerun that had nothing to do
         print(f"note: {_budget_met(n_trials, finished)}", file=sys.stderr)
     best = best_trial(study)

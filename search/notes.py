@@ -24,6 +24,7 @@ from search.records import (
     RESUMED_FROM_TRIAL,
     RETRY_OF,
     STOPPED_EPOCH,
+    TRIAL_MAX_EPOCHS,
     epochs_run,
     epochs_trained,
     fmt,
@@ -47,25 +48,38 @@ class EpochAccount:
     early_stopped: int
     unused_by_failures: int
     resumed: int = 0
+    budgets: tuple[int, ...] = ()  # the distinct epoch budgets of the ended trials, ascending
+
+    @property
+    def per_trial(self) -> str:
+        """How ``full`` is made: "12 trials x 20 epochs", or with budgets that differ "12 trials of 10 to 20 epochs"."""
+        if len(self.budgets) > 1:
+            return f"{self.trials} trials of {self.budgets[0]} to {self.budgets[-1]} epochs"
+        return f"{self.trials} trials x {self.budgets[0] if self.budgets else 0} epochs"
 
 
 def epoch_account(trials: Sequence[FrozenTrial], max_epochs: int) -> EpochAccount:
-    """Count epochs of ended trials (running ones are left out: their budget is not decided yet)."""
+    """Count epochs of ended trials (running ones are left out: their budget is not decided yet). Each trial is
+    counted against the epoch budget it trained under (``TRIAL_MAX_EPOCHS``: a resumed study may have changed it),
+    ``max_epochs`` where it has none (trials of an older hpo, replays)."""
     ended = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
 
     run = epochs_run
 
+    def budget(t: FrozenTrial) -> int:
+        return int(t.user_attrs.get(TRIAL_MAX_EPOCHS) or max_epochs)
+
     def left(ts: list[FrozenTrial]) -> int:
-        return sum(max(max_epochs - run(t), 0) for t in ts)
+        return sum(max(budget(t) - run(t), 0) for t in ts)
 
     pruned = [t for t in ended if t.state == TrialState.PRUNED]
     stopped = [t for t in ended if outcome(t) == "early stopped"]
     failed = [t for t in ended if t.state == TrialState.FAIL]
     return EpochAccount(
-        trials=len(ended), spent=sum(epochs_trained(t) for t in ended), full=len(ended) * max_epochs,
+        trials=len(ended), spent=sum(epochs_trained(t) for t in ended), full=sum(budget(t) for t in ended),
         saved_by_pruning=left(pruned), saved_by_early_stopping=left(stopped),
         pruned=len(pruned), early_stopped=len(stopped), unused_by_failures=left(failed),
-        resumed=sum(run(t) - epochs_trained(t) for t in ended),
+        resumed=sum(run(t) - epochs_trained(t) for t in ended), budgets=tuple(sorted({budget(t) for t in ended})),
     )
 
 
@@ -102,8 +116,8 @@ def study_note(
         f"{f'; timeout {timeout:g} s' if timeout else ''}. Sampler {settings.get('sampler', {}).get('name')}, "
         f"pruner {settings.get('pruner', {}).get('name')}, early stopping {stopping}.",
         "",
-        f"**Epochs:** {acc.spent} spent of {acc.full} ({_pct(acc.spent, acc.full)}) that {acc.trials} trials x "
-        f"{max_epochs} epochs would cost without pruning or early stopping.",
+        f"**Epochs:** {acc.spent} spent of {acc.full} ({_pct(acc.spent, acc.full)}) that {acc.per_trial} would "
+        "cost without pruning or early stopping.",
         "",
         f"* saved by pruning: **{acc.saved_by_pruning}** epochs ({acc.pruned} trials pruned)",
         f"* saved by early stopping: **{acc.saved_by_early_stopping}** epochs ({acc.early_stopped} trials stopped)",

@@ -22,6 +22,7 @@ MLFLOW_RUN_URL = "mlflow_run_url"
 CHECKPOINT = "checkpoint"  # the best (or last) weights: checkpoints/trial-N/best.pt, absolute
 BEST_EPOCH = "best_epoch"  # the epoch whose weights and value the trial keeps
 EPOCHS_RUN = "epochs_run"
+TRIAL_MAX_EPOCHS = "max_epochs"  # the epoch budget this attempt trained under (a later run may set another)
 PRUNED_EPOCH = "pruned_epoch"
 STOPPED_EPOCH = "stopped_epoch"
 EARLY_STOPPED = "early_stopped"
@@ -41,7 +42,7 @@ ERROR_AT = "error_at"  # a trial failed by an error: where it was raised (failur
 # One attempt's own record: a retry starts without these (search/workers.py ``retry``) and writes its own.
 PER_ATTEMPT = (MLFLOW_RUN_ID, MLFLOW_RUN_URL, CHECKPOINT, BEST_EPOCH, EPOCHS_RUN, PRUNED_EPOCH, STOPPED_EPOCH,
                EARLY_STOPPED, REASON, RESUMED_FROM_TRIAL, RESUMED_AT_EPOCH, OOM_BATCH_SIZE, PACKED_WITH, OOM_PACK_SIZE,
-               FIT_DIAGNOSIS, ERROR_AT, RETRY_OF)
+               FIT_DIAGNOSIS, ERROR_AT, RETRY_OF, TRIAL_MAX_EPOCHS)
 
 # --- study attributes ---------------------------------------------------------------------------------------
 PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run

@@ -168,7 +168,7 @@ def build_html(study: optuna.Study, fits: list[TrialFit], max_epochs: int) -> st
         f"<h1>Study {html.escape(study.study_name)}</h1>",
         f"<p>Generated {datetime.now():%Y-%m-%d %H:%M}. {c['COMPLETE']} complete, {c['PRUNED']} pruned, "
         f"{c['FAIL']} failed, {c['RUNNING']} running. Epochs: {acc.spent} spent of {acc.full} "
-        f"({acc.trials} trials x {max_epochs}); saved by pruning {acc.saved_by_pruning}, by early stopping "
+        f"({acc.per_trial}); saved by pruning {acc.saved_by_pruning}, by early stopping "
         f"{acc.saved_by_early_stopping}.</p>",
         f"<p id='best'>Best: {best_line}</p>",
     ]

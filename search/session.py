@@ -145,7 +145,8 @@ class TrialSession:
         inherited = {key: None for key in records.PER_ATTEMPT if key in self.trial.user_attrs}
         retry = {records.RETRY_OF: earlier[-1]} if earlier else {}
         set_user_attrs(self.trial, {**inherited, records.MLFLOW_RUN_ID: self.run.run_id, **identity(), **retry,
-                                    records.MLFLOW_RUN_URL: run_url(self.ctx.tracker, self.run.run_id)})
+                                    records.MLFLOW_RUN_URL: run_url(self.ctx.tracker, self.run.run_id),
+                                    records.TRIAL_MAX_EPOCHS: self.settings.study.max_epochs})
         if resume is not None:
             self._apply_resume(resume, previous_run)
         self._deadline = TrialDeadline(self.settings.study.trial_timeout)

@@ -95,7 +95,3 @@ def study_table(study: optuna.Study) -> str:
             row["ended"] = "worker gone; the next run retries it"
         rows.append(row)
     return format_table(rows, ["number", "state", "value", "epochs", "ended", "params"])
-
-
-def epochs_spent(study: optuna.Study) -> int:
-    return sum(records.epochs_trained(t) for t in study.get_trials(deepcopy=False))

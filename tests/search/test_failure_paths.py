@@ -69,6 +69,7 @@ def test_a_diverging_loss_prunes_the_trial_at_its_first_epoch(diverged: Path) ->
     for t in trials:
         assert t.user_attrs["reason"] == "nan_loss"
         assert t.user_attrs["pruned_epoch"] == 0 and t.user_attrs["epochs_run"] == 1
+        assert t.user_attrs["max_epochs"] == 3  # the budget it trained under (study.max_epochs of this run)
         assert t.intermediate_values == {}  # a non-finite value is never reported to the pruner
     runs = child_runs(client, "nan")
     assert {(r.info.status, r.data.tags["hpo.reason"]) for r in runs} == {("FINISHED", "nan_loss")}

@@ -64,6 +64,23 @@ def test_a_resumed_retry_counts_only_the_epochs_it_trained_and_a_waiting_retry_n
     assert [epochs_trained(t) for t in (interrupted, resumed, trial(TrialState.WAITING, 0))] == [6, 7, 0]
 
 
+def test_each_trial_is_counted_against_the_epoch_budget_it_trained_under() -> None:
+    """A study resumed with study.max_epochs raised from 10 to 20: the first run's trials had 10 epochs to
+    spend, the second's 20; a trial of an older hpo (no recorded budget) counts against the budget given."""
+    first = [trial(TrialState.COMPLETE, 10, 0.9, early_stopped=False, max_epochs=10),
+             trial(TrialState.PRUNED, 3, 0.4, pruned_epoch=2, max_epochs=10)]
+    second = [trial(TrialState.COMPLETE, 12, 0.95, early_stopped=True, stopped_epoch=11, max_epochs=20),
+              trial(TrialState.PRUNED, 4, 0.5, pruned_epoch=3)]  # no max_epochs: the given 20
+    acc = epoch_account(first + second, 20)
+    assert acc.full == 10 + 10 + 20 + 20 and acc.spent == 10 + 3 + 12 + 4
+    assert acc.saved_by_pruning == 7 + 16 and acc.saved_by_early_stopping == 8
+    assert acc.spent + acc.saved_by_pruning + acc.saved_by_early_stopping == acc.full
+    assert acc.per_trial == "4 trials of 10 to 20 epochs"
+    assert epoch_account(second, 20).per_trial == "2 trials x 20 epochs"
+    note = study_note("s", first + second, SETTINGS, second[0], {}, 4, "hpo run s.toml", "")
+    assert "29 spent of 60 (48%) that 4 trials of 10 to 20 epochs would cost" in note
+
+
 def test_study_note_says_budget_epochs_savings_best_trial_and_how_to_reproduce() -> None:
     note = study_note("quickstart", TRIALS, SETTINGS, TRIALS[1], {"test_accuracy": 0.9722}, 12,
                       "hpo run studies/quickstart.toml --trials 12", " --run-dir /tmp/r")

@@ -245,8 +245,9 @@ def test_a_report_without_complete_trials_says_what_it_left_out_and_warns_nothin
 
 def test_a_report_after_a_resume_with_another_max_epochs_counts_and_judges_with_the_latest_one(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A short first run, resumed with more epochs: the report's epoch account and fit rules use the budget the
-    study note shows (the latest run's), not the first run's (the account read '6 spent of 4 (2 trials x 2)')."""
+    """A short first run, resumed with more epochs: the report's fit rules use the latest run's budget (the
+    account once read '6 spent of 4 (2 trials x 2)'), and its epoch account counts each trial against the
+    budget it trained under: 2 epochs for the first run's trial, 5 for the second's."""
     opts = ["--run-dir", str(tmp_path / "runs")]
     for trials, epochs in ((1, 2), (2, 5)):
         assert main(["run", str(QUICKSTART), *opts, "--trials", str(trials), "--set", f"study.max_epochs={epochs}",
@@ -255,5 +256,6 @@ def test_a_report_after_a_resume_with_another_max_epochs_counts_and_judges_with_
     page = (tmp_path / "runs" / "quickstart" / "report" / "report.html").read_text()
     study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{tmp_path / 'runs/quickstart/optuna.db'}")
     acc = epoch_account(study.trials, 5)
-    assert f"Epochs: {acc.spent} spent of {acc.full} (2 trials x 5)" in page
+    assert (acc.spent, acc.full) == (2 + 5, 2 + 5)
+    assert f"Epochs: {acc.spent} spent of {acc.full} (2 trials of 2 to 5 epochs)" in page
     assert "2-epoch budget" not in page and "max_epochs = 5" in page
