@@ -48,14 +48,14 @@ class EpochAccount:
     early_stopped: int
     unused_by_failures: int
     resumed: int = 0
-    budgets: tuple[int, ...] = ()  # the distinct epoch budgets of the ended trials, ascending
+    budgets: tuple[int, ...] = ()  # the distinct epoch budgets of the ended trials, ascending (else the given one)
 
     @property
     def per_trial(self) -> str:
         """How ``full`` is made: "12 trials x 20 epochs", or with budgets that differ "12 trials of 10 to 20 epochs"."""
         if len(self.budgets) > 1:
             return f"{self.trials} trials of {self.budgets[0]} to {self.budgets[-1]} epochs"
-        return f"{self.trials} trials x {self.budgets[0] if self.budgets else 0} epochs"
+        return f"{self.trials} trials x {self.budgets[0]} epochs"
 
 
 def epoch_account(trials: Sequence[FrozenTrial], max_epochs: int) -> EpochAccount:
@@ -79,7 +79,8 @@ def epoch_account(trials: Sequence[FrozenTrial], max_epochs: int) -> EpochAccoun
         trials=len(ended), spent=sum(epochs_trained(t) for t in ended), full=sum(budget(t) for t in ended),
         saved_by_pruning=left(pruned), saved_by_early_stopping=left(stopped),
         pruned=len(pruned), early_stopped=len(stopped), unused_by_failures=left(failed),
-        resumed=sum(run(t) - epochs_trained(t) for t in ended), budgets=tuple(sorted({budget(t) for t in ended})),
+        resumed=sum(run(t) - epochs_trained(t) for t in ended),
+        budgets=tuple(sorted({budget(t) for t in ended})) or (max_epochs,),
     )
 
 

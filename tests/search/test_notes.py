@@ -77,6 +77,7 @@ def test_each_trial_is_counted_against_the_epoch_budget_it_trained_under() -> No
     assert acc.spent + acc.saved_by_pruning + acc.saved_by_early_stopping == acc.full
     assert acc.per_trial == "4 trials of 10 to 20 epochs"
     assert epoch_account(second, 20).per_trial == "2 trials x 20 epochs"
+    assert epoch_account([], 20).per_trial == "0 trials x 20 epochs"
     note = study_note("s", first + second, SETTINGS, second[0], {}, 4, "hpo run s.toml", "")
     assert "29 spent of 60 (48%) that 4 trials of 10 to 20 epochs would cost" in note
 
