@@ -17,13 +17,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from objectives.runtime import resolve_runtime, seed_everything
-from objectives.settings import ModelArg, NonNegativeInt, resolve_reference
+from objectives.settings import CustomConfig
+from objectives.spec import CustomSpec
 from objectives.user_code import import_file
 from search.config import Settings
 from search.errors import HpoError, first_line
@@ -36,45 +36,6 @@ class CustomLoopError(HpoError):
     """The training function named in the study file cannot be used; nothing has been created."""
 
     exit_code = 2
-
-
-class CustomConfig(BaseModel):
-    """The ``[objective]`` section for ``name = "custom"``; validated once, frozen, unknown keys refused."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    train: str = Field(
-        description="'file.py:function' (relative to the study file) or 'package.module:function'; "
-        "called as function(config, on_epoch) and returning the trained model."
-    )
-    metrics: tuple[str, ...] = Field(
-        min_length=1,
-        description="What the function reports to on_epoch every epoch; study.metric and "
-        "early_stopping.monitor must be among them.",
-    )
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    seed: NonNegativeInt = 0
-    settings: dict[str, ModelArg] = Field(
-        default_factory=dict, description="Fixed values handed to the function as config.settings."
-    )
-
-    @field_validator("train")
-    @classmethod
-    def _function_reference(cls, value: str, info: ValidationInfo) -> str:
-        module, sep, attr = value.rpartition(":")
-        if not sep or not module or not attr.isidentifier():
-            raise ValueError(
-                f"train = {value!r}: expected 'file.py:function' (a path relative to the study file) or "
-                "'package.module:function', e.g. 'train_digits.py:train'"
-            )
-        return resolve_reference(value, info)
-
-    @field_validator("metrics")
-    @classmethod
-    def _distinct_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if any(not name for name in value) or len(set(value)) != len(value):
-            raise ValueError(f"metrics must be distinct, non-empty names, got {list(value)}")
-        return value
 
 
 @dataclass(frozen=True)
@@ -191,25 +152,15 @@ def _import_file(path: Path) -> Any:
     return import_file(path)
 
 
-class CustomObjective:
-    """Run the user's training function with the sampled hyperparameters; value = the study metric."""
-
-    config_model = CustomConfig
+class CustomObjective(CustomSpec):
+    """Run the user's training function with the sampled hyperparameters; value = the study metric. Its settings
+    model, tunable names and metrics are ``CustomSpec``'s (objectives/spec.py)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.config: CustomConfig = settings.objective
         self.ctx: StudyContext | None = None
         self._train: TrainFunction | None = None
-
-    @classmethod
-    def tunable_names(cls, config: CustomConfig) -> set[str] | None:
-        """Any ``[space]`` name: the function reads what it knows from config.params."""
-        return None
-
-    @classmethod
-    def reported_metrics(cls, config: CustomConfig) -> tuple[str, ...]:
-        return config.metrics
 
     @classmethod
     def neutral_keys(cls, config: CustomConfig) -> set[str]:

@@ -17,7 +17,8 @@ from objectives.packed import SHARED_FIELDS, PackedFit, PackMember, unpackable
 from objectives.runtime import resolve_runtime
 from objectives.serving import data_record, load_classifier
 from objectives.settings import RUN_ONLY_KEYS, TrainConfig
-from objectives.train import METRIC_KEYS, FitResult, evaluate, fit, spec_for
+from objectives.spec import CNNSpec
+from objectives.train import FitResult, evaluate, fit, spec_for
 from search.checkpoint import load_checkpoint
 from search.config import Settings
 from search.errors import HpoError, first_line
@@ -30,26 +31,14 @@ class DataError(HpoError):
     exit_code = 2
 
 
-class CNNObjective:
-    """Train the configurable CNN with the sampled hyperparameters; value = the study metric."""
-
-    config_model = TrainConfig
-    metrics = METRIC_KEYS  # what fit reports every epoch
+class CNNObjective(CNNSpec):
+    """Train the configurable CNN with the sampled hyperparameters; value = the study metric. Its settings model,
+    tunable names and metrics are ``CNNSpec``'s (objectives/spec.py)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.config: TrainConfig = settings.objective
         self.ctx: StudyContext | None = None
-
-    @classmethod
-    def tunable_names(cls, config: TrainConfig) -> set[str] | None:
-        """The TrainConfig fields a trial's value can depend on: not how trials run (the device, caches, ...), nor
-        where the data is or the model's keyword table; another [space] name would change nothing, so is refused."""
-        return set(TrainConfig.model_fields) - RUN_ONLY_KEYS - {"data_dir", "data_file", "model_args"}
-
-    @classmethod
-    def reported_metrics(cls, config: TrainConfig) -> tuple[str, ...]:
-        return cls.metrics
 
     @classmethod
     def neutral_keys(cls, config: TrainConfig) -> set[str]:

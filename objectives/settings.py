@@ -242,3 +242,42 @@ class TrainConfig(BaseModel):
                 f"{'them' if len(cnn_only) > 1 else 'it'}, or give your factory what it needs in model_args"
             )
         return self
+
+
+class CustomConfig(BaseModel):
+    """The ``[objective]`` section for ``name = "custom"``; validated once, frozen, unknown keys refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    train: str = Field(
+        description="'file.py:function' (relative to the study file) or 'package.module:function'; "
+        "called as function(config, on_epoch) and returning the trained model."
+    )
+    metrics: tuple[str, ...] = Field(
+        min_length=1,
+        description="What the function reports to on_epoch every epoch; study.metric and "
+        "early_stopping.monitor must be among them.",
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: NonNegativeInt = 0
+    settings: dict[str, ModelArg] = Field(
+        default_factory=dict, description="Fixed values handed to the function as config.settings."
+    )
+
+    @field_validator("train")
+    @classmethod
+    def _function_reference(cls, value: str, info: ValidationInfo) -> str:
+        module, sep, attr = value.rpartition(":")
+        if not sep or not module or not attr.isidentifier():
+            raise ValueError(
+                f"train = {value!r}: expected 'file.py:function' (a path relative to the study file) or "
+                "'package.module:function', e.g. 'train_digits.py:train'"
+            )
+        return resolve_reference(value, info)
+
+    @field_validator("metrics")
+    @classmethod
+    def _distinct_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not name for name in value) or len(set(value)) != len(value):
+            raise ValueError(f"metrics must be distinct, non-empty names, got {list(value)}")
+        return value

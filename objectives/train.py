@@ -28,8 +28,6 @@ from objectives.schedule import EpochSchedule
 from objectives.settings import TrainConfig
 from objectives.step_graph import GraphedStep
 
-METRIC_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_f1", "lr", "epoch_seconds", "images_per_second")
-
 
 @dataclass
 class TrainingState:

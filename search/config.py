@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from search.early_stopping import EarlyStopping
 from search.errors import SettingsError
-from search.plugins import load_objective
+from search.plugins import load_objective, load_spec
 from search.pruning import PRUNERS
 from search.samplers import SAMPLERS
 
@@ -463,7 +463,7 @@ def _check_override_types(data: Mapping[str, Any], overrides: Sequence[str], sou
     objective = data.get("objective")
     name = objective.get("name", "cnn") if isinstance(objective, Mapping) else "cnn"
     try:
-        objective_model = load_objective(str(name)).config_model
+        objective_model = load_spec(str(name)).config_model
     except LookupError:
         objective_model = None  # settings_from_dict reports the unknown objective
     for text in overrides:
@@ -542,7 +542,7 @@ def settings_from_dict(data: Mapping[str, Any], source: str = "<settings>", base
     objective_raw = dict(objective_raw)
     plugin_name = objective_raw.pop("name", "cnn")
     try:
-        plugin = load_objective(plugin_name)
+        plugin = load_spec(plugin_name)
     except LookupError as exc:
         raise SettingsError(f"{source}: [objective] name: {exc}") from exc
     try:

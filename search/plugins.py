@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from search.errors import HpoError
 
 GROUP = "hpo.objectives"
+SPEC_GROUP = "hpo.objective_specs"  # the same names, each an ObjectiveSpec that imports little (load_spec)
 
 
 class ExportUnsupported(HpoError):
@@ -22,7 +23,22 @@ class ExportUnsupported(HpoError):
     exit_code = 2
 
 
-class ObjectivePlugin(Protocol):
+class ObjectiveSpec(Protocol):
+    """What validating a study file needs of an objective: its settings model, the ``[space]`` names it can tune
+    and the metrics it reports. Found by ``load_spec``, which imports no more than these need."""
+
+    config_model: type[BaseModel]
+
+    @classmethod
+    def tunable_names(cls, config: Any) -> set[str] | None:
+        """The ``[space]`` names this objective reads from its validated config; None = any name (passed through)."""
+
+    @classmethod
+    def reported_metrics(cls, config: Any) -> tuple[str, ...]:
+        """What the objective reports every epoch; study.metric and early_stopping.monitor must be among them."""
+
+
+class ObjectivePlugin(ObjectiveSpec, Protocol):
     """What an objective class offers the search machinery: the one thing ``search/`` relies on.
 
     The search side never imports an objective; it finds the class by name (``load_objective``) and uses
@@ -33,17 +49,7 @@ class ObjectivePlugin(Protocol):
     study resumed on changed data is refused; without it only the settings are compared.
     """
 
-    config_model: type[BaseModel]
-
     def __init__(self, settings: Any) -> None: ...
-
-    @classmethod
-    def tunable_names(cls, config: Any) -> set[str] | None:
-        """The ``[space]`` names this objective reads from its validated config; None = any name (passed through)."""
-
-    @classmethod
-    def reported_metrics(cls, config: Any) -> tuple[str, ...]:
-        """What the objective reports every epoch; study.metric and early_stopping.monitor must be among them."""
 
     @classmethod
     def neutral_keys(cls, config: Any) -> set[str]:
@@ -78,6 +84,17 @@ def data_identity(objective: Any) -> dict[str, Any] | None:
 
 def available() -> list[str]:
     return sorted(ep.name for ep in entry_points(group=GROUP))
+
+
+def load_spec(name: str) -> type[ObjectiveSpec]:
+    """The objective's ``ObjectiveSpec``: its entry in the group ``SPEC_GROUP`` where it has one (the built-in
+    objectives: a module without torch or MLflow, so `hpo status` and the other reading commands validate a study
+    file without importing either), else the objective's class itself (another package's objective, or an install
+    made before the group existed)."""
+    for ep in entry_points(group=SPEC_GROUP):
+        if ep.name == name:
+            return cast("type[ObjectiveSpec]", ep.load())
+    return load_objective(name)
 
 
 def load_objective(name: str) -> type[ObjectivePlugin]:

@@ -15,8 +15,8 @@ from objectives.data import load_data
 from objectives.networks import build_network
 from objectives.runtime import resolve_runtime
 from objectives.settings import TrainConfig
+from objectives.spec import METRIC_KEYS
 from objectives.train import (
-    METRIC_KEYS,
     TrainingState,
     apply_decoupled_decay,
     build_optimizer,
