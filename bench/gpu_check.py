@@ -453,6 +453,14 @@ def main() -> int:
     lines: list[tuple[str, str]] = []
     failed = False
     seconds: dict[str, float] = {}  # per section: where the time limit goes
+
+    def write_json(total: float | None) -> None:
+        """Every figure so far, after each section: a run stopped at the device's time limit still returns
+        the sections it finished (``complete`` says whether it got to the end)."""
+        if args.json:
+            args.json.write_text(json.dumps({**results, "section_seconds": seconds, "summary": dict(lines),
+                                             "total_s": total, "complete": total is not None}, indent=2, default=str))
+
     for key, label, run in [*sections, ("study", "study", study_section)]:
         print(f"gpu_check: {label} ...", flush=True)
         begun = time.perf_counter()
@@ -464,7 +472,7 @@ def main() -> int:
         seconds[key] = time.perf_counter() - begun
         lines.append((label, text))
         print(f"gpu_check: {label} ({seconds[key]:.0f} s): {text}", flush=True)
-    results["section_seconds"] = seconds
+        write_json(None)
 
     total = time.perf_counter() - started
     device = (torch.cuda.get_device_name(0) if sizes.device == "cuda"
@@ -476,8 +484,7 @@ def main() -> int:
     spent = ", ".join(f"{key} {secs:.0f}" for key, secs in seconds.items())
     print(f"{'total:':<21}{total:.0f} s (limit {sizes.time_limit_s:.0f} s){over}; seconds per section: {spent}")
     print(f"{'result:':<21}{'FAILED (see the sections above)' if failed else 'ok'}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({**results, "summary": dict(lines), "total_s": total}, indent=2, default=str))
+    write_json(total)
     return 1 if failed else 0
 
 

@@ -96,3 +96,40 @@ def test_profile_epoch_cpu_smoke_counts_the_models_arithmetic_and_lists_its_oper
     gflop, _ = figure(rf"model: ({NUMBER}) GFLOP per training image \(forward \+ backward\) -> ({NUMBER}) TFLOP/s", out)
     assert 0.001 < gflop < 0.01
     assert "aten::" in out.split("TFLOP/s achieved while training", 1)[1]  # the operator table follows
+
+
+SECTIONS = ("gpu_tests", "epoch_section", "compile_section", "processes_section", "packing_section",
+            "profile_section", "graphs_section", "study_section")
+
+
+@pytest.mark.parametrize("stop_at", [None, "compile_section"])
+def test_the_json_holds_every_finished_section_also_when_the_run_is_stopped(
+        stop_at: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device's command limit can stop the check mid-run: the JSON is written after every section, so what
+    was measured comes back; ``complete`` says whether the run got to the end. Sections here are stand-ins."""
+    import json
+
+    from bench import gpu_check
+
+    def section(name: str) -> gpu_check.Section:
+        def run(sizes: object, results: dict) -> tuple[dict, str]:
+            if name == stop_at:
+                raise KeyboardInterrupt  # as the limit's kill would end it: no summary, no final write
+            return {"figure": name}, f"{name} ok"
+        return run
+
+    for name in SECTIONS:
+        monkeypatch.setattr(gpu_check, name, section(name))
+    out = tmp_path / "gpu-check.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--cpu-smoke", "--json", str(out)])
+    if stop_at is None:
+        assert gpu_check.main() == 0
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            gpu_check.main()
+    written = json.loads(out.read_text())
+    keys = ["gpu_tests", "epoch", "compile", "processes", "packing", "profile", "graphs", "study"]
+    done = keys if stop_at is None else keys[:2]
+    assert [k for k in keys if k in written] == done and all(written[k] for k in done)
+    assert list(written["section_seconds"]) == done
+    assert written["complete"] is (stop_at is None) and (written["total_s"] is None) is (stop_at is not None)
