@@ -184,6 +184,18 @@ def augmentation(cfg: TrainConfig, data: DataSplits) -> tuple[int, bool]:
     return padding, cfg.flip if cfg.flip is not None else data.flip_ok
 
 
+def compiled(model: nn.Module) -> nn.Module:
+    """``torch.compile`` for one trial's model. ``dynamic=False``: one static graph per batch shape (full, the last
+    partial batch, evaluation); the default recompiled the model for dynamic shapes at the first partial batch, a
+    graph whose guards accept every batch size: on the CPU 33 s of compiling instead of 19 s, epochs no faster
+    (BENCHMARKS.md section 9). Dynamo's caches are reset first: a process keeps at most ``recompile_limit`` (8)
+    compiled versions of the forward, each trial adds its own (its batch sizes and dropout rate, training and
+    evaluation), and past the limit torch runs the forward uncompiled without an error, which a worker's fifth
+    trial did. One trial's versions fit; what Inductor cached on disk is still reused."""
+    torch.compiler.reset()
+    return torch.compile(model, dynamic=False)  # type: ignore[return-value]
+
+
 def fit(
     cfg: TrainConfig, max_epochs: int, on_epoch: OnEpoch | None = None, *, resume: dict[str, Any] | None = None
 ) -> FitResult:
@@ -198,10 +210,7 @@ def fit(
     data = load_data(cfg, runtime.device)
     state = new_state(cfg, data, runtime, max_epochs)
     model, optimizer, generator = state.model, state.optimizer, state.generator
-    # dynamic=False: one static graph per batch shape (full, the last partial batch, evaluation). The default
-    # recompiled the model for dynamic shapes at the first partial batch, a graph whose guards accept every
-    # batch size: on the CPU 33 s of compiling instead of 19 s, epochs no faster (BENCHMARKS.md section 9).
-    forward: nn.Module = torch.compile(model, dynamic=False) if cfg.compile else model  # type: ignore[assignment]
+    forward = compiled(model) if cfg.compile else model
     graphed = runtime.graphs(cfg.cuda_graphs)
     if resume is not None:
         state.load_state_dict(resume)

@@ -369,3 +369,20 @@ def test_cuda_graphs_off_a_cuda_gpu_train_exactly_as_eager() -> None:
     for a, b in zip(eager.history, asked.history, strict=True):
         assert {k: v for k, v in a.items() if "second" not in k} == {k: v for k, v in b.items() if "second" not in k}
     assert all(torch.equal(p, q) for p, q in zip(eager.model.parameters(), asked.model.parameters(), strict=True))
+
+
+def test_compiled_trials_in_one_process_stay_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each trial compiles its own versions of the forward (its batch sizes and dropout rate, training and
+    evaluation). Without a reset between trials a process passed torch's limit of 8 versions at its fifth trial,
+    and from there torch ran the forward uncompiled without an error; here passing it is made an error. Dynamo's
+    own ``eager`` backend stands in for Inductor (the same guards and limit, no code generation)."""
+    import functools
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for k in range(1, 8):
+            result = fit(TrainConfig(**{**SMALL, "compile": True, "dropout": 0.05 * k,
+                                        "batch_size": (32, 48, 64, 96, 128)[k % 5]}), max_epochs=1)
+            assert math.isfinite(result.history[-1]["train_loss"])
