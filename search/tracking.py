@@ -39,7 +39,7 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 # run's summary lines; the study note and `hpo status` carry each trial's link instead.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param, Run, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient as MlflowClient  # noqa: E402  (re-exported for replay)
 
@@ -182,39 +182,38 @@ class Tracker:
         status and duration in the UI say what happened (see search/study.py ``end_parent`` for who ends it).
         """
         self._mark_model_development()
-        run_id = None
+        run: Run | None = None
         if known_id:
             try:
-                deleted = self.client.get_run(known_id).info.lifecycle_stage == "deleted"
-                run_id = known_id
+                run = self.client.get_run(known_id)
             except MlflowException:  # gone for good (`mlflow gc`): a new parent run
-                deleted = False
-            if deleted:
+                run = None
+            if run is not None and run.info.lifecycle_stage == "deleted":
                 raise TrackingError(
                     f"the MLflow run of study {study_name!r} (run {known_id}, the parent of its trials' runs) was "
                     f"deleted, so the trials cannot be recorded under it. Restore it (`MLFLOW_TRACKING_URI="
                     f"{self.tracking_uri} mlflow runs restore --run-id {known_id}`, or in the MLflow UI) and run "
                     "again; or start another study (--study-name NEW)."
                 )
-        if run_id is None:
+        if run is None:
             found = self.client.search_runs(
                 [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = 'study'", max_results=1
             )
-            run_id = found[0].info.run_id if found else None
-        if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=study_name, tags={PARENT_TAG: "study"})
-            self.client.log_batch(run.info.run_id, params=_params(params))
-            return str(run.info.run_id)
-        self.reopen(run_id)
-        self._note_changed_params(run_id, params)
-        return run_id
+            run = found[0] if found else None
+        if run is None:
+            created = self.client.create_run(self.experiment_id, run_name=study_name, tags={PARENT_TAG: "study"})
+            self.client.log_batch(created.info.run_id, params=_params(params))
+            return str(created.info.run_id)
+        self._set_running(run)
+        self._note_changed_params(run, params)
+        return str(run.info.run_id)
 
-    def _note_changed_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+    def _note_changed_params(self, run: Run, params: Mapping[str, Any]) -> None:
         """MLflow keeps a run's params as first logged: they cannot change. A later run of the study with other
         settings (a bigger budget, another pruner) says so in tags, ``hpo.latest.KEY`` with its value for each key
         whose value differs from the param's; a tag whose key matches again is removed; a key the run has no
-        param for yet (logged by an older hpo) becomes a param."""
-        data = self.client.get_run(run_id).data
+        param for yet (logged by an older hpo) becomes a param. ``run`` as read just now (its params and tags)."""
+        data, run_id = run.data, run.info.run_id
         values = _params(params)
         new = [p for p in values if p.key not in data.params]
         changed = [RunTag(f"{LATEST_TAG}{v.key}", v.value) for v in values
@@ -235,8 +234,11 @@ class Tracker:
 
     def reopen(self, run_id: str) -> None:
         """Set a run RUNNING again (a resumed study, or a worker that starts a trial after another ended it)."""
-        if self.client.get_run(run_id).info.status != "RUNNING":
-            self.client.update_run(run_id, status="RUNNING")
+        self._set_running(self.client.get_run(run_id))
+
+    def _set_running(self, run: Run) -> None:
+        if run.info.status != "RUNNING":
+            self.client.update_run(run.info.run_id, status="RUNNING")
 
     def end_run(self, run_id: str, status: str) -> None:
         """End a run with FINISHED, FAILED or KILLED (end time now)."""
