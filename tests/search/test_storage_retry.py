@@ -25,7 +25,7 @@ from search import stores
 from search.storage_retry import StorageUnavailable, is_connection_error
 from search.stores import open_storage
 from search.workers import advisory_lock
-from tests.search.workers_helpers import postgres_database
+from tests.search.workers_helpers import InThread, postgres_database
 
 
 class Relay:
@@ -246,23 +246,13 @@ def test_held_steps_written_together_wait_for_a_takeover_that_holds_the_row_and_
             models.TrialModel.trial_id == trial._trial_id).with_for_update().one()
         row.state = TrialState.FAIL
         taker.flush()
-        outcome: list[BaseException | None] = []
-
-        def write() -> None:
-            try:
-                report_values(trial, {0: 0.5, 1: 0.6})
-                outcome.append(None)
-            except BaseException as exc:  # noqa: BLE001 - the test reads it
-                outcome.append(exc)
-
-        writer = threading.Thread(target=write)
-        writer.start()
-        writer.join(1.0)
-        assert writer.is_alive(), "the write waits for the takeover that holds the trial's row"
+        writing = InThread(lambda: report_values(trial, {0: 0.5, 1: 0.6}))
+        writing.thread.join(1.0)
+        assert writing.thread.is_alive(), "the write waits for the takeover that holds the trial's row"
         taker.commit()
         taker.close()
-        writer.join(10)
-        assert isinstance(outcome[0], optuna.exceptions.UpdateFinishedTrialError)
+        writing.thread.join(10)
+        assert isinstance(writing.outcome, optuna.exceptions.UpdateFinishedTrialError)
         stored = optuna.load_study(study_name="fence", storage=url).trials[0]
         assert stored.state == TrialState.FAIL and stored.intermediate_values == {}
         report = optuna.create_study(study_name="fresh", storage=worker, direction="maximize").ask()

@@ -6,7 +6,6 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
@@ -23,7 +22,7 @@ from search.stores import (
     sqlite_path,
     sqlite_url,
 )
-from tests.search.workers_helpers import postgres_database
+from tests.search.workers_helpers import InThread, postgres_database
 
 
 def test_sqlite_urls_round_trip_and_other_schemes_have_no_path(tmp_path: Path) -> None:
@@ -108,22 +107,13 @@ def test_a_new_postgresql_storage_opens_after_losing_the_table_race_to_a_program
             with other.connect() as conn:
                 transaction = conn.begin()
                 models.BaseModel.metadata.create_all(conn)  # created in the other program's open transaction
-                opened: dict[str, Any] = {}
-
-                def open_it() -> None:
-                    try:
-                        opened["storage"] = open_storage(url)
-                    except Exception as exc:  # noqa: BLE001 - the test reports it
-                        opened["error"] = exc
-
-                thread = threading.Thread(target=open_it)
-                thread.start()
+                opening = InThread(lambda: open_storage(url))
                 time.sleep(2)
-                assert thread.is_alive(), opened  # hpo's CREATE waits on the other program's
+                assert opening.thread.is_alive(), opening.outcome  # hpo's CREATE waits on the other program's
                 transaction.commit()
-            thread.join(60)
-            assert "error" not in opened, opened.get("error")
-            study = optuna.create_study(study_name="raced", storage=opened["storage"])
+            opening.thread.join(60)
+            assert not isinstance(opening.outcome, BaseException), opening.outcome
+            study = optuna.create_study(study_name="raced", storage=opening.outcome)
             study.tell(study.ask(), 1.0)
             assert [t.value for t in optuna.load_study(study_name="raced", storage=url).trials] == [1.0]
         finally:
