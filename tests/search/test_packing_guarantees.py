@@ -339,8 +339,8 @@ def test_a_storage_that_stops_answering_stops_the_worker_and_ends_every_members_
         assert run.info.status == "KILLED" and run.data.tags["hpo.reason"] == "storage_lost"
 
 
-def test_ctrl_c_then_an_epoch_past_a_members_trial_timeout_is_cut_short(tmp_path: Path,
-                                                                        patched_epochs: list[Any]) -> None:
+def test_ctrl_c_then_an_epoch_past_a_members_trial_timeout_is_cut_short(
+        tmp_path: Path, patched_epochs: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in epoch 1 of trials 0 and 1 re-enqueues both (as trials 2 and 3, resuming from epoch 1). The next run,
     with a trial_timeout, packs them again, trial 2 first (so its deadline comes first); their epoch hangs until the
     pack's alarm at trial 2's deadline ends it. Trial 2 fails (trial_timeout), trial 3 is interrupted and
@@ -362,6 +362,20 @@ def test_ctrl_c_then_an_epoch_past_a_members_trial_timeout_is_cut_short(tmp_path
     assert {client.get_run(t.user_attrs["mlflow_run_id"]).info.status for t in trials[:2]} == {"KILLED"}
 
     patched_epochs[:] = [lambda call, pack: call == 3]  # the first epoch of this run hangs
+    # Trial 3's session starts a second after trial 2's, so its deadline is a second later: the alarm at trial 2's
+    # deadline is handled before it on a loaded machine too (one CI run, its sessions started a few ms apart,
+    # handled the alarm after both deadlines and timed out both members).
+    from search.failures import TrialDeadline
+
+    made, real_init = [0], TrialDeadline.__init__
+
+    def second_starts_later(self: TrialDeadline, seconds: float | None) -> None:
+        made[0] += 1
+        if made[0] == 2:
+            time.sleep(1.0)
+        real_init(self, seconds)
+
+    monkeypatch.setattr(TrialDeadline, "__init__", second_starts_later)
     settings, opened = _open(tmp_path, "study.max_epochs=3", "study.trial_timeout=4", "study.max_failures=2")
     ran, stopped = run_trials(opened, 2, None)
     trials = opened.study.get_trials()
