@@ -37,8 +37,9 @@ checkpoint's state_dict always fits:
   | squeezenet | none (a Conv2d head) | refused: no Linear to put dropout before or to replace |
 
 torchvision itself is imported only where a torchvision model is built: `hpo status`, `best`, `report` and the
-other commands that read a study without training start about 1 s sooner (4.1 -> 3.0 s for `hpo status`). A
-training run gains nothing measurable: its first optimiser step imports torch._dynamo, most of torchvision's cost.
+other commands that read a study without training start about 1 s sooner (4.1 -> 3.0 s for `hpo status`), and a
+training run of the built-in CNN skips it too (part of what torchvision costs is torch._dynamo, which an eager
+trial no longer loads either: objectives/optimizer_update.py).
 """
 
 from __future__ import annotations

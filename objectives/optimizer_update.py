@@ -11,11 +11,20 @@ the optimiser's state, param groups and `state_dict` stay torch's own (checkpoin
 It does this only for the case it can vouch for: AdamW with the fused kernel, no amsgrad, no capture, no
 hooks, every parameter with a dense gradient. Anything else (SGD, a parameter without a gradient this step,
 a CUDA-graphed step, an optimiser whose state was reloaded since) goes to `optimizer.step()` as before.
+
+A process that trains this way never loads Dynamo (``torch._dynamo``, 0.8-1 s of CPU to import, paid before the
+first trial; the launcher of `hpo run --workers` imported it for its workers before they forked). `step()` imports
+it on every call, for its graph breaks; the first update makes the moments with AdamW's own ``_init_group``
+(what `step()` calls first) instead of a first `step()`; and `dynamo_wrappers` keeps the optimiser's other
+methods from importing it (below).
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +35,33 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 # where AdamW is Adam with that flag. An older torch (the project allows 2.4) has no such argument, and its
 # AdamW groups no such key: there every step is `optimizer.step()`.
 DIRECT_CALL = "decoupled_weight_decay" in inspect.signature(adam).parameters
+
+# The first update makes AdamW's state with its own ``_init_group``, called by the names its signature has had
+# since torch 2.6; another signature (an older torch) leaves the first update to `step()`.
+_INIT_GROUP_ARGS = ["self", "group", "params_with_grad", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
+                    "state_steps"]
+OWN_FIRST_STEP = list(inspect.signature(torch.optim.Adam._init_group).parameters) == _INIT_GROUP_ARGS
+
+# `torch.optim.Optimizer`'s add_param_group, state_dict, load_state_dict and zero_grad are wrapped in
+# `torch._disable_dynamo`, which imports Dynamo at the first call, wraps the method in `torch._dynamo.disable`
+# (so that a compiled region calling it runs it eagerly), and keeps that on the method as ``__dynamo_disable``.
+_DISABLE_WRAPPER = torch._disable_dynamo(lambda: None).__code__
+
+
+def _wrapped_methods() -> list[Callable[..., Any]]:
+    return [attr.__wrapped__ for attr in vars(torch.optim.Optimizer).values()
+            if getattr(attr, "__code__", None) is _DISABLE_WRAPPER and hasattr(attr, "__wrapped__")]
+
+
+def dynamo_wrappers(compiling: bool) -> None:
+    """Before an optimiser is made. Not compiling, in a process that has not loaded Dynamo: the optimiser's
+    wrapped methods run as themselves, without importing Dynamo (its `disable` changes nothing where nothing is
+    compiled). Compiling: undo that, so that the methods are out of Dynamo's reach again."""
+    for fn in _wrapped_methods():
+        if compiling and getattr(fn, "__dynamo_disable", None) is fn:
+            del fn.__dynamo_disable  # type: ignore[attr-defined]
+        elif not compiling and "torch._dynamo" not in sys.modules and not hasattr(fn, "__dynamo_disable"):
+            fn.__dynamo_disable = fn  # type: ignore[attr-defined]
 
 
 class OptimizerUpdate:
@@ -61,14 +97,22 @@ class OptimizerUpdate:
                      grad_scale=None, found_inf=None, decoupled_weight_decay=group["decoupled_weight_decay"])
 
     def _direct_lists(self) -> list[tuple[dict, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]] | None:
-        """Each group with its parameters, moments and step counts, gathered after torch's first `step()` made
-        them; None where the direct call is not exact (or the state is not made yet)."""
+        """Each group with its parameters, moments and step counts, gathered once they exist (made here by AdamW's
+        ``_init_group`` before the first update, or by a `step()`, or loaded); None where the direct call is not
+        exact (or the state could not be made)."""
         opt = self.optimizer
         if (self._lists is not None and self._state is opt.state and len(opt.param_groups) == len(self._lists)
                 and all(a is b[0] for a, b in zip(opt.param_groups, self._lists, strict=True))):
             return self._lists
         self._lists = None
-        if not self._exact() or any(p not in opt.state or "exp_avg" not in opt.state[p] for p in self.params):
+        if not self._exact():
+            return None
+        if OWN_FIRST_STEP and not any(p in opt.state for p in self.params) and all(p.grad is not None
+                                                                                     for p in self.params):
+            for group in opt.param_groups:  # what `step()` does first, on the same lists, before its update
+                opt._init_group(group, params_with_grad=[], grads=[], exp_avgs=[], exp_avg_sqs=[],  # type: ignore[attr-defined]
+                                max_exp_avg_sqs=[], state_steps=[])
+        if any(p not in opt.state or "exp_avg" not in opt.state[p] for p in self.params):
             return None
         self._lists = [(g, list(g["params"]), [opt.state[p]["exp_avg"] for p in g["params"]],
                         [opt.state[p]["exp_avg_sq"] for p in g["params"]], [opt.state[p]["step"] for p in g["params"]])

@@ -22,7 +22,7 @@ from objectives.data import DataSplits, batch_indices, load_data
 from objectives.errors import ModelError
 from objectives.model import use_generator
 from objectives.networks import build_network, network_spec
-from objectives.optimizer_update import OptimizerUpdate
+from objectives.optimizer_update import OptimizerUpdate, dynamo_wrappers
 from objectives.runtime import Runtime, resolve_runtime, seed_everything
 from objectives.schedule import EpochSchedule
 from objectives.settings import TrainConfig
@@ -106,6 +106,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, runtime: Runtime) -> tor
     ``sgd_decoupled_wd`` and ``apply_decoupled_decay`` shrinks the weights by ``lr * wd`` after each
     step (torch's SGD would add an L2 term to the gradient, which momentum then mixes in).
     """
+    dynamo_wrappers(compiling=cfg.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     sgd = cfg.optimizer == "sgd"
     groups = [

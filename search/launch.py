@@ -202,13 +202,12 @@ def create_stores_first(settings: Settings, paths: RunPaths, data: dict[str, Any
 
 def import_before_fork(tracking_uri: str) -> None:
     """Import, once, what each forked worker would otherwise import on its own after the fork, in parallel but
-    paying it each, and the launcher again at the study's end: ``torch._dynamo`` (imported by the first
-    optimiser, about 1 s), optuna-dashboard's note writer (the trial notes) and MLflow's SQL store (about 0.7 s).
+    paying it each: optuna-dashboard's note writer (the trial notes) and MLflow's SQL store (about 0.7 s).
     If the process froze what it loaded (`hpo` does, cli.py ``_loading``), these join it, so no collection walks
-    them and the workers do not copy their pages."""
+    them and the workers do not copy their pages. Not ``torch._dynamo`` (about 1 s): workers training without
+    torch.compile never load it (objectives/optimizer_update.py), and the launcher's own use (torch.export, to log
+    the model at the end) loads it in the warm-up thread while the workers train (``start_warm_up``)."""
     with collector_off(freeze=gc.get_freeze_count() > 0):
-        import torch._dynamo  # noqa: F401
-
         note_writer()
         import_store_code(tracking_uri)
 

@@ -192,7 +192,7 @@ class PackRunner:
             fixed_hint = self.refill.pop(0) if self.refill else None
             asked = self.ask(fixed_hint)
             if asked == "wait" and not self.members:  # the rest of the budget runs elsewhere: stay to take over
-                wait_to_take_over(self.opened.settings)
+                wait_to_take_over(self.opened)
                 continue
             if isinstance(asked, str):
                 self.refill.clear()

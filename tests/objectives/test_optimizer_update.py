@@ -85,10 +85,17 @@ def side_by_side(steps: int, unused: bool = False) -> tuple[Net, torch.optim.Opt
     return net, opt, calls
 
 
-def test_the_direct_update_is_bit_for_bit_torchs_step_and_skips_step_after_the_first() -> None:
+def test_the_direct_update_is_bit_for_bit_torchs_step_from_the_first_update_on() -> None:
+    assert optimizer_update.OWN_FIRST_STEP  # this torch's `_init_group` takes the names the update passes
     _, opt, calls = side_by_side(12)
-    assert calls[0] == 1  # torch made the state at the first step; the other 11 went direct
+    assert calls[0] == 0  # the state made by AdamW's _init_group before the first update, every update direct
     assert float(opt.state[opt.param_groups[0]["params"][0]]["step"]) == 12
+
+
+def test_on_a_torch_with_another_init_group_the_first_update_is_torchs_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(optimizer_update, "OWN_FIRST_STEP", False)
+    _, _, calls = side_by_side(6)
+    assert calls[0] == 1  # torch made the state at the first step; the other 5 went direct
 
 
 def test_a_parameter_without_a_gradient_goes_to_torchs_step_which_skips_it() -> None:

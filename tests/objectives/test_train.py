@@ -335,6 +335,32 @@ def test_a_study_of_the_built_in_cnn_never_imports_torchvision() -> None:
     assert tv.returncode == 0, tv.stderr[-2000:]  # and a torchvision model still finds it
 
 
+def test_training_without_compile_never_loads_dynamo_and_compiling_puts_torchs_wrappers_back() -> None:
+    """Importing Dynamo costs a worker 0.8-1 s before its first trial; an eager trial's optimiser (made, stepped,
+    saved and loaded on a resume) must not import it. Once a trial compiles, the optimiser's methods are wrapped
+    in Dynamo's `disable` again, as torch has them."""
+    code = (
+        "import sys, torch\n"
+        "from objectives.settings import TrainConfig\n"
+        "from objectives.train import fit\n"
+        "from objectives import optimizer_update as ou\n"
+        "cfg = TrainConfig(device='cpu', train_subset=64, widths=(4,))\n"
+        "saved = []\n"
+        "fit(cfg, 2, lambda e, m, s: saved.append(s.state_dict()) or False)\n"
+        "fit(cfg, 3, resume=saved[0])\n"
+        "assert 'torch._dynamo' not in sys.modules, 'dynamo was imported'\n"
+        "ou.dynamo_wrappers(compiling=True)\n"
+        "torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()).state_dict()\n"
+        "assert 'torch._dynamo' in sys.modules\n"
+        "fns = ou._wrapped_methods()\n"
+        "assert len(fns) >= 4 and all(getattr(f, '__dynamo_disable', None) is not f for f in fns), fns\n"
+        "state_dict = torch.optim.Optimizer.state_dict.__wrapped__\n"
+        "assert callable(state_dict.__dynamo_disable) and state_dict.__dynamo_disable is not state_dict\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_compiled_training_follows_the_eager_curve_with_one_static_graph_per_batch_shape() -> None:
     """`compile = true`: the same curve as eager (to float tolerance: the compiled kernels fuse and round

@@ -241,3 +241,20 @@ def test_an_advisory_lock_whose_connection_dropped_while_held_says_so_at_release
             assert len(warned) == 1 and "'budget-cut' was lost" in warned[0] and "n_trials" in warned[0], warned
         finally:
             other.dispose()
+
+
+@pytest.mark.parametrize(("url", "seconds"), [("sqlite:////tmp/x/optuna.db", 0.2), ("sqlite:///runs/q/optuna.db", 0.2),
+                                              ("postgresql://u@db:5432/hpo", 1.0), ("mysql://u@db/hpo", 1.0)])
+def test_a_waiting_worker_reads_a_local_sqlite_file_often_and_a_server_once_a_second(
+        url: str, seconds: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose budget runs on other workers waits to take a trial over if one dies; once the last trial ends
+    it exits at its next look. On an SQLite file (one machine) it looks every 0.2 s, so a run ends soon after its
+    last trial; on a server shared by many machines' workers once a second."""
+    from types import SimpleNamespace
+
+    from search import study
+
+    slept: list[float] = []
+    monkeypatch.setattr(study.time, "sleep", slept.append)
+    study.wait_to_take_over(SimpleNamespace(paths=SimpleNamespace(storage_url=url)))  # type: ignore[arg-type]
+    assert slept == [seconds]
