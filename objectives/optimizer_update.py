@@ -36,8 +36,9 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 # AdamW groups no such key: there every step is `optimizer.step()`.
 DIRECT_CALL = "decoupled_weight_decay" in inspect.signature(adam).parameters
 
-# The first update makes AdamW's state with its own ``_init_group``, called by the names its signature has had
-# since torch 2.6; another signature (an older torch) leaves the first update to `step()`.
+# The first update makes AdamW's state with its own ``_init_group``, called by the names of its parameters in
+# torch 2.14; a torch whose signature differs (older ones also take ``amsgrad``) leaves the first update to
+# `step()`, which imports Dynamo then.
 _INIT_GROUP_ARGS = ["self", "group", "params_with_grad", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                     "state_steps"]
 OWN_FIRST_STEP = list(inspect.signature(torch.optim.Adam._init_group).parameters) == _INIT_GROUP_ARGS

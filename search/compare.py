@@ -289,8 +289,8 @@ def warm_up(plan: ComparePlan, log: Callable[[str], None] = print) -> float | No
     its seconds, or None when every study of the plan has finished already (nothing will train).
 
     A process's first trial pays one-time costs: imports (MLflow's store code), the first kernels' set-up; about
-    3 s on a 2-core CPU, more with torch.compile. Counted in the
-    first strategy's trials only, they showed as time the other strategies saved (50% each, at equal epochs)."""
+    3 s on a 2-core CPU, more with torch.compile. Counted in the first strategy's trials only, they showed as time
+    the other strategies saved (50% each, at equal epochs)."""
     import tempfile
 
     from search.stores import open_storage, run_paths
