@@ -66,9 +66,16 @@ class EpochSchedule:
         return lr
 
     def end_epoch(self, epoch: int, val_loss: float) -> None:
-        """Feed the epoch's validation loss to the plateau rule (a no-op for the other schedules)."""
+        """Feed the epoch's validation loss to the plateau rule (a no-op for the other schedules). A group's lr
+        held as a tensor (a step captured once as a CUDA graph reads it there) stays that tensor: torch 2.14 sets
+        the reduced lr into it, a torch that assigns a number instead would leave the graph on the old lr."""
         if self.plateau is not None and epoch >= self.warmup:
+            held = [group["lr"] for group in self.optimizer.param_groups]
             self.plateau.step(val_loss)
+            for group, lr in zip(self.optimizer.param_groups, held, strict=True):
+                if isinstance(lr, Tensor) and group["lr"] is not lr:
+                    lr.fill_(float(group["lr"]))
+                    group["lr"] = lr
 
     def state_dict(self) -> dict[str, Any]:
         """Only the plateau rule has state; the others are a function of the epoch."""

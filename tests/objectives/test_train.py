@@ -136,6 +136,42 @@ def test_plateau_reduces_lr_after_a_bad_epoch_before_the_hook(monkeypatch: pytes
     assert seen == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.01, 0.005, 0.005, 0.005, 0.005, 0.0025])
 
 
+def test_a_plateau_cut_lands_in_the_lr_tensor_a_captured_step_reads_even_where_torch_assigns_a_number(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `cuda_graphs` each group's lr is a tensor the captured step reads (`lr_as_tensors`). torch 2.14's
+    ReduceLROnPlateau sets its cut into that tensor; one that assigned a number instead would leave the tensor,
+    and so every replayed step, on the old lr. Here torch's cut is replaced by one that assigns numbers."""
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    def assigns_numbers(self: ReduceLROnPlateau, epoch: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(group["lr"]) * self.factor
+
+    monkeypatch.setattr(ReduceLROnPlateau, "_reduce_lr", assigns_numbers)
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"loss": 1.0, "accuracy": 0.5, "f1": 0.5})
+    built = train_module.new_state
+    tensors: list[torch.Tensor] = []
+
+    def with_lr_tensors(*args: Any, **kwargs: Any) -> TrainingState:
+        state = built(*args, **kwargs)
+        lr_as_tensors(state.optimizer, CPU.device)
+        tensors.extend(g["lr"] for g in state.optimizer.param_groups)
+        return state
+
+    same: list[bool] = []
+    lrs: list[float] = []
+
+    def look(epoch: int, metrics: dict[str, float], state: TrainingState) -> bool:
+        same.extend(g["lr"] is t for g, t in zip(state.optimizer.param_groups, tensors, strict=True))
+        lrs.extend(float(g["lr"]) for g in state.optimizer.param_groups)
+        return False
+
+    monkeypatch.setattr(train_module, "new_state", with_lr_tensors)
+    fit(TrainConfig(**SMALL, lr=0.01, schedule="plateau", plateau_patience=0, plateau_factor=0.5), 3, look)
+    assert same == [True] * 6  # after each epoch's cut, still the tensors the captured step reads
+    assert lrs == pytest.approx([0.01] * 2 + [0.005] * 2 + [0.0025] * 2)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
