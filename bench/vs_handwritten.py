@@ -134,8 +134,11 @@ def run(cmd: list[str], log: Path, threads: int = 1) -> float:
     with log.open("w") as out:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"exit code {done.returncode}: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+    if done.returncode != 0:  # the log is kept: the run's folder is a temporary one unless --keep named it
+        kept = Path(tempfile.mkdtemp(prefix="vs-handwritten-failed-")) / log.name
+        kept.write_text(log.read_text())
+        raise SystemExit(f"exit code {done.returncode}: {' '.join(cmd)}\n{log.read_text()[-3000:]}\n"
+                         f"(the whole log: {kept})")
     return wall
 
 

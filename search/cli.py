@@ -405,9 +405,12 @@ def cmd_run(args: argparse.Namespace) -> int:
               "trial's reason) and run the same command again; the finished trials are saved.", file=sys.stderr)
         return 1
     if result.workers_failed:
-        print(f"error: worker process(es) {', '.join(map(str, result.workers_failed))} of {len(plan.workers)} exited "
-              "with an error (their messages are above); the finished trials are saved. Fix the cause and run the "
-              "same command again to finish the budget.", file=sys.stderr)
+        from search.launch import exit_text
+
+        ended = "; ".join(f"worker process {i} of {len(plan.workers)} {exit_text(code)}"
+                          for i, code in sorted(result.workers_failed.items()))
+        print(f"error: {ended} (a worker's own messages are above); the finished trials are saved. Fix the cause "
+              "and run the same command again to finish the budget.", file=sys.stderr)
         return 1
     return 0
 

@@ -267,6 +267,19 @@ def run_parallel(settings: Settings, paths: RunPaths, args: argparse.Namespace, 
     return result
 
 
+def exit_text(code: int) -> str:
+    """How a worker process ended, for its launcher's message: a negative exit code is the signal that ended it,
+    which leaves no message of the worker's own."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"was killed by {name}" + (" (the kernel's out-of-memory killer sends it; `dmesg` says)"
+                                      if -code == signal.SIGKILL else "")
+
+
 def start_warm_up() -> threading.Thread:
     """Pay the end's model-logging set-up (``tracking.warm_model_logging``, 1-2 s of CPU) while the workers train,
     in a thread at the lowest CPU priority (Linux sets it per thread): it runs on the cycles the workers leave idle
@@ -312,7 +325,7 @@ def _follow_workers(opened: OpenStudy, procs: list[Worker], before: set[int], n_
     except KeyboardInterrupt:
         stop_workers(procs)
         raise
-    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    failed = {i: p.returncode for i, p in enumerate(procs) if p.returncode}
     warm_up.join()  # the end logs the model: not while torch.export is being set up beside it
     test_metrics = finish_study(opened, n_trials)
     new = [t for t in study.get_trials(deepcopy=False) if t.number not in before]

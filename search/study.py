@@ -149,7 +149,8 @@ class RunResult:
     new_trials: int
     stopped_by_failures: str | None  # the last reason, when max_failures trials failed in a row
     test_metrics: dict[str, float]
-    workers_failed: list[int] | None = None  # `hpo run --workers N`: worker processes that exited with an error
+    workers_failed: dict[int, int] | None = None  # `hpo run --workers N`: worker processes that exited with an
+    # error, by their number (0 to N-1), with their exit codes (negative: the signal that ended one)
 
 
 @dataclass

@@ -349,7 +349,7 @@ def test_training_code_never_imports_optuna_or_mlflow() -> None:
         "import sys, objectives.train, objectives.data, objectives.settings, objectives.runtime, objectives.user_data;"
         "bad = [m for m in ('optuna', 'mlflow') if m in sys.modules]; assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+    _in_a_new_interpreter(code)
 
 
 def test_a_study_of_the_built_in_cnn_never_imports_torchvision() -> None:
@@ -362,13 +362,11 @@ def test_a_study_of_the_built_in_cnn_never_imports_torchvision() -> None:
         "fit(TrainConfig(device='cpu', train_subset=64, widths=(4,)), 1)\n"
         "assert 'torchvision' not in sys.modules, sorted(m for m in sys.modules if 'torchvision' in m)[:5]"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
-    assert done.returncode == 0, done.stderr[-2000:]
-    tv = subprocess.run([sys.executable, "-c", "import sys, objectives.networks as n; n.build_network({'model': "
-                         "'torchvision:resnet18', 'model_args': {}, 'num_classes': 3, 'in_channels': 3, 'image_size': "
-                         "32, 'dropout': 0.0, 'class_names': ['a', 'b', 'c']}); assert 'torchvision' in sys.modules"],
-                        capture_output=True, text=True, cwd=Path(__file__).parents[2])
-    assert tv.returncode == 0, tv.stderr[-2000:]  # and a torchvision model still finds it
+    _in_a_new_interpreter(code)
+    _in_a_new_interpreter(  # and a torchvision model still finds it
+        "import sys, objectives.networks as n; n.build_network({'model': 'torchvision:resnet18', 'model_args': {}, "
+        "'num_classes': 3, 'in_channels': 3, 'image_size': 32, 'dropout': 0.0, 'class_names': ['a', 'b', 'c']}); "
+        "assert 'torchvision' in sys.modules")
 
 
 def test_training_without_compile_never_loads_dynamo_and_compiling_puts_torchs_wrappers_back() -> None:
@@ -393,6 +391,12 @@ def test_training_without_compile_never_loads_dynamo_and_compiling_puts_torchs_w
         "state_dict = torch.optim.Optimizer.state_dict.__wrapped__\n"
         "assert callable(state_dict.__dynamo_disable) and state_dict.__dynamo_disable is not state_dict\n"
     )
+    _in_a_new_interpreter(code)
+
+
+def _in_a_new_interpreter(code: str) -> None:
+    """Run ``code`` in a new Python process from the project's root (what it imports starts from nothing there);
+    its assertions fail the test with the process's error."""
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr[-2000:]
 

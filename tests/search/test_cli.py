@@ -465,12 +465,13 @@ def test_workers_that_exit_are_not_reported_as_failed_trials(
     from search.study import RunResult
 
     def workers_exit(settings, paths, args, plan, n_trials, progress):  # noqa: ANN001, ANN202
-        return RunResult(optuna.create_study(), paths, "", 0, None, {}, workers_failed=[1])
+        return RunResult(optuna.create_study(), paths, "", 0, None, {}, workers_failed={1: 1, 0: -9})
 
     monkeypatch.setattr("search.launch.run_parallel", workers_exit)
     code, _, err = run(capsys, "run", str(QUICKSTART), "--workers", "2", "--run-dir", str(tmp_path / "runs"))
     assert code == 1
-    assert "worker process(es) 1 of 2 exited with an error" in err
+    assert ("worker process 0 of 2 was killed by SIGKILL (the kernel's out-of-memory killer sends it; `dmesg` says); "
+            "worker process 1 of 2 exited with code 1 (a worker's own messages are above)") in err
     assert "failed trials in a row" not in err
 
 
