@@ -276,7 +276,7 @@ def exit_text(code: int) -> str:
         name = signal.Signals(-code).name
     except ValueError:
         name = f"signal {-code}"
-    return f"was killed by {name}" + (" (the kernel's out-of-memory killer sends it; `dmesg` says)"
+    return f"was killed by {name}" + (" (kill -9, or the kernel's out-of-memory killer, which `dmesg` shows)"
                                       if -code == signal.SIGKILL else "")
 
 

@@ -470,8 +470,8 @@ def test_workers_that_exit_are_not_reported_as_failed_trials(
     monkeypatch.setattr("search.launch.run_parallel", workers_exit)
     code, _, err = run(capsys, "run", str(QUICKSTART), "--workers", "2", "--run-dir", str(tmp_path / "runs"))
     assert code == 1
-    assert ("worker process 0 of 2 was killed by SIGKILL (the kernel's out-of-memory killer sends it; `dmesg` says); "
-            "worker process 1 of 2 exited with code 1 (a worker's own messages are above)") in err
+    assert ("worker process 0 of 2 was killed by SIGKILL (kill -9, or the kernel's out-of-memory killer, which `dmesg` "
+            "shows); worker process 1 of 2 exited with code 1 (a worker's own messages are above)") in err
     assert "failed trials in a row" not in err
 
 
