@@ -91,15 +91,21 @@ def load_spec(name: str) -> type[ObjectiveSpec]:
     objectives: a module without torch or MLflow, so `hpo status` and the other reading commands validate a study
     file without importing either), else the objective's class itself (another package's objective, or an install
     made before the group existed)."""
-    for ep in entry_points(group=SPEC_GROUP):
-        if ep.name == name:
-            return cast("type[ObjectiveSpec]", ep.load())
-    return load_objective(name)
+    spec = _entry(SPEC_GROUP, name)
+    return cast("type[ObjectiveSpec]", spec) if spec is not None else load_objective(name)
 
 
 def load_objective(name: str) -> type[ObjectivePlugin]:
-    for ep in entry_points(group=GROUP):
-        if ep.name == name:
-            return cast("type[ObjectivePlugin]", ep.load())
+    objective = _entry(GROUP, name)
+    if objective is not None:
+        return cast("type[ObjectivePlugin]", objective)
     names = ", ".join(available()) or "none (is the package installed? run `make run` or `pip install -e .`)"
     raise LookupError(f"unknown objective {name!r}; available: {names}")
+
+
+def _entry(group: str, name: str) -> Any:
+    """What the entry point ``name`` of ``group`` names, loaded; None if the group has no such name."""
+    for ep in entry_points(group=group):
+        if ep.name == name:
+            return ep.load()
+    return None
