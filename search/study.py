@@ -34,7 +34,7 @@ from search.samplers import build_sampler, seed_next_trial
 from search.session import StudyContext
 from search.storage_retry import StorageUnavailable
 from search.stores import RunPaths, open_storage, sqlite_path
-from search.summary import counts
+from search.summary import counts, state_counts
 from search.tracking import Tracker, mark_killed
 from search.workers import BudgetLock, budget_lock, recover_local_orphans, retry
 
@@ -242,9 +242,10 @@ def claim_slot(opened: OpenStudy, n_trials: int | None) -> Step:
     (``search.samplers.seed_next_trial``).
     """
     study, settings = opened.study, opened.settings
-    recover_local_orphans(study, on_fail=lambda t: mark_killed(opened.tracker, t))
-    fail_stale(study, "stale_heartbeat")
-    c = counts(study)
+    trials = study.get_trials(deepcopy=False)  # one read for the orphans and the counts, unless a trial is retried
+    retried = recover_local_orphans(study, on_fail=lambda t: mark_killed(opened.tracker, t), trials=trials)
+    retried += fail_stale(study, "stale_heartbeat")
+    c = counts(study) if retried else state_counts(trials)
     finished = c["COMPLETE"] + c["PRUNED"]
     if n_trials is not None and finished + c["RUNNING"] >= n_trials:
         return "stop" if finished >= n_trials or not heartbeat_enabled(study) else "wait"

@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -119,10 +119,13 @@ def fail_and_retry(study: optuna.Study, trial: FrozenTrial, reason: str,
     return True
 
 
-def recover_local_orphans(study: optuna.Study, on_fail: Callable[[FrozenTrial], None] | None = None) -> list[int]:
-    """Fail and retry RUNNING trials whose worker process on this machine is gone."""
+def recover_local_orphans(study: optuna.Study, on_fail: Callable[[FrozenTrial], None] | None = None,
+                          trials: Sequence[FrozenTrial] | None = None) -> list[int]:
+    """Fail and retry RUNNING trials whose worker process on this machine is gone. ``trials``: the study's trials
+    as the caller just read them (``claim_slot`` counts states from the same read); else they are read here."""
     recovered = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if trials is None else trials
+    for trial in running:
         if is_local_orphan(trial) and fail_and_retry(study, trial, "worker_died", on_fail):
             recovered.append(trial.number)
     return recovered

@@ -19,7 +19,8 @@ from search.errors import SettingsError
 from search.launch import plan_workers
 from search.optuna_adapter import fail_running
 from search.stores import run_paths
-from search.study import run_study
+from search.study import OpenStudy, claim_slot, run_study
+from search.tracking import Tracker
 from search.workers import HOST, identity, recover_local_orphans, retry
 from tests.mlflow_server import free_port, wait_http
 from tests.search.workers_helpers import QUICKSTART, child_runs, hpo_cmd, load, postgres_database
@@ -67,6 +68,32 @@ def test_plan_assigns_gpus_round_robin_and_shares_cpu_threads() -> None:
     assert plan_workers(2, None, cpu_count=2, visible=[]).describe() == "2 workers on the CPU (1 thread each)"
     assert plan_workers(None, None, visible=[]).describe() == "1 worker on the CPU"
     assert plan_workers(None, None, trials_per_gpu=2, visible=["0"]).describe() == "2 workers on GPU 0"
+
+
+def test_claim_slot_counts_the_study_after_it_retries_an_orphan(tmp_path: Path) -> None:
+    """``claim_slot`` decides from one read of the study, read again only when it failed and retried a trial: a
+    dead worker's RUNNING trial, once failed and retried, no longer fills the budget, so the next trial starts."""
+    settings = load_settings(QUICKSTART, ["study.name='claim'"])
+    paths = run_paths(tmp_path / "runs", "claim")
+    tracker = Tracker(paths.tracking_uri, "claim", paths.artifacts)
+    study = optuna.create_study(study_name="claim", direction="maximize")  # in memory: no heartbeat, no waiting
+    opened = OpenStudy(settings, paths, study, tracker, tracker.parent_run("claim", {"n_trials": 2}), None)
+    study.tell(study.ask(), 0.9)
+    live = study.ask()
+    for key, value in identity().items():  # this very process: alive
+        live.set_user_attr(key, value)
+    assert claim_slot(opened, n_trials=2) == "stop"  # 1 finished + 1 running fill a budget of 2
+
+    study.tell(live, 0.8)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = study.ask()
+    orphan.set_user_attr("host", HOST)
+    orphan.set_user_attr("pid", dead.pid)
+    assert claim_slot(opened, n_trials=3) == "start"  # the orphan's budget is free again: its retry waits
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert claim_slot(opened, n_trials=2) == "stop"
 
 
 def test_local_orphan_is_failed_and_retried_with_same_params() -> None:
