@@ -37,8 +37,8 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 DIRECT_CALL = "decoupled_weight_decay" in inspect.signature(adam).parameters
 
 # The first update makes AdamW's state with its own ``_init_group``, called by the names of its parameters in
-# torch 2.14; a torch whose signature differs (older ones also take ``amsgrad``) leaves the first update to
-# `step()`, which imports Dynamo then.
+# torch 2.11 (the GPU image's: the same names and body, read from its wheel) to 2.14; a torch whose signature
+# differs (older ones also take ``amsgrad``) leaves the first update to `step()`, which imports Dynamo then.
 _INIT_GROUP_ARGS = ["self", "group", "params_with_grad", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                     "state_steps"]
 OWN_FIRST_STEP = list(inspect.signature(torch.optim.Adam._init_group).parameters) == _INIT_GROUP_ARGS
