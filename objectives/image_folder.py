@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -29,7 +30,7 @@ import numpy as np
 from objectives.errors import BadDataError, DatasetNotFoundError
 from search.cache import cache_home
 
-CACHE_VERSION = 3  # 2: 16-bit grayscale images scaled to 8 bits, not clipped; 3: EXIF orientation applied
+CACHE_VERSION = 4  # 2: 16-bit grayscale scaled to 8 bits, not clipped; 3: EXIF orientation; 4: float images 0..1
 SPLIT_FOLDERS = ("train", "val", "test")
 
 
@@ -190,15 +191,32 @@ def _upright(image: Any) -> Any:
 def _eight_bit(image: Any) -> Any:
     """A 16-bit grayscale image (PNG, TIFF: Pillow's modes I;16* and I) scaled to 8 bits (0..65535 -> 0..255);
     Pillow's own convert() to L or RGB clips every value above 255 instead, turning most such images white. An
-    "I" image whose values all fit in 0..255 is 8-bit data in a wider type and is kept as it is."""
+    "I" image whose values all fit in 0..255 is 8-bit data in a wider type and is kept as it is. A floating-point
+    image (a 32-bit float TIFF: mode F) is read as 0..1, scaled to 0..255, where Pillow would round each value to
+    0 or 1 of 255 (black); one with values outside 0..1 is refused (``ValueError``, the image counts as unreadable):
+    its scale cannot be guessed from one file."""
     from PIL import Image
 
+    if image.mode == "F":
+        return Image.fromarray((_unit_interval(np.asarray(image, dtype=np.float64)) * 255).round().astype(np.uint8),
+                               "L")
     if not image.mode.startswith("I"):
         return image
     pixels = np.asarray(image).astype(np.int64)
     if image.mode == "I" and pixels.max(initial=0) <= 255:
         return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L")
     return Image.fromarray((pixels.clip(0, 65535) / 257).round().astype(np.uint8), "L")
+
+
+def _unit_interval(pixels: np.ndarray) -> np.ndarray:
+    """A float image's pixels, checked to lie in 0..1 (NaN and infinities refused too)."""
+    finite = pixels[np.isfinite(pixels)]
+    if finite.size < pixels.size or (finite.size and (finite.min() < 0 or finite.max() > 1)):
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (math.nan, math.nan)
+        extra = f", {pixels.size - finite.size} not finite" if finite.size < pixels.size else ""
+        raise ValueError(f"a floating-point image with values from {low:g} to {high:g}{extra}; float images are read "
+                         "as 0..1 (0 black, 1 white): rescale it to 0..1, or save it as 8- or 16-bit")
+    return pixels
 
 
 def default_cache_root() -> Path:

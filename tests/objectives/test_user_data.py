@@ -111,6 +111,34 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white(tmp_path: Path) ->
     assert (image_folder.decode_image(tmp_path / "wide.tif", 4, 1) == 200).all()
 
 
+def test_float_images_are_read_as_zero_to_one_and_other_ranges_are_refused(tmp_path: Path) -> None:
+    """A 32-bit float TIFF (Pillow's mode F) of values 0..1 becomes 0..255, not the black image Pillow's own
+    conversion makes of it (every value rounded to 0 or 1); one with values outside 0..1 is an unreadable image
+    whose reason says the range and what to do, as the folder's error shows it."""
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0.0, 1.0, 8, dtype=np.float32), (8, 1))
+    Image.fromarray(ramp, "F").save(tmp_path / "unit.tif")
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    for channels in (1, 3):
+        pixels = image_folder.decode_image(tmp_path / "unit.tif", 8, channels)
+        assert np.abs(pixels[0, 0].astype(int) - (ramp[0] * 255).round()).max() <= 1
+    Image.fromarray(ramp * 300, "F").save(tmp_path / "wide.tif")
+    with pytest.raises(ValueError, match="values from 0 to 300; float images are read as 0..1"):
+        image_folder.decode_image(tmp_path / "wide.tif", 8, 1)
+    nan = ramp.copy()
+    nan[0, 0] = np.nan
+    Image.fromarray(nan, "F").save(tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match="values from 0 to 1, 1 not finite"):
+        image_folder.decode_image(tmp_path / "nan.tif", 8, 1)
+
+    root = make_image_folder(tmp_path / "scans", per_class=6, classes=("a", "b"))
+    Image.fromarray(ramp * 300, "F").save(root / "a" / "scan.tif")
+    with pytest.raises(BadDataError, match=r"scan.tif cannot be read \(ValueError: a floating-point image with values "
+                                           r"from 0 to 300"):
+        load_data(folder_cfg(root, tmp_path / "cache"), CPU)
+
+
 def test_folder_of_grayscale_jpegs_as_one_channel(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "g", per_class=8, ext="jpg", channels=1, classes=("a", "b"))
     data = load_data(folder_cfg(root, tmp_path / "cache", channels=1, image_size=12), CPU)
