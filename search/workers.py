@@ -124,8 +124,8 @@ def recover_local_orphans(study: optuna.Study, on_fail: Callable[[FrozenTrial], 
     """Fail and retry RUNNING trials whose worker process on this machine is gone. ``trials``: the study's trials
     as the caller just read them (``claim_slot`` counts states from the same read); else they are read here."""
     recovered = []
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if trials is None else trials
-    for trial in running:
+    candidates = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if trials is None else trials
+    for trial in candidates:
         if is_local_orphan(trial) and fail_and_retry(study, trial, "worker_died", on_fail):
             recovered.append(trial.number)
     return recovered
