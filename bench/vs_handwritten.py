@@ -135,10 +135,10 @@ def run(cmd: list[str], log: Path, threads: int = 1) -> float:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     if done.returncode != 0:  # the log is kept: the run's folder is a temporary one unless --keep named it
+        text = log.read_text()
         kept = Path(tempfile.mkdtemp(prefix="vs-handwritten-failed-")) / log.name
-        kept.write_text(log.read_text())
-        raise SystemExit(f"exit code {done.returncode}: {' '.join(cmd)}\n{log.read_text()[-3000:]}\n"
-                         f"(the whole log: {kept})")
+        kept.write_text(text)
+        raise SystemExit(f"exit code {done.returncode}: {' '.join(cmd)}\n{text[-3000:]}\n(the whole log: {kept})")
     return wall
 
 
